@@ -1,0 +1,233 @@
+"""The TOML config surface (see DESIGN.md), loaded with pydantic-settings.
+
+Precedence: RELAY_<SECTION>__<KEY> environment variables, then the TOML file, then defaults.
+Secrets are SecretStr and may also come from files (`password_file`, for Docker/Kubernetes secrets).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from relay.headers import HeaderError, validate_header_name, validate_header_value
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+INFOBIP_MAX_MESSAGE_SIZE = 20971520  # the SIZE Infobip advertises (seed 002)
+INFOBIP_MAX_RECIPIENTS = 1000  # "limited to 1000 recipients" per transaction (seed 002)
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the key and says why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ListenSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(2525, ge=0, le=65535)
+    hostname: str = "relay.example.internal"
+    allowed_networks: list[IPNetwork] = Field(
+        default_factory=lambda: [
+            ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+        ]
+    )
+    max_message_size: int = Field(INFOBIP_MAX_MESSAGE_SIZE, gt=0)
+    max_recipients: int = Field(INFOBIP_MAX_RECIPIENTS, gt=0)
+    max_connections: int = Field(200, gt=0)
+    max_line_length: int = Field(1048576, ge=1001)  # legacy apps send unwrapped HTML
+    timeout: float = Field(300.0, gt=0)  # seconds a client may stay silent between commands
+
+    @field_validator("allowed_networks", mode="before")
+    @classmethod
+    def _strict_networks(cls, value: Any) -> Any:
+        # "10.0.0.1/8" is a typo for 10.0.0.0/8; say so rather than guess.
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, str):
+                    try:
+                        ipaddress.ip_network(item, strict=True)
+                    except ValueError as exc:
+                        raise ValueError(f"{item!r} is not a network: {exc}") from None
+        return value
+
+
+class UpstreamSettings(_Section):
+    host: str = "smtp-api.infobip.com"
+    port: int = Field(587, ge=1, le=65535)
+    tls: Literal["starttls", "implicit"] = "starttls"
+    username: SecretStr = SecretStr("")
+    password: SecretStr = SecretStr("")
+    username_file: Path | None = None
+    password_file: Path | None = None
+    ca_file: Path | None = None
+    pool_size: int = Field(4, gt=0, le=100)
+    connect_timeout: float = Field(15.0, gt=0)
+    command_timeout: float = Field(30.0, gt=0)  # per reply before DATA
+    data_timeout: float = Field(300.0, gt=0)  # for the final reply after the body
+    idle_timeout: float = Field(60.0, gt=0)  # close a pooled connection idle this long
+
+    @field_validator("ca_file", "username_file", "password_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _read_secret_files(self) -> UpstreamSettings:
+        for name in ("username", "password"):
+            path: Path | None = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            try:
+                secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(f"{name}_file {str(path)!r} cannot be read: {exc.strerror}") from None
+            setattr(self, name, SecretStr(secret))
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file {str(self.ca_file)!r} does not exist")
+        return self
+
+    def require_credentials(self) -> None:
+        """Refuse to start without credentials: Infobip would refuse every message anyway."""
+        for name in ("username", "password"):
+            if not getattr(self, name).get_secret_value():
+                raise ConfigError(
+                    f"upstream.{name}: missing; set RELAY_UPSTREAM__{name.upper()} "
+                    f"or upstream.{name}_file (your Infobip SMTP API credentials)"
+                )
+
+
+class SpoolSettings(_Section):
+    enabled: bool = True
+    path: Path = Path("/var/spool/relay")
+    sync_wait: float = Field(5.0, ge=0)
+    max_age: float = Field(432000, gt=0)
+
+
+class PolicyRule(_Section):
+    """Every matching rule applies, in order. A rule with no match keys matches every message."""
+
+    sender_domain: str | None = None
+    sender: str | None = None
+    client_network: IPNetwork | None = None
+    recipient_domain: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    replace_existing: bool = False
+
+    @field_validator("sender_domain", "sender", "recipient_domain")
+    @classmethod
+    def _lower(cls, value: str | None) -> str | None:
+        return value.strip().lower() if value is not None else None
+
+    @field_validator("headers")
+    @classmethod
+    def _valid_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        for name, value in headers.items():
+            try:
+                validate_header_name(name)
+                validate_header_value(name, value)
+            except HeaderError as exc:
+                raise ValueError(str(exc)) from None
+        return headers
+
+
+class PolicySettings(_Section):
+    alignment: Literal["reject", "rewrite", "off"] = "reject"
+    allowed_sender_domains: list[str] = Field(default_factory=list)
+    rules: list[PolicyRule] = Field(default_factory=list)
+
+    @field_validator("allowed_sender_domains")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower() for d in value]
+
+
+class LimitsSettings(_Section):
+    client_messages_per_minute: int = Field(0, ge=0)
+    messages_per_minute: int = Field(0, ge=0)
+    client_recipients_per_hour: int = Field(0, ge=0)
+    memory_budget: int = Field(268435456, ge=0)
+
+
+class HttpSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(9090, ge=0, le=65535)
+
+
+class LogSettings(_Section):
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="RELAY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file=None,
+    )
+
+    listen: ListenSettings = Field(default_factory=ListenSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def _describe(error: Any) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "config"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "missing":
+        message = "missing"
+    elif error["type"] == "extra_forbidden":
+        message = "unknown setting (check the spelling against config.example.toml)"
+    return f"{key}: {message}"
+
+
+def load_settings(path: Path | None, **overrides: Any) -> Settings:
+    """Load the TOML file (if any) under env overrides; raise ConfigError with one line per problem."""
+    if path is not None and not path.is_file():
+        raise ConfigError(f"--config: {path} does not exist or is not a file")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        loaded = _FromFile(**overrides)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(_describe(e) for e in exc.errors())) from None
+    except (OSError, ValueError) as exc:  # TOML syntax errors arrive as ValueError
+        raise ConfigError(f"{path}: {exc}") from None
+    return loaded

@@ -1,0 +1,127 @@
+"""Reading and writing RFC 5322 header lines as bytes, without touching the rest of a message.
+
+We never re-encode a message: we find header fields by offset in the original bytes, and we only ever
+produce new, validated, folded header lines to put in front of them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_LINE = 998  # RFC 5322 2.1.1, without CRLF
+FOLD_AT = 78  # RFC 5322 2.1.1 "SHOULD"
+
+_NAME_RE = re.compile(r"[\x21-\x39\x3b-\x7e]{1,76}")  # ftext: printable ASCII except ":"
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # everything but HTAB
+_FIELD_START_RE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+
+
+class HeaderError(ValueError):
+    """A header name or value we were asked to write is not a single valid header field."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderField:
+    name: str  # as written by the sender
+    value: str  # unfolded, leading whitespace stripped; bytes decoded as UTF-8 with replacement
+    start: int  # offset of the first byte of the field in the message
+    end: int  # offset just past the field's last CRLF
+
+
+def header_block_end(data: bytes) -> int:
+    """Offset of the body: just past the blank line that ends the header block (len(data) if none)."""
+    if data.startswith(b"\r\n"):
+        return 2
+    index = data.find(b"\r\n\r\n")
+    return len(data) if index < 0 else index + 4
+
+
+def parse_header_fields(data: bytes) -> list[HeaderField]:
+    """The header fields of a message, in order, with their byte offsets.
+
+    Parsing stops at the blank line or at the first line that is neither a field nor a continuation,
+    which is where a lenient reader (Python's email package, most MUAs) would start the body.
+    """
+    fields: list[HeaderField] = []
+    limit = header_block_end(data)
+    pos = 0
+    name = ""
+    parts: list[bytes] = []
+    start = 0
+    while pos < limit:
+        eol = data.find(b"\r\n", pos, limit)
+        line_end = limit if eol < 0 else eol + 2
+        line = data[pos : line_end - 2 if eol >= 0 else line_end]
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t") and parts:
+            parts.append(line)
+        elif _FIELD_START_RE.match(line):
+            if parts:
+                fields.append(_field(name, parts, start, pos))
+            head, _, rest = line.partition(b":")
+            name = head.rstrip(b" \t").decode("ascii")
+            parts = [rest]
+            start = pos
+        else:
+            break
+        pos = line_end
+    if parts:
+        fields.append(_field(name, parts, start, pos))
+    return fields
+
+
+def _field(name: str, parts: list[bytes], start: int, end: int) -> HeaderField:
+    value = b"".join(parts).decode("utf-8", errors="replace").strip(" \t")
+    return HeaderField(name=name, value=value, start=start, end=end)
+
+
+def find_field(fields: list[HeaderField], name: str) -> HeaderField | None:
+    wanted = name.lower()
+    return next((f for f in fields if f.name.lower() == wanted), None)
+
+
+def validate_header_name(name: str) -> None:
+    if not _NAME_RE.fullmatch(name):
+        raise HeaderError(
+            f"header name {name!r} is not valid: use 1-76 printable ASCII characters without ':' or spaces"
+        )
+
+
+def validate_header_value(name: str, value: str) -> None:
+    if _CONTROL_RE.search(value):
+        raise HeaderError(f"header {name!r}: the value contains a line break or control character")
+    fold_header(name, value)
+
+
+def clean_value(value: str) -> str:
+    """Make a string built from client input safe to put in a header: no control characters at all."""
+    return _CONTROL_RE.sub(" ", value.replace("\t", " "))
+
+
+def fold_header(name: str, value: str) -> bytes:
+    """One header field as bytes, folded at whitespace so that lines stay short (RFC 5322 2.2.3).
+
+    Folding only ever inserts CRLF before existing whitespace, so unfolding gives back the exact value.
+    Raises HeaderError when a value has a run without whitespace too long for any legal line.
+    """
+    if _CONTROL_RE.search(value):
+        raise HeaderError(f"header {name!r}: the value contains a line break or control character")
+    words = re.split(r"(?=[ \t])", value) if value else [""]
+    lines: list[str] = []
+    current = f"{name}: {words[0].lstrip(' ')}" if words else f"{name}:"
+    for word in words[1:]:
+        if len(current) + len(word) > FOLD_AT and current.strip():
+            lines.append(current)
+            current = word
+        else:
+            current += word
+    lines.append(current)
+    encoded = [line.encode("utf-8") for line in lines]
+    if any(len(line) > MAX_LINE for line in encoded):
+        raise HeaderError(
+            f"header {name!r}: the value has a run of more than {MAX_LINE} characters without a space,"
+            " which no mail line can carry"
+        )
+    return b"\r\n".join(encoded) + b"\r\n"

@@ -1,0 +1,135 @@
+"""Turn what a client sent into exactly what goes upstream, or a rejection. Pure: no I/O, no clock.
+
+The message is never re-encoded. New header lines go in front of the original bytes, which are sent
+as they came (byte for byte, so an app's DKIM signature still verifies), except for fields a rule
+with `replace_existing = true` removes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.utils import format_datetime, getaddresses
+
+from relay.alignment import check_alignment, domain_of
+from relay.config import PolicySettings
+from relay.headers import HeaderError, find_field, fold_header, parse_header_fields
+from relay.policy import MessageFacts, header_actions
+from relay.replies import Rejection, Reply
+
+# What we accept as an address to put in an upstream MAIL/RCPT command: no spaces, brackets or controls.
+_SAFE_ADDRESS_RE = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[A-Za-z0-9.\-\[\]:]+")
+
+
+def is_safe_address(address: str) -> bool:
+    return bool(_SAFE_ADDRESS_RE.fullmatch(address))
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A message as the inbound session collected it."""
+
+    queue_id: str
+    client_ip: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes  # as received, dot-unstuffed, CRLF line endings
+    received_at: datetime  # timezone-aware
+    hostname: str  # ours, for a Message-ID we have to add
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """The exact envelope and bytes to send upstream."""
+
+    queue_id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    message_id: str
+    prefix: bytes  # new header lines
+    original: bytes
+    dropped: tuple[tuple[int, int], ...] = field(default=())  # byte ranges of `original` left out
+
+    def segments(self) -> Iterator[memoryview]:
+        """The message as a few views over existing buffers: nothing is copied."""
+        yield memoryview(self.prefix)
+        view = memoryview(self.original)
+        pos = 0
+        for start, end in self.dropped:
+            yield view[pos:start]
+            pos = end
+        yield view[pos:]
+
+    @property
+    def size(self) -> int:
+        return len(self.prefix) + len(self.original) - sum(end - start for start, end in self.dropped)
+
+    def as_bytes(self) -> bytes:
+        return b"".join(self.segments())
+
+
+def header_from_address(value: str) -> str | None:
+    """The first address in a From: value, or None when there is no usable one."""
+    for _, address in getaddresses([value]):
+        if address and is_safe_address(address):
+            return address
+    return None
+
+
+def prepare(message: Received, policy: PolicySettings) -> Prepared:
+    fields = parse_header_fields(message.data)
+    from_field = find_field(fields, "From")
+    header_from = header_from_address(from_field.value) if from_field else None
+    if header_from is None:
+        raise Rejection(
+            Reply(550, "5.6.0", "The message has no valid From: header; add one such as From: <app@example.com>")
+        )
+
+    verdict = check_alignment(policy.alignment, message.mail_from, header_from)
+    if verdict.misaligned:
+        raise Rejection(
+            Reply(
+                550,
+                "5.7.1",
+                f"Envelope sender domain {domain_of(message.mail_from)} and header From domain "
+                f"{domain_of(header_from)} are not aligned; Infobip requires the same organizational domain",
+            )
+        )
+
+    new_lines: list[bytes] = []
+    id_field = find_field(fields, "Message-ID")
+    message_id = id_field.value if id_field else f"<{message.queue_id}@{message.hostname}>"
+    if id_field is None:
+        new_lines.append(fold_header("Message-ID", message_id))
+    if find_field(fields, "Date") is None:
+        new_lines.append(fold_header("Date", format_datetime(message.received_at)))
+
+    facts = MessageFacts(
+        queue_id=message.queue_id,
+        message_id=message_id,
+        sender=verdict.mail_from,
+        client_ip=message.client_ip,
+        recipients=message.recipients,
+    )
+    dropped: list[tuple[int, int]] = []
+    for action in header_actions(policy.rules, facts):
+        existing = [f for f in fields if f.name.lower() == action.name.lower()]
+        if existing and not action.replace_existing:
+            continue
+        dropped.extend((f.start, f.end) for f in existing)
+        try:
+            new_lines.append(fold_header(action.name, action.value))
+        except HeaderError as exc:
+            raise Rejection(Reply(554, "5.6.0", f"Cannot add a policy header: {exc}")) from None
+
+    return Prepared(
+        queue_id=message.queue_id,
+        mail_from=verdict.mail_from,
+        recipients=message.recipients,
+        message_id=message_id,
+        prefix=b"".join(new_lines),
+        original=message.data,
+        dropped=tuple(sorted(dropped)),
+    )

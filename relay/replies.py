@@ -1,0 +1,96 @@
+"""SMTP replies we send, and the exception that carries one.
+
+Every reply carries an enhanced status code (RFC 3463) and words an app owner can act on. aiosmtpd's
+built-in replies do not; `with_enhanced_code` rewrites them on the way out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_ENHANCED_RE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}( |$)")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    enhanced: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+
+class Rejection(Exception):
+    """A decision to refuse a message (or part of it), carrying the reply the client gets."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+# aiosmtpd's own replies, by prefix, with what we say instead.
+_REWRITES: tuple[tuple[str, str], ...] = (
+    ("500 Error: bad syntax", "500 5.5.2 Syntax error: empty or malformed command line"),
+    ("500 Command line too long", "500 5.5.6 Command line too long"),
+    ("500 Line too long", "500 5.5.6 A message line is longer than this relay accepts"),
+    ("500 Error: strict ASCII mode", "500 5.6.7 Non-ASCII command or address: SMTPUTF8 is not supported"),
+    ("552 Error: message size exceeds", "552 5.3.4 Message too big for this relay (SIZE= is over the limit)"),
+    ("552 Error: Too much mail data", "552 5.3.4 Message too big for this relay; nothing was sent"),
+    ("503 Error: send HELO first", "503 5.5.1 Send EHLO (or HELO) first"),
+    ("503 Error: send EHLO first", "503 5.5.1 Send EHLO first"),
+    ("503 Error: need MAIL command", "503 5.5.1 Send MAIL FROM first"),
+    ("503 Error: need RCPT command", "503 5.5.1 Send RCPT TO first: the message has no recipient"),
+    ("503 Error: nested MAIL command", "503 5.5.1 MAIL FROM already given; send RSET to start over"),
+    ("553 5.1.3 Error: malformed address", "553 5.1.3 Malformed address; use <user@example.com>"),
+    ("221 Bye", "221 2.0.0 Bye"),
+    ("250 OK", "250 2.0.0 OK"),
+)
+
+# The class and subject we give a reply that has no enhanced code yet, by basic code.
+_DEFAULT_ENHANCED = {
+    "211": "2.0.0",
+    "214": "2.0.0",
+    "221": "2.0.0",
+    "235": "2.7.0",
+    "250": "2.0.0",
+    "251": "2.1.5",
+    "252": "2.5.0",
+    "421": "4.3.0",
+    "450": "4.2.0",
+    "451": "4.3.0",
+    "452": "4.3.1",
+    "454": "4.7.0",
+    "500": "5.5.2",
+    "501": "5.5.4",
+    "502": "5.5.1",
+    "503": "5.5.1",
+    "504": "5.5.4",
+    "530": "5.7.0",
+    "535": "5.7.8",
+    "550": "5.0.0",
+    "552": "5.3.4",
+    "553": "5.1.3",
+    "554": "5.0.0",
+    "555": "5.5.4",
+}
+
+
+def with_enhanced_code(line: str) -> str:
+    """Give one reply line an enhanced status code if it lacks one.
+
+    Lines that must not have one are left alone: the greeting (220), the 354 go-ahead, AUTH challenges
+    (334) and the continuation lines of a multi-line reply such as EHLO's.
+    """
+    for prefix, replacement in _REWRITES:
+        if line.startswith(prefix):
+            return replacement
+    code, sep, rest = line[:3], line[3:4], line[4:]
+    if sep != " " or code not in _DEFAULT_ENHANCED or _ENHANCED_RE.match(rest):
+        return line
+    return f"{code} {_DEFAULT_ENHANCED[code]} {rest}"
