@@ -10,6 +10,7 @@ Where the seed gives no reply text (alignment failure, recipient limit) the text
 from __future__ import annotations
 
 import asyncio
+import collections
 import secrets
 import ssl
 import tempfile
@@ -61,6 +62,7 @@ class Behaviour:
     data_replies: deque[str] = field(default_factory=deque)  # next end-of-data replies instead of 250
     drop_at_end_of_data: int = 0  # the next N messages: drop the connection instead of answering
     check_alignment: bool = True
+    max_line_length: int = 1048576  # the seed sets no line limit; we assume Infobip takes what we pass
 
 
 class _StandInSMTP(SMTP):
@@ -71,6 +73,8 @@ class _StandInSMTP(SMTP):
         self.standin = standin
         self.record = record
         record.protocol = self
+        self.line_length_limit = standin.behaviour.max_line_length
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         super().__init__(standin, **kwargs)
 
     def _note(self, verb: str) -> None:
@@ -135,10 +139,15 @@ class InfobipStandIn:
         self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.ca.issue_cert("localhost", "127.0.0.1", "::1").configure_cert(self._tls)
         self.arrived = asyncio.Condition()
+        self.implicit_tls = False
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, implicit_tls: bool = False) -> None:
+        """Listen; `implicit_tls` serves TLS from the first byte, as on port 465."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._make_protocol, host, port)
+        self.implicit_tls = implicit_tls
+        self._server = await loop.create_server(
+            self._make_protocol, host, port, ssl=self._tls if implicit_tls else None
+        )
         self.host = host
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -150,10 +159,10 @@ class InfobipStandIn:
             record,
             hostname=self.hostname,
             data_size_limit=MAX_SIZE,
-            tls_context=self._tls if self.behaviour.offer_starttls else None,
-            require_starttls=self.behaviour.offer_starttls,
+            tls_context=self._tls if self.behaviour.offer_starttls and not self.implicit_tls else None,
+            require_starttls=self.behaviour.offer_starttls and not self.implicit_tls,
             auth_required=True,
-            auth_require_tls=True,
+            auth_require_tls=not self.implicit_tls,  # aiosmtpd cannot see implicit TLS itself
             authenticator=self._authenticate,
             timeout=30,
         )
@@ -203,7 +212,7 @@ class InfobipStandIn:
         self, server: _StandInSMTP, session: Any, envelope: Any, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
-        offer_tls = self.behaviour.offer_starttls and session.ssl is None
+        offer_tls = self.behaviour.offer_starttls and session.ssl is None and not self.implicit_tls
         lines = [self.hostname, "8BITMIME", f"SIZE {MAX_SIZE}"]
         lines += ["STARTTLS"] if offer_tls else []
         lines += [f"AUTH {self.behaviour.auth_mechanisms}", "ENHANCEDSTATUSCODES", "PIPELINING", "OK"]
@@ -246,7 +255,7 @@ class InfobipStandIn:
             data=data,
             infobip_id=secrets.token_hex(12),
             connection=server.record.ident,
-            tls=session.ssl is not None,
+            tls=session.ssl is not None or self.implicit_tls,
             auth_user=server.record.auth_user,
             pipelined=getattr(server, "pipelined_flight", False),
         )

@@ -122,7 +122,7 @@ class UpstreamConnection:
             try:
                 await asyncio.wait_for(self._writer.start_tls(context, server_hostname=self._settings.host), timeout)
             except ssl.SSLError as exc:
-                raise _unreachable(self._settings, f"TLS failed: {exc.reason or exc}") from exc
+                raise _unreachable(self._settings, f"TLS failed: {_why(exc)}") from exc
             ehlo = await self._command(f"EHLO {local_name}", timeout)
             if ehlo.code != 250:
                 raise _unreachable(self._settings, f"EHLO after STARTTLS answered {ehlo}")
@@ -251,6 +251,8 @@ def _why(exc: BaseException) -> str:
         return "Infobip closed the connection"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate not trusted: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc)
     if isinstance(exc, TimeoutError):
         return "timed out"
     return str(exc) or type(exc).__name__

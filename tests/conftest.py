@@ -1,0 +1,122 @@
+"""Real servers on ephemeral loopback ports: the Infobip stand-in upstream and the relay under test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from relay.app import Relay
+from relay.config import Settings
+from relay.standin import InfobipStandIn
+
+
+def relay_settings(standin: InfobipStandIn, **sections: dict[str, Any]) -> Settings:
+    """Settings pointing at the stand-in; `sections` update the defaults section by section."""
+    base: dict[str, dict[str, Any]] = {
+        "listen": {"host": "127.0.0.1", "port": 0, "hostname": "relay.test", "timeout": 10},
+        "upstream": {
+            "host": "localhost",
+            "port": standin.port,
+            "username": standin.username,
+            "password": standin.password,
+            "ca_file": str(standin.ca_file),
+            "pool_size": 4,
+            "connect_timeout": 5,
+            "command_timeout": 5,
+            "data_timeout": 10,
+        },
+        "spool": {"enabled": False},
+        "policy": {"alignment": "reject"},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return Settings(**base)
+
+
+@pytest.fixture
+async def standin() -> AsyncIterator[InfobipStandIn]:
+    server = InfobipStandIn()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+StartRelay = Callable[..., Awaitable[Relay]]
+
+
+@pytest.fixture
+async def start_relay(standin: InfobipStandIn) -> AsyncIterator[StartRelay]:
+    started: list[Relay] = []
+
+    async def start(**sections: dict[str, Any]) -> Relay:
+        relay = Relay(relay_settings(standin, **sections))
+        await relay.start()
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in started:
+        await relay.stop()
+
+
+class Dialog:
+    """A raw SMTP client: send exact lines, read exact replies (no client library in the way)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int, host: str = "127.0.0.1", local_addr: str | None = None) -> Dialog:
+        reader, writer = await asyncio.open_connection(
+            host, port, local_addr=(local_addr, 0) if local_addr else None, limit=2**22
+        )
+        return cls(reader, writer)
+
+    async def reply(self) -> str:
+        """One whole reply; multi-line replies joined with newlines."""
+        lines = []
+        while True:
+            line = (await asyncio.wait_for(self.reader.readline(), 10)).decode()
+            if not line:
+                raise ConnectionError("closed: " + "\n".join(lines))
+            lines.append(line.rstrip("\r\n"))
+            if line[3:4] != "-":
+                return "\n".join(lines)
+
+    async def send(self, line: str | bytes) -> str:
+        self.writer.write(line if isinstance(line, bytes) else line.encode() + b"\r\n")
+        return await self.reply()
+
+    async def hello(self) -> str:
+        await self.reply()
+        return await self.send("EHLO app.test")
+
+    async def mail(self, sender: str, recipients: list[str], data: bytes) -> str:
+        """A whole transaction; `data` is the message with CRLF endings, not yet dot-stuffed."""
+        assert (await self.send(f"MAIL FROM:<{sender}>")).startswith("250")
+        for rcpt in recipients:
+            assert (await self.send(f"RCPT TO:<{rcpt}>")).startswith("250")
+        assert (await self.send("DATA")).startswith("354")
+        stuffed = b"\r\n".join(b"." + line if line.startswith(b".") else line for line in data.split(b"\r\n"))
+        return await self.send(stuffed + b".\r\n")
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            await self.writer.wait_closed()
+
+
+def message(
+    sender: str = "billing@erp.example.com",
+    to: str = "customer@example.org",
+    body: bytes = b"Hello.\r\n",
+    **headers: str,
+) -> bytes:
+    lines = [f"From: ERP <{sender}>", f"To: <{to}>", "Subject: Invoice 42"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
