@@ -6,6 +6,7 @@ The organizational domain is the registrable domain by the Public Suffix List (b
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal
@@ -29,11 +30,23 @@ def domain_of(address: str) -> str:
 def organizational_domain(domain: str) -> str:
     """example.co.uk for a.b.example.co.uk; the domain itself when it is a public suffix or unknown."""
     domain = domain.rstrip(".").lower()
+    if _is_address_literal(domain):
+        return domain  # the PSL knows no IPs: "[10.0.3.4]" must not shrink to "3.4]" and match "[192.0.3.4]"
     try:
         ascii_domain = domain.encode("idna").decode("ascii")
     except UnicodeError:
         ascii_domain = domain
     return _psl().privatesuffix(ascii_domain) or ascii_domain
+
+
+def _is_address_literal(domain: str) -> bool:
+    if domain.startswith("["):
+        return True
+    try:
+        ipaddress.ip_address(domain)
+    except ValueError:
+        return False
+    return True
 
 
 def aligned(envelope_domain: str, header_domain: str) -> bool:

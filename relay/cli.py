@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import contextlib
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -14,6 +16,7 @@ from relay.app import run
 from relay.config import ConfigError, Settings, load_settings
 from relay.headers import header_block_end
 from relay.logs import configure_logging
+from relay.spool import Spool
 from relay.standin import InfobipStandIn, StandInMessage
 
 
@@ -44,12 +47,15 @@ async def _demo(settings: Settings) -> None:
         }
     )
     listen = settings.listen.model_copy(update={"host": "127.0.0.1"})
-    settings = settings.model_copy(update={"upstream": upstream, "listen": listen})
+    spool_dir = tempfile.TemporaryDirectory(prefix="relay-demo-spool-")
+    spool = settings.spool.model_copy(update={"path": Path(spool_dir.name)})
+    settings = settings.model_copy(update={"upstream": upstream, "listen": listen, "spool": spool})
     port = listen.port
     print(
         "\n" + "!" * 78 + "\n"
         "DEMO MODE: the upstream is a local stand-in for Infobip's SMTP API on "
         f"127.0.0.1:{standin.port}.\nNothing leaves this machine. Each accepted message is printed below.\n"
+        f"Spool (deleted on exit): {spool_dir.name}\n"
         f"Send one from another terminal:\n"
         f"  swaks --server 127.0.0.1:{port} --from app@example.com --to someone@example.org\n" + "!" * 78 + "\n",
         flush=True,
@@ -58,6 +64,72 @@ async def _demo(settings: Settings) -> None:
         await run(settings)
     finally:
         await standin.stop()
+        spool_dir.cleanup()
+
+
+def _age(seconds: float) -> str:
+    whole = max(0, int(seconds))
+    for unit, size, above in (("d", 86400, 172800), ("h", 3600, 7200), ("m", 60, 120)):
+        if whole >= above:
+            return f"{whole // size}{unit}"
+    return f"{whole}s"
+
+
+def _queue_list(spool: Spool, *, dead: bool) -> int:
+    now = time.time()
+    ids = spool.dead_ids() if dead else spool.queued_ids()
+    print(f"{'QUEUE ID':<22} {'AGE':>6} {'TRIES':>5} {'RCPTS':>5} {'NEXT TRY':>8}  {'SENDER':<30} LAST REPLY")
+    for queue_id in ids:
+        try:
+            envelope = spool.read_envelope(queue_id, dead=dead)
+            state = spool.read_state(queue_id, dead=dead)
+        except (FileNotFoundError, ValueError):
+            continue  # delivered or deleted while we looked
+        pending = list(state.dead) if dead else state.recipients or envelope.recipients
+        next_try = "-" if dead else ("now" if state.next_attempt <= now else _age(state.next_attempt - now))
+        reply = " ".join(state.last_reply.split())[:100] or "-"
+        print(
+            f"{queue_id:<22} {_age(now - envelope.received_at):>6} {state.attempts:>5} {len(pending):>5} "
+            f"{next_try:>8}  {envelope.mail_from[:30]:<30} {reply}"
+        )
+    print(f"-- {len(ids)} message(s) in {'dead/' if dead else 'queue/'} of {spool.path}")
+    return 0
+
+
+def _queue(args: argparse.Namespace, settings: Settings) -> int:
+    spool = Spool(settings.spool.path)
+    if not spool.queue.is_dir():
+        print(f"relay: no spool at {spool.path} (spool.path)", file=sys.stderr)
+        return 1
+    if args.verb == "list":
+        return _queue_list(spool, dead=args.dead)
+    if args.verb == "flush":
+        for queue_id in spool.queued_ids():
+            state = spool.read_state(queue_id)
+            if state.attempts:
+                state.next_attempt = 0.0
+                spool.write_state(queue_id, state)
+        spool.request_flush()
+        print(f"flush requested for {len(spool.queued_ids())} message(s); a running relay retries them now")
+        return 0
+    missing = 0
+    for queue_id in args.ids:
+        try:
+            if args.verb == "delete":
+                ok = spool.delete(queue_id)
+            else:
+                spool.requeue(queue_id)
+                ok = True
+        except FileNotFoundError:
+            ok = False
+        if not ok:
+            missing += 1
+            print(f"{queue_id}: not found", file=sys.stderr)
+        else:
+            print(f"{queue_id}: {'deleted' if args.verb == 'delete' else 'requeued'}")
+    if args.verb == "requeue":
+        spool.request_flush()
+    return 1 if missing else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,18 +140,38 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--demo", action="store_true", help="relay to a built-in local stand-in for Infobip (nothing leaves)"
     )
+    queue = commands.add_parser("queue", help="inspect and act on the spool (running or stopped relay)")
+    queue.add_argument("--config", type=Path, help="TOML config file (for spool.path)")
+    verbs = queue.add_subparsers(dest="verb", required=True)
+    listing = verbs.add_parser("list", help="what is waiting, since when, and why")
+    listing.add_argument("--dead", action="store_true", help="list the dead-letter area instead")
+    verbs.add_parser("flush", help="retry everything now")
+    verbs.add_parser("delete", help="remove messages for good").add_argument("ids", nargs="+")
+    verbs.add_parser("requeue", help="move dead-lettered messages back to the queue").add_argument("ids", nargs="+")
     args = parser.parse_args(argv)
 
     try:
         settings = load_settings(args.config)
-        if not args.demo:
+        if args.command == "serve" and not args.demo:
             settings.upstream.require_credentials()
     except ConfigError as exc:
         print(f"relay: config error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "queue":
+        return _queue(args, settings)
+    if not args.demo and settings.spool.enabled:
+        try:
+            Spool(settings.spool.path).create()
+        except OSError as exc:
+            print(f"relay: config error: spool.path: cannot use {settings.spool.path}: {exc.strerror}", file=sys.stderr)
+            return 2
     configure_logging(settings.log)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_demo(settings) if args.demo else run(settings))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_demo(settings) if args.demo else run(settings))
+    except OSError as exc:  # e.g. the port is taken: one line, not a traceback
+        print(f"relay: cannot start: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

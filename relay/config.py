@@ -7,6 +7,7 @@ Secrets are SecretStr and may also come from files (`password_file`, for Docker/
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 INFOBIP_MAX_MESSAGE_SIZE = 20971520  # the SIZE Infobip advertises (seed 002)
 INFOBIP_MAX_RECIPIENTS = 1000  # "limited to 1000 recipients" per transaction (seed 002)
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})")
 
 
 class ConfigError(Exception):
@@ -56,6 +58,14 @@ class ListenSettings(_Section):
     max_connections: int = Field(200, gt=0)
     max_line_length: int = Field(1048576, ge=1001)  # legacy apps send unwrapped HTML
     timeout: float = Field(300.0, gt=0)  # seconds a client may stay silent between commands
+
+    @field_validator("hostname")
+    @classmethod
+    def _valid_hostname(cls, value: str) -> str:
+        # It goes into our banner, the EHLO we send Infobip and every Message-ID we add: a name, nothing else.
+        if not _HOSTNAME_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a host name: use letters, digits, '.', '-' (at most 253)")
+        return value
 
     @field_validator("allowed_networks", mode="before")
     @classmethod
@@ -121,6 +131,10 @@ class SpoolSettings(_Section):
     path: Path = Path("/var/spool/relay")
     sync_wait: float = Field(5.0, ge=0)
     max_age: float = Field(432000, gt=0)
+    retry_initial: float = Field(60.0, gt=0)  # first retry after about this long, doubling each time
+    retry_max: float = Field(3600.0, gt=0)  # longest wait between attempts
+    breaker_threshold: int = Field(5, gt=0)  # consecutive connection failures before pausing all delivery
+    drain_timeout: float = Field(25.0, ge=0)  # on SIGTERM: seconds to finish sessions and deliveries
 
 
 class PolicyRule(_Section):
@@ -137,6 +151,17 @@ class PolicyRule(_Section):
     @classmethod
     def _lower(cls, value: str | None) -> str | None:
         return value.strip().lower() if value is not None else None
+
+    @field_validator("client_network", mode="before")
+    @classmethod
+    def _strict_network(cls, value: Any) -> Any:
+        # As for listen.allowed_networks; and one clear line instead of pydantic's per-union-member errors.
+        if isinstance(value, str):
+            try:
+                ipaddress.ip_network(value, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not a network: {exc}") from None
+        return value
 
     @field_validator("headers")
     @classmethod

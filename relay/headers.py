@@ -104,15 +104,19 @@ def fold_header(name: str, value: str) -> bytes:
     """One header field as bytes, folded at whitespace so that lines stay short (RFC 5322 2.2.3).
 
     Folding only ever inserts CRLF before existing whitespace, so unfolding gives back the exact value.
-    Raises HeaderError when a value has a run without whitespace too long for any legal line.
+    A fold always carries a word with it: a line of only whitespace is obsolete syntax (RFC 5322 4.2)
+    that some parsers take for the end of the header block. Raises HeaderError when a value has a run
+    without whitespace too long for any legal line.
     """
     if _CONTROL_RE.search(value):
         raise HeaderError(f"header {name!r}: the value contains a line break or control character")
-    words = re.split(r"(?=[ \t])", value) if value else [""]
+    body = value.rstrip(" \t")
+    words = re.findall(r"[ \t]*[^ \t]+", body) or [""]  # each later word starts with whitespace
+    words[-1] += value[len(body) :]  # trailing whitespace stays on the last line
     lines: list[str] = []
-    current = f"{name}: {words[0].lstrip(' ')}" if words else f"{name}:"
+    current = f"{name}: {words[0]}"
     for word in words[1:]:
-        if len(current) + len(word) > FOLD_AT and current.strip():
+        if len(current) + len(word) > FOLD_AT:
             lines.append(current)
             current = word
         else:

@@ -6,7 +6,9 @@ collects the envelope and bytes, asks, and replies.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -38,22 +40,44 @@ class SessionInfo:
         self.client_ip = client_ip
 
 
-class ConnectionCount:
+class Sessions:
+    """The live client connections, and how many are inside DATA (drain waits for those)."""
+
     def __init__(self) -> None:
-        self.active = 0
+        self.live: set[RelaySMTP] = set()
+        self.in_data = 0
+        self._changed = asyncio.Event()
+
+    def data_started(self) -> None:
+        self.in_data += 1
+
+    def data_finished(self) -> None:
+        self.in_data -= 1
+        self._changed.set()
+
+    async def wait_until_no_data(self, deadline: float) -> None:
+        while self.in_data > 0 and (remaining := deadline - time.monotonic()) > 0:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+
+    def close_all(self, reply: str) -> None:
+        for session in list(self.live):
+            if session.transport is not None:
+                session._writer.write(reply.encode() + b"\r\n")
+                session.transport.close()
 
 
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with our limits, access check at connect, and enhanced codes on every reply."""
 
-    def __init__(self, handler: RelayHandler, connections: ConnectionCount) -> None:
+    def __init__(self, handler: RelayHandler, sessions: Sessions) -> None:
         listen = handler.settings.listen
         # Read by SMTP.__init__ for the stream limit; legacy apps send long unwrapped lines.
         self.line_length_limit = listen.max_line_length
         # aiosmtpd keeps these on the class, shared by every session; give each session its own.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
-        self._connections = connections
-        self._counted = False
+        self._sessions = sessions
         self._raw_replies = False
         super().__init__(
             handler,
@@ -89,7 +113,7 @@ class RelaySMTP(SMTP):
         assert self.session is not None and self.transport is not None
         listen = self.event_handler.settings.listen
         refusal = check_client(self.session.peer, listen.allowed_networks)
-        if refusal is None and self._connections.active > listen.max_connections:
+        if refusal is None and len(self._sessions.live) > listen.max_connections:
             refusal = Reply(421, "4.7.0", "Too many connections to this relay; try again later")
         if refusal is not None:
             log.warning("client_refused", client_ip=str(client_address(self.session.peer)), reply=str(refusal))
@@ -99,16 +123,19 @@ class RelaySMTP(SMTP):
         await super()._handle_client()
 
     def connection_made(self, transport: Any) -> None:
-        if not self._counted:
-            self._counted = True
-            self._connections.active += 1
+        self._sessions.live.add(self)
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        if self._counted:
-            self._counted = False
-            self._connections.active -= 1
+        self._sessions.live.discard(self)
         super().connection_lost(error)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        self._sessions.data_started()
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._sessions.data_finished()
 
 
 class RelayHandler:

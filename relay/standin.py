@@ -62,6 +62,7 @@ class Behaviour:
     data_replies: deque[str] = field(default_factory=deque)  # next end-of-data replies instead of 250
     drop_at_end_of_data: int = 0  # the next N messages: drop the connection instead of answering
     check_alignment: bool = True
+    down: bool = False  # greet with 421 and hang up, as a server in trouble does
     max_line_length: int = 1048576  # the seed sets no line limit; we assume Infobip takes what we pass
 
 
@@ -76,6 +77,14 @@ class _StandInSMTP(SMTP):
         self.line_length_limit = standin.behaviour.max_line_length
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         super().__init__(standin, **kwargs)
+
+    async def _handle_client(self) -> None:
+        if self.standin.behaviour.down:
+            await self.push("421 4.3.2 Service not available, closing transmission channel")
+            assert self.transport is not None
+            self.transport.close()
+            return
+        await super()._handle_client()
 
     def _note(self, verb: str) -> None:
         self.record.commands.append(verb)

@@ -20,6 +20,7 @@ import structlog
 from aiosmtplib.auth import auth_login_encode, auth_plain_encode
 
 from relay.config import UpstreamSettings
+from relay.crash import crashpoint
 from relay.prepare import Prepared, is_safe_address
 from relay.replies import Reply
 from relay.wire import (
@@ -212,6 +213,7 @@ class UpstreamConnection:
             for piece in stuffed_chunks(message.segments()):
                 self._writer.write(piece)
                 await asyncio.wait_for(self._writer.drain(), self._settings.data_timeout)
+                crashpoint("mid_data")
             data_sent = True
             final = await self._read_reply(self._settings.data_timeout)
             return DeliveryResult(final, accepted if final.ok else (), refused, self.ident)

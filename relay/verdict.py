@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
+from relay.headers import clean_value
 from relay.replies import Reply
+from relay.retry import AttemptResult
 from relay.upstream import DeliveryResult
 from relay.wire import ServerReply, queued_id
 
@@ -12,11 +14,15 @@ _ENHANCED_PREFIX = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s*(.*)$", re.DOTALL)
 
 
 def _split(reply: ServerReply) -> tuple[str | None, str]:
+    """Infobip's enhanced code and text; a code whose class contradicts the reply's stays in the text."""
     match = _ENHANCED_PREFIX.match(reply.first_line)
-    return (match.group(1), match.group(2)) if match else (None, reply.first_line)
+    if match and match.group(1)[0] == str(reply.code)[0]:
+        return match.group(1), match.group(2)
+    return None, reply.first_line
 
 
 def client_reply(result: DeliveryResult) -> Reply:
+    """Infobip's text is cleaned of control characters: it goes into our reply line as it is otherwise."""
     final = result.final
     enhanced, text = _split(final)
     if final.ok:
@@ -27,7 +33,33 @@ def client_reply(result: DeliveryResult) -> Reply:
             note = (
                 f"; {len(result.refused)} of {len(result.refused) + len(result.accepted)} recipients refused ({first})"
             )
-        return Reply(250, "2.6.0", f"Message queued as {infobip_id}{note}")
-    if final.code >= 500:
-        return Reply(final.code, enhanced or "5.0.0", f"Infobip refused the message: {text}")
-    return Reply(451, "4.4.3", f"Infobip deferred the message ({final}); try again later")
+        return Reply(250, "2.6.0", clean_value(f"Message queued as {infobip_id}{note}"))
+    if 500 <= final.code < 600:
+        return Reply(final.code, enhanced or "5.0.0", f"Infobip refused the message: {clean_value(text)}")
+    # 4xx, and anything that is neither success nor a known permanent failure: never a 5xx for those.
+    return Reply(451, "4.4.3", f"Infobip deferred the message ({clean_value(str(final))}); try again later")
+
+
+def _parse(text: str) -> tuple[int, str | None, str]:
+    code, _, rest = text.partition(" ")
+    match = _ENHANCED_PREFIX.match(rest)
+    enhanced, words = (match.group(1), match.group(2)) if match else (None, rest)
+    return (int(code) if code.isdigit() else 451), enhanced, words
+
+
+def spooled_reply(queue_id: str, result: AttemptResult | None) -> Reply:
+    """The reply once the message is safely in the spool, given the first attempt's result (if any came)."""
+    if result is None:
+        return Reply(250, "2.0.0", f"Queued as {queue_id}; delivery to Infobip continues in the background")
+    failed = {**result.transient, **result.permanent}
+    if result.accepted:
+        note = ""
+        if failed:
+            total = len(failed) + len(result.accepted)
+            note = f"; {len(failed)} of {total} recipients not yet accepted ({next(iter(failed.values()))})"
+        return Reply(250, "2.6.0", clean_value(f"Message queued as {','.join(result.infobip_ids) or queue_id}{note}"))
+    if result.permanent and not result.transient:
+        code, enhanced, words = _parse(next(iter(result.permanent.values())))
+        return Reply(code, enhanced or "5.0.0", f"Infobip refused the message: {clean_value(words)}")
+    first = clean_value(next(iter(failed.values())))
+    return Reply(250, "2.0.0", f"Queued as {queue_id}; Infobip deferred it ({first}); the relay will retry")

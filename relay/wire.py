@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 CHUNK = 256 * 1024  # bytes of body stuffed and written at a time: bounds the extra memory per message
 _LINE_START_DOT = re.compile(rb"(?m)^\.")
-_QUEUED_AS = re.compile(r"queued as <?([^\s>]+)>?", re.IGNORECASE)
+_QUEUED_AS = re.compile(r"queued as <?([^\s<>]+)>?", re.IGNORECASE)  # "<>" is no id
 
 
 class ReplySyntaxError(ValueError):

@@ -1,0 +1,352 @@
+"""Workers that take messages from the spool and send them through the upstream pool.
+
+The first attempt starts as soon as a message is committed, and the SMTP session may wait for its
+verdict (`sync_wait`). Decisions (what to retry, when, what is dead) are `retry.next_step`; the
+breaker decides when the upstream as a whole gets a rest. This module only schedules and does I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import heapq
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from relay.breaker import CircuitBreaker
+from relay.config import SpoolSettings
+from relay.crash import crashpoint
+from relay.prepare import Prepared
+from relay.retry import AttemptResult, NextStep, next_step, recipient_batches
+from relay.spool import EntryState, Envelope, Spool
+from relay.upstream import UpstreamError, UpstreamPool
+from relay.wire import queued_id
+
+log = structlog.get_logger("relay.delivery")
+POKE_INTERVAL = 1.0  # seconds between checks for `relay queue flush` and new files in queue/
+
+
+@dataclass
+class Handoff:
+    """Between a waiting SMTP session and the first attempts: who answers for the message."""
+
+    future: asyncio.Future[AttemptResult]
+    active: bool = True  # the session is still waiting for a verdict
+    settling: bool = False  # a worker is deciding: the session must wait for it
+
+    async def wait(self, timeout: float) -> AttemptResult | None:
+        """The verdict if one comes within `timeout` (or while a worker is settling); else None."""
+        try:
+            await asyncio.wait({self.future}, timeout=timeout)
+            while self.settling and not self.future.done():
+                await asyncio.wait({self.future}, timeout=1.0)
+        finally:
+            self.active = False
+        return self.future.result() if self.future.done() else None
+
+
+@dataclass
+class Job:
+    queue_id: str
+    due: float
+    attempts: int = 0
+    recipients: tuple[str, ...] | None = None  # None: all of the envelope's
+    message: Prepared | None = None  # kept in memory for the first attempt only
+    first_seen: float = 0.0
+    handoff: Handoff | None = None
+    sender: str = ""
+
+
+@dataclass
+class DeliveryStats:
+    attempts: int = 0
+    delivered: int = 0
+    deferred: int = 0
+    dead: int = 0
+    in_flight: int = 0
+    infobip_ids: list[str] = field(default_factory=list)
+
+
+class Delivery:
+    def __init__(self, spool: Spool, pool: UpstreamPool, settings: SpoolSettings, workers: int) -> None:
+        self.spool = spool
+        self.pool = pool
+        self.settings = settings
+        self.breaker = CircuitBreaker(
+            threshold=settings.breaker_threshold, initial=settings.retry_initial, maximum=settings.retry_max
+        )
+        self.stats = DeliveryStats()
+        self._workers = workers
+        self._heap: list[tuple[float, str]] = []
+        self._jobs: dict[str, Job] = {}
+        self._by_sender: dict[str, list[str]] = {}  # per-sender heaps of queue ids: oldest goes first
+        self._busy: set[str] = set()
+        self._wakeup = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._seq = itertools.count()
+
+    # lifecycle
+
+    async def start(self) -> None:
+        started = time.monotonic()
+        await asyncio.to_thread(self.spool.recover)
+        count = await asyncio.to_thread(self._load_queue)
+        log.info("spool_recovered", messages=count, seconds=round(time.monotonic() - started, 3))
+        self._tasks = [asyncio.create_task(self._worker(), name=f"delivery-{i}") for i in range(self._workers)]
+        self._tasks.append(asyncio.create_task(self._watch(), name="delivery-watch"))
+
+    async def stop(self, deadline: float) -> None:
+        """Start nothing new; let attempts in flight finish until `deadline` (monotonic); leave the rest."""
+        self._stopping = True
+        self._wakeup.set()
+        workers = self._tasks[:-1]
+        self._tasks[-1].cancel()
+        _, pending = await asyncio.wait(workers, timeout=max(0.0, deadline - time.monotonic())) if workers else ((), ())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _load_queue(self) -> int:
+        """Schedule every committed message not already known (start-up, flush, requeue)."""
+        added = 0
+        for queue_id in self.spool.queued_ids():
+            if queue_id in self._jobs or queue_id in self._busy:
+                continue
+            try:
+                envelope = self.spool.read_envelope(queue_id)
+                state = self.spool.read_state(queue_id)
+            except (OSError, ValueError) as exc:  # unreadable: leave it for an engineer, say so
+                log.error("spool_entry_unreadable", queue_id=queue_id, error=str(exc))
+                continue
+            job = Job(
+                queue_id=queue_id,
+                due=state.next_attempt,
+                attempts=state.attempts,
+                recipients=tuple(state.recipients) if state.recipients is not None else None,
+                first_seen=envelope.received_at,
+                sender=envelope.mail_from,
+            )
+            self._schedule(job)
+            added += 1
+        return added
+
+    # submitting
+
+    def submit(self, message: Prepared, envelope: Envelope) -> Job:
+        """A committed message: attempt it at once; the session may await `job.handoff`."""
+        job = Job(
+            queue_id=envelope.queue_id,
+            due=0.0,
+            recipients=envelope.recipients,
+            message=message,
+            first_seen=envelope.received_at,
+            handoff=Handoff(asyncio.get_running_loop().create_future()),
+            sender=envelope.mail_from,
+        )
+        self._schedule(job)
+        return job
+
+    def _schedule(self, job: Job) -> None:
+        self._jobs[job.queue_id] = job
+        heapq.heappush(self._heap, (job.due, job.queue_id))
+        heapq.heappush(self._by_sender.setdefault(job.sender, []), job.queue_id)
+        self._wakeup.set()
+
+    def _take(self, due_job: Job) -> Job:
+        """The sender's oldest waiting message goes before `due_job`, so retries keep arrival order."""
+        heap = self._by_sender.get(due_job.sender, [])
+        while heap and heap[0] not in self._jobs:
+            heapq.heappop(heap)
+        if not heap:
+            self._by_sender.pop(due_job.sender, None)
+        oldest = self._jobs[heap[0]] if heap else due_job
+        if oldest is not due_job:
+            heapq.heappush(self._heap, (due_job.due, due_job.queue_id))  # stays scheduled as it was
+        del self._jobs[oldest.queue_id]
+        return oldest
+
+    def flush(self) -> None:
+        """Everything waiting is due now."""
+        for job in self._jobs.values():
+            job.due = 0.0
+        self._heap = [(0.0, queue_id) for _, queue_id in self._heap]
+        heapq.heapify(self._heap)
+        self.breaker.success()
+        self._wakeup.set()
+
+    @property
+    def depth(self) -> int:
+        return len(self._jobs) + len(self._busy)
+
+    # working
+
+    async def _next_job(self) -> Job | None:
+        while not self._stopping:
+            now = time.time()
+            wait = POKE_INTERVAL
+            if self._heap:
+                due, queue_id = self._heap[0]
+                job = self._jobs.get(queue_id)
+                if job is None or job.due != due:
+                    heapq.heappop(self._heap)  # stale entry: rescheduled or removed
+                    continue
+                if due <= now:
+                    if self.breaker.allows(time.monotonic()):
+                        heapq.heappop(self._heap)
+                        return self._take(job)
+                    wait = min(wait, max(0.01, self.breaker.wait(time.monotonic())))
+                else:
+                    wait = min(wait, due - now)
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+        return None
+
+    async def _worker(self) -> None:
+        while (job := await self._next_job()) is not None:
+            self._busy.add(job.queue_id)
+            self.stats.in_flight += 1
+            try:
+                await self._attempt(job)
+            except Exception as exc:  # never lose the worker; the message stays in the spool
+                log.error("delivery_error", queue_id=job.queue_id, error_type=type(exc).__name__, error=str(exc))
+                job.due = time.time() + self.settings.retry_initial
+                self._schedule(job)
+            finally:
+                self._busy.discard(job.queue_id)
+                self.stats.in_flight -= 1
+
+    async def _watch(self) -> None:
+        """Pick up `relay queue flush` and `requeue` requests made by another process."""
+        while True:
+            await asyncio.sleep(POKE_INTERVAL)
+            if await asyncio.to_thread(self.spool.take_flush_request):
+                added = await asyncio.to_thread(self._load_queue)
+                self.flush()
+                log.info("spool_flush", added=added, queued=self.depth)
+
+    async def _load(self, job: Job) -> tuple[Prepared, Envelope] | None:
+        try:
+            envelope, data = await asyncio.to_thread(self.spool.read, job.queue_id)
+        except FileNotFoundError:
+            return None  # deleted by `relay queue delete`
+        message = Prepared(
+            queue_id=envelope.queue_id,
+            mail_from=envelope.mail_from,
+            recipients=envelope.recipients,
+            message_id=envelope.message_id,
+            prefix=b"",
+            original=data,
+        )
+        return message, envelope
+
+    async def _attempt(self, job: Job) -> None:
+        if job.message is not None:
+            message, job.message = job.message, None
+        else:
+            loaded = await self._load(job)
+            if loaded is None:
+                return
+            message, envelope = loaded
+            job.first_seen = job.first_seen or envelope.received_at
+            job.sender = envelope.mail_from
+        recipients = job.recipients if job.recipients is not None else message.recipients
+        self.stats.attempts += 1
+        result = await self._send(message, recipients)
+        del message
+        crashpoint("after_upstream_reply")
+        job.attempts += 1
+        step = next_step(
+            result,
+            attempts=job.attempts,
+            first_seen=job.first_seen,
+            now=time.time(),
+            max_age=self.settings.max_age,
+            initial=self.settings.retry_initial,
+            maximum=self.settings.retry_max,
+            jitter=random.random(),
+        )
+        handoff = job.handoff if job.handoff is not None and job.handoff.active else None
+        # A permanent refusal while the client still waits goes back to the client, not to dead/.
+        handed_back = handoff is not None and not result.accepted and not step.retry and bool(result.permanent)
+        if handoff is not None:
+            handoff.settling = True
+        try:
+            await self._settle(job, step, handed_back)
+        finally:
+            if handoff is not None:
+                handoff.settling = False
+                if not handoff.future.done():
+                    handoff.future.set_result(result)
+        if result.accepted:
+            self.stats.delivered += 1
+        log.info(
+            "delivery_attempt",
+            queue_id=job.queue_id,
+            attempt=job.attempts,
+            recipients=len(recipients),
+            accepted=len(result.accepted),
+            deferred=len(step.retry),
+            dead=0 if handed_back else len(step.dead),
+            infobip_id=",".join(result.infobip_ids) or None,
+            outcome="handed_back" if handed_back else _outcome(result, step.retry),
+            reply=step.last_reply or None,
+            next_attempt_in=round(step.retry_at - time.time(), 1) if step.retry_at else None,
+        )
+
+    async def _settle(self, job: Job, step: NextStep, handed_back: bool) -> None:
+        """Make the spool say what `step` decided: dead-letter, reschedule, or remove."""
+        if step.dead and not handed_back:
+            await asyncio.to_thread(self.spool.dead_letter, job.queue_id, step.dead, step.last_reply)
+            self.stats.dead += 1
+        if step.retry:
+            assert step.retry_at is not None
+            state = EntryState(
+                attempts=job.attempts,
+                next_attempt=step.retry_at,
+                recipients=list(step.retry),
+                last_reply=step.last_reply,
+            )
+            await asyncio.to_thread(self.spool.write_state, job.queue_id, state)
+            self.stats.deferred += 1
+            self._schedule(dataclasses.replace(job, due=step.retry_at, recipients=step.retry, message=None))
+        else:
+            await asyncio.to_thread(self.spool.remove, job.queue_id)
+
+    async def _send(self, message: Prepared, recipients: tuple[str, ...]) -> AttemptResult:
+        accepted: list[str] = []
+        transient: dict[str, str] = {}
+        permanent: dict[str, str] = {}
+        ids: list[str] = []
+        for batch in recipient_batches(recipients):
+            try:
+                result = await self.pool.deliver(dataclasses.replace(message, recipients=batch))
+            except UpstreamError as exc:
+                self.breaker.failure(time.monotonic())
+                transient.update({rcpt: str(exc.reply) for rcpt in batch})
+                continue
+            self.breaker.success()
+            for rcpt, reply in result.refused.items():
+                (transient if reply.transient else permanent)[rcpt] = str(reply)
+            if result.final.ok:
+                accepted.extend(result.accepted)
+                if infobip_id := queued_id(result.final):
+                    ids.append(infobip_id)
+            else:
+                target = transient if result.final.transient else permanent
+                target.update({rcpt: str(result.final) for rcpt in batch if rcpt not in result.refused})
+        return AttemptResult(tuple(accepted), transient, permanent, tuple(ids))
+
+
+def _outcome(result: AttemptResult, retry: tuple[str, ...]) -> str:
+    if result.accepted and not retry and not result.permanent:
+        return "delivered"
+    if result.accepted:
+        return "partial"
+    return "deferred" if retry else "dead"

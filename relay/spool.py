@@ -1,0 +1,205 @@
+"""The durable spool: one file per message, laid out so that `ls` shows what is waiting and why.
+
+    <path>/tmp/<id>.msg     being written; never acknowledged; deleted at start-up
+    <path>/queue/<id>.msg   committed: JSON envelope line, then the exact bytes to send upstream
+    <path>/queue/<id>.state after a failed attempt: attempts, next try, recipients left, last reply (JSON)
+    <path>/dead/<id>.msg    dead-lettered (a hard link when only some recipients died)
+    <path>/dead/<id>.state  who died and why
+    <path>/flush.request    `relay queue flush` asks a running relay to retry now
+
+Each step is one atomic rename (or link/unlink) after an fsync of the data, so a crash at any instant
+leaves either the old state or the new one. A message is acknowledged only after its rename into
+queue/ and an fsync of that directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from relay.crash import crashpoint
+from relay.prepare import Prepared
+
+FLUSH_REQUEST = "flush.request"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The first line of a .msg file."""
+
+    queue_id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    message_id: str
+    client_ip: str
+    received_at: float  # epoch seconds
+    size: int
+
+
+@dataclass(slots=True)
+class EntryState:
+    """A .state file; absent means "never attempted, all recipients pending"."""
+
+    attempts: int = 0
+    next_attempt: float = 0.0
+    recipients: list[str] | None = None  # still to deliver; None: all of the envelope's
+    last_reply: str = ""
+    dead: dict[str, str] = field(default_factory=dict)  # only in dead/: recipient -> reason
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, data: bytes, *, sync_dir: bool) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    if sync_dir:
+        _fsync_dir(path.parent)
+
+
+class Spool:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path / "tmp"
+        self.queue = path / "queue"
+        self.dead = path / "dead"
+
+    def create(self) -> None:
+        for directory in (self.tmp, self.queue, self.dead):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    # receiving
+
+    def commit(self, message: Prepared, envelope: Envelope) -> None:
+        """Write, fsync, rename into queue/, fsync the directory. Raises OSError (disk full...)."""
+        tmp = self.tmp / f"{envelope.queue_id}.msg"
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(json.dumps(asdict(envelope), separators=(",", ":")).encode() + b"\n")
+                for segment in message.segments():
+                    handle.write(segment)
+                handle.flush()
+                os.fsync(handle.fileno())
+            crashpoint("before_commit")
+            os.rename(tmp, self.queue / tmp.name)
+            _fsync_dir(self.queue)
+            crashpoint("after_commit")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    # reading
+
+    def read(self, queue_id: str) -> tuple[Envelope, bytes]:
+        with open(self.queue / f"{queue_id}.msg", "rb") as handle:
+            envelope = _envelope(handle.readline())
+            return envelope, handle.read()
+
+    def read_envelope(self, queue_id: str, *, dead: bool = False) -> Envelope:
+        with open((self.dead if dead else self.queue) / f"{queue_id}.msg", "rb") as handle:
+            return _envelope(handle.readline())
+
+    def read_state(self, queue_id: str, *, dead: bool = False) -> EntryState:
+        try:
+            raw = ((self.dead if dead else self.queue) / f"{queue_id}.state").read_bytes()
+        except FileNotFoundError:
+            return EntryState()
+        return EntryState(**json.loads(raw))
+
+    def queued_ids(self) -> list[str]:
+        """Committed messages in arrival order (queue ids sort by time)."""
+        return sorted(_ids(self.queue))
+
+    def dead_ids(self) -> list[str]:
+        return sorted(_ids(self.dead))
+
+    # changing
+
+    def write_state(self, queue_id: str, state: EntryState) -> None:
+        _write_atomically(self.queue / f"{queue_id}.state", json.dumps(asdict(state)).encode(), sync_dir=False)
+
+    def remove(self, queue_id: str) -> None:
+        """Delivered (or handed back to the client): message first, so a crash leaves no half entry."""
+        for suffix in (".msg", ".state"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.queue / f"{queue_id}{suffix}").unlink()
+
+    def dead_letter(self, queue_id: str, reasons: dict[str, str], last_reply: str) -> None:
+        """Record dead recipients in dead/ (hard-linking the message), keeping the queue entry as is."""
+        target = self.dead / f"{queue_id}.msg"
+        if not target.exists():
+            os.link(self.queue / f"{queue_id}.msg", target)
+        state = self.read_state(queue_id, dead=True)
+        state.dead.update(reasons)
+        state.last_reply = last_reply
+        _write_atomically(self.dead / f"{queue_id}.state", json.dumps(asdict(state)).encode(), sync_dir=True)
+
+    def requeue(self, queue_id: str) -> None:
+        """Back from dead/ to queue/ for the recipients that died, attempted afresh."""
+        state = self.read_state(queue_id, dead=True)
+        recipients = list(state.dead) or None
+        if not (self.queue / f"{queue_id}.msg").exists():
+            os.link(self.dead / f"{queue_id}.msg", self.queue / f"{queue_id}.msg")
+        self.write_state(queue_id, EntryState(recipients=recipients))
+        _fsync_dir(self.queue)
+        for suffix in (".msg", ".state"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.dead / f"{queue_id}{suffix}").unlink()
+
+    def delete(self, queue_id: str) -> bool:
+        found = False
+        for directory in (self.queue, self.dead):
+            for suffix in (".msg", ".state"):
+                with contextlib.suppress(FileNotFoundError):
+                    (directory / f"{queue_id}{suffix}").unlink()
+                    found = True
+        return found
+
+    def request_flush(self) -> None:
+        (self.path / FLUSH_REQUEST).touch()
+
+    def take_flush_request(self) -> bool:
+        try:
+            (self.path / FLUSH_REQUEST).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def recover(self) -> None:
+        """Start-up: drop what was never acknowledged and state files whose message is gone."""
+        self.create()
+        for leftover in self.tmp.iterdir():
+            leftover.unlink()
+        for directory in (self.queue, self.dead):
+            for entry in os.scandir(directory):
+                name = entry.name
+                if name.endswith(".tmp") or (
+                    name.endswith(".state") and not os.path.exists(entry.path[: -len(".state")] + ".msg")
+                ):
+                    os.unlink(entry.path)
+
+
+def _envelope(line: bytes) -> Envelope:
+    fields = json.loads(line)
+    fields["recipients"] = tuple(fields["recipients"])
+    return Envelope(**fields)
+
+
+def _ids(directory: Path) -> Iterator[str]:
+    for entry in os.scandir(directory):
+        if entry.name.endswith(".msg"):
+            yield entry.name[: -len(".msg")]

@@ -1,0 +1,292 @@
+"""Store-and-forward: 250 only once on disk, retries, dead letters, splitting, the breaker. Real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from relay.app import Relay
+from relay.spool import Spool
+from relay.standin import InfobipStandIn
+from tests.conftest import StartRelay, message
+from tests.test_relay import send_one
+
+SENDER = "billing@erp.example.com"
+
+
+def spooled(path: Path, **extra: Any) -> dict[str, Any]:
+    return {"enabled": True, "path": str(path), "sync_wait": 2.0, "retry_initial": 0.05, "retry_max": 0.2, **extra}
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Poll a cheap condition (file system state, counters) until true; fails the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def queue_files(path: Path) -> list[str]:
+    return sorted(os.listdir(path / "queue"))
+
+
+async def test_accepted_by_infobip_within_sync_wait_gets_its_id_and_leaves_no_file(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    relay = await start_relay(spool=spooled(tmp_path))
+    reply = await send_one(relay.port, SENDER, ["a@example.org"], message())
+    [got] = standin.messages
+    assert reply == f"250 2.6.0 Message queued as {got.infobip_id}"
+    await until(lambda: queue_files(tmp_path) == [])
+    assert os.listdir(tmp_path / "tmp") == [] and os.listdir(tmp_path / "dead") == []
+
+
+async def test_upstream_down_then_back_delivers_everything_in_order(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.behaviour.down = True
+    relay = await start_relay(spool=spooled(tmp_path, sync_wait=0.2), upstream={"pool_size": 1})
+    replies = [
+        await send_one(relay.port, SENDER, [f"r{i}@example.org"], message(Message_ID=f"<m{i}@erp.example.com>"))
+        for i in range(6)
+    ]
+    assert all(r.startswith("250 2.0.0 Queued as ") for r in replies), replies
+    assert len([f for f in queue_files(tmp_path) if f.endswith(".msg")]) == 6
+    standin.behaviour.down = False
+    await standin.wait_for_messages(6)
+    arrived = [m.rcpt_tos[0] for m in standin.messages]
+    assert arrived == [f"r{i}@example.org" for i in range(6)]
+    await until(lambda: queue_files(tmp_path) == [])
+
+
+async def test_451_is_retried_with_backoff_until_accepted(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.behaviour.data_replies.extend(["451 4.3.0 Try later", "451 4.3.0 Try later"])
+    relay = await start_relay(spool=spooled(tmp_path, sync_wait=0.0))
+    reply = await send_one(relay.port, SENDER, ["a@example.org"], message(Message_ID="<retry@erp.example.com>"))
+    assert reply.startswith("250 2.0.0 Queued as ")
+    await standin.wait_for_messages(1)
+    assert b"Message-ID: <retry@erp.example.com>" in standin.messages[0].data
+    assert sum(c.commands.count("DATA") for c in standin.connections) == 3
+    await until(lambda: queue_files(tmp_path) == [])
+
+
+async def test_state_file_says_why_a_message_waits(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.behaviour.data_replies.append("451 4.3.0 Try later")
+    relay = await start_relay(spool=spooled(tmp_path, sync_wait=0.5, retry_initial=30, retry_max=60))
+    reply = await send_one(relay.port, SENDER, ["a@example.org"], message())
+    queue_id = reply.split("Queued as ")[1].split(";")[0]
+    assert reply == f"250 2.0.0 Queued as {queue_id}; Infobip deferred it (451 4.3.0 Try later); the relay will retry"
+    state = json.loads((tmp_path / "queue" / f"{queue_id}.state").read_text())
+    assert state["attempts"] == 1 and state["last_reply"] == "451 4.3.0 Try later"
+    assert 15 <= state["next_attempt"] - time.time() <= 30
+    envelope_line = (tmp_path / "queue" / f"{queue_id}.msg").read_bytes().split(b"\n", 1)[0]
+    assert json.loads(envelope_line)["recipients"] == ["a@example.org"]
+
+
+async def test_connection_dropped_mid_data_is_retried(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.behaviour.drop_at_end_of_data = 1
+    relay = await start_relay(spool=spooled(tmp_path, sync_wait=0.0))
+    await send_one(relay.port, SENDER, ["a@example.org"], message())
+    await standin.wait_for_messages(1)
+    await until(lambda: queue_files(tmp_path) == [])
+
+
+async def test_permanent_refusal_within_sync_wait_goes_back_to_the_client(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.behaviour.data_replies.append("554 5.6.0 Message content rejected")
+    relay = await start_relay(spool=spooled(tmp_path))
+    reply = await send_one(relay.port, SENDER, ["a@example.org"], message())
+    assert reply == "554 5.6.0 Infobip refused the message: Message content rejected"
+    assert queue_files(tmp_path) == [] and os.listdir(tmp_path / "dead") == []
+
+
+async def test_permanent_refusal_after_sync_wait_is_dead_lettered(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.behaviour.data_replies.append("554 5.6.0 Message content rejected")
+    relay = await start_relay(spool=spooled(tmp_path, sync_wait=0.0))
+    reply = await send_one(relay.port, SENDER, ["a@example.org"], message())
+    queue_id = reply.split("Queued as ")[1].split(";")[0]
+    await until(lambda: (tmp_path / "dead" / f"{queue_id}.state").exists() and queue_files(tmp_path) == [])
+    state = json.loads((tmp_path / "dead" / f"{queue_id}.state").read_text())
+    assert state["dead"] == {"a@example.org": "554 5.6.0 Message content rejected"}
+
+
+async def test_one_refused_recipient_of_three_only_it_is_dead_lettered(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.behaviour.refuse_recipients["blocked@example.org"] = "550 5.7.1 Recipient <blocked@example.org> not allowed"
+    relay = await start_relay(spool=spooled(tmp_path))
+    reply = await send_one(relay.port, SENDER, ["a@example.org", "blocked@example.org", "c@example.org"], message())
+    [got] = standin.messages
+    assert got.rcpt_tos == ["a@example.org", "c@example.org"]
+    assert reply.startswith(f"250 2.6.0 Message queued as {got.infobip_id}; 1 of 3 recipients not yet accepted")
+    [dead_state] = [f for f in os.listdir(tmp_path / "dead") if f.endswith(".state")]
+    state = json.loads((tmp_path / "dead" / dead_state).read_text())
+    assert state["dead"] == {"blocked@example.org": "550 5.7.1 Recipient <blocked@example.org> not allowed"}
+    await until(lambda: queue_files(tmp_path) == [])
+
+
+async def test_one_deferred_recipient_of_three_only_it_is_retried(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.behaviour.refuse_recipients["later@example.org"] = "450 4.2.0 Mailbox busy"
+    relay = await start_relay(spool=spooled(tmp_path))
+    await send_one(relay.port, SENDER, ["a@example.org", "later@example.org", "c@example.org"], message())
+    assert standin.messages[0].rcpt_tos == ["a@example.org", "c@example.org"]
+    del standin.behaviour.refuse_recipients["later@example.org"]
+    await standin.wait_for_messages(2)
+    assert standin.messages[1].rcpt_tos == ["later@example.org"]
+    assert standin.messages[1].data == standin.messages[0].data  # same bytes, same Message-ID
+    await until(lambda: queue_files(tmp_path) == [])
+
+
+async def test_transient_failures_past_max_age_are_dead_lettered(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.behaviour.data_replies.extend(["451 4.3.0 Try later"] * 50)
+    relay = await start_relay(spool=spooled(tmp_path, sync_wait=0.0, max_age=0.3))
+    await send_one(relay.port, SENDER, ["a@example.org"], message())
+    await until(lambda: any(f.endswith(".state") for f in os.listdir(tmp_path / "dead")) and not queue_files(tmp_path))
+    [dead_state] = [f for f in os.listdir(tmp_path / "dead") if f.endswith(".state")]
+    reason = json.loads((tmp_path / "dead" / dead_state).read_text())["dead"]["a@example.org"]
+    assert reason.startswith("expired after ") and reason.endswith("last reply: 451 4.3.0 Try later")
+
+
+async def test_more_than_1000_recipients_are_split_into_transactions(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    from tests.conftest import Dialog
+
+    relay = await start_relay(spool=spooled(tmp_path), listen={"max_recipients": 2500})
+    recipients = [f"r{i}@example.org" for i in range(2500)]
+    dialog = await Dialog.open(relay.port)
+    await dialog.hello()
+    dialog.writer.write(
+        f"MAIL FROM:<{SENDER}>\r\n".encode() + b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in recipients)
+    )
+    for _ in range(2501):
+        assert (await dialog.reply()).startswith("250 ")
+    assert (await dialog.send("DATA")).startswith("354")
+    reply = await dialog.send(message() + b".\r\n")
+    await dialog.close()
+    assert [len(m.rcpt_tos) for m in standin.messages] == [1000, 1000, 500]
+    assert [r for m in standin.messages for r in m.rcpt_tos] == recipients
+    ids = ",".join(m.infobip_id for m in standin.messages)
+    assert reply == f"250 2.6.0 Message queued as {ids}"
+
+
+async def test_breaker_stops_hammering_a_failing_upstream_and_resumes(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.behaviour.down = True
+    relay = await start_relay(
+        spool=spooled(tmp_path, sync_wait=0.0, retry_initial=0.2, retry_max=0.4, breaker_threshold=3),
+        upstream={"pool_size": 2},
+    )
+    for i in range(20):
+        await send_one(relay.port, SENDER, [f"r{i}@example.org"], message())
+    assert relay.delivery is not None
+    await until(lambda: relay.delivery is not None and relay.delivery.breaker.is_open)
+    before = len(standin.connections)
+    await asyncio.sleep(0.5)  # time passing is the point here: count connection attempts over it
+    attempts = len(standin.connections) - before
+    # Without the breaker each of the 20 messages is retried every 0.1-0.4 s: some 40 connections here.
+    assert attempts <= 6, attempts
+    standin.behaviour.down = False
+    await standin.wait_for_messages(20, timeout=15)
+    await until(lambda: queue_files(tmp_path) == [])
+
+
+async def test_startup_recovers_what_was_committed_and_drops_what_was_not(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    from datetime import UTC, datetime
+
+    from relay.config import PolicySettings
+    from relay.prepare import Received, prepare
+    from relay.spool import Envelope
+
+    spool = Spool(tmp_path)
+    spool.create()
+    data = message(Message_ID="<kept@erp.example.com>")
+    received = Received("0000000000committed", "127.0.0.1", SENDER, ("a@example.org",), data, datetime.now(UTC), "h")
+    prepared = prepare(received, PolicySettings())
+    envelope = Envelope(prepared.queue_id, SENDER, ("a@example.org",), "<kept@erp.example.com>", "127.0.0.1", 0.0, 1)
+    spool.commit(prepared, envelope)  # what a relay killed right after its commit leaves
+    (spool.tmp / "00000000000half.msg").write_bytes(b'{"queue_id": "half"')  # killed mid-write: never acked
+    (spool.queue / "0000000000orphan.state").write_text("{}")  # its message was removed before the kill
+
+    await start_relay(spool=spooled(tmp_path, sync_wait=0.0))
+    [got] = await standin.wait_for_messages(1)
+    assert got.data == prepared.as_bytes() and got.data.endswith(data)
+    await until(lambda: queue_files(tmp_path) == [])
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
+
+
+async def test_disk_full_gets_452_and_leaves_nothing_half_written(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    spool_path = tmp_path / "small"
+    if not _mount_tmpfs(spool_path, "64k"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        relay = await start_relay(spool=spooled(spool_path))
+        reply = await send_one(
+            relay.port,
+            SENDER,
+            ["a@example.org"],
+            message(body=b"x" * 998 + b"\r\n") * 0 + message(body=(b"y" * 998 + b"\r\n") * 200),
+        )
+        assert reply == "452 4.3.1 The relay cannot store the message right now (disk full?); try again later"
+        assert os.listdir(spool_path / "tmp") == [] and os.listdir(spool_path / "queue") == []
+        assert standin.messages == []
+        small = await send_one(relay.port, SENDER, ["a@example.org"], message())  # and it still works
+        assert small.startswith("250 2.6.0 ")
+    finally:
+        subprocess.run(["umount", "-l", str(spool_path)], check=False)
+
+
+async def test_unwritable_spool_gets_452(standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path) -> None:
+    relay = await start_relay(spool=spooled(tmp_path))
+    spool = Spool(tmp_path)
+    spool.tmp.rmdir()
+    spool.tmp.write_text("not a directory")  # as root, permissions would not stop us; this does
+    reply = await send_one(relay.port, SENDER, ["a@example.org"], message())
+    assert reply.startswith("452 4.3.1 ")
+    assert queue_files(tmp_path) == [] and standin.messages == []
+
+
+async def test_stop_leaves_undelivered_mail_in_the_spool(standin: InfobipStandIn, tmp_path: Path) -> None:
+    from tests.conftest import relay_settings
+
+    standin.behaviour.down = True
+    relay = Relay(relay_settings(standin, spool=spooled(tmp_path, sync_wait=0.0, retry_initial=60)))
+    await relay.start()
+    await send_one(relay.port, SENDER, ["a@example.org"], message())
+    await relay.stop(grace=1)
+    assert len([f for f in queue_files(tmp_path) if f.endswith(".msg")]) == 1
