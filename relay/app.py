@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 
 import structlog
 
-from relay.config import Settings
+from relay.config import ConfigError, Settings, load_settings
 from relay.delivery import Delivery, Job
+from relay.http import HttpServer, Readiness
 from relay.inbound import RelayHandler, RelaySMTP, SessionInfo, Sessions
+from relay.logs import configure_logging
+from relay.metrics import Metrics
 from relay.prepare import Prepared
 from relay.replies import Reply
 from relay.spool import Envelope, Spool
@@ -24,16 +28,41 @@ log = structlog.get_logger("relay.app")
 class Relay:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.pool = UpstreamPool(settings.upstream, settings.listen.hostname)
+        self.metrics = Metrics()
+        self.pool = UpstreamPool(settings.upstream, settings.listen.hostname, self.metrics)
         self.spool: Spool | None = Spool(settings.spool.path) if settings.spool.enabled else None
         self.delivery: Delivery | None = (
-            Delivery(self.spool, self.pool, settings.spool, workers=settings.upstream.pool_size)
+            Delivery(self.spool, self.pool, settings.spool, workers=settings.upstream.pool_size, metrics=self.metrics)
             if self.spool is not None
             else None
         )
-        self.handler = RelayHandler(settings, self.deliver_spooled if self.spool else self.deliver_direct)
+        self.handler = RelayHandler(settings, self.deliver_spooled if self.spool else self.deliver_direct, self.metrics)
         self.sessions = Sessions()
+        self.http = HttpServer(self.metrics, self.readiness)
         self._server: asyncio.Server | None = None
+        self.metrics.gauge("relay_spool_depth", "Messages waiting in the spool", self._spool_depth)
+        self.metrics.gauge("relay_spool_oldest_age_seconds", "Age of the oldest message waiting", self._oldest_age)
+        self.metrics.gauge("relay_upstream_pool_connections", "Upstream connections open", lambda: self.pool.size)
+        self.metrics.gauge("relay_client_connections", "Client connections open", lambda: len(self.sessions.live))
+
+    def _spool_depth(self) -> float:
+        return float(self.delivery.depth) if self.delivery is not None else 0.0
+
+    def _oldest_age(self) -> float:
+        oldest = self.delivery.oldest_received() if self.delivery is not None else None
+        return max(0.0, time.time() - oldest) if oldest else 0.0
+
+    def readiness(self) -> Readiness:
+        """Listening, spool writable, upstream authenticated lately (or never tried)."""
+        checks = {"listening": "ok" if self._server is not None and self._server.is_serving() else "not listening"}
+        if self.spool is not None:
+            checks["spool"] = self.spool.writable()
+        failure = self.pool.last_failure
+        recent = self.pool.last_authenticated is not None and (
+            time.monotonic() - self.pool.last_authenticated < self.settings.http.ready_upstream_window
+        )
+        checks["upstream"] = "ok" if failure is None or recent else failure
+        return Readiness(all(v == "ok" for v in checks.values()), checks)
 
     @property
     def port(self) -> int:
@@ -48,12 +77,15 @@ class Relay:
         self._server = await loop.create_server(
             lambda: RelaySMTP(self.handler, self.sessions), host=listen.host, port=listen.port
         )
+        if self.settings.http.enabled:
+            await self.http.start(self.settings.http.host, self.settings.http.port)
         log.info(
             "relay_listening",
             host=listen.host,
             port=self.port,
             upstream=f"{self.settings.upstream.host}:{self.settings.upstream.port}",
             spool=str(self.settings.spool.path) if self.spool else None,
+            http_port=self.http.port or None,
         )
 
     async def stop(self, grace: float | None = None) -> None:
@@ -67,7 +99,36 @@ class Relay:
         if self.delivery is not None:
             await self.delivery.stop(deadline)
         await self.pool.close()
+        await self.http.stop()
         log.info("relay_stopped", queued=self.delivery.depth if self.delivery else 0)
+
+    async def reload(self, new: Settings) -> None:
+        """Apply a new config to new sessions and deliveries; connections and queued mail stay."""
+        old = self.settings
+        restart_needed = [
+            key
+            for key, before, after in (
+                ("listen.host", old.listen.host, new.listen.host),
+                ("listen.port", old.listen.port, new.listen.port),
+                ("spool.enabled", old.spool.enabled, new.spool.enabled),
+                ("spool.path", old.spool.path, new.spool.path),
+                ("http.host", old.http.host, new.http.host),
+                ("http.port", old.http.port, new.http.port),
+                ("upstream.pool_size", old.upstream.pool_size, new.upstream.pool_size),
+            )
+            if before != after
+        ]
+        self.settings = new
+        self.handler.settings = new
+        configure_logging(new.log)
+        if new.upstream != old.upstream or new.listen.hostname != old.listen.hostname:
+            retired, self.pool = self.pool, UpstreamPool(new.upstream, new.listen.hostname, self.metrics)
+            if self.delivery is not None:
+                self.delivery.pool = self.pool
+            await retired.close()
+        if self.delivery is not None:
+            self.delivery.settings = new.spool
+        log.info("config_reloaded", restart_needed_for=restart_needed or None)
 
     def _fields(self, message: Prepared, session: SessionInfo) -> dict[str, object]:
         return {
@@ -82,10 +143,17 @@ class Relay:
         """Pass-through (spool disabled): the client waits for Infobip's own verdict."""
         started = time.monotonic()
         try:
-            result = await self.pool.deliver(message)
+            with self.metrics.delivery_seconds.time():
+                result = await self.pool.deliver(message)
         except UpstreamError as exc:
             log.warning("message_deferred", **self._fields(message, session), outcome="deferred", reply=str(exc.reply))
+            self.metrics.rejected.labels("upstream_unavailable").inc()
             return exc.reply
+        self.metrics.upstream_replies.labels(str(result.final.code)).inc()
+        if result.final.ok:
+            self.metrics.relayed.inc()
+        else:
+            self.metrics.rejected.labels("upstream_refused" if result.final.code >= 500 else "upstream_deferred").inc()
         reply = client_reply(result)
         log.info(
             "message_relayed" if result.final.ok else "message_refused",
@@ -137,17 +205,37 @@ class Relay:
             await asyncio.to_thread(self.spool.commit, message, envelope)
         except OSError as exc:
             log.error("spool_write_failed", queue_id=envelope.queue_id, error=exc.strerror or str(exc))
+            self.metrics.rejected.labels("spool_unwritable").inc()
             return Reply(452, "4.3.1", "The relay cannot store the message right now (disk full?); try again later")
         return self.delivery.submit(message, envelope)
 
 
-async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain."""
+async def _reload_from(relay: Relay, config: Path | None) -> None:
+    try:
+        new = load_settings(config)
+        if new.upstream != relay.settings.upstream:
+            new.upstream.require_credentials()
+    except ConfigError as exc:
+        log.error("config_reload_failed", error=str(exc), kept="the running config")
+        return
+    await relay.reload(new)
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None, config: Path | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain. SIGHUP re-reads `config`."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     relay = Relay(settings)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hangup() -> None:
+        task = asyncio.ensure_future(_reload_from(relay, config))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await relay.start()
     try:
         await stop.wait()

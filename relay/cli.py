@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_demo(settings) if args.demo else run(settings))
+            asyncio.run(_demo(settings) if args.demo else run(settings, config=args.config))
     except OSError as exc:  # e.g. the port is taken: one line, not a traceback
         print(f"relay: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -194,8 +194,10 @@ class LimitsSettings(_Section):
 
 
 class HttpSettings(_Section):
+    enabled: bool = True
     host: str = "0.0.0.0"
     port: int = Field(9090, ge=0, le=65535)
+    ready_upstream_window: float = Field(600.0, gt=0)  # /readyz: a failing upstream is tolerated this long
 
 
 class LogSettings(_Section):

@@ -21,6 +21,7 @@ import structlog
 from relay.breaker import CircuitBreaker
 from relay.config import SpoolSettings
 from relay.crash import crashpoint
+from relay.metrics import Metrics
 from relay.prepare import Prepared
 from relay.retry import AttemptResult, NextStep, next_step, recipient_batches
 from relay.spool import EntryState, Envelope, Spool
@@ -73,8 +74,11 @@ class DeliveryStats:
 
 
 class Delivery:
-    def __init__(self, spool: Spool, pool: UpstreamPool, settings: SpoolSettings, workers: int) -> None:
+    def __init__(
+        self, spool: Spool, pool: UpstreamPool, settings: SpoolSettings, workers: int, metrics: Metrics | None = None
+    ) -> None:
         self.spool = spool
+        self.metrics = metrics or Metrics()
         self.pool = pool
         self.settings = settings
         self.breaker = CircuitBreaker(
@@ -184,6 +188,10 @@ class Delivery:
     def depth(self) -> int:
         return len(self._jobs) + len(self._busy)
 
+    def oldest_received(self) -> float | None:
+        """Arrival time of the oldest message waiting (epoch seconds), for the age gauge."""
+        return min((job.first_seen for job in self._jobs.values() if job.first_seen), default=None)
+
     # working
 
     async def _next_job(self) -> Job | None:
@@ -258,7 +266,8 @@ class Delivery:
             job.sender = envelope.mail_from
         recipients = job.recipients if job.recipients is not None else message.recipients
         self.stats.attempts += 1
-        result = await self._send(message, recipients)
+        with self.metrics.delivery_seconds.time():
+            result = await self._send(message, recipients)
         del message
         crashpoint("after_upstream_reply")
         job.attempts += 1
@@ -286,6 +295,11 @@ class Delivery:
                     handoff.future.set_result(result)
         if result.accepted:
             self.stats.delivered += 1
+            self.metrics.relayed.inc()
+        if step.retry:
+            self.metrics.deferred.inc()
+        if step.dead and not handed_back:
+            self.metrics.dead.inc()
         log.info(
             "delivery_attempt",
             queue_id=job.queue_id,
@@ -332,6 +346,7 @@ class Delivery:
                 transient.update({rcpt: str(exc.reply) for rcpt in batch})
                 continue
             self.breaker.success()
+            self.metrics.upstream_replies.labels(str(result.final.code)).inc()
             for rcpt, reply in result.refused.items():
                 (transient if reply.transient else permanent)[rcpt] = str(reply)
             if result.final.ok:

@@ -20,6 +20,7 @@ from aiosmtpd.smtp import SMTP
 
 from relay.access import check_client, check_recipient, check_sender, client_address
 from relay.config import Settings
+from relay.metrics import Metrics
 from relay.prepare import Prepared, Received, prepare
 from relay.replies import Rejection, Reply, with_enhanced_code
 
@@ -91,7 +92,11 @@ class RelaySMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str) and not self._raw_replies:
-            await super().push(with_enhanced_code(status))
+            rewritten = with_enhanced_code(status)
+            if rewritten != status and rewritten[:1] in ("4", "5"):  # aiosmtpd's own refusals
+                reason = "size" if rewritten.startswith("552") else "protocol"
+                self.event_handler.metrics.rejected.labels(reason).inc()
+            await super().push(rewritten)
         else:
             await super().push(status)
 
@@ -113,9 +118,12 @@ class RelaySMTP(SMTP):
         assert self.session is not None and self.transport is not None
         listen = self.event_handler.settings.listen
         refusal = check_client(self.session.peer, listen.allowed_networks)
+        reason = "client_refused"
         if refusal is None and len(self._sessions.live) > listen.max_connections:
             refusal = Reply(421, "4.7.0", "Too many connections to this relay; try again later")
+            reason = "too_many_connections"
         if refusal is not None:
+            self.event_handler.metrics.rejected.labels(reason).inc()
             log.warning("client_refused", client_ip=str(client_address(self.session.peer)), reply=str(refusal))
             await self.push(str(refusal))
             self.transport.close()
@@ -141,9 +149,14 @@ class RelaySMTP(SMTP):
 class RelayHandler:
     """aiosmtpd hooks: check at MAIL and RCPT, prepare and deliver at DATA."""
 
-    def __init__(self, settings: Settings, deliver: Deliver) -> None:
+    def __init__(self, settings: Settings, deliver: Deliver, metrics: Metrics) -> None:
         self.settings = settings
         self.deliver = deliver
+        self.metrics = metrics
+
+    def _refuse(self, reason: str, reply: Reply) -> str:
+        self.metrics.rejected.labels(reason).inc()
+        return str(reply)
 
     async def handle_EHLO(
         self, server: RelaySMTP, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -164,7 +177,7 @@ class RelayHandler:
     ) -> str:
         refusal = check_sender(address, self.settings.policy.allowed_sender_domains)
         if refusal is not None:
-            return str(refusal)
+            return self._refuse("sender", refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return f"250 2.1.0 Sender <{address}> OK"
@@ -174,7 +187,7 @@ class RelayHandler:
     ) -> str:
         refusal = check_recipient(address, len(envelope.rcpt_tos), self.settings.listen.max_recipients)
         if refusal is not None:
-            return str(refusal)
+            return self._refuse("too_many_recipients" if refusal.code == 452 else "recipient", refusal)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return f"250 2.1.5 Recipient <{address}> OK"
@@ -191,6 +204,7 @@ class RelayHandler:
             hostname=self.settings.listen.hostname,
         )
         envelope.original_content = envelope.content = b""  # the Received holds the only reference
+        self.metrics.received.inc()
         try:
             prepared = prepare(received, self.settings.policy)
         except Rejection as rejection:
@@ -203,7 +217,8 @@ class RelayHandler:
                 size=len(received.data),
                 reply=str(rejection.reply),
             )
-            return str(rejection.reply)
+            reason = {"5.7.1": "misaligned", "5.6.0": "bad_headers"}.get(rejection.reply.enhanced, "content")
+            return self._refuse(reason, rejection.reply)
         del received
         return str(await self.deliver(prepared, SessionInfo(client_ip)))
 

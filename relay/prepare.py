@@ -99,11 +99,14 @@ def prepare(message: Received, policy: PolicySettings) -> Prepared:
         )
 
     new_lines: list[bytes] = []
+    ours: dict[str, int] = {}  # fields we add ourselves, by lower-cased name: index in new_lines
     id_field = find_field(fields, "Message-ID")
     message_id = id_field.value if id_field else f"<{message.queue_id}@{message.hostname}>"
     if id_field is None:
+        ours["message-id"] = len(new_lines)
         new_lines.append(fold_header("Message-ID", message_id))
     if find_field(fields, "Date") is None:
+        ours["date"] = len(new_lines)
         new_lines.append(fold_header("Date", format_datetime(message.received_at)))
 
     facts = MessageFacts(
@@ -115,14 +118,22 @@ def prepare(message: Received, policy: PolicySettings) -> Prepared:
     )
     dropped: list[tuple[int, int]] = []
     for action in header_actions(policy.rules, facts):
-        existing = [f for f in fields if f.name.lower() == action.name.lower()]
-        if existing and not action.replace_existing:
+        key = action.name.lower()
+        existing = [f for f in fields if f.name.lower() == key]
+        # A Message-ID or Date we added counts as set: a message never gets two (RFC 5322 3.6).
+        if (existing or key in ours) and not action.replace_existing:
             continue
         dropped.extend((f.start, f.end) for f in existing)
         try:
-            new_lines.append(fold_header(action.name, action.value))
+            line = fold_header(action.name, action.value)
         except HeaderError as exc:
             raise Rejection(Reply(554, "5.6.0", f"Cannot add a policy header: {exc}")) from None
+        if key in ours:
+            new_lines[ours[key]] = line
+        else:
+            new_lines.append(line)
+        if key == "message-id":
+            message_id = action.value  # the one that is sent, for logs and the spool
 
     return Prepared(
         queue_id=message.queue_id,

@@ -169,6 +169,16 @@ class Spool:
                     found = True
         return found
 
+    def writable(self) -> str:
+        """'ok', or why a message could not be stored now (for /readyz)."""
+        probe = self.tmp / ".ready-probe"
+        try:
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            return f"spool not writable: {exc.strerror or exc}"
+        return "ok"
+
     def request_flush(self) -> None:
         (self.path / FLUSH_REQUEST).touch()
 

@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -21,6 +21,7 @@ from aiosmtplib.auth import auth_login_encode, auth_plain_encode
 
 from relay.config import UpstreamSettings
 from relay.crash import crashpoint
+from relay.metrics import Metrics
 from relay.prepare import Prepared, is_safe_address
 from relay.replies import Reply
 from relay.wire import (
@@ -78,9 +79,16 @@ class UpstreamConnection:
 
     @classmethod
     async def open(
-        cls, settings: UpstreamSettings, context: ssl.SSLContext, local_name: str, ident: int
+        cls,
+        settings: UpstreamSettings,
+        context: ssl.SSLContext,
+        local_name: str,
+        ident: int,
+        progress: Progress | None = None,
     ) -> UpstreamConnection:
+        """Connect, TLS, EHLO, AUTH. `progress(step, detail)` hears of each step done (`relay doctor`)."""
         implicit = settings.tls == "implicit"
+        report = progress or _silent
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
@@ -94,9 +102,10 @@ class UpstreamConnection:
             )
         except (OSError, TimeoutError) as exc:
             raise _unreachable(settings, _why(exc)) from exc
+        report("tcp", f"connected to {writer.get_extra_info('peername')}" + (" with TLS" if implicit else ""))
         connection = cls(reader, writer, settings, ident)
         try:
-            await connection._handshake(context, local_name, implicit)
+            await connection._handshake(context, local_name, implicit, report)
         except UpstreamError:
             connection.abort()
             raise
@@ -105,15 +114,17 @@ class UpstreamConnection:
             raise _unreachable(settings, _why(exc)) from exc
         return connection
 
-    async def _handshake(self, context: ssl.SSLContext, local_name: str, implicit: bool) -> None:
+    async def _handshake(self, context: ssl.SSLContext, local_name: str, implicit: bool, report: Progress) -> None:
         timeout = self._settings.command_timeout
         greeting = await self._read_reply(timeout)
         if greeting.code != 220:
             raise _unreachable(self._settings, f"greeting was {greeting}")
+        report("greeting", str(greeting))
         ehlo = await self._command(f"EHLO {local_name}", timeout)
         if ehlo.code != 250:
             raise _unreachable(self._settings, f"EHLO answered {ehlo}")
         self.extensions = ehlo_extensions(ehlo)
+        report("ehlo", " ".join(self.extensions))
         if not implicit:
             if "STARTTLS" not in self.extensions:
                 raise _unreachable(self._settings, "the server does not offer STARTTLS, so no credentials were sent")
@@ -128,7 +139,9 @@ class UpstreamConnection:
             if ehlo.code != 250:
                 raise _unreachable(self._settings, f"EHLO after STARTTLS answered {ehlo}")
             self.extensions = ehlo_extensions(ehlo)
+        report("tls", _describe_certificate(self._writer.get_extra_info("peercert")))
         await self._authenticate(timeout)
+        report("auth", "credentials accepted")
 
     async def _authenticate(self, timeout: float) -> None:
         username = self._settings.username.get_secret_value()
@@ -226,6 +239,13 @@ class UpstreamConnection:
         finally:
             self.last_used = time.monotonic()
 
+    async def probe(self, sender: str) -> ServerReply:
+        """MAIL FROM then RSET: does Infobip accept this sender? Nothing is sent (`relay doctor`)."""
+        timeout = self._settings.command_timeout
+        reply = await self._command(f"MAIL FROM:<{sender}>", timeout)
+        await self._command("RSET", timeout)
+        return reply
+
     async def quit(self) -> None:
         try:
             self._writer.write(b"QUIT\r\n")
@@ -236,6 +256,22 @@ class UpstreamConnection:
 
     def abort(self) -> None:
         self._writer.close()
+
+
+Progress = Callable[[str, str], None]
+
+
+def _silent(step: str, detail: str) -> None:
+    pass
+
+
+def _describe_certificate(cert: object) -> str:
+    """Subject and expiry of the server's certificate, for `relay doctor`."""
+    if not isinstance(cert, dict):
+        return "TLS established"
+    subject = ", ".join(f"{k}={v}" for rdn in cert.get("subject", ()) for k, v in rdn)
+    names = ", ".join(v for _, v in cert.get("subjectAltName", ()))
+    return f"certificate {subject or '(no subject)'}; names {names or '-'}; expires {cert.get('notAfter', '?')}"
 
 
 def _is_ascii(message: Prepared) -> bool:
@@ -273,18 +309,41 @@ def _lost(why: str, *, data_sent: bool = False) -> UpstreamError:
 class UpstreamPool:
     """At most `pool_size` connections, each reused for many messages; idle ones are kept warm."""
 
-    def __init__(self, settings: UpstreamSettings, local_name: str) -> None:
+    def __init__(self, settings: UpstreamSettings, local_name: str, metrics: Metrics | None = None) -> None:
         self._settings = settings
+        self._metrics = metrics
+        self._closed = False
         self._local_name = local_name
         self._context = make_tls_context(settings)
         self._slots = asyncio.Semaphore(settings.pool_size)
         self._idle: list[UpstreamConnection] = []
         self._ids = itertools.count(1)
         self.opened = 0
+        self.failed = 0
+        self._in_use = 0
+        self.last_authenticated: float | None = None  # monotonic time of the last successful AUTH
+        self.last_failure: str | None = None  # why the last connection attempt failed (None after a success)
+
+    @property
+    def size(self) -> int:
+        """Connections open now: idle ones plus those in use."""
+        return len(self._idle) + self._in_use
 
     async def _open(self) -> UpstreamConnection:
-        connection = await UpstreamConnection.open(self._settings, self._context, self._local_name, next(self._ids))
+        try:
+            connection = await UpstreamConnection.open(self._settings, self._context, self._local_name, next(self._ids))
+        except UpstreamError as exc:
+            self.failed += 1
+            if self._metrics is not None:
+                self._metrics.upstream_failures.inc()
+            self.last_failure = exc.reply.text
+            log.warning("upstream_connect_failed", host=self._settings.host, reply=str(exc.reply))
+            raise
         self.opened += 1
+        if self._metrics is not None:
+            self._metrics.upstream_connects.inc()
+        self.last_authenticated = time.monotonic()
+        self.last_failure = None
         log.info("upstream_connected", connection=connection.ident, host=self._settings.host)
         return connection
 
@@ -301,10 +360,12 @@ class UpstreamPool:
             reused = connection is not None
             if connection is None:
                 connection = await self._open()
+            self._in_use += 1
             try:
                 yield connection, reused
             finally:
-                if connection.usable:
+                self._in_use -= 1
+                if connection.usable and not self._closed:
                     self._idle.append(connection)
                 else:
                     connection.abort()
@@ -322,5 +383,7 @@ class UpstreamPool:
             return await connection.transact(message)
 
     async def close(self) -> None:
+        """Quit idle connections; those in use are closed when their transaction ends."""
+        self._closed = True
         idle, self._idle = self._idle, []
         await asyncio.gather(*(c.quit() for c in idle), return_exceptions=True)

@@ -30,6 +30,7 @@ def relay_settings(standin: InfobipStandIn, **sections: dict[str, Any]) -> Setti
             "data_timeout": 10,
         },
         "spool": {"enabled": False},
+        "http": {"host": "127.0.0.1", "port": 0},
         "policy": {"alignment": "reject"},
     }
     for name, values in sections.items():

@@ -1,0 +1,58 @@
+"""/metrics, /healthz and /readyz on aiohttp, in the relay's own event loop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from relay.metrics import Metrics
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    ready: bool
+    checks: dict[str, str]  # check -> "ok" or why not
+
+
+class HttpServer:
+    def __init__(self, metrics: Metrics, readiness: Callable[[], Readiness]) -> None:
+        self._metrics = metrics
+        self._readiness = readiness
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self.started = time.monotonic()
+
+    async def start(self, host: str, port: int) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_view)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _metrics_view(self, request: web.Request) -> web.Response:
+        body = generate_latest(self._metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "uptime_seconds": round(time.monotonic() - self.started, 1)})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        readiness = self._readiness()
+        return web.json_response(
+            {"status": "ready" if readiness.ready else "not ready", "checks": readiness.checks},
+            status=200 if readiness.ready else 503,
+        )

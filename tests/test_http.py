@@ -1,0 +1,83 @@
+"""/metrics, /healthz and /readyz over real HTTP, with a real HTTP client."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import aiohttp
+
+from relay.standin import InfobipStandIn
+from tests.conftest import Dialog, StartRelay, message
+from tests.test_relay import send_one
+
+SENDER = "billing@erp.example.com"
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{path}") as response:
+        return response.status, await response.text()
+
+
+def sample(metrics: str, name: str) -> float:
+    """The value of one sample line such as `relay_messages_relayed_total 3.0`."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " ") or (line.startswith(name + "{") and line.split(" ")[0] == name):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+async def test_metrics_count_what_happened(standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path) -> None:
+    standin.behaviour.refuse_recipients["blocked@example.org"] = "550 5.7.1 Recipient <blocked@example.org> not allowed"
+    relay = await start_relay(
+        spool={"enabled": True, "path": str(tmp_path), "sync_wait": 2.0},
+        policy={"allowed_sender_domains": ["erp.example.com"]},
+    )
+    await send_one(relay.port, SENDER, ["a@example.org"], message())
+    await send_one(relay.port, SENDER, ["blocked@example.org"], message())
+    await send_one(
+        relay.port, "x@other.example", ["a@example.org"], message(sender="x@other.example")
+    ) if False else None
+
+    dialog = await Dialog.open(relay.port)
+    await dialog.hello()
+    assert (await dialog.send("MAIL FROM:<x@other.example>")).startswith("550 5.7.1")
+    await dialog.close()
+
+    status, text = await get(relay.http.port, "/metrics")
+    assert status == 200
+    assert sample(text, "relay_messages_received_total") == 2.0
+    assert sample(text, "relay_messages_relayed_total") == 1.0
+    assert 'relay_messages_rejected_total{reason="sender"} 1.0' in text
+    assert 'relay_upstream_replies_total{code="250"} 1.0' in text
+    assert sample(text, "relay_upstream_connections_opened_total") == 1.0
+    assert sample(text, "relay_upstream_pool_connections") == 1.0
+    assert sample(text, "relay_spool_depth") == 0.0
+    assert sample(text, "relay_delivery_seconds_count") == 2.0
+
+
+async def test_healthz_and_readyz_when_all_is_well(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    relay = await start_relay(spool={"enabled": True, "path": str(tmp_path)})
+    assert (await get(relay.http.port, "/healthz"))[0] == 200
+    status, body = await get(relay.http.port, "/readyz")  # never tried upstream yet: ready
+    assert status == 200, body
+    await send_one(relay.port, SENDER, ["a@example.org"], message())
+    status, body = await get(relay.http.port, "/readyz")
+    assert status == 200 and '"upstream": "ok"' in body
+
+
+async def test_readyz_says_why_when_upstream_fails_and_spool_is_unwritable(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.behaviour.offer_starttls = False
+    relay = await start_relay(spool={"enabled": True, "path": str(tmp_path), "sync_wait": 1.0})
+    await send_one(relay.port, SENDER, ["a@example.org"], message())
+    (tmp_path / "tmp").rename(tmp_path / "tmp-gone")
+    (tmp_path / "tmp").write_text("not a directory")
+    status, body = await get(relay.http.port, "/readyz")
+    assert status == 503
+    assert "does not offer STARTTLS" in body and "spool not writable" in body
+    os.remove(tmp_path / "tmp")
+    (tmp_path / "tmp-gone").rename(tmp_path / "tmp")
