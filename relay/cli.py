@@ -13,7 +13,9 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from relay.app import run
+from relay.checks import config_warnings, effective_config
 from relay.config import ConfigError, Settings, load_settings
+from relay.doctor import doctor
 from relay.headers import header_block_end
 from relay.logs import configure_logging
 from relay.spool import Spool
@@ -140,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--demo", action="store_true", help="relay to a built-in local stand-in for Infobip (nothing leaves)"
     )
+    check = commands.add_parser("check-config", help="validate the config, show it (secrets masked), warn")
+    check.add_argument("--config", type=Path, help="TOML config file")
+    doctor_cmd = commands.add_parser("doctor", help="check each step to Infobip: DNS, TCP, TLS, AUTH, MAIL FROM")
+    doctor_cmd.add_argument("--config", type=Path, help="TOML config file")
+    doctor_cmd.add_argument("--from", dest="sender", help="sender to try in MAIL FROM (a verified domain)")
+    doctor_cmd.add_argument("--send-test", metavar="TO", help="also send one real test message to TO")
     queue = commands.add_parser("queue", help="inspect and act on the spool (running or stopped relay)")
     queue.add_argument("--config", type=Path, help="TOML config file (for spool.path)")
     verbs = queue.add_subparsers(dest="verb", required=True)
@@ -152,13 +160,24 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = load_settings(args.config)
-        if args.command == "serve" and not args.demo:
+        if (args.command == "serve" and not args.demo) or args.command == "doctor":
             settings.upstream.require_credentials()
     except ConfigError as exc:
         print(f"relay: config error: {exc}", file=sys.stderr)
         return 2
     if args.command == "queue":
         return _queue(args, settings)
+    if args.command == "check-config":
+        print(effective_config(settings))
+        warnings = config_warnings(settings)
+        for warning in warnings:
+            print(f"WARNING: {warning}", file=sys.stderr)
+        print(f"config OK{f' with {len(warnings)} warning(s)' if warnings else ''}", file=sys.stderr)
+        return 0
+    if args.command == "doctor":
+        domains = settings.policy.allowed_sender_domains
+        sender = args.sender or f"postmaster@{domains[0] if domains else settings.listen.hostname}"
+        return asyncio.run(doctor(settings, sender, args.send_test, lambda line: print(line, flush=True)))
     if not args.demo and settings.spool.enabled:
         try:
             Spool(settings.spool.path).create()

@@ -1,0 +1,63 @@
+"""`relay check-config`: what is dangerous in a valid config, and the effective config with secrets masked."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+from relay.config import IPNetwork, Settings
+
+TRACKING_HEADERS = {"x-ib-tracking-url", "x-ib-notify-url", "x-ib-callback-data", "x-ib-notify-content-type"}
+_PRIVATE = [
+    ipaddress.ip_network(n)
+    for n in (
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "100.64.0.0/10",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
+]
+
+
+def is_private_network(network: IPNetwork) -> bool:
+    """Inside loopback, RFC 1918, CGNAT, unique-local or link-local space: not the open internet."""
+    return any(
+        network.version == private.version and network.subnet_of(private)  # type: ignore[arg-type]
+        for private in _PRIVATE
+    )
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    warnings = [
+        f"listen.allowed_networks: {network} includes public address space: anyone there can send through "
+        "your Infobip account (an open relay)"
+        for network in settings.listen.allowed_networks
+        if not is_private_network(network)
+    ]
+    if settings.policy.alignment == "off":
+        warnings.append(
+            "policy.alignment = off: misaligned senders reach Infobip, which refuses them; apps get a 5xx "
+            "from Infobip instead of a clear one from the relay"
+        )
+    for index, rule in enumerate(settings.policy.rules):
+        overridden = sorted(name for name in rule.headers if name.lower() in TRACKING_HEADERS)
+        if rule.replace_existing and overridden:
+            warnings.append(
+                f"policy.rules[{index}]: replace_existing = true overrides the app's own tracking headers "
+                f"({', '.join(overridden)}): its webhooks will stop receiving events"
+            )
+    if not settings.spool.enabled:
+        warnings.append("spool.enabled = false: a temporary Infobip failure is answered 451 and apps must retry")
+    if settings.listen.max_recipients > 1000:
+        warnings.append("listen.max_recipients > 1000: messages are split into several Infobip transactions")
+    return warnings
+
+
+def effective_config(settings: Settings) -> str:
+    """The config as the relay sees it, secrets masked (SecretStr dumps as '**********')."""
+    return json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=False)
