@@ -119,7 +119,7 @@ class Relay:
             if before != after
         ]
         self.settings = new
-        self.handler.settings = new
+        self.handler.apply(new)
         configure_logging(new.log)
         if new.upstream != old.upstream or new.listen.hostname != old.listen.hostname:
             retired, self.pool = self.pool, UpstreamPool(new.upstream, new.listen.hostname, self.metrics)

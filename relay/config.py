@@ -44,6 +44,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ClientUser(_Section):
+    """A client that can AUTH to the relay (over our STARTTLS), limited to its own sender domains."""
+
+    username: str
+    password: SecretStr
+    allowed_sender_domains: list[str] = Field(default_factory=list)  # empty: any the policy allows
+
+    @field_validator("allowed_sender_domains")
+    @classmethod
+    def _lower(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower() for d in value]
+
+
 class ListenSettings(_Section):
     host: str = "0.0.0.0"
     port: int = Field(2525, ge=0, le=65535)
@@ -57,7 +70,31 @@ class ListenSettings(_Section):
     max_recipients: int = Field(INFOBIP_MAX_RECIPIENTS, gt=0)
     max_connections: int = Field(200, gt=0)
     max_line_length: int = Field(1048576, ge=1001)  # legacy apps send unwrapped HTML
-    timeout: float = Field(300.0, gt=0)  # seconds a client may stay silent between commands
+    timeout: float = Field(300.0, gt=0)  # seconds a client may stay silent (between commands, or in DATA)
+    data_timeout: float = Field(900.0, gt=0)  # the whole DATA phase, however steadily the bytes trickle in
+    tls_cert_file: Path | None = None  # optional STARTTLS for clients that can do it (PEM)
+    tls_key_file: Path | None = None
+    auth_required: bool = False  # clients must AUTH (after STARTTLS) before MAIL
+    users: list[ClientUser] = Field(default_factory=list)
+    proxy_protocol: bool = False  # behind a load balancer that sends PROXY v1/v2: use its client address
+
+    @field_validator("tls_cert_file", "tls_key_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _tls_and_auth_fit(self) -> ListenSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        for path in (self.tls_cert_file, self.tls_key_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path} does not exist")
+        if (self.auth_required or self.users) and self.tls_cert_file is None:
+            raise ValueError("auth_required and users need tls_cert_file and tls_key_file: passwords never go in clear")
+        if self.auth_required and not self.users:
+            raise ValueError("auth_required needs at least one entry in listen.users")
+        return self
 
     @field_validator("hostname")
     @classmethod

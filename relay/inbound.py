@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hmac
 import secrets
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
 import structlog
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 
 from relay.access import check_client, check_recipient, check_sender, client_address
 from relay.config import Settings
+from relay.limits import MemoryBudget, RateLimits
 from relay.metrics import Metrics
 from relay.prepare import Prepared, Received, prepare
 from relay.replies import Rejection, Reply, with_enhanced_code
@@ -69,6 +72,15 @@ class Sessions:
                 session.transport.close()
 
 
+class RelaySession(Session):
+    """aiosmtpd's session plus who the client is, as every check and log line needs it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.client_ip = ""  # the TCP peer, or the PROXY header's source behind a balancer
+        self.relay_user: str | None = None  # after AUTH
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with our limits, access check at connect, and enhanced codes on every reply."""
 
@@ -88,7 +100,16 @@ class RelaySMTP(SMTP):
             timeout=listen.timeout,
             enable_SMTPUTF8=False,
             decode_data=False,
+            tls_context=handler.tls_context,
+            require_starttls=False,
+            auth_required=listen.auth_required,
+            auth_require_tls=True,
+            authenticator=handler.authenticate,
+            proxy_protocol_timeout=10.0 if listen.proxy_protocol else None,
         )
+
+    def _create_session(self) -> RelaySession:
+        return RelaySession(self.loop)
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str) and not self._raw_replies:
@@ -114,20 +135,25 @@ class RelaySMTP(SMTP):
         finally:
             self._raw_replies = False
 
+    async def refuse_connection(self, reason: str, reply: Reply, client_ip: str) -> None:
+        self.event_handler.metrics.rejected.labels(reason).inc()
+        log.warning("client_refused", client_ip=client_ip, reply=str(reply))
+        await self.push(str(reply))
+        assert self.transport is not None
+        self.transport.close()
+
     async def _handle_client(self) -> None:
-        assert self.session is not None and self.transport is not None
+        assert isinstance(self.session, RelaySession) and self.transport is not None
         listen = self.event_handler.settings.listen
+        peer_ip = str(client_address(self.session.peer))
+        self.session.client_ip = peer_ip
+        # Behind a balancer the TCP peer is the balancer: it must be allowed too, then PROXY says who sent.
         refusal = check_client(self.session.peer, listen.allowed_networks)
-        reason = "client_refused"
-        if refusal is None and len(self._sessions.live) > listen.max_connections:
-            refusal = Reply(421, "4.7.0", "Too many connections to this relay; try again later")
-            reason = "too_many_connections"
         if refusal is not None:
-            self.event_handler.metrics.rejected.labels(reason).inc()
-            log.warning("client_refused", client_ip=str(client_address(self.session.peer)), reply=str(refusal))
-            await self.push(str(refusal))
-            self.transport.close()
-            return
+            return await self.refuse_connection("client_refused", refusal, peer_ip)
+        if len(self._sessions.live) > listen.max_connections:
+            too_many = Reply(421, "4.7.0", "Too many connections to this relay; try again later")
+            return await self.refuse_connection("too_many_connections", too_many, peer_ip)
         await super()._handle_client()
 
     def connection_made(self, transport: Any) -> None:
@@ -141,18 +167,138 @@ class RelaySMTP(SMTP):
     async def smtp_DATA(self, arg: str) -> None:
         self._sessions.data_started()
         try:
-            await super().smtp_DATA(arg)
+            await self._data(arg)
         finally:
             self._sessions.data_finished()
+
+    async def _data(self, arg: str) -> None:
+        """DATA, as aiosmtpd does it, plus: the memory budget, and time limits that let a slow upload
+        finish while it makes progress but drop a client that trickles bytes forever."""
+        assert self.envelope is not None and self.transport is not None and isinstance(self.session, RelaySession)
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        if not self.envelope.rcpt_tos:
+            return await self.push("503 5.5.1 Send RCPT TO first: the message has no recipient")
+        if arg:
+            return await self.push("501 5.5.4 Syntax: DATA takes no argument")
+        handler: RelayHandler = self.event_handler
+        budget = handler.budget
+        if budget.exhausted:
+            handler.metrics.rejected.labels("memory_budget").inc()
+            return await self.push("451 4.3.2 The relay holds too much message data right now; try again shortly")
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        listen = handler.settings.listen
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + listen.data_timeout
+        last_progress = loop.time()
+        data = bytearray()
+        held = 0
+        problem: str | None = None
+        mid_line = False  # after an over-long fragment, the next read is the rest of that line
+        try:
+            while True:
+                try:
+                    line = await self._reader.readuntil(b"\r\n")
+                except asyncio.LimitOverrunError as overrun:
+                    await self._reader.readexactly(overrun.consumed)
+                    problem, mid_line = problem or "too_long", True
+                    continue
+                now = loop.time()
+                if now - last_progress > 1.0:  # a slow upload making progress is not idle
+                    self._reset_timeout()
+                    last_progress = now
+                if now > deadline:
+                    log.warning("data_timeout", client_ip=self.session.client_ip, seconds=listen.data_timeout)
+                    self.transport.close()
+                    return
+                if mid_line:
+                    mid_line = False
+                    continue
+                if line == b".\r\n":
+                    break
+                if problem is not None:
+                    continue  # read to the end of data, keep nothing, then say why
+                if line[:1] == b".":
+                    line = line[1:]
+                if held + len(line) > listen.max_message_size:
+                    problem = "too_big"
+                elif not budget.take(len(line)):
+                    problem = "memory_budget"
+                else:
+                    held += len(line)
+                    data += line
+                    continue
+                budget.release(held)
+                held, data = 0, bytearray()
+            if problem is not None:
+                handler.metrics.rejected.labels(problem).inc()
+                return await self.push(_DATA_PROBLEMS[problem].format(limit=listen.max_message_size))
+            # Handed on as is: bytes(data) would copy up to 20 MB. Readers only use the bytes API.
+            self.envelope.original_content = self.envelope.content = cast(bytes, data)
+            del data
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(status)
+        finally:
+            budget.release(held)
+
+
+_DATA_PROBLEMS = {
+    "too_long": "500 5.5.6 A message line is longer than this relay accepts; nothing was sent",
+    "too_big": "552 5.3.4 Message too big: this relay takes at most {limit} bytes; nothing was sent",
+    "memory_budget": "451 4.3.2 The relay holds too much message data right now; try again shortly",
+}
 
 
 class RelayHandler:
     """aiosmtpd hooks: check at MAIL and RCPT, prepare and deliver at DATA."""
 
     def __init__(self, settings: Settings, deliver: Deliver, metrics: Metrics) -> None:
-        self.settings = settings
         self.deliver = deliver
         self.metrics = metrics
+        self.budget = MemoryBudget(settings.limits.memory_budget)
+        self.apply(settings)
+
+    def apply(self, settings: Settings) -> None:
+        """Take a (re)loaded config: new sessions see it; sessions already open keep their limits."""
+        self.settings = settings
+        self.limits = RateLimits(settings.limits)
+        self.budget.limit = settings.limits.memory_budget
+        self.users = {user.username: user for user in settings.listen.users}
+        self.tls_context: ssl.SSLContext | None = None
+        listen = settings.listen
+        if listen.tls_cert_file is not None and listen.tls_key_file is not None:
+            self.tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.tls_context.minimum_version = ssl.TLSVersion.TLSv1_2
+            self.tls_context.load_cert_chain(listen.tls_cert_file, listen.tls_key_file)
+
+    def authenticate(
+        self, server: SMTP, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        """AUTH PLAIN/LOGIN against listen.users, in constant time."""
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        user = self.users.get(auth_data.login.decode("utf-8", "replace"))
+        expected = user.password.get_secret_value().encode() if user else secrets.token_bytes(16)
+        if user is None or not hmac.compare_digest(auth_data.password, expected):
+            self.metrics.rejected.labels("auth_failed").inc()
+            log.warning("client_auth_failed", client_ip=session.client_ip)
+            return AuthResult(success=False, handled=False)
+        session.relay_user = user.username
+        return AuthResult(success=True, auth_data=user.username)
+
+    async def handle_PROXY(self, server: RelaySMTP, session: Any, envelope: Any, proxy_data: Any) -> bool:
+        """Behind a load balancer: the PROXY header's source is the client for every check and log."""
+        source = getattr(proxy_data, "src_addr", None)
+        if not getattr(proxy_data, "valid", False) or source is None:
+            return False
+        peer = (str(source), getattr(proxy_data, "src_port", 0))
+        refusal = check_client(peer, self.settings.listen.allowed_networks)
+        if refusal is not None:
+            await server.refuse_connection("client_refused", refusal, str(client_address(peer)))
+            return False
+        session.client_ip = str(client_address(peer))
+        return True
 
     def _refuse(self, reason: str, reply: Reply) -> str:
         self.metrics.rejected.labels(reason).inc()
@@ -163,21 +309,24 @@ class RelayHandler:
     ) -> list[str]:
         session.host_name = hostname
         listen = self.settings.listen
-        return [
-            f"250-{listen.hostname}",
-            f"250-SIZE {listen.max_message_size}",
-            "250-8BITMIME",
-            "250-PIPELINING",
-            "250-ENHANCEDSTATUSCODES",
-            "250 HELP",
-        ]
+        lines = [listen.hostname, f"SIZE {listen.max_message_size}", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"]
+        if self.tls_context is not None and session.ssl is None:
+            lines.append("STARTTLS")
+        if self.users and session.ssl is not None:
+            lines.append("AUTH PLAIN LOGIN")
+        return [f"250-{line}" for line in lines] + ["250 HELP"]
 
     async def handle_MAIL(
         self, server: RelaySMTP, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        refusal = check_sender(address, self.settings.policy.allowed_sender_domains)
+        user = self.users.get(getattr(session, "relay_user", None) or "")
+        domains = user.allowed_sender_domains if user and user.allowed_sender_domains else None
+        refusal = check_sender(address, domains or self.settings.policy.allowed_sender_domains)
         if refusal is not None:
             return self._refuse("sender", refusal)
+        refusal = self.limits.message(session.client_ip, time.monotonic())
+        if refusal is not None:
+            return self._refuse("rate_limit", refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return f"250 2.1.0 Sender <{address}> OK"
@@ -188,12 +337,15 @@ class RelayHandler:
         refusal = check_recipient(address, len(envelope.rcpt_tos), self.settings.listen.max_recipients)
         if refusal is not None:
             return self._refuse("too_many_recipients" if refusal.code == 452 else "recipient", refusal)
+        refusal = self.limits.recipient(session.client_ip, time.monotonic())
+        if refusal is not None:
+            return self._refuse("rate_limit", refusal)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return f"250 2.1.5 Recipient <{address}> OK"
 
     async def handle_DATA(self, server: RelaySMTP, session: Any, envelope: Any) -> str:
-        client_ip = str(client_address(session.peer))
+        client_ip = session.client_ip
         received = Received(
             queue_id=new_queue_id(),
             client_ip=client_ip,
