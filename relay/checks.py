@@ -51,6 +51,11 @@ def config_warnings(settings: Settings) -> list[str]:
                 f"policy.rules[{index}]: replace_existing = true overrides the app's own tracking headers "
                 f"({', '.join(overridden)}): its webhooks will stop receiving events"
             )
+    if settings.upstream.insecure_skip_verify:
+        warnings.append(
+            "upstream.insecure_skip_verify = true: certificates are not verified; anyone in the path can take "
+            "your Infobip credentials"
+        )
     if not settings.spool.enabled:
         warnings.append("spool.enabled = false: a temporary Infobip failure is answered 451 and apps must retry")
     if settings.listen.max_recipients > 1000:

@@ -127,6 +127,7 @@ class UpstreamSettings(_Section):
     username_file: Path | None = None
     password_file: Path | None = None
     ca_file: Path | None = None
+    insecure_skip_verify: bool = False  # never in production: accepts any certificate (logged loudly)
     pool_size: int = Field(4, gt=0, le=100)
     connect_timeout: float = Field(15.0, gt=0)
     command_timeout: float = Field(30.0, gt=0)  # per reply before DATA

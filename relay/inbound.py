@@ -272,9 +272,7 @@ class RelayHandler:
             self.tls_context.minimum_version = ssl.TLSVersion.TLSv1_2
             self.tls_context.load_cert_chain(listen.tls_cert_file, listen.tls_key_file)
 
-    def authenticate(
-        self, server: SMTP, session: Any, envelope: Any, mechanism: str, auth_data: Any
-    ) -> AuthResult:
+    def authenticate(self, server: SMTP, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
         """AUTH PLAIN/LOGIN against listen.users, in constant time."""
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)

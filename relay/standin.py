@@ -17,6 +17,7 @@ import tempfile
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,7 @@ class InfobipStandIn:
         password: str = "demo-password",
         hostname: str = "smtp.email-messaging.com",
         on_message: Callable[[StandInMessage], None] | None = None,
+        certificate_expired: bool = False,
     ) -> None:
         self.username = username
         self.password = password
@@ -146,7 +148,15 @@ class InfobipStandIn:
         self.ca_file = Path(self._tmp.name) / "standin-ca.pem"
         self.ca.cert_pem.write_to_path(str(self.ca_file))
         self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.ca.issue_cert("localhost", "127.0.0.1", "::1").configure_cert(self._tls)
+        now = datetime.now(UTC)
+        expired = certificate_expired  # for the "expired certificate: no credentials" test
+        self.ca.issue_cert(
+            "localhost",
+            "127.0.0.1",
+            "::1",
+            not_before=now - timedelta(days=30) if expired else None,
+            not_after=now - timedelta(days=1) if expired else None,
+        ).configure_cert(self._tls)
         self.arrived = asyncio.Condition()
         self.implicit_tls = False
 

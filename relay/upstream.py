@@ -54,11 +54,19 @@ class DeliveryResult:
 
 
 def make_tls_context(settings: UpstreamSettings) -> ssl.SSLContext:
-    """System trust store plus `ca_file`; verification cannot be turned off."""
+    """System trust store plus `ca_file`. Only the explicit `insecure_skip_verify` turns checks off."""
     context = ssl.create_default_context()
     if settings.ca_file is not None:
         context.load_verify_locations(cafile=str(settings.ca_file))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        log.warning(
+            "upstream_tls_verification_disabled",
+            warning="upstream.insecure_skip_verify = true: ANY certificate is accepted and the Infobip credentials "
+            "can be stolen by whoever intercepts the connection. Never use this in production.",
+        )
     return context
 
 

@@ -8,6 +8,7 @@ import os
 import shutil
 
 import pytest
+import structlog.testing
 import trustme
 
 from relay.app import Relay
@@ -222,3 +223,30 @@ async def test_swaks_a_client_we_did_not_write(standin: InfobipStandIn, start_re
     assert b"\r\nSubject: from swaks\r\n" in got.data
     assert got.data.endswith(b"\r\n\r\nline one\r\n.leading dot\r\nline three\r\n\r\n\r\n")
     assert (got.mail_from, got.rcpt_tos) == (SENDER, ["customer@example.org"])
+
+
+async def test_expired_certificate_gets_no_credentials() -> None:
+    standin = InfobipStandIn(certificate_expired=True)
+    await standin.start()
+    relay = Relay(relay_settings(standin))
+    await relay.start()
+    try:
+        reply = await send_one(relay.port, SENDER, ["a@example.org"], message())
+        assert reply.startswith("451 4.4.1 ") and "certificate has expired" in reply
+        assert all(c.auth_user is None and "AUTH" not in c.commands for c in standin.connections)
+        assert standin.messages == []
+    finally:
+        await relay.stop()
+        await standin.stop()
+
+
+async def test_insecure_skip_verify_is_explicit_and_loud(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: pytest.TempPathFactory
+) -> None:
+    other_ca = tmp_path / "other-ca.pem"  # type: ignore[operator]
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    with structlog.testing.capture_logs() as logs:
+        relay = await start_relay(upstream={"ca_file": str(other_ca), "insecure_skip_verify": True})
+    assert (await send_one(relay.port, SENDER, ["a@example.org"], message())).startswith("250 2.6.0 ")
+    [warning] = [e for e in logs if e["event"] == "upstream_tls_verification_disabled"]
+    assert warning["log_level"] == "warning" and "Never use this in production" in warning["warning"]
