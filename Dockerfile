@@ -1,0 +1,41 @@
+# The relay as a container: plain SMTP in on 2525, STARTTLS+AUTH out to Infobip.
+#   docker build -t infobip-relay .
+#   docker run -p 2525:2525 -e RELAY_UPSTREAM__USERNAME=... -e RELAY_UPSTREAM__PASSWORD=... \
+#     -v "$PWD/config.toml:/etc/relay/config.toml:ro" infobip-relay
+FROM python:3.11.13-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A fixed, non-root uid/gid so volumes and Kubernetes securityContext can refer to it.
+RUN groupadd --system --gid 10001 relay \
+    && useradd --system --uid 10001 --gid relay --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin relay \
+    && install -d -o relay -g relay -m 0750 /var/spool/relay \
+    && install -d -m 0755 /etc/relay
+
+WORKDIR /tmp/relay-src
+COPY pyproject.toml README.md ./
+COPY relay ./relay
+RUN pip install --no-cache-dir . \
+    && cd / && rm -rf /tmp/relay-src
+
+# Safe defaults; mount your own file over it. Credentials come from the environment or secret files.
+COPY config.example.toml /etc/relay/config.toml
+
+# Relative paths in the config (password_file, ca_file) resolve from here.
+WORKDIR /etc/relay
+VOLUME ["/var/spool/relay"]
+USER 10001:10001
+
+# 2525: SMTP from the apps. 9090: /metrics, /healthz, /readyz.
+EXPOSE 2525 9090
+# No curl in the slim image: the interpreter we already have asks /healthz.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=4)"]
+# SIGTERM drains: stop accepting, let sessions in DATA finish, leave the rest safely in the spool.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["relay"]
+CMD ["serve", "--config", "/etc/relay/config.toml"]
