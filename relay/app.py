@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -13,7 +14,7 @@ from relay.config import ConfigError, Settings, load_settings
 from relay.delivery import Delivery, Job
 from relay.http import HttpServer, Readiness
 from relay.inbound import RelayHandler, RelaySMTP, SessionInfo, Sessions
-from relay.logs import configure_logging
+from relay.logs import configure_logging, log_message
 from relay.metrics import Metrics
 from relay.prepare import Prepared
 from relay.replies import Reply
@@ -130,7 +131,7 @@ class Relay:
             self.delivery.settings = new.spool
         log.info("config_reloaded", restart_needed_for=restart_needed or None)
 
-    def _fields(self, message: Prepared, session: SessionInfo) -> dict[str, object]:
+    def _fields(self, message: Prepared, session: SessionInfo) -> dict[str, Any]:
         return {
             "queue_id": message.queue_id,
             "client_ip": session.client_ip,
@@ -146,7 +147,15 @@ class Relay:
             with self.metrics.delivery_seconds.time():
                 result = await self.pool.deliver(message)
         except UpstreamError as exc:
-            log.warning("message_deferred", **self._fields(message, session), outcome="deferred", reply=str(exc.reply))
+            log_message(
+                log,
+                "message_deferred",
+                **self._fields(message, session),
+                outcome="deferred",
+                reply=str(exc.reply),
+                attempt=1,
+                level="warning",
+            )
             self.metrics.rejected.labels("upstream_unavailable").inc()
             return exc.reply
         self.metrics.upstream_replies.labels(str(result.final.code)).inc()
@@ -155,15 +164,17 @@ class Relay:
         else:
             self.metrics.rejected.labels("upstream_refused" if result.final.code >= 500 else "upstream_deferred").inc()
         reply = client_reply(result)
-        log.info(
+        log_message(
+            log,
             "message_relayed" if result.final.ok else "message_refused",
             **self._fields(message, session),
             infobip_id=queued_id(result.final),
-            connection=result.connection_id,
+            attempt=1,
             outcome="relayed" if result.final.ok else "refused",
+            reply=str(reply),
+            connection=result.connection_id,
             upstream_reply=str(result.final),
             refused_recipients=len(result.refused),
-            reply=str(reply),
             seconds=round(time.monotonic() - started, 4),
         )
         return reply
@@ -188,13 +199,17 @@ class Relay:
         assert outcome.handoff is not None
         result = await outcome.handoff.wait(self.settings.spool.sync_wait)
         reply = spooled_reply(envelope.queue_id, result)
-        log.info(
-            "message_accepted",
+        log_message(
+            log,
+            "message_answered",
             queue_id=envelope.queue_id,
             client_ip=envelope.client_ip,
             sender=envelope.mail_from,
             recipients=len(envelope.recipients),
             size=envelope.size,
+            infobip_id=",".join(result.infobip_ids) if result and result.infobip_ids else None,
+            attempt=1 if result else None,
+            outcome="refused" if reply.code >= 500 else "relayed" if reply.enhanced == "2.6.0" else "queued",
             reply=str(reply),
         )
         return reply

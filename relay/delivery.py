@@ -21,6 +21,7 @@ import structlog
 from relay.breaker import CircuitBreaker
 from relay.config import SpoolSettings
 from relay.crash import crashpoint
+from relay.logs import log_message
 from relay.metrics import Metrics
 from relay.prepare import Prepared
 from relay.retry import AttemptResult, NextStep, next_step, recipient_batches
@@ -61,6 +62,8 @@ class Job:
     first_seen: float = 0.0
     handoff: Handoff | None = None
     sender: str = ""
+    client_ip: str = ""
+    size: int = 0
 
 
 @dataclass
@@ -135,6 +138,8 @@ class Delivery:
                 recipients=tuple(state.recipients) if state.recipients is not None else None,
                 first_seen=envelope.received_at,
                 sender=envelope.mail_from,
+                client_ip=envelope.client_ip,
+                size=envelope.size,
             )
             self._schedule(job)
             added += 1
@@ -152,6 +157,8 @@ class Delivery:
             first_seen=envelope.received_at,
             handoff=Handoff(asyncio.get_running_loop().create_future()),
             sender=envelope.mail_from,
+            client_ip=envelope.client_ip,
+            size=envelope.size,
         )
         self._schedule(job)
         return job
@@ -263,7 +270,7 @@ class Delivery:
                 return
             message, envelope = loaded
             job.first_seen = job.first_seen or envelope.received_at
-            job.sender = envelope.mail_from
+            job.sender, job.client_ip, job.size = envelope.mail_from, envelope.client_ip, envelope.size
         recipients = job.recipients if job.recipients is not None else message.recipients
         self.stats.attempts += 1
         with self.metrics.delivery_seconds.time():
@@ -300,17 +307,21 @@ class Delivery:
             self.metrics.deferred.inc()
         if step.dead and not handed_back:
             self.metrics.dead.inc()
-        log.info(
+        log_message(
+            log,
             "delivery_attempt",
             queue_id=job.queue_id,
-            attempt=job.attempts,
+            client_ip=job.client_ip,
+            sender=job.sender,
             recipients=len(recipients),
+            size=job.size,
+            infobip_id=",".join(result.infobip_ids) or None,
+            attempt=job.attempts,
+            outcome="handed_back" if handed_back else _outcome(result, step.retry),
+            reply=step.last_reply or None,
             accepted=len(result.accepted),
             deferred=len(step.retry),
             dead=0 if handed_back else len(step.dead),
-            infobip_id=",".join(result.infobip_ids) or None,
-            outcome="handed_back" if handed_back else _outcome(result, step.retry),
-            reply=step.last_reply or None,
             next_attempt_in=round(step.retry_at - time.time(), 1) if step.retry_at else None,
         )
 

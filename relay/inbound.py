@@ -23,6 +23,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from relay.access import check_client, check_recipient, check_sender, client_address
 from relay.config import Settings
 from relay.limits import MemoryBudget, RateLimits
+from relay.logs import log_message
 from relay.metrics import Metrics
 from relay.prepare import Prepared, Received, prepare
 from relay.replies import Rejection, Reply, with_enhanced_code
@@ -358,13 +359,15 @@ class RelayHandler:
         try:
             prepared = prepare(received, self.settings.policy)
         except Rejection as rejection:
-            log.info(
+            log_message(
+                log,
                 "message_rejected",
                 queue_id=received.queue_id,
                 client_ip=client_ip,
                 sender=received.mail_from,
                 recipients=len(received.recipients),
                 size=len(received.data),
+                outcome="rejected",
                 reply=str(rejection.reply),
             )
             reason = {"5.7.1": "misaligned", "5.6.0": "bad_headers"}.get(rejection.reply.enhanced, "content")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
@@ -34,3 +35,35 @@ def configure_logging(settings: LogSettings) -> None:
     )
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+
+def log_message(
+    logger: Any,
+    event: str,
+    *,
+    queue_id: str,
+    client_ip: str,
+    sender: str,
+    recipients: int,
+    size: int,
+    outcome: str,
+    reply: str | None,
+    infobip_id: str | None = None,
+    attempt: int | None = None,
+    level: str = "info",
+    **extra: Any,
+) -> None:
+    """One step of a message's life, always with the same keys, so ops can follow a queue id."""
+    getattr(logger, level)(
+        event,
+        queue_id=queue_id,
+        client_ip=client_ip,
+        sender=sender,
+        recipients=recipients,
+        size=size,
+        infobip_id=infobip_id,
+        attempt=attempt,
+        outcome=outcome,
+        reply=reply,
+        **extra,
+    )
