@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Literal
 
 from publicsuffixlist import PublicSuffixList
@@ -27,6 +27,7 @@ def domain_of(address: str) -> str:
     return domain.strip().rstrip(".").lower() if at else ""
 
 
+@lru_cache(maxsize=4096)  # a LAN's apps use a handful of domains; this runs twice per message
 def organizational_domain(domain: str) -> str:
     """example.co.uk for a.b.example.co.uk; the domain itself when it is a public suffix or unknown."""
     domain = domain.rstrip(".").lower()

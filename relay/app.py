@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 
 from relay.config import ConfigError, Settings, load_settings
-from relay.delivery import Delivery, Job
+from relay.delivery import Delivery
 from relay.http import HttpServer, Readiness
 from relay.inbound import RelayHandler, RelaySMTP, SessionInfo, Sessions
 from relay.logs import configure_logging, log_message
@@ -191,13 +191,21 @@ class Relay:
             received_at=time.time(),
             size=message.size,
         )
-        # Shielded: once the bytes are on disk the message must be scheduled, even if the client hangs up.
-        outcome = await asyncio.shield(asyncio.ensure_future(self._commit_and_submit(message, envelope)))
+        # The disk write and the first attempt run side by side. Both are scheduled before any await,
+        # so a client hanging up cannot leave a committed message unscheduled.
+        committing = asyncio.ensure_future(asyncio.to_thread(self.spool.commit, message, envelope))
+        job = self.delivery.submit(message, envelope, committing)
         del message
-        if isinstance(outcome, Reply):
-            return outcome
-        assert outcome.handoff is not None
-        result = await outcome.handoff.wait(self.settings.spool.sync_wait)
+        assert job.handoff is not None
+        result = await job.handoff.wait(self.settings.spool.sync_wait)
+        if result is not None and not result.stored:
+            if result.transient or result.permanent or not result.accepted:
+                return self._unstorable(envelope, "write failed")  # only Infobip's acceptance makes a 250 now
+        else:
+            try:
+                await asyncio.shield(committing)
+            except OSError as exc:
+                return self._unstorable(envelope, exc.strerror or str(exc))
         reply = spooled_reply(envelope.queue_id, result)
         log_message(
             log,
@@ -214,15 +222,11 @@ class Relay:
         )
         return reply
 
-    async def _commit_and_submit(self, message: Prepared, envelope: Envelope) -> Reply | Job:
-        assert self.spool is not None and self.delivery is not None
-        try:
-            await asyncio.to_thread(self.spool.commit, message, envelope)
-        except OSError as exc:
-            log.error("spool_write_failed", queue_id=envelope.queue_id, error=exc.strerror or str(exc))
-            self.metrics.rejected.labels("spool_unwritable").inc()
-            return Reply(452, "4.3.1", "The relay cannot store the message right now (disk full?); try again later")
-        return self.delivery.submit(message, envelope)
+    def _unstorable(self, envelope: Envelope, why: str) -> Reply:
+        """Neither on disk nor accepted by Infobip: never a 250."""
+        log.error("spool_write_failed", queue_id=envelope.queue_id, error=why)
+        self.metrics.rejected.labels("spool_unwritable").inc()
+        return Reply(452, "4.3.1", "The relay cannot store the message right now (disk full?); try again later")
 
 
 async def _reload_from(relay: Relay, config: Path | None) -> None:

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import contextlib
 import hmac
+import re
 import secrets
 import ssl
 import time
@@ -29,6 +30,9 @@ from relay.prepare import Prepared, Received, prepare
 from relay.replies import Rejection, Reply, with_enhanced_code
 
 log = structlog.get_logger("relay.inbound")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# A dot-atom address in angle brackets, then the parameters: parsed exactly as the email package would.
+_PLAIN_ADDRESS = re.compile(rf"\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)", re.DOTALL)
 
 Deliver = Callable[[Prepared, "SessionInfo"], Awaitable[Reply]]
 
@@ -108,6 +112,14 @@ class RelaySMTP(SMTP):
             authenticator=handler.authenticate,
             proxy_protocol_timeout=10.0 if listen.proxy_protocol else None,
         )
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The common `<user@example.com> PARAMS` without the email package's full parser (a hot path)."""
+        match = _PLAIN_ADDRESS.fullmatch(arg) if arg else None
+        if match is not None:
+            return match.group(1), match.group(2)
+        result: tuple[str | None, str | None] = super()._getaddr(arg)
+        return result
 
     def _create_session(self) -> RelaySession:
         return RelaySession(self.loop)

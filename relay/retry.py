@@ -35,6 +35,7 @@ class AttemptResult:
     transient: dict[str, str] = field(default_factory=dict)  # recipient -> reply text
     permanent: dict[str, str] = field(default_factory=dict)
     infobip_ids: tuple[str, ...] = ()
+    stored: bool = True  # False: the spool write failed, so nothing can be retried from disk
 
 
 @dataclass(frozen=True, slots=True)

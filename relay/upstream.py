@@ -25,6 +25,7 @@ from relay.metrics import Metrics
 from relay.prepare import Prepared, is_safe_address
 from relay.replies import Reply
 from relay.wire import (
+    CHUNK,
     ServerReply,
     ehlo_extensions,
     parse_reply_line,
@@ -172,12 +173,12 @@ class UpstreamConnection:
 
     async def _read_reply(self, timeout: float) -> ServerReply:
         lines: list[str] = []
-        for _ in range(MAX_REPLY_LINES):
-            raw = await asyncio.wait_for(self._reader.readuntil(b"\n"), timeout)
-            code, last, text = parse_reply_line(raw)
-            lines.append(text)
-            if last:
-                return ServerReply(code, "\n".join(lines))
+        async with asyncio.timeout(timeout):  # one timer per reply, not a task per line as wait_for makes
+            for _ in range(MAX_REPLY_LINES):
+                code, last, text = parse_reply_line(await self._reader.readuntil(b"\n"))
+                lines.append(text)
+                if last:
+                    return ServerReply(code, "\n".join(lines))
         raise ValueError("reply too long")
 
     async def _command(self, line: str, timeout: float) -> ServerReply:
@@ -231,10 +232,7 @@ class UpstreamConnection:
                 final = mail_reply if not mail_reply.ok else _worst(refused) if not accepted else data_reply
                 return DeliveryResult(final, (), refused if mail_reply.ok else {}, self.ident)
 
-            for piece in stuffed_chunks(message.segments()):
-                self._writer.write(piece)
-                await asyncio.wait_for(self._writer.drain(), self._settings.data_timeout)
-                crashpoint("mid_data")
+            await self._write_body(message)
             data_sent = True
             final = await self._read_reply(self._settings.data_timeout)
             return DeliveryResult(final, accepted if final.ok else (), refused, self.ident)
@@ -246,6 +244,23 @@ class UpstreamConnection:
             raise _lost("Infobip did not answer in time", data_sent=data_sent) from exc
         finally:
             self.last_used = time.monotonic()
+
+    async def _write_body(self, message: Prepared) -> None:
+        """The stuffed body and the final dot, in writes of about CHUNK bytes (one for a small message)."""
+        batch: list[bytes] = []
+        size = 0
+        pieces = stuffed_chunks(message.segments())
+        for piece in pieces:
+            batch.append(piece)
+            size += len(piece)
+            if size >= CHUNK:
+                self._writer.write(b"".join(batch))
+                batch, size = [], 0
+                async with asyncio.timeout(self._settings.data_timeout):
+                    await self._writer.drain()
+                crashpoint("mid_data")
+        crashpoint("mid_data")  # a small message: killed before its last bytes went out
+        self._writer.write(b"".join(batch))
 
     async def probe(self, sender: str) -> ServerReply:
         """MAIL FROM then RSET: does Infobip accept this sender? Nothing is sent (`relay doctor`)."""

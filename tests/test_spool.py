@@ -255,13 +255,10 @@ async def test_disk_full_gets_452_and_leaves_nothing_half_written(
     if not _mount_tmpfs(spool_path, "64k"):
         pytest.skip("needs root to mount a small tmpfs")
     try:
+        standin.behaviour.data_replies.append("451 4.3.0 Try later")  # Infobip does not take it either
         relay = await start_relay(spool=spooled(spool_path))
-        reply = await send_one(
-            relay.port,
-            SENDER,
-            ["a@example.org"],
-            message(body=b"x" * 998 + b"\r\n") * 0 + message(body=(b"y" * 998 + b"\r\n") * 200),
-        )
+        big = message(body=(b"y" * 998 + b"\r\n") * 200)  # 200 KB: more than the 64 KB file system holds
+        reply = await send_one(relay.port, SENDER, ["a@example.org"], big)
         assert reply == "452 4.3.1 The relay cannot store the message right now (disk full?); try again later"
         assert os.listdir(spool_path / "tmp") == [] and os.listdir(spool_path / "queue") == []
         assert standin.messages == []
@@ -271,14 +268,23 @@ async def test_disk_full_gets_452_and_leaves_nothing_half_written(
         subprocess.run(["umount", "-l", str(spool_path)], check=False)
 
 
-async def test_unwritable_spool_gets_452(standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path) -> None:
+async def test_unwritable_spool_gets_452_unless_infobip_took_the_message(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
     relay = await start_relay(spool=spooled(tmp_path))
     spool = Spool(tmp_path)
     spool.tmp.rmdir()
     spool.tmp.write_text("not a directory")  # as root, permissions would not stop us; this does
+    standin.behaviour.down = True
     reply = await send_one(relay.port, SENDER, ["a@example.org"], message())
     assert reply.startswith("452 4.3.1 ")
     assert queue_files(tmp_path) == [] and standin.messages == []
+    # Not on disk, but accepted by Infobip within sync_wait: that is a 250 too (nothing to lose).
+    standin.behaviour.down = False
+    reply = await send_one(relay.port, SENDER, ["b@example.org"], message())
+    [got] = standin.messages
+    assert reply == f"250 2.6.0 Message queued as {got.infobip_id}"
+    assert queue_files(tmp_path) == []
 
 
 async def test_stop_leaves_undelivered_mail_in_the_spool(standin: InfobipStandIn, tmp_path: Path) -> None:
