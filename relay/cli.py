@@ -106,13 +106,12 @@ def _queue(args: argparse.Namespace, settings: Settings) -> int:
     if args.verb == "list":
         return _queue_list(spool, dead=args.dead)
     if args.verb == "flush":
-        for queue_id in spool.queued_ids():
-            state = spool.read_state(queue_id)
-            if state.attempts:
-                state.next_attempt = 0.0
-                spool.write_state(queue_id, state)
+        # Only a request: the relay owns the .state files (a running one may be rewriting them now).
         spool.request_flush()
-        print(f"flush requested for {len(spool.queued_ids())} message(s); a running relay retries them now")
+        print(
+            f"flush requested for {len(spool.queued_ids())} message(s): a running relay retries them within "
+            "a second; a stopped one when it starts"
+        )
         return 0
     missing = 0
     for queue_id in args.ids:

@@ -92,7 +92,6 @@ class Delivery:
         self._workers = workers
         self._heap: list[tuple[float, str]] = []
         self._jobs: dict[str, Job] = {}
-        self._by_sender: dict[str, list[str]] = {}  # per-sender heaps of queue ids: oldest goes first
         self._busy: set[str] = set()
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -105,6 +104,8 @@ class Delivery:
         started = time.monotonic()
         await asyncio.to_thread(self.spool.recover)
         count = await asyncio.to_thread(self._load_queue)
+        if await asyncio.to_thread(self.spool.take_flush_request):  # `relay queue flush` while stopped
+            self.flush()
         log.info("spool_recovered", messages=count, seconds=round(time.monotonic() - started, 3))
         self._tasks = [asyncio.create_task(self._worker(), name=f"delivery-{i}") for i in range(self._workers)]
         self._tasks.append(asyncio.create_task(self._watch(), name="delivery-watch"))
@@ -170,28 +171,23 @@ class Delivery:
     def _schedule(self, job: Job) -> None:
         self._jobs[job.queue_id] = job
         heapq.heappush(self._heap, (job.due, job.queue_id))
-        heapq.heappush(self._by_sender.setdefault(job.sender, []), job.queue_id)
         self._wakeup.set()
 
-    def _take(self, due_job: Job) -> Job:
-        """The sender's oldest waiting message goes before `due_job`, so retries keep arrival order."""
-        heap = self._by_sender.get(due_job.sender, [])
-        while heap and heap[0] not in self._jobs:
-            heapq.heappop(heap)
-        if not heap:
-            self._by_sender.pop(due_job.sender, None)
-        oldest = self._jobs[heap[0]] if heap else due_job
-        if oldest is not due_job:
-            heapq.heappush(self._heap, (due_job.due, due_job.queue_id))  # stays scheduled as it was
-        del self._jobs[oldest.queue_id]
-        return oldest
+    def _take(self, due_id: str) -> Job:
+        """The due job, or, while Infobip is failing, the oldest waiting one: it probes, and after
+        recovery the backlog goes in order of arrival (see `_send`)."""
+        if self.breaker.failures:
+            oldest = min(self._jobs)  # queue ids sort by arrival; rare: only while failing
+            if oldest != due_id:
+                heapq.heappush(self._heap, (self._jobs[due_id].due, due_id))  # stays as scheduled
+                due_id = oldest
+        return self._jobs.pop(due_id)
 
     def flush(self) -> None:
         """Everything waiting is due now."""
         for job in self._jobs.values():
             job.due = 0.0
-        self._heap = [(0.0, queue_id) for _, queue_id in self._heap]
-        heapq.heapify(self._heap)
+        self._heap = sorted((0.0, queue_id) for queue_id in self._jobs)
         self.breaker.success()
         self._wakeup.set()
 
@@ -218,7 +214,7 @@ class Delivery:
                 if due <= now:
                     if self.breaker.allows(time.monotonic()):
                         heapq.heappop(self._heap)
-                        return self._take(job)
+                        return self._take(queue_id)
                     wait = min(wait, max(0.01, self.breaker.wait(time.monotonic())))
                 else:
                     wait = min(wait, due - now)
@@ -368,7 +364,10 @@ class Delivery:
                 self.breaker.failure(time.monotonic())
                 transient.update({rcpt: str(exc.reply) for rcpt in batch})
                 continue
+            recovered = self.breaker.failures > 0
             self.breaker.success()
+            if recovered:  # Infobip is back: everything waiting is due now, oldest first
+                self.flush()
             self.metrics.upstream_replies.labels(str(result.final.code)).inc()
             for rcpt, reply in result.refused.items():
                 (transient if reply.transient else permanent)[rcpt] = str(reply)

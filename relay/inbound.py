@@ -204,6 +204,7 @@ class RelaySMTP(SMTP):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + listen.data_timeout
         last_progress = loop.time()
+        progress_step = min(1.0, listen.timeout / 4)  # re-arming the timer per line would cost a handle each
         data = bytearray()
         held = 0
         problem: str | None = None
@@ -217,7 +218,7 @@ class RelaySMTP(SMTP):
                     problem, mid_line = problem or "too_long", True
                     continue
                 now = loop.time()
-                if now - last_progress > 1.0:  # a slow upload making progress is not idle
+                if now - last_progress > progress_step:  # a slow upload making progress is not idle
                     self._reset_timeout()
                     last_progress = now
                 if now > deadline:
