@@ -49,9 +49,10 @@ async def _demo(settings: Settings) -> None:
         }
     )
     listen = settings.listen.model_copy(update={"host": "127.0.0.1"})
+    http = settings.http.model_copy(update={"host": "127.0.0.1", "port": 0})  # never exposed, never clashes
     spool_dir = tempfile.TemporaryDirectory(prefix="relay-demo-spool-")
     spool = settings.spool.model_copy(update={"path": Path(spool_dir.name)})
-    settings = settings.model_copy(update={"upstream": upstream, "listen": listen, "spool": spool})
+    settings = settings.model_copy(update={"upstream": upstream, "listen": listen, "spool": spool, "http": http})
     port = listen.port
     print(
         "\n" + "!" * 78 + "\n"
@@ -178,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         sender = args.sender or f"postmaster@{domains[0] if domains else settings.listen.hostname}"
         return asyncio.run(doctor(settings, sender, args.send_test, lambda line: print(line, flush=True)))
     if not args.demo and settings.spool.enabled:
+        spool = Spool(settings.spool.path)
         try:
-            Spool(settings.spool.path).create()
+            spool.create()
+            problem = spool.writable()
         except OSError as exc:
-            print(f"relay: config error: spool.path: cannot use {settings.spool.path}: {exc.strerror}", file=sys.stderr)
+            problem = str(exc.strerror or exc)
+        if problem != "ok":
+            print(f"relay: config error: spool.path: cannot use {settings.spool.path}: {problem}", file=sys.stderr)
             return 2
     configure_logging(settings.log)
     try:

@@ -132,7 +132,7 @@ class UpstreamSettings(_Section):
     connect_timeout: float = Field(15.0, gt=0)
     command_timeout: float = Field(30.0, gt=0)  # per reply before DATA
     data_timeout: float = Field(300.0, gt=0)  # for the final reply after the body
-    idle_timeout: float = Field(60.0, gt=0)  # close a pooled connection idle this long
+    idle_timeout: float = Field(60.0, gt=0)  # an idle pooled connection older than this is not reused
 
     @field_validator("ca_file", "username_file", "password_file", mode="before")
     @classmethod

@@ -171,7 +171,10 @@ class RelaySMTP(SMTP):
 
     def connection_made(self, transport: Any) -> None:
         self._sessions.live.add(self)
+        before = self.session
         super().connection_made(transport)
+        if isinstance(before, RelaySession) and isinstance(self.session, RelaySession):
+            self.session.client_ip = before.client_ip  # after STARTTLS aiosmtpd starts a new session
 
     def connection_lost(self, error: Exception | None) -> None:
         self._sessions.live.discard(self)
@@ -246,11 +249,17 @@ class RelaySMTP(SMTP):
                 held, data = 0, bytearray()
             if problem is not None:
                 handler.metrics.rejected.labels(problem).inc()
+                self._set_post_data_state()  # type: ignore[no-untyped-call]  # the transaction is over
                 return await self.push(_DATA_PROBLEMS[problem].format(limit=listen.max_message_size))
             # Handed on as is: bytes(data) would copy up to 20 MB. Readers only use the bytes API.
             self.envelope.original_content = self.envelope.content = cast(bytes, data)
             del data
-            status = await self._call_handler_hook("DATA")
+            if self._timeout_handle is not None:  # waiting for Infobip's verdict is not the client idling
+                self._timeout_handle.cancel()
+            try:
+                status = await self._call_handler_hook("DATA")
+            finally:
+                self._reset_timeout()
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(status)
         finally:

@@ -8,6 +8,7 @@ never start a new header line.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,7 +60,11 @@ def rule_matches(rule: PolicyRule, facts: MessageFacts) -> bool:
 
 
 def expand(template: str, facts: MessageFacts) -> str:
-    """Replace known placeholders only, so literal JSON braces in a value stay as written."""
+    """Replace known placeholders only, so literal JSON braces in a value stay as written.
+
+    Expanded values are JSON-string escaped (a `"` in a Message-ID becomes `\\"`), because the usual
+    home of a placeholder is the JSON in X-IB-Callback-Data; plain addresses and ids are unchanged.
+    """
     values: Mapping[str, str] = {
         "queue_id": facts.queue_id,
         "message_id": facts.message_id,
@@ -67,7 +72,7 @@ def expand(template: str, facts: MessageFacts) -> str:
         "sender_domain": facts.sender_domain,
         "client_ip": facts.client_ip,
     }
-    return _PLACEHOLDER_RE.sub(lambda m: clean_value(values[m.group(1)]), template)
+    return _PLACEHOLDER_RE.sub(lambda m: json.dumps(clean_value(values[m.group(1)]))[1:-1], template)
 
 
 def header_actions(rules: Sequence[PolicyRule], facts: MessageFacts) -> list[HeaderAction]:

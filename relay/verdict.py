@@ -40,11 +40,10 @@ def client_reply(result: DeliveryResult) -> Reply:
     return Reply(451, "4.4.3", f"Infobip deferred the message ({clean_value(str(final))}); try again later")
 
 
-def _parse(text: str) -> tuple[int, str | None, str]:
+def _parse(text: str) -> ServerReply:
+    """A reply kept in the spool as text ("550 5.7.1 ...") back into a reply."""
     code, _, rest = text.partition(" ")
-    match = _ENHANCED_PREFIX.match(rest)
-    enhanced, words = (match.group(1), match.group(2)) if match else (None, rest)
-    return (int(code) if code.isdigit() else 451), enhanced, words
+    return ServerReply(int(code) if code.isdigit() else 451, rest)
 
 
 def spooled_reply(queue_id: str, result: AttemptResult | None) -> Reply:
@@ -56,10 +55,12 @@ def spooled_reply(queue_id: str, result: AttemptResult | None) -> Reply:
         note = ""
         if failed:
             total = len(failed) + len(result.accepted)
-            note = f"; {len(failed)} of {total} recipients not yet accepted ({next(iter(failed.values()))})"
+            note = f"; {len(failed)} of {total} recipients refused or deferred ({next(iter(failed.values()))})"
         return Reply(250, "2.6.0", clean_value(f"Message queued as {','.join(result.infobip_ids) or queue_id}{note}"))
     if result.permanent and not result.transient:
-        code, enhanced, words = _parse(next(iter(result.permanent.values())))
+        refusal = _parse(next(iter(result.permanent.values())))
+        enhanced, words = _split(refusal)
+        code = refusal.code if 500 <= refusal.code < 600 else 550
         return Reply(code, enhanced or "5.0.0", f"Infobip refused the message: {clean_value(words)}")
     first = clean_value(next(iter(failed.values())))
     return Reply(250, "2.0.0", f"Queued as {queue_id}; Infobip deferred it ({first}); the relay will retry")

@@ -134,7 +134,7 @@ async def test_one_refused_recipient_of_three_only_it_is_dead_lettered(
     reply = await send_one(relay.port, SENDER, ["a@example.org", "blocked@example.org", "c@example.org"], message())
     [got] = standin.messages
     assert got.rcpt_tos == ["a@example.org", "c@example.org"]
-    assert reply.startswith(f"250 2.6.0 Message queued as {got.infobip_id}; 1 of 3 recipients not yet accepted")
+    assert reply.startswith(f"250 2.6.0 Message queued as {got.infobip_id}; 1 of 3 recipients refused or deferred")
     [dead_state] = [f for f in os.listdir(tmp_path / "dead") if f.endswith(".state")]
     state = json.loads((tmp_path / "dead" / dead_state).read_text())
     assert state["dead"] == {"blocked@example.org": "550 5.7.1 Recipient <blocked@example.org> not allowed"}
