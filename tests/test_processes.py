@@ -453,7 +453,7 @@ async def test_sigterm_drains_a_session_in_data(
     port = free_port()
     spool = tmp_path / "spool"
     config = write_config(
-        tmp_path / "relay.toml", standin, port=port, spool=spool, sync_wait=0.5, drain_timeout=drain_timeout
+        tmp_path / "relay.toml", standin, port=port, spool=spool, sync_wait=2.5, drain_timeout=drain_timeout
     )
     standin.behaviour.down = upstream == "down"
     relay = await spawn(config, port).start()
