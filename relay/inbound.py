@@ -30,6 +30,7 @@ from relay.prepare import Prepared, Received, prepare
 from relay.replies import Rejection, Reply, with_enhanced_code
 
 log = structlog.get_logger("relay.inbound")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # A dot-atom address in angle brackets, then the parameters: parsed exactly as the email package would.
 _PLAIN_ADDRESS = re.compile(rf"\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)", re.DOTALL)
@@ -118,14 +119,25 @@ class RelaySMTP(SMTP):
         match = _PLAIN_ADDRESS.fullmatch(arg) if arg else None
         if match is not None:
             return match.group(1), match.group(2)
-        result: tuple[str | None, str | None] = super()._getaddr(arg)
+        try:
+            result: tuple[str | None, str | None] = super()._getaddr(arg)
+        except Exception:  # the email package raises IndexError on "user@": malformed, not our failure
+            return None, None
         return result
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self.session is not None and self.session.ssl is not None:
+            await self.push("503 5.5.1 TLS is already active")
+            return
+        await super().smtp_STARTTLS(arg)
 
     def _create_session(self) -> RelaySession:
         return RelaySession(self.loop)
 
     async def push(self, status: AnyStr) -> None:
-        if isinstance(status, str) and not self._raw_replies:
+        if isinstance(status, str):
+            status = _CONTROL.sub("?", status)  # aiosmtpd echoes commands and arguments: never raw bytes
+        if isinstance(status, str) and (not self._raw_replies or status[:1] in ("4", "5")):
             rewritten = with_enhanced_code(status)
             if rewritten != status and rewritten[:1] in ("4", "5"):  # aiosmtpd's own refusals
                 reason = "size" if rewritten.startswith("552") else "protocol"

@@ -10,7 +10,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 CHUNK = 256 * 1024  # bytes of body stuffed and written at a time: bounds the extra memory per message
-_LINE_START_DOT = re.compile(rb"(?m)^\.")
+# A dot at a line start, or after a bare CR: whatever an upstream parser takes for a line break, it
+# never sees <break>.<break> before our real end of data (SMTP smuggling).
+_LINE_START_DOT = re.compile(rb"(?m)(?:^|(?<=\r))\.")
 _QUEUED_AS = re.compile(r"queued as <?([^\s<>]+)>?", re.IGNORECASE)  # "<>" is no id
 
 
@@ -76,8 +78,8 @@ def transaction_commands(mail_from: str, recipients: Iterable[str], *, size: int
 def stuffed_chunks(segments: Iterable[memoryview], chunk: int = CHUNK) -> Iterator[bytes]:
     """The message body on the wire: dot-stuffed (RFC 5321 4.5.2), ending with CRLF . CRLF.
 
-    Works on bounded pieces so a 20 MB message never exists twice in memory. A line that starts with
-    "." after a bare LF is stuffed too, so no upstream parser can see an early end of data.
+    Works on bounded pieces so a 20 MB message never exists twice in memory. A "." after a bare LF or
+    a bare CR is stuffed too, so no upstream parser can see an early end of data.
     """
     at_line_start = True
     last = b"\r\n"
@@ -94,7 +96,7 @@ def stuffed_chunks(segments: Iterable[memoryview], chunk: int = CHUNK) -> Iterat
             if not at_line_start and piece.startswith(b"."):
                 out = out[1:]  # the piece starts mid-line: that dot is not at a line start
             yield out
-            at_line_start = piece.endswith(b"\n")
+            at_line_start = piece.endswith((b"\n", b"\r"))
             last = piece[-2:] if len(piece) >= 2 else last[-1:] + piece
             pos = end
     yield b".\r\n" if last.endswith(b"\r\n") else b"\r\n.\r\n"

@@ -215,7 +215,7 @@ def test_transaction_commands_null_sender() -> None:
         (b"a.b\r\n. \r\n", b"a.b\r\n.. \r\n.\r\n"),
         (b"a\n.b\r\n", b"a\n..b\r\n.\r\n"),  # after a bare LF too: no lenient parser sees an early end
         (b"a\n.\nb\r\n", b"a\n..\nb\r\n.\r\n"),
-        (b"a\r.b\r\n", b"a\r.b\r\n.\r\n"),  # a bare CR does not end a line
+        (b"a\r.b\r\n", b"a\r..b\r\n.\r\n"),  # a dot after a bare CR is stuffed too (smuggling)
         (b"no dots\r\n", b"no dots\r\n.\r\n"),
     ],
 )
@@ -282,7 +282,7 @@ def test_segment_boundaries(segments: list[bytes], wire: bytes) -> None:
 
 def reference(data: bytes) -> bytes:
     """Stuffing done on the whole message at once, with the terminator the rules call for."""
-    stuffed = re.sub(rb"(?m)^\.", b"..", data)
+    stuffed = re.sub(rb"(?m)(?:^|(?<=\r))\.", b"..", data)
     if not data:
         return b".\r\n"
     return stuffed + (b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n")
