@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import secrets
 import ssl
 import tempfile
@@ -27,6 +28,9 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relay.alignment import aligned, domain_of
 from relay.headers import find_field, parse_header_fields
+
+# aiosmtpd warns about its own use of a deprecated attribute on every AUTH; it says nothing to us.
+logging.getLogger("mail.log").addFilter(lambda record: "login_data is deprecated" not in record.getMessage())
 
 MAX_SIZE = 20971520
 MAX_RECIPIENTS = 1000
