@@ -8,7 +8,6 @@ breaker decides when the upstream as a whole gets a rest. This module only sched
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -93,8 +92,11 @@ class Delivery:
         self._heap: list[tuple[float, str]] = []
         self._jobs: dict[str, Job] = {}
         self._busy: set[str] = set()
-        self._wakeup = asyncio.Event()
+        self._idle: list[asyncio.Future[None]] = []  # one per worker waiting for work
+        self._done: set[str] = set()  # delivered, files not yet removed (the janitor does it)
+        self._janitor_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._helpers: list[asyncio.Task[None]] = []
         self._stopping = False
         self._seq = itertools.count()
 
@@ -108,24 +110,43 @@ class Delivery:
             self.flush()
         log.info("spool_recovered", messages=count, seconds=round(time.monotonic() - started, 3))
         self._tasks = [asyncio.create_task(self._worker(), name=f"delivery-{i}") for i in range(self._workers)]
-        self._tasks.append(asyncio.create_task(self._watch(), name="delivery-watch"))
+        self._helpers = [
+            asyncio.create_task(self._watch(), name="delivery-watch"),
+            asyncio.create_task(self._janitor(), name="delivery-janitor"),
+        ]
 
     async def stop(self, deadline: float) -> None:
         """Start nothing new; let attempts in flight finish until `deadline` (monotonic); leave the rest."""
         self._stopping = True
-        self._wakeup.set()
-        workers = self._tasks[:-1]
-        self._tasks[-1].cancel()
-        _, pending = await asyncio.wait(workers, timeout=max(0.0, deadline - time.monotonic())) if workers else ((), ())
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._wake(everyone=True)
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=max(0.0, deadline - time.monotonic()))
+            for task in pending:
+                task.cancel()
+        for helper in self._helpers:
+            helper.cancel()
+        await asyncio.gather(*self._tasks, *self._helpers, return_exceptions=True)
+        await asyncio.to_thread(self._remove_done)
+
+    async def _janitor(self) -> None:
+        """Removes delivered messages' files off the event loop, in batches: an unlink of a file just
+        fsync'd can take half a millisecond, and nobody waits for it (a crash before it: redelivery)."""
+        while True:
+            await self._janitor_wakeup.wait()
+            self._janitor_wakeup.clear()
+            await asyncio.to_thread(self._remove_done)
+
+    def _remove_done(self) -> None:
+        while self._done:
+            queue_id = next(iter(self._done))
+            self.spool.remove(queue_id)
+            self._done.discard(queue_id)
 
     def _load_queue(self) -> int:
         """Schedule every committed message not already known (start-up, flush, requeue)."""
         added = 0
         for queue_id in self.spool.queued_ids():
-            if queue_id in self._jobs or queue_id in self._busy:
+            if queue_id in self._jobs or queue_id in self._busy or queue_id in self._done:
                 continue
             try:
                 envelope = self.spool.read_envelope(queue_id)
@@ -171,7 +192,16 @@ class Delivery:
     def _schedule(self, job: Job) -> None:
         self._jobs[job.queue_id] = job
         heapq.heappush(self._heap, (job.due, job.queue_id))
-        self._wakeup.set()
+        self._wake()
+
+    def _wake(self, *, everyone: bool = False) -> None:
+        """Wake one idle worker (all for a flush or stop): a shared event would wake them all per message."""
+        while self._idle:
+            waiter = self._idle.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                if not everyone:
+                    return
 
     def _take(self, due_id: str) -> Job:
         """The due job, or, while Infobip is failing, the oldest waiting one: it probes, and after
@@ -189,7 +219,7 @@ class Delivery:
             job.due = 0.0
         self._heap = sorted((0.0, queue_id) for queue_id in self._jobs)
         self.breaker.success()
-        self._wakeup.set()
+        self._wake(everyone=True)
 
     @property
     def depth(self) -> int:
@@ -218,9 +248,16 @@ class Delivery:
                     wait = min(wait, max(0.01, self.breaker.wait(time.monotonic())))
                 else:
                     wait = min(wait, due - now)
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), wait)
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            try:
+                async with asyncio.timeout(wait):
+                    await waiter
+            except TimeoutError:
+                pass
+            finally:
+                if not waiter.done():
+                    self._idle.remove(waiter)
         return None
 
     async def _worker(self) -> None:
@@ -349,8 +386,11 @@ class Delivery:
             await asyncio.to_thread(self.spool.write_state, job.queue_id, state)
             self.stats.deferred += 1
             self._schedule(dataclasses.replace(job, due=step.retry_at, recipients=step.retry, message=None))
+        elif handed_back:  # the client is being told 5xx: the message must be gone first
+            await asyncio.to_thread(self.spool.remove, job.queue_id)
         else:
-            self.spool.remove(job.queue_id)  # two unlinks: cheaper inline than a thread hop
+            self._done.add(job.queue_id)
+            self._janitor_wakeup.set()
 
     async def _send(self, message: Prepared, recipients: tuple[str, ...]) -> AttemptResult:
         accepted: list[str] = []
