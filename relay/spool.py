@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,6 +78,10 @@ class Spool:
         self.queue = path / "queue"
         self.dead = path / "dead"
         self._queue_dir_fd: int | None = None
+        self._renames_lock = threading.Lock()
+        self._dir_sync_lock = threading.Lock()
+        self._renamed = 0  # renames into queue/ so far
+        self._synced = 0  # renames made durable by an fsync of queue/
 
     def create(self) -> None:
         for directory in (self.tmp, self.queue, self.dead):
@@ -101,19 +106,29 @@ class Spool:
             finally:
                 os.close(fd)
             crashpoint("before_commit")
-            os.rename(tmp, os.path.join(self.queue, name))
-            os.fsync(self._queue_fd())
+            with self._renames_lock:
+                os.rename(tmp, os.path.join(self.queue, name))
+                self._renamed += 1
+                mine = self._renamed
+            self._sync_queue_dir(mine)
             crashpoint("after_commit")
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
 
-    def _queue_fd(self) -> int:
-        """queue/ opened once, for its fsyncs."""
-        if self._queue_dir_fd is None:
-            self._queue_dir_fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
-        return self._queue_dir_fd
+    def _sync_queue_dir(self, rename: int) -> None:
+        """Group commit: one fsync of queue/ makes every rename before it durable, so a thread whose
+        rename an fsync already covered returns at once instead of queueing another."""
+        with self._dir_sync_lock:
+            if self._synced >= rename:
+                return
+            with self._renames_lock:
+                covered = self._renamed
+            if self._queue_dir_fd is None:
+                self._queue_dir_fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
+            os.fsync(self._queue_dir_fd)
+            self._synced = covered
 
     # reading
 
