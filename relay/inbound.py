@@ -98,6 +98,7 @@ class RelaySMTP(SMTP):
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self._sessions = sessions
         self._raw_replies = False
+        self._unsent: list[bytes] = []
         super().__init__(
             handler,
             data_size_limit=listen.max_message_size,
@@ -135,16 +136,26 @@ class RelaySMTP(SMTP):
         return RelaySession(self.loop)
 
     async def push(self, status: AnyStr) -> None:
-        if isinstance(status, str):
-            status = _CONTROL.sub("?", status)  # aiosmtpd echoes commands and arguments: never raw bytes
-        if isinstance(status, str) and (not self._raw_replies or status[:1] in ("4", "5")):
-            rewritten = with_enhanced_code(status)
-            if rewritten != status and rewritten[:1] in ("4", "5"):  # aiosmtpd's own refusals
-                reason = "size" if rewritten.startswith("552") else "protocol"
-                self.event_handler.metrics.rejected.labels(reason).inc()
-            await super().push(rewritten)
+        if isinstance(status, bytes):
+            line = status
         else:
-            await super().push(status)
+            text = _CONTROL.sub("?", status)  # aiosmtpd echoes commands and arguments: never raw bytes
+            if not self._raw_replies or text[:1] in ("4", "5"):
+                rewritten = with_enhanced_code(text)
+                if rewritten != text and rewritten[:1] in ("4", "5"):  # aiosmtpd's own refusals
+                    reason = "size" if rewritten.startswith("552") else "protocol"
+                    self.event_handler.metrics.rejected.labels(reason).inc()
+                text = rewritten
+            line = text.encode("ascii", "replace")
+        self._unsent.append(line + b"\r\n")
+        # A client that pipelines (RFC 2920) gets its 250s in one write with the next reply, instead
+        # of a send() each; anything else (354, errors, a close to follow) goes out at once.
+        buffered = getattr(self._reader, "_buffer", b"")
+        if line.startswith(b"250") and b"\n" in buffered:
+            return
+        self._writer.write(b"".join(self._unsent))
+        self._unsent.clear()
+        await self._writer.drain()
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._raw_replies = True  # EHLO lines are keywords, not replies to give codes to
