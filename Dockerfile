@@ -4,7 +4,10 @@
 #     -v "$PWD/config.toml:/etc/relay/config.toml:ro" infobip-relay
 FROM python:3.11.13-slim-bookworm
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
+# MALLOC_MMAP_THRESHOLD_: a 20 MB message is returned to the system once sent, instead of glibc keeping
+# it (measured by bench: peak 350 -> 278 MB for ten 20 MB messages, idle back to 77 MB afterwards).
+ENV MALLOC_MMAP_THRESHOLD_=1048576 \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from relay.alignment import organizational_domain
 from relay.config import ConfigError, Settings, load_settings
 from relay.delivery import Delivery
 from relay.http import HttpServer, Readiness
@@ -71,6 +72,7 @@ class Relay:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
+        await asyncio.to_thread(organizational_domain, "example.com")  # load the Public Suffix List now
         if self.delivery is not None:
             await self.delivery.start()
         loop = asyncio.get_running_loop()
@@ -198,10 +200,11 @@ class Relay:
         del message
         assert job.handoff is not None
         result = await job.handoff.wait(self.settings.spool.sync_wait)
-        if result is not None and not result.stored:
-            if result.transient or result.permanent or not result.accepted:
-                return self._unstorable(envelope, "write failed")  # only Infobip's acceptance makes a 250 now
-        else:
+        # A 250 needs Infobip's acceptance of every recipient, or the message safely on disk.
+        fully_accepted = result is not None and result.accepted and not (result.transient or result.permanent)
+        if not fully_accepted:
+            if result is not None and not result.stored:
+                return self._unstorable(envelope, "write failed")
             try:
                 await asyncio.shield(committing)
             except OSError as exc:

@@ -126,7 +126,7 @@ class Delivery:
         for helper in self._helpers:
             helper.cancel()
         await asyncio.gather(*self._tasks, *self._helpers, return_exceptions=True)
-        await asyncio.to_thread(self._remove_done)
+        await self._remove_done()
 
     async def _janitor(self) -> None:
         """Removes delivered messages' files off the event loop, in batches: an unlink of a file just
@@ -134,13 +134,12 @@ class Delivery:
         while True:
             await self._janitor_wakeup.wait()
             self._janitor_wakeup.clear()
-            await asyncio.to_thread(self._remove_done)
+            await self._remove_done()
 
-    def _remove_done(self) -> None:
-        while self._done:
-            queue_id = next(iter(self._done))
-            self.spool.remove(queue_id)
-            self._done.discard(queue_id)
+    async def _remove_done(self) -> None:
+        batch = list(self._done)  # taken on the loop: the thread never iterates a set being added to
+        await asyncio.to_thread(self.spool.remove_many, batch)
+        self._done.difference_update(batch)
 
     def _load_queue(self) -> int:
         """Schedule every committed message not already known (start-up, flush, requeue)."""
@@ -314,6 +313,9 @@ class Delivery:
             result = await self._send(message, recipients)
         del message
         crashpoint("after_upstream_reply")
+        handoff = job.handoff if job.handoff is not None and job.handoff.active else None
+        if handoff is not None and result.accepted and not (result.transient or result.permanent):
+            handoff.future.set_result(result)  # Infobip has it all: the client need not wait for our disk
         if job.committing is not None:
             committing, job.committing = job.committing, None
             try:
@@ -334,6 +336,8 @@ class Delivery:
             jitter=random.random(),
         )
         handoff = job.handoff if job.handoff is not None and job.handoff.active else None
+        if handoff is not None and handoff.future.done():
+            handoff = None  # already answered above
         # A permanent refusal while the client still waits goes back to the client, not to dead/.
         handed_back = handoff is not None and not result.accepted and not step.retry and bool(result.permanent)
         if handoff is not None:

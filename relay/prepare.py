@@ -70,8 +70,17 @@ class Prepared:
         return b"".join(self.segments())
 
 
+# The usual From: shapes, "Name <a@b>", "<a@b>" and "a@b", without the email package's parser (which
+# takes a good share of prepare()'s time); anything else (quotes, comments, groups) goes to it.
+_ADDR = r"[^<>\s\"(),;:@\[\]\\]+@[^<>\s\"(),;:@\[\]\\]+"
+_PLAIN_FROM = re.compile(rf"[ \t]*(?:[\w .'-]*<({_ADDR})>|({_ADDR}))[ \t]*")
+
+
 def header_from_address(value: str) -> str | None:
     """The first address in a From: value, or None when there is no usable one."""
+    plain = _PLAIN_FROM.fullmatch(value)
+    if plain is not None and is_safe_address(address := plain.group(1) or plain.group(2)):
+        return address
     for _, address in getaddresses([value]):
         if address and is_safe_address(address):
             return address

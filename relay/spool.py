@@ -160,6 +160,17 @@ class Spool:
     def write_state(self, queue_id: str, state: EntryState) -> None:
         _write_atomically(self.queue / f"{queue_id}.state", json.dumps(asdict(state)).encode(), sync_dir=False)
 
+    def remove_many(self, queue_ids: list[str]) -> None:
+        """Delivered: plain unlinks on string paths (this runs for every message); .state rarely exists."""
+        queue = str(self.queue)
+        for queue_id in queue_ids:
+            base = os.path.join(queue, queue_id)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(base + ".msg")
+            if os.path.exists(base + ".state"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(base + ".state")
+
     def remove(self, queue_id: str) -> None:
         """Delivered (or handed back to the client): message first, so a crash leaves no half entry."""
         for suffix in (".msg", ".state"):
