@@ -1,0 +1,187 @@
+"""The Infobip stand-in (relay.standin) in its own process, with a line-based control port.
+
+    python -m bench.upstream [--no-uvloop]
+
+Prints one JSON line when ready: {"port", "control", "ca_file", "username", "password"}.
+Control commands (one line each, one JSON line back):
+    stats  -> messages, recipients, bytes, first, last (time.monotonic() of acceptances, which on Linux
+              is CLOCK_MONOTONIC and so comparable across processes), connections (opened since reset)
+    reset  -> zero the counters
+Accepted message bodies are dropped at once so the process does not grow with the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+from bench.common import run_loop
+from relay import standin as standin_module
+from relay.standin import InfobipStandIn, StandInMessage
+
+IDLE_CLOSED: set[int] = set()  # connection idents the stand-in closed for being idle (its 30 s timeout)
+
+
+def _count_idle_closes() -> None:
+    """Record the stand-in's own idle-timeout closes: upstream-initiated, so not the pool's doing."""
+    protocol = standin_module._StandInSMTP
+    original: Any = protocol._timeout_cb
+
+    def timeout_cb(self: Any) -> None:
+        IDLE_CLOSED.add(self.record.ident)
+        original(self)
+
+    setattr(protocol, "_timeout_cb", timeout_cb)  # noqa: B010
+
+
+class Counters:
+    def __init__(self, standin: InfobipStandIn) -> None:
+        self.standin = standin
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = 0
+        self.recipients = 0
+        self.bytes = 0
+        self.first: float | None = None
+        self.last: float | None = None
+        self.connections_at_reset = len(self.standin.connections)
+        self.used_connections: set[int] = set()
+        self.pipelined = 0
+
+    def on_message(self, message: StandInMessage) -> None:
+        now = time.monotonic()
+        self.messages += 1
+        self.recipients += len(message.rcpt_tos)
+        self.bytes += len(message.data)
+        self.first = now if self.first is None else self.first
+        self.last = now
+        self.used_connections.add(message.connection)
+        self.pipelined += int(message.pipelined)
+        self.standin.messages.clear()  # keep nothing: counters are all the bench needs
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "messages": self.messages,
+            "recipients": self.recipients,
+            "bytes": self.bytes,
+            "first": self.first,
+            "last": self.last,
+            "connections": len(self.standin.connections) - self.connections_at_reset,
+            "connections_delivering": len(self.used_connections),
+            "delivering_idents": sorted(self.used_connections),
+            "idle_closed_idents": sorted(IDLE_CLOSED),  # since the process started, not since reset
+            "pipelined": self.pipelined,
+            "commands": _command_counts(self.standin, self.connections_at_reset),
+        }
+
+
+def _command_counts(standin: InfobipStandIn, since: int) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in standin.connections[since:]:
+        for verb in record.commands:
+            counts[verb] = counts.get(verb, 0) + 1
+    return counts
+
+
+async def main(args: argparse.Namespace) -> None:
+    _count_idle_closes()
+    standin = InfobipStandIn()
+    counters = Counters(standin)
+    standin.on_message = counters.on_message
+    await standin.start("127.0.0.1", args.port)
+
+    async def control(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while line := await reader.readline():
+            command = line.decode().strip()
+            if command == "reset":
+                counters.reset()
+                answer: dict[str, Any] = {"ok": True}
+            elif command == "stats":
+                answer = counters.stats()
+            else:
+                answer = {"error": f"unknown command {command!r}"}
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(control, "127.0.0.1", 0)
+    print(
+        json.dumps(
+            {
+                "port": standin.port,
+                "control": server.sockets[0].getsockname()[1],
+                "ca_file": str(standin.ca_file),
+                "username": standin.username,
+                "password": standin.password,
+            }
+        ),
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+    await standin.stop()
+
+
+class Control:
+    """The orchestrator's side of the control port."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def _ask(self, command: str) -> dict[str, Any]:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self._reader is not None
+        self._writer.write(command.encode() + b"\n")
+        return json.loads(await self._reader.readline())  # type: ignore[no-any-return]
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._ask("stats")
+
+    async def reset(self) -> None:
+        await self._ask("reset")
+
+    async def wait_for(
+        self, count: int, timeout: float, *, idle_timeout: float | None = None, key: str = "messages"
+    ) -> dict[str, Any]:
+        """Poll until `count` messages (or recipients) have arrived, the deadline passes, or nothing
+        arrived for `idle_timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        last_count, last_change = -1, time.monotonic()
+        while True:
+            stats = await self.stats()
+            now = time.monotonic()
+            if stats[key] >= count or now > deadline:
+                return stats
+            if stats[key] != last_count:
+                last_count, last_change = stats[key], now
+            elif idle_timeout is not None and now - last_change > idle_timeout:
+                return stats
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.upstream")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--no-uvloop", action="store_true")
+    ns = parser.parse_args()
+    run_loop(lambda: main(ns), use_uvloop=not ns.no_uvloop)
+    sys.exit(0)
