@@ -13,7 +13,7 @@ import heapq
 import itertools
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -66,16 +66,6 @@ class Job:
     committing: asyncio.Future[None] | None = None  # the spool write running beside the first attempt
 
 
-@dataclass
-class DeliveryStats:
-    attempts: int = 0
-    delivered: int = 0
-    deferred: int = 0
-    dead: int = 0
-    in_flight: int = 0
-    infobip_ids: list[str] = field(default_factory=list)
-
-
 class Delivery:
     def __init__(
         self, spool: Spool, pool: UpstreamPool, settings: SpoolSettings, workers: int, metrics: Metrics | None = None
@@ -87,7 +77,6 @@ class Delivery:
         self.breaker = CircuitBreaker(
             threshold=settings.breaker_threshold, initial=settings.retry_initial, maximum=settings.retry_max
         )
-        self.stats = DeliveryStats()
         self._workers = workers
         self._heap: list[tuple[float, str]] = []
         self._jobs: dict[str, Job] = {}
@@ -262,7 +251,6 @@ class Delivery:
     async def _worker(self) -> None:
         while (job := await self._next_job()) is not None:
             self._busy.add(job.queue_id)
-            self.stats.in_flight += 1
             try:
                 await self._attempt(job)
             except Exception as exc:  # never lose the worker; the message stays in the spool
@@ -271,7 +259,6 @@ class Delivery:
                 self._schedule(job)
             finally:
                 self._busy.discard(job.queue_id)
-                self.stats.in_flight -= 1
 
     async def _watch(self) -> None:
         """Pick up `relay queue flush` and `requeue` requests made by another process."""
@@ -308,7 +295,6 @@ class Delivery:
             job.first_seen = job.first_seen or envelope.received_at
             job.sender, job.client_ip, job.size = envelope.mail_from, envelope.client_ip, envelope.size
         recipients = job.recipients if job.recipients is not None else message.recipients
-        self.stats.attempts += 1
         with self.metrics.delivery_seconds.time():
             result = await self._send(message, recipients)
         del message
@@ -350,7 +336,6 @@ class Delivery:
                 if not handoff.future.done():
                     handoff.future.set_result(result)
         if result.accepted:
-            self.stats.delivered += 1
             self.metrics.relayed.inc()
         if step.retry:
             self.metrics.deferred.inc()
@@ -378,7 +363,6 @@ class Delivery:
         """Make the spool say what `step` decided: dead-letter, reschedule, or remove."""
         if step.dead and not handed_back:
             await asyncio.to_thread(self.spool.dead_letter, job.queue_id, step.dead, step.last_reply)
-            self.stats.dead += 1
         if step.retry:
             assert step.retry_at is not None
             state = EntryState(
@@ -388,7 +372,6 @@ class Delivery:
                 last_reply=step.last_reply,
             )
             await asyncio.to_thread(self.spool.write_state, job.queue_id, state)
-            self.stats.deferred += 1
             self._schedule(dataclasses.replace(job, due=step.retry_at, recipients=step.retry, message=None))
         elif handed_back:  # the client is being told 5xx: the message must be gone first
             await asyncio.to_thread(self.spool.remove, job.queue_id)

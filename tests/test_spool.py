@@ -296,3 +296,19 @@ async def test_stop_leaves_undelivered_mail_in_the_spool(standin: InfobipStandIn
     await send_one(relay.port, SENDER, ["a@example.org"], message())
     await relay.stop(grace=1)
     assert len([f for f in queue_files(tmp_path) if f.endswith(".msg")]) == 1
+
+
+async def test_an_unreadable_spool_entry_is_reported_and_left_alone(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    import structlog.testing
+
+    spool = Spool(tmp_path)
+    spool.create()
+    (spool.queue / "0000000000broken.msg").write_bytes(b"not json\nFrom: x\r\n\r\nbody\r\n")
+    with structlog.testing.capture_logs() as logs:
+        relay = await start_relay(spool=spooled(tmp_path))
+    [event] = [e for e in logs if e["event"] == "spool_entry_unreadable"]
+    assert event["queue_id"] == "0000000000broken"
+    assert (await send_one(relay.port, SENDER, ["a@example.org"], message())).startswith("250 2.6.0 ")
+    assert (spool.queue / "0000000000broken.msg").exists()  # for an engineer to look at, not deleted
