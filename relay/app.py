@@ -208,7 +208,14 @@ class Relay:
             try:
                 await asyncio.shield(committing)
             except OSError as exc:
-                return self._unstorable(envelope, exc.strerror or str(exc))
+                if self.delivery.withdraw(envelope.queue_id):  # not on disk, not sent: the app retries it
+                    return self._unstorable(envelope, exc.strerror or str(exc))
+                # A worker is sending it right now: Infobip's verdict decides between 250 and 452.
+                result = await job.handoff.future
+                if not (result.accepted and not (result.transient or result.permanent)):
+                    return self._unstorable(envelope, exc.strerror or str(exc))
+            else:
+                self.delivery.on_disk(envelope.queue_id)
         reply = spooled_reply(envelope.queue_id, result)
         log_message(
             log,

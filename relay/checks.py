@@ -51,6 +51,11 @@ def config_warnings(settings: Settings) -> list[str]:
                 f"policy.rules[{index}]: replace_existing = true overrides the app's own tracking headers "
                 f"({', '.join(overridden)}): its webhooks will stop receiving events"
             )
+    if not (settings.upstream.username.get_secret_value() and settings.upstream.password.get_secret_value()):
+        warnings.append(
+            "upstream.username/password are empty here: `relay serve` will refuse to start unless the "
+            "environment it runs in sets RELAY_UPSTREAM__USERNAME and RELAY_UPSTREAM__PASSWORD"
+        )
     if settings.upstream.insecure_skip_verify:
         warnings.append(
             "upstream.insecure_skip_verify = true: certificates are not verified; anyone in the path can take "

@@ -86,8 +86,11 @@ def _queue_list(spool: Spool, *, dead: bool) -> int:
         try:
             envelope = spool.read_envelope(queue_id, dead=dead)
             state = spool.read_state(queue_id, dead=dead)
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
             continue  # delivered or deleted while we looked
+        except Exception as exc:  # a damaged entry: say so and go on
+            print(f"{queue_id:<22} unreadable: {type(exc).__name__}: {exc}")
+            continue
         pending = list(state.dead) if dead else state.recipients or envelope.recipients
         next_try = "-" if dead else ("now" if state.next_attempt <= now else _age(state.next_attempt - now))
         reply = " ".join(state.last_reply.split())[:100] or "-"

@@ -94,7 +94,7 @@ class Delivery:
     async def start(self) -> None:
         started = time.monotonic()
         await asyncio.to_thread(self.spool.recover)
-        count = await asyncio.to_thread(self._load_queue)
+        count = await self._load_queue()
         if await asyncio.to_thread(self.spool.take_flush_request):  # `relay queue flush` while stopped
             self.flush()
         log.info("spool_recovered", messages=count, seconds=round(time.monotonic() - started, 3))
@@ -123,36 +123,57 @@ class Delivery:
         while True:
             await self._janitor_wakeup.wait()
             self._janitor_wakeup.clear()
-            await self._remove_done()
+            try:
+                await self._remove_done()
+            except OSError as exc:  # the ids stay in _done: the next pass tries again
+                log.error("spool_remove_failed", error=exc.strerror or str(exc))
+                await asyncio.sleep(1.0)
+                self._janitor_wakeup.set()
 
     async def _remove_done(self) -> None:
         batch = list(self._done)  # taken on the loop: the thread never iterates a set being added to
         await asyncio.to_thread(self.spool.remove_many, batch)
         self._done.difference_update(batch)
 
-    def _load_queue(self) -> int:
-        """Schedule every committed message not already known (start-up, flush, requeue)."""
-        added = 0
+    def _scan_queue(self, skip: set[str]) -> list[tuple[str, Envelope, EntryState]]:
+        """Read what queue/ holds (in a thread: disk only, no event-loop state)."""
+        found = []
         for queue_id in self.spool.queued_ids():
-            if queue_id in self._jobs or queue_id in self._busy or queue_id in self._done:
+            if queue_id in skip:
                 continue
             try:
-                envelope = self.spool.read_envelope(queue_id)
-                state = self.spool.read_state(queue_id)
-            except (OSError, ValueError) as exc:  # unreadable: leave it for an engineer, say so
-                log.error("spool_entry_unreadable", queue_id=queue_id, error=str(exc))
+                found.append((queue_id, self.spool.read_envelope(queue_id), self.spool.read_state(queue_id)))
+            except FileNotFoundError:
+                continue  # delivered and removed since the directory was listed
+            except Exception as exc:  # unreadable: leave it for an engineer, say so
+                log.error("spool_entry_unreadable", queue_id=queue_id, error=f"{type(exc).__name__}: {exc}")
+        return found
+
+    async def _load_queue(self) -> int:
+        """Schedule every committed message not known yet, and take the recipients of queued ones from
+        their .state (start-up, `relay queue flush`, `relay queue requeue`)."""
+        entries = await asyncio.to_thread(self._scan_queue, self._busy | self._done)
+        added = 0
+        for queue_id, envelope, state in entries:
+            if queue_id in self._busy or queue_id in self._done:
+                continue  # taken by a worker while we read
+            known = self._jobs.get(queue_id)
+            if known is not None:
+                if state.recipients is not None:  # e.g. `requeue` added the dead-lettered recipients back
+                    known.recipients = tuple(state.recipients)
                 continue
-            job = Job(
-                queue_id=queue_id,
-                due=state.next_attempt,
-                attempts=state.attempts,
-                recipients=tuple(state.recipients) if state.recipients is not None else None,
-                first_seen=envelope.received_at,
-                sender=envelope.mail_from,
-                client_ip=envelope.client_ip,
-                size=envelope.size,
+            self._schedule(
+                Job(
+                    queue_id=queue_id,
+                    due=state.next_attempt,
+                    attempts=state.attempts,
+                    recipients=tuple(state.recipients) if state.recipients is not None else None,
+                    first_seen=envelope.received_at,
+                    sender=envelope.mail_from,
+                    client_ip=envelope.client_ip,
+                    size=envelope.size,
+                )
             )
-            self._schedule(job)
             added += 1
         return added
 
@@ -176,6 +197,20 @@ class Delivery:
         )
         self._schedule(job)
         return job
+
+    def withdraw(self, queue_id: str) -> bool:
+        """Take back a message whose spool write failed, unless a worker is already sending it."""
+        if queue_id in self._busy:
+            return False
+        self._jobs.pop(queue_id, None)  # its heap entry goes stale
+        return True
+
+    def on_disk(self, queue_id: str) -> None:
+        """The client has its answer and the message is on disk: a job still waiting for a worker
+        need not hold the bytes in memory (an outage could queue thousands); the worker reads the file."""
+        job = self._jobs.get(queue_id)
+        if job is not None:
+            job.message = None
 
     def _schedule(self, job: Job) -> None:
         self._jobs[job.queue_id] = job
@@ -244,7 +279,7 @@ class Delivery:
             except TimeoutError:
                 pass
             finally:
-                if not waiter.done():
+                if waiter in self._idle:  # a timed-out waiter is done (cancelled) but still listed
                     self._idle.remove(waiter)
         return None
 
@@ -255,6 +290,8 @@ class Delivery:
                 await self._attempt(job)
             except Exception as exc:  # never lose the worker; the message stays in the spool
                 log.error("delivery_error", queue_id=job.queue_id, error_type=type(exc).__name__, error=str(exc))
+                if job.handoff is not None and not job.handoff.future.done():  # never leave a session waiting
+                    job.handoff.future.set_result(AttemptResult(transient={"": "451 4.3.0 Internal error"}))
                 job.due = time.time() + self.settings.retry_initial
                 self._schedule(job)
             finally:
@@ -265,7 +302,7 @@ class Delivery:
         while True:
             await asyncio.sleep(POKE_INTERVAL)
             if await asyncio.to_thread(self.spool.take_flush_request):
-                added = await asyncio.to_thread(self._load_queue)
+                added = await self._load_queue()
                 self.flush()
                 log.info("spool_flush", added=added, queued=self.depth)
 
@@ -390,6 +427,10 @@ class Delivery:
             except UpstreamError as exc:
                 self.breaker.failure(time.monotonic())
                 transient.update({rcpt: str(exc.reply) for rcpt in batch})
+                continue
+            except Exception as exc:  # a bug or a surprise: retried on schedule, dead-lettered after max_age
+                log.error("delivery_error", error_type=type(exc).__name__, error=str(exc))
+                transient.update({rcpt: "451 4.3.0 Internal error in the relay" for rcpt in batch})
                 continue
             recovered = self.breaker.failures > 0
             self.breaker.success()

@@ -146,7 +146,9 @@ class Spool:
             raw = ((self.dead if dead else self.queue) / f"{queue_id}.state").read_bytes()
         except FileNotFoundError:
             return EntryState()
-        return EntryState(**json.loads(raw))
+        fields = json.loads(raw)
+        known = EntryState.__dataclass_fields__
+        return EntryState(**{k: v for k, v in fields.items() if k in known})  # a newer version's keys: ignored
 
     def queued_ids(self) -> list[str]:
         """Committed messages in arrival order (queue ids sort by time)."""
@@ -188,12 +190,18 @@ class Spool:
         _write_atomically(self.dead / f"{queue_id}.state", json.dumps(asdict(state)).encode(), sync_dir=True)
 
     def requeue(self, queue_id: str) -> None:
-        """Back from dead/ to queue/ for the recipients that died, attempted afresh."""
-        state = self.read_state(queue_id, dead=True)
-        recipients = list(state.dead) or None
+        """Back from dead/ to queue/ for the recipients that died, attempted afresh; recipients still
+        pending in queue/ for the same message stay pending."""
+        dead_state = self.read_state(queue_id, dead=True)
         if not (self.queue / f"{queue_id}.msg").exists():
             os.link(self.dead / f"{queue_id}.msg", self.queue / f"{queue_id}.msg")
-        self.write_state(queue_id, EntryState(recipients=recipients))
+            pending: list[str] = []
+        else:
+            queued = self.read_state(queue_id)
+            envelope = self.read_envelope(queue_id)
+            pending = list(queued.recipients if queued.recipients is not None else envelope.recipients)
+        recipients = pending + [r for r in dead_state.dead if r not in pending]
+        self.write_state(queue_id, EntryState(recipients=recipients or None))
         _fsync_dir(self.queue)
         for suffix in (".msg", ".state"):
             with contextlib.suppress(FileNotFoundError):

@@ -66,6 +66,7 @@ class Behaviour:
     refuse_recipients: dict[str, str] = field(default_factory=dict)  # address -> full reply line
     data_replies: deque[str] = field(default_factory=deque)  # next end-of-data replies instead of 250
     drop_at_end_of_data: int = 0  # the next N messages: drop the connection instead of answering
+    data_delay: float = 0.0  # seconds to think before answering the end of data
     check_alignment: bool = True
     down: bool = False  # greet with 421 and hang up, as a server in trouble does
     max_line_length: int = 1048576  # the seed sets no line limit; we assume Infobip takes what we pass
@@ -259,6 +260,8 @@ class InfobipStandIn:
         return f"250 2.1.5 Recipient <{address}> OK"
 
     async def handle_DATA(self, server: _StandInSMTP, session: Any, envelope: Any) -> str:
+        if self.behaviour.data_delay:
+            await asyncio.sleep(self.behaviour.data_delay)
         if self.behaviour.drop_at_end_of_data > 0:
             self.behaviour.drop_at_end_of_data -= 1
             assert isinstance(server.transport, asyncio.Transport)

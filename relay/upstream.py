@@ -175,7 +175,11 @@ class UpstreamConnection:
         lines: list[str] = []
         async with asyncio.timeout(timeout):  # one timer per reply, not a task per line as wait_for makes
             for _ in range(MAX_REPLY_LINES):
-                code, last, text = parse_reply_line(await self._reader.readuntil(b"\n"))
+                try:
+                    raw = await self._reader.readuntil(b"\n")
+                except asyncio.LimitOverrunError as exc:
+                    raise ValueError("reply line too long") from exc
+                code, last, text = parse_reply_line(raw)
                 lines.append(text)
                 if last:
                     return ServerReply(code, "\n".join(lines))
@@ -224,6 +228,8 @@ class UpstreamConnection:
 
             accepted = tuple(r for r, reply in zip(message.recipients, rcpt_replies, strict=True) if reply.ok)
             refused = {r: reply for r, reply in zip(message.recipients, rcpt_replies, strict=True) if not reply.ok}
+            if data_reply.ok:  # a 2xx to DATA is not a reply to DATA: we are out of step with the server
+                raise ValueError(f"out of step with the server: DATA answered {data_reply}")
             if not mail_reply.ok or not accepted or data_reply.code != 354:
                 if data_reply.code == 354:  # a server that said 354 anyway gets an empty message ended
                     self._writer.write(b".\r\n")
@@ -242,6 +248,11 @@ class UpstreamConnection:
         except TimeoutError as exc:
             self.abort()
             raise _lost("Infobip did not answer in time", data_sent=data_sent) from exc
+        except BaseException:
+            # Cancelled (the client hung up in pass-through) or anything unforeseen: replies may still be
+            # on their way, so this connection must never serve another transaction.
+            self.abort()
+            raise
         finally:
             self.last_used = time.monotonic()
 
