@@ -84,8 +84,11 @@ class Spool:
         self._synced = 0  # renames made durable by an fsync of queue/
 
     def create(self) -> None:
+        """The three directories, durably: a queue/ created but not fsync'd into its parent could vanish."""
         for directory in (self.tmp, self.queue, self.dead):
-            directory.mkdir(parents=True, exist_ok=True)
+            if not directory.is_dir():
+                directory.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(directory.parent)
 
     # receiving
 
@@ -240,6 +243,8 @@ class Spool:
         """Start-up: drop what was never acknowledged and state files whose message is gone."""
         self.create()
         for leftover in self.tmp.iterdir():
+            if leftover.is_dir():  # not ours: leave it, but do not fail start-up over it
+                continue
             leftover.unlink()
         for directory in (self.queue, self.dead):
             for entry in os.scandir(directory):

@@ -153,3 +153,12 @@ def test_check_config_warns_about_empty_credentials(tmp_path: Path) -> None:
     )
     assert result.returncode == 0
     assert "upstream.username/password are empty here" in result.stderr
+
+
+def test_start_up_recovery_ignores_a_directory_in_tmp(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.create()
+    (spool.tmp / "someone-elses").mkdir()
+    (spool.tmp / "half.msg").write_bytes(b"{")
+    spool.recover()
+    assert sorted(p.name for p in spool.tmp.iterdir()) == ["someone-elses"]
