@@ -201,8 +201,7 @@ class Relay:
         assert job.handoff is not None
         result = await job.handoff.wait(self.settings.spool.sync_wait)
         # A 250 needs Infobip's acceptance of every recipient, or the message safely on disk.
-        fully_accepted = result is not None and result.accepted and not (result.transient or result.permanent)
-        if not fully_accepted:
+        if result is None or not result.complete:
             if result is not None and not result.stored:
                 return self._unstorable(envelope, "write failed")
             try:
@@ -212,7 +211,7 @@ class Relay:
                     return self._unstorable(envelope, exc.strerror or str(exc))
                 # A worker is sending it right now: Infobip's verdict decides between 250 and 452.
                 result = await job.handoff.future
-                if not (result.accepted and not (result.transient or result.permanent)):
+                if not result.complete:
                     return self._unstorable(envelope, exc.strerror or str(exc))
             else:
                 self.delivery.on_disk(envelope.queue_id)

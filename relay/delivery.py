@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import heapq
-import itertools
 import random
 import time
 from dataclasses import dataclass
@@ -87,7 +86,6 @@ class Delivery:
         self._tasks: list[asyncio.Task[None]] = []
         self._helpers: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._seq = itertools.count()
 
     # lifecycle
 
@@ -337,7 +335,7 @@ class Delivery:
         del message
         crashpoint("after_upstream_reply")
         handoff = job.handoff if job.handoff is not None and job.handoff.active else None
-        if handoff is not None and result.accepted and not (result.transient or result.permanent):
+        if handoff is not None and result.complete:
             handoff.future.set_result(result)  # Infobip has it all: the client need not wait for our disk
         if job.committing is not None:
             committing, job.committing = job.committing, None

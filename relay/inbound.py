@@ -363,7 +363,7 @@ class RelayHandler:
     async def handle_MAIL(
         self, server: RelaySMTP, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        user = self.users.get(getattr(session, "relay_user", None) or "")
+        user = self.users.get(session.relay_user or "")
         domains = user.allowed_sender_domains if user and user.allowed_sender_domains else None
         refusal = check_sender(address, domains or self.settings.policy.allowed_sender_domains)
         if refusal is not None:

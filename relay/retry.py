@@ -37,6 +37,11 @@ class AttemptResult:
     infobip_ids: tuple[str, ...] = ()
     stored: bool = True  # False: the spool write failed, so nothing can be retried from disk
 
+    @property
+    def complete(self) -> bool:
+        """Infobip accepted every recipient: the message needs nothing more from us."""
+        return bool(self.accepted) and not (self.transient or self.permanent)
+
 
 @dataclass(frozen=True, slots=True)
 class NextStep:

@@ -82,7 +82,6 @@ class UpstreamConnection:
         self._settings = settings
         self.ident = ident
         self.extensions: dict[str, str] = {}
-        self.transactions = 0
         self.last_used = time.monotonic()
         self._needs_rset = False
 
@@ -224,7 +223,6 @@ class UpstreamConnection:
                 raise _lost(f"Infobip closed the connection: {mail_reply}")
             rcpt_replies = [await self._read_reply(timeout) for _ in message.recipients]
             data_reply = await self._read_reply(timeout)
-            self.transactions += 1
 
             accepted = tuple(r for r, reply in zip(message.recipients, rcpt_replies, strict=True) if reply.ok)
             refused = {r: reply for r, reply in zip(message.recipients, rcpt_replies, strict=True) if not reply.ok}
@@ -352,8 +350,6 @@ class UpstreamPool:
         self._slots = asyncio.Semaphore(settings.pool_size)
         self._idle: list[UpstreamConnection] = []
         self._ids = itertools.count(1)
-        self.opened = 0
-        self.failed = 0
         self._in_use = 0
         self.last_authenticated: float | None = None  # monotonic time of the last successful AUTH
         self.last_failure: str | None = None  # why the last connection attempt failed (None after a success)
@@ -367,13 +363,11 @@ class UpstreamPool:
         try:
             connection = await UpstreamConnection.open(self._settings, self._context, self._local_name, next(self._ids))
         except UpstreamError as exc:
-            self.failed += 1
             if self._metrics is not None:
                 self._metrics.upstream_failures.inc()
             self.last_failure = exc.reply.text
             log.warning("upstream_connect_failed", host=self._settings.host, reply=str(exc.reply))
             raise
-        self.opened += 1
         if self._metrics is not None:
             self._metrics.upstream_connects.inc()
         self.last_authenticated = time.monotonic()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 
 from relay.app import Relay
 from relay.config import Settings
-from relay.standin import InfobipStandIn
+from relay.standin import InfobipStandIn, _StandInSMTP
 
 
 def relay_settings(standin: InfobipStandIn, **sections: dict[str, Any]) -> Settings:
@@ -121,3 +123,23 @@ def message(
     lines = [f"From: ERP <{sender}>", f"To: <{to}>", "Subject: Invoice 42"]
     lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def free_port() -> int:
+    """A loopback port for a relay started as its own process (the OS picks, we pass it on)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def record_wire(monkeypatch: pytest.MonkeyPatch) -> dict[int, bytearray]:
+    """Stand-in connection ident -> every byte the relay wrote to it (after TLS decryption)."""
+    wire: dict[int, bytearray] = collections.defaultdict(bytearray)
+    original = _StandInSMTP.data_received
+
+    def recording(self: _StandInSMTP, data: bytes) -> None:
+        wire[self.record.ident] += data
+        original(self, data)
+
+    monkeypatch.setattr(_StandInSMTP, "data_received", recording)
+    return wire

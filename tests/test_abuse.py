@@ -39,8 +39,8 @@ from relay.headers import (
 )
 from relay.inbound import RelaySMTP
 from relay.policy import PLACEHOLDERS, MessageFacts, expand, header_actions
-from relay.standin import InfobipStandIn, StandInMessage, _StandInSMTP
-from tests.conftest import Dialog, StartRelay, message
+from relay.standin import InfobipStandIn, StandInMessage
+from tests.conftest import Dialog, StartRelay, message, record_wire
 
 SENDER = "billing@erp.example.com"
 RCPT = "customer@example.org"
@@ -107,15 +107,7 @@ def rejected(relay: Relay, reason: str) -> float:
 @pytest.fixture
 def upstream_wire(monkeypatch: pytest.MonkeyPatch) -> dict[int, bytearray]:
     """Stand-in connection ident -> every byte the relay wrote on it (after TLS decryption)."""
-    wire: dict[int, bytearray] = collections.defaultdict(bytearray)
-    original = _StandInSMTP.data_received
-
-    def recording(self: _StandInSMTP, data: bytes) -> None:
-        wire[self.record.ident] += data
-        original(self, data)
-
-    monkeypatch.setattr(_StandInSMTP, "data_received", recording)
-    return wire
+    return record_wire(monkeypatch)
 
 
 # --- SMTP smuggling ------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from relay.standin import InfobipStandIn
-from tests.conftest import Dialog, message
-from tests.test_ops import free_port, wait_listening
+from tests.conftest import Dialog, free_port, message
+from tests.test_ops import wait_listening
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_bwrap = pytest.mark.skipif(

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,16 +13,10 @@ from pathlib import Path
 import pytest
 
 from relay.standin import InfobipStandIn
-from tests.conftest import Dialog, message
+from tests.conftest import Dialog, free_port, message
 
 SENDER = "billing@erp.example.com"
 PASSWORD = "demo-password"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_config(path: Path, standin: InfobipStandIn, port: int, extra: str = "") -> Path:

@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import sys
 import time
 from collections import Counter
@@ -28,7 +27,7 @@ from relay.cli import main as relay_main
 from relay.prepare import Prepared
 from relay.spool import EntryState, Envelope, Spool
 from relay.standin import InfobipStandIn
-from tests.conftest import Dialog, message
+from tests.conftest import Dialog, free_port, message
 
 ROOT = Path(__file__).resolve().parent.parent
 SENDER = "billing@erp.example.com"
@@ -38,12 +37,6 @@ _QUEUED_AS = re.compile(r"Queued as ([0-9a-f]+)")
 
 
 # helpers: config, processes, clients
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_config(

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import contextlib
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,8 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from relay.standin import InfobipStandIn, _StandInSMTP
-from tests.conftest import Dialog, message
+from relay.standin import InfobipStandIn
+from tests.conftest import Dialog, free_port, message, record_wire
 
 USERNAME = "ib-user-K7q"
 PASSWORD = "S3cr3t-P@ss-Z9"
@@ -44,12 +42,6 @@ def leaks(text: str, *, body: bool = True) -> list[str]:
     """Which secrets (and the body marker) appear in `text`."""
     found = [name for name, secret in SECRETS.items() if secret in text]
     return found + (["body marker"] if body and (MARKER in text or "confidential-marker" in text) else [])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -173,19 +165,6 @@ async def open_recording(port: int, seen: list[str]) -> RecordingDialog:
     dialog = RecordingDialog(reader, writer)
     dialog.seen = seen
     return dialog
-
-
-def record_wire(monkeypatch: pytest.MonkeyPatch) -> dict[int, bytearray]:
-    """Stand-in connection ident -> every byte the relay wrote to it (after TLS decryption)."""
-    wire: dict[int, bytearray] = collections.defaultdict(bytearray)
-    original = _StandInSMTP.data_received
-
-    def recording(self: _StandInSMTP, data: bytes) -> None:
-        wire[self.record.ident] += data
-        original(self, data)
-
-    monkeypatch.setattr(_StandInSMTP, "data_received", recording)
-    return wire
 
 
 @pytest.fixture
