@@ -4,13 +4,16 @@ non-root user, on a read-only root file system (bubblewrap) where only the spool
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
 import shutil
 import signal
+import stat
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,9 +59,28 @@ async def test_relay_runs_non_root_on_a_read_only_root_with_only_the_spool_writa
     standin: InfobipStandIn,
 ) -> None:
     uid = int(dockerfile()["USER"].split(":")[0])
-    with tempfile.TemporaryDirectory(prefix="relay-container-") as name:  # readable by that user, unlike tmp_path
-        os.chmod(name, 0o755)
+    code = [ROOT, Path(sys.prefix), Path(sys.base_prefix)]  # the image's user must reach the installed relay
+    with _traversable(code), tempfile.TemporaryDirectory(prefix="relay-container-") as name:
+        os.chmod(name, 0o755)  # readable by that user, unlike tmp_path
         await _run_as_the_image_would(standin, Path(name), uid)
+
+
+@contextlib.contextmanager
+def _traversable(paths: list[Path]) -> Iterator[None]:
+    """Let other users through every directory above `paths` for the test's duration: a checkout under
+    a 0700 directory (mktemp -d) would otherwise hide the relay from the non-root user."""
+    changed: dict[Path, int] = {}
+    for path in paths:
+        for directory in [path.resolve(), *path.resolve().parents]:
+            mode = directory.stat().st_mode
+            if directory not in changed and not mode & stat.S_IXOTH:
+                changed[directory] = mode
+                directory.chmod(mode | stat.S_IXOTH)
+    try:
+        yield
+    finally:
+        for directory, mode in changed.items():
+            directory.chmod(stat.S_IMODE(mode))
 
 
 async def _run_as_the_image_would(standin: InfobipStandIn, tmp_path: Path, uid: int) -> None:
