@@ -193,12 +193,12 @@ class Relay:
             received_at=time.time(),
             size=message.size,
         )
-        # The disk write and the first attempt run side by side. Both are scheduled before any await,
-        # so a client hanging up cannot leave a committed message unscheduled.
-        committing = asyncio.ensure_future(asyncio.to_thread(self.spool.commit, message, envelope))
-        job = self.delivery.submit(message, envelope, committing)
+        # The journal write and the first attempt run side by side. Both start before any await, so a
+        # client hanging up cannot leave a committed message unscheduled.
+        job = self.delivery.submit(message, envelope)
         del message
-        assert job.handoff is not None
+        assert job.handoff is not None and job.committing is not None
+        committing = job.committing
         result = await job.handoff.wait(self.settings.spool.sync_wait)
         # A 250 needs Infobip's acceptance of every recipient, or the message safely on disk.
         if result is None or not result.complete:
@@ -214,7 +214,9 @@ class Relay:
                 if not result.complete:
                     return self._unstorable(envelope, exc.strerror or str(exc))
             else:
-                self.delivery.on_disk(envelope.queue_id)
+                promoting = self.delivery.on_disk(envelope.queue_id)
+                if promoting is not None:
+                    await asyncio.shield(promoting)
         reply = spooled_reply(envelope.queue_id, result)
         log_message(
             log,

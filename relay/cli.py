@@ -17,6 +17,7 @@ from relay.checks import config_warnings, effective_config
 from relay.config import ConfigError, Settings, load_settings
 from relay.doctor import doctor
 from relay.headers import header_block_end
+from relay.journal import live_records
 from relay.logs import configure_logging
 from relay.spool import Spool
 from relay.standin import InfobipStandIn, StandInMessage
@@ -99,6 +100,11 @@ def _queue_list(spool: Spool, *, dead: bool) -> int:
             f"{next_try:>8}  {envelope.mail_from[:30]:<30} {reply}"
         )
     print(f"-- {len(ids)} message(s) in {'dead/' if dead else 'queue/'} of {spool.path}")
+    if not dead and (in_journal := sum(1 for _ in live_records(spool.path / "journal"))):
+        print(
+            f"-- and {in_journal} in journal/: in their first attempt now, or left by a crash "
+            "(the relay moves those to queue/ when it starts)"
+        )
     return 0
 
 

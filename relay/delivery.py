@@ -1,13 +1,16 @@
 """Workers that take messages from the spool and send them through the upstream pool.
 
-The first attempt starts as soon as a message is committed, and the SMTP session may wait for its
-verdict (`sync_wait`). Decisions (what to retry, when, what is dead) are `retry.next_step`; the
-breaker decides when the upstream as a whole gets a rest. This module only schedules and does I/O.
+The first attempt starts while the message is committed to the journal, and the SMTP session may wait
+for its verdict (`sync_wait`). A message the first attempt does not settle is promoted from the journal
+to its own file in queue/, where every later attempt finds it. Decisions (what to retry, when, what
+is dead) are `retry.next_step`; the breaker decides when the upstream as a whole gets a rest. This
+module only schedules and does I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import heapq
 import random
@@ -19,6 +22,7 @@ import structlog
 from relay.breaker import CircuitBreaker
 from relay.config import SpoolSettings
 from relay.crash import crashpoint
+from relay.journal import Journal
 from relay.logs import log_message
 from relay.metrics import Metrics
 from relay.prepare import Prepared
@@ -62,7 +66,8 @@ class Job:
     sender: str = ""
     client_ip: str = ""
     size: int = 0
-    committing: asyncio.Future[None] | None = None  # the spool write running beside the first attempt
+    committing: asyncio.Future[None] | None = None  # the journal write running beside the first attempt
+    envelope: Envelope | None = None  # set while the message is in the journal only, not in queue/
 
 
 class Delivery:
@@ -70,6 +75,7 @@ class Delivery:
         self, spool: Spool, pool: UpstreamPool, settings: SpoolSettings, workers: int, metrics: Metrics | None = None
     ) -> None:
         self.spool = spool
+        self.journal = Journal(spool.path / "journal")
         self.metrics = metrics or Metrics()
         self.pool = pool
         self.settings = settings
@@ -85,6 +91,7 @@ class Delivery:
         self._janitor_wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._helpers: list[asyncio.Task[None]] = []
+        self._promotions: set[asyncio.Task[None]] = set()
         self._stopping = False
 
     # lifecycle
@@ -92,10 +99,17 @@ class Delivery:
     async def start(self) -> None:
         started = time.monotonic()
         await asyncio.to_thread(self.spool.recover)
+        recovered = await asyncio.to_thread(self._promote_journal)
+        self.journal.start(asyncio.get_running_loop())
         count = await self._load_queue()
         if await asyncio.to_thread(self.spool.take_flush_request):  # `relay queue flush` while stopped
             self.flush()
-        log.info("spool_recovered", messages=count, seconds=round(time.monotonic() - started, 3))
+        log.info(
+            "spool_recovered",
+            messages=count,
+            from_journal=recovered,
+            seconds=round(time.monotonic() - started, 3),
+        )
         self._tasks = [asyncio.create_task(self._worker(), name=f"delivery-{i}") for i in range(self._workers)]
         self._helpers = [
             asyncio.create_task(self._watch(), name="delivery-watch"),
@@ -112,8 +126,30 @@ class Delivery:
                 task.cancel()
         for helper in self._helpers:
             helper.cancel()
-        await asyncio.gather(*self._tasks, *self._helpers, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._helpers, *self._promotions, return_exceptions=True)
         await self._remove_done()
+        # Messages never attempted go to queue/ now, so that a stopped relay's `relay queue` shows them.
+        for job in list(self._jobs.values()):
+            if job.envelope is not None and job.message is not None:
+                with contextlib.suppress(OSError):  # still in the journal: the next start promotes it
+                    await self._promote(job, job.message)
+        await self.journal.close()
+
+    def _promote_journal(self) -> int:
+        """Start-up: what the journal holds and nobody finished goes to queue/ (then the journal starts
+        afresh). A message promoted before the crash is simply written again, with the same bytes."""
+        count = 0
+        for envelope, data in self.journal.recover():
+            self.spool.commit(_stored(envelope, data), envelope)
+            count += 1
+        return count
+
+    async def _promote(self, job: Job, message: Prepared) -> None:
+        """Journal -> its own file in queue/ (raises OSError, and then it stays in the journal)."""
+        assert job.envelope is not None
+        await asyncio.to_thread(self.spool.commit, message, job.envelope)
+        job.envelope = None
+        self.journal.done(job.queue_id)
 
     async def _janitor(self) -> None:
         """Removes delivered messages' files off the event loop, in batches: an unlink of a file just
@@ -177,10 +213,10 @@ class Delivery:
 
     # submitting
 
-    def submit(self, message: Prepared, envelope: Envelope, committing: asyncio.Future[None]) -> Job:
-        """Attempt a message at once, while `committing` writes it to the spool (latency: the longer of
-        the two, not their sum). Nothing about it is settled on disk before that write is done. The
-        session may await `job.handoff`."""
+    def submit(self, message: Prepared, envelope: Envelope) -> Job:
+        """Commit a message to the journal and attempt it at once, side by side (latency: the longer of
+        the two, not their sum). Nothing about it is settled on disk before the commit is done
+        (`job.committing`). The session may await `job.handoff`."""
         job = Job(
             queue_id=envelope.queue_id,
             due=0.0,
@@ -191,7 +227,8 @@ class Delivery:
             sender=envelope.mail_from,
             client_ip=envelope.client_ip,
             size=envelope.size,
-            committing=committing,
+            committing=self.journal.append(message, envelope),
+            envelope=envelope,
         )
         self._schedule(job)
         return job
@@ -203,12 +240,32 @@ class Delivery:
         self._jobs.pop(queue_id, None)  # its heap entry goes stale
         return True
 
-    def on_disk(self, queue_id: str) -> None:
-        """The client has its answer and the message is on disk: a job still waiting for a worker
-        need not hold the bytes in memory (an outage could queue thousands); the worker reads the file."""
+    def on_disk(self, queue_id: str) -> asyncio.Future[None] | None:
+        """The message is in the journal and the client is about to hear "queued". A job still waiting
+        for a worker (an outage could queue thousands) goes to its own file in queue/, where `relay
+        queue` shows it, and stops holding its bytes in memory: the worker will read the file. The
+        session may await the returned promotion, so that "queued" means "in queue/"."""
         job = self._jobs.get(queue_id)
-        if job is not None:
+        if job is None or job.message is None or job.envelope is None:
+            return None
+        self._jobs.pop(queue_id)  # out of the queue while it is written, as if a worker had it
+        self._busy.add(queue_id)
+        task = asyncio.ensure_future(self._promote_waiting(job))
+        self._promotions.add(task)
+        task.add_done_callback(self._promotions.discard)
+        return task
+
+    async def _promote_waiting(self, job: Job) -> None:
+        assert job.message is not None
+        job.committing = None  # the session saw it succeed
+        try:
+            await self._promote(job, job.message)
             job.message = None
+        except OSError as exc:  # still safe in the journal; it keeps its bytes and goes out from memory
+            log.error("spool_promote_failed", queue_id=job.queue_id, error=exc.strerror or str(exc))
+        finally:
+            self._busy.discard(job.queue_id)
+            self._schedule(job)
 
     def _schedule(self, job: Job) -> None:
         self._jobs[job.queue_id] = job
@@ -309,15 +366,7 @@ class Delivery:
             envelope, data = await asyncio.to_thread(self.spool.read, job.queue_id)
         except FileNotFoundError:
             return None  # deleted by `relay queue delete`
-        message = Prepared(
-            queue_id=envelope.queue_id,
-            mail_from=envelope.mail_from,
-            recipients=envelope.recipients,
-            message_id=envelope.message_id,
-            prefix=b"",
-            original=data,
-        )
-        return message, envelope
+        return _stored(envelope, data), envelope
 
     async def _attempt(self, job: Job) -> None:
         if job.message is not None:
@@ -332,7 +381,6 @@ class Delivery:
         recipients = job.recipients if job.recipients is not None else message.recipients
         with self.metrics.delivery_seconds.time():
             result = await self._send(message, recipients)
-        del message
         crashpoint("after_upstream_reply")
         handoff = job.handoff if job.handoff is not None and job.handoff.active else None
         if handoff is not None and result.complete:
@@ -364,7 +412,7 @@ class Delivery:
         if handoff is not None:
             handoff.settling = True
         try:
-            await self._settle(job, step, handed_back)
+            await self._settle(job, step, handed_back, message)
         finally:
             if handoff is not None:
                 handoff.settling = False
@@ -394,8 +442,17 @@ class Delivery:
             next_attempt_in=round(step.retry_at - time.time(), 1) if step.retry_at else None,
         )
 
-    async def _settle(self, job: Job, step: NextStep, handed_back: bool) -> None:
+    async def _settle(self, job: Job, step: NextStep, handed_back: bool, message: Prepared) -> None:
         """Make the spool say what `step` decided: dead-letter, reschedule, or remove."""
+        if job.envelope is not None and (step.retry or (step.dead and not handed_back)):
+            try:
+                await self._promote(job, message)
+            except OSError as exc:  # still safe in the journal: keep the bytes, try it all again later
+                log.error("spool_promote_failed", queue_id=job.queue_id, error=exc.strerror or str(exc))
+                again = (*step.retry, *(r for r in step.dead if r not in step.retry))
+                due = time.time() + self.settings.retry_initial
+                self._schedule(dataclasses.replace(job, due=due, recipients=again, message=message))
+                return
         if step.dead and not handed_back:
             await asyncio.to_thread(self.spool.dead_letter, job.queue_id, step.dead, step.last_reply)
         if step.retry:
@@ -409,7 +466,12 @@ class Delivery:
             await asyncio.to_thread(self.spool.write_state, job.queue_id, state)
             self._schedule(dataclasses.replace(job, due=step.retry_at, recipients=step.retry, message=None))
         elif handed_back:  # the client is being told 5xx: the message must be gone first
-            await asyncio.to_thread(self.spool.remove, job.queue_id)
+            if job.envelope is not None:
+                await self.journal.done(job.queue_id)
+            else:
+                await asyncio.to_thread(self.spool.remove, job.queue_id)
+        elif job.envelope is not None:
+            self.journal.done(job.queue_id)  # a crash before this is durable: one more delivery
         else:
             self._done.add(job.queue_id)
             self._janitor_wakeup.set()
@@ -445,6 +507,11 @@ class Delivery:
                 target = transient if result.final.transient else permanent
                 target.update({rcpt: str(result.final) for rcpt in batch if rcpt not in result.refused})
         return AttemptResult(tuple(accepted), transient, permanent, tuple(ids))
+
+
+def _stored(envelope: Envelope, data: bytes) -> Prepared:
+    """A message read back from disk: its bytes are already exactly what goes upstream."""
+    return Prepared(envelope.queue_id, envelope.mail_from, envelope.recipients, envelope.message_id, b"", data)
 
 
 def _outcome(result: AttemptResult, retry: tuple[str, ...]) -> str:

@@ -1,15 +1,19 @@
-"""The durable spool: one file per message, laid out so that `ls` shows what is waiting and why.
+"""The durable spool: one file per waiting message, laid out so that `ls` shows what is waiting and why.
 
-    <path>/tmp/<id>.msg     being written; never acknowledged; deleted at start-up
-    <path>/queue/<id>.msg   committed: JSON envelope line, then the exact bytes to send upstream
+A message is first committed to the shared journal (relay/journal.py); it gets a file here only when
+its first attempt does not settle it (a retry, a dead letter, a wait), or at start-up after a crash.
+
+    <path>/journal/         messages during their first attempt (see relay/journal.py)
+    <path>/tmp/<id>.msg     being written (the journal still has it); deleted at start-up
+    <path>/queue/<id>.msg   JSON envelope line, then the exact bytes to send upstream
     <path>/queue/<id>.state after a failed attempt: attempts, next try, recipients left, last reply (JSON)
     <path>/dead/<id>.msg    dead-lettered (a hard link when only some recipients died)
     <path>/dead/<id>.state  who died and why
     <path>/flush.request    `relay queue flush` asks a running relay to retry now
 
 Each step is one atomic rename (or link/unlink) after an fsync of the data, so a crash at any instant
-leaves either the old state or the new one. A message is acknowledged only after its rename into
-queue/ and an fsync of that directory.
+leaves either the old state or the new one. A message is out of the journal only after its rename
+into queue/ and an fsync of that directory.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class EntryState:
     dead: dict[str, str] = field(default_factory=dict)  # only in dead/: recipient -> reason
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -68,7 +72,7 @@ def _write_atomically(path: Path, data: bytes, *, sync_dir: bool) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     if sync_dir:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 class Spool:
@@ -88,15 +92,15 @@ class Spool:
         for directory in (self.tmp, self.queue, self.dead):
             if not directory.is_dir():
                 directory.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(directory.parent)
+                fsync_dir(directory.parent)
 
     # receiving
 
     def commit(self, message: Prepared, envelope: Envelope) -> None:
         """Write, fsync, rename into queue/, fsync the directory. Raises OSError (disk full...).
 
-        Plain os calls and one writev: this runs in a thread beside the event loop for every message,
-        and each Python-level step there is time the loop waits for the GIL.
+        Plain os calls and one writev: this runs in a thread beside the event loop, and each
+        Python-level step there is time the loop waits for the GIL.
         """
         name = f"{envelope.queue_id}.msg"
         tmp = os.path.join(self.tmp, name)
@@ -104,17 +108,17 @@ class Spool:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                _write_all(fd, [memoryview(head), *message.segments()])
+                write_all_at(fd, [memoryview(head), *message.segments()], 0)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            crashpoint("before_commit")
+            crashpoint("before_promote")
             with self._renames_lock:
                 os.rename(tmp, os.path.join(self.queue, name))
                 self._renamed += 1
                 mine = self._renamed
             self._sync_queue_dir(mine)
-            crashpoint("after_commit")
+            crashpoint("after_promote")
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -137,12 +141,12 @@ class Spool:
 
     def read(self, queue_id: str) -> tuple[Envelope, bytes]:
         with open(self.queue / f"{queue_id}.msg", "rb") as handle:
-            envelope = _envelope(handle.readline())
+            envelope = envelope_from_line(handle.readline())
             return envelope, handle.read()
 
     def read_envelope(self, queue_id: str, *, dead: bool = False) -> Envelope:
         with open((self.dead if dead else self.queue) / f"{queue_id}.msg", "rb") as handle:
-            return _envelope(handle.readline())
+            return envelope_from_line(handle.readline())
 
     def read_state(self, queue_id: str, *, dead: bool = False) -> EntryState:
         try:
@@ -205,7 +209,7 @@ class Spool:
             pending = list(queued.recipients if queued.recipients is not None else envelope.recipients)
         recipients = pending + [r for r in dead_state.dead if r not in pending]
         self.write_state(queue_id, EntryState(recipients=recipients or None))
-        _fsync_dir(self.queue)
+        fsync_dir(self.queue)
         for suffix in (".msg", ".state"):
             with contextlib.suppress(FileNotFoundError):
                 (self.dead / f"{queue_id}{suffix}").unlink()
@@ -255,19 +259,22 @@ class Spool:
                     os.unlink(entry.path)
 
 
-def _write_all(fd: int, views: list[memoryview]) -> None:
-    """writev until everything is written (a large message may take several calls)."""
+def write_all_at(fd: int, views: list[memoryview], offset: int) -> int:
+    """pwritev from `offset` until everything is written (a large message may take several calls);
+    returns the offset after the last byte."""
     views = [v for v in views if len(v)]
     while views:
-        written = os.writev(fd, views[:512])  # IOV_MAX is 1024 on Linux
+        written = os.pwritev(fd, views[:512], offset)  # IOV_MAX is 1024 on Linux
+        offset += written
         while views and written >= len(views[0]):
             written -= len(views[0])
             views.pop(0)
         if written:
             views[0] = views[0][written:]
+    return offset
 
 
-def _envelope(line: bytes) -> Envelope:
+def envelope_from_line(line: bytes) -> Envelope:
     fields = json.loads(line)
     fields["recipients"] = tuple(fields["recipients"])
     return Envelope(**fields)

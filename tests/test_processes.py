@@ -307,17 +307,20 @@ def queued_messages(spool: Path) -> list[str]:
 CLIENTS = 4
 MESSAGES_PER_CLIENT = 10
 
-# Per case: RELAY_CRASH_AT, the pool size, and the body size. For mid_data one upstream connection keeps
+# Per case: RELAY_CRASH_AT, the pool size, the body size, and how many first DATAs Infobip defers (451:
+# those messages are promoted from the journal to queue/ for their retry). For mid_data one upstream connection keeps
 # the passes sequential, so at the instant of the kill exactly one transaction is inside DATA: the test
 # checks that the upstream then holds one DATA more than the messages it recorded. A small body goes out
 # in one write (the kill comes after the 354, before the body); a 300 KiB body goes out in several writes,
 # so an odd pass comes after the first 256 KiB are on the wire, before the final dot.
-CRASH_CASES: dict[str, tuple[str, int, int]] = {
-    "before_commit": ("before_commit:12", 4, 0),
-    "after_commit": ("after_commit:12", 4, 0),
-    "mid_data": ("mid_data:26", 1, 0),
-    "mid_data_300k_body": ("mid_data:9", 1, 300 * 1024),
-    "after_upstream_reply": ("after_upstream_reply:12", 4, 0),
+CRASH_CASES: dict[str, tuple[str, int, int, int]] = {
+    "before_commit": ("before_commit:12", 4, 0, 0),
+    "after_commit": ("after_commit:12", 4, 0, 0),
+    "mid_data": ("mid_data:26", 1, 0, 0),
+    "mid_data_300k_body": ("mid_data:9", 1, 300 * 1024, 0),
+    "after_upstream_reply": ("after_upstream_reply:12", 4, 0, 0),
+    "before_promote": ("before_promote:5", 4, 0, 10),
+    "after_promote": ("after_promote:5", 4, 0, 10),
 }
 
 
@@ -361,7 +364,8 @@ async def run_client(port: int, client: int, size: int, acknowledged: set[str], 
 async def test_kill_9_then_restart_loses_nothing_acknowledged(
     point: str, standin: InfobipStandIn, spawn: SpawnRelay, tmp_path: Path
 ) -> None:
-    crash_at, pool_size, size = CRASH_CASES[point]
+    crash_at, pool_size, size, deferrals = CRASH_CASES[point]
+    standin.behaviour.data_replies.extend(["451 4.3.0 Try again later"] * deferrals)
     port = free_port()
     spool = tmp_path / "spool"
     config = write_config(tmp_path / "relay.toml", standin, port=port, spool=spool, pool_size=pool_size, sync_wait=0)
@@ -380,6 +384,10 @@ async def test_kill_9_then_restart_loses_nothing_acknowledged(
         # The upstream saw a DATA whose body never ended: one more DATA than messages it recorded.
         assert data_commands == len(standin.messages) + 1, (data_commands, len(standin.messages))
 
+    if point == "after_commit":  # what the journal holds shows in `relay queue list` before the restart
+        code, out, err = await queue_cli(config, "list")
+        assert code == 0 and re.search(r"-- and \d+ in journal/", out), (out, err)
+    standin.behaviour.data_replies.clear()
     second = await spawn(config, port).start()
     await wait_until(
         lambda: acknowledged <= set(arrived_ids(standin)) and not spool_files(spool, "queue"),

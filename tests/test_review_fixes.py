@@ -109,8 +109,9 @@ async def test_the_janitor_survives_an_io_error(
         real(self, queue_ids)
 
     monkeypatch.setattr(Spool, "remove_many", flaky)
+    standin.behaviour.data_replies.append("451 4.3.0 Try later")  # so it goes to queue/, then is retried
     with structlog.testing.capture_logs() as logs:
-        assert (await send_one(relay.port, SENDER, ["a@example.org"], message())).startswith("250 2.6.0 ")
+        assert (await send_one(relay.port, SENDER, ["a@example.org"], message())).startswith("250 2.0.0 ")
         await until(lambda: not failures)
         await until(lambda: queue_files(tmp_path) == [], timeout=5)
     assert any(e["event"] == "spool_remove_failed" for e in logs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from relay.app import Relay
 from relay.spool import Spool
@@ -271,20 +273,50 @@ async def test_disk_full_gets_452_and_leaves_nothing_half_written(
 async def test_unwritable_spool_gets_452_unless_infobip_took_the_message(
     standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
 ) -> None:
-    relay = await start_relay(spool=spooled(tmp_path))
+    spool_path = tmp_path / "small"
+    if not _mount_tmpfs(spool_path, "64k"):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        relay = await start_relay(spool=spooled(spool_path))
+        filler = spool_path / "filler"
+        with contextlib.suppress(OSError), open(filler, "wb") as handle:  # fill it to the last byte
+            while True:
+                handle.write(b"x" * 1024)
+                handle.flush()
+        standin.behaviour.down = True
+        reply = await send_one(relay.port, SENDER, ["a@example.org"], message())
+        assert reply.startswith("452 4.3.1 ")
+        assert queue_files(spool_path) == [] and standin.messages == []
+        # Not on disk, but accepted by Infobip within sync_wait: that is a 250 too (nothing to lose).
+        standin.behaviour.down = False
+        reply = await send_one(relay.port, SENDER, ["b@example.org"], message())
+        [got] = standin.messages
+        assert reply == f"250 2.6.0 Message queued as {got.infobip_id}"
+        assert queue_files(spool_path) == []
+        filler.unlink()
+    finally:
+        subprocess.run(["umount", "-l", str(spool_path)], check=False)
+
+
+async def test_a_message_that_cannot_leave_the_journal_is_kept_and_delivered(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """queue/ unusable (tmp/ is not a directory): the journal still holds the message, and the relay
+    keeps it in memory and delivers it when Infobip is back."""
+    relay = await start_relay(spool=spooled(tmp_path, sync_wait=0.2))
     spool = Spool(tmp_path)
     spool.tmp.rmdir()
     spool.tmp.write_text("not a directory")  # as root, permissions would not stop us; this does
     standin.behaviour.down = True
-    reply = await send_one(relay.port, SENDER, ["a@example.org"], message())
-    assert reply.startswith("452 4.3.1 ")
-    assert queue_files(tmp_path) == [] and standin.messages == []
-    # Not on disk, but accepted by Infobip within sync_wait: that is a 250 too (nothing to lose).
-    standin.behaviour.down = False
-    reply = await send_one(relay.port, SENDER, ["b@example.org"], message())
-    [got] = standin.messages
-    assert reply == f"250 2.6.0 Message queued as {got.infobip_id}"
+    with structlog.testing.capture_logs() as logs:
+        reply = await send_one(relay.port, SENDER, ["a@example.org"], message())
+        assert reply.startswith("250 2.0.0 Queued as ")
+        await until(lambda: any(e["event"] == "spool_promote_failed" for e in logs))
     assert queue_files(tmp_path) == []
+    standin.behaviour.down = False
+    [got] = await standin.wait_for_messages(1)
+    assert got.rcpt_tos == ["a@example.org"]
+    await until(lambda: relay.delivery is not None and relay.delivery.depth == 0)
 
 
 async def test_stop_leaves_undelivered_mail_in_the_spool(standin: InfobipStandIn, tmp_path: Path) -> None:

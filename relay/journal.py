@@ -1,0 +1,336 @@
+"""The spool's fast path: one append-only journal that many messages share, fsync'd once per batch.
+
+Most messages are settled by their first attempt within milliseconds. Giving each its own file
+(write, fsync, rename, fsync of queue/, unlink) cost the relay more than all its other work on a
+small message. Instead a commit appends a record to the current segment, and one writer thread
+fdatasyncs the segment once for every record written since its last sync (a group commit). A message
+that needs more than its first attempt (a retry, a dead letter, a long wait) is promoted to its own
+queue/ file, where retries and `relay queue` work on it as before, and is then marked done here.
+
+    <path>/journal/<seq>.log   records, each a 16-byte header (magic, kind, crc32, length) and a payload:
+        M  the JSON envelope line and the exact bytes, as in a queue/ file
+        D  a queue id that needs no recovery (delivered, handed back to the client, or promoted)
+
+A record is acknowledged only after an fdatasync that followed its write, and that fdatasync made every
+earlier byte of the segment durable too: so in a segment the first torn or invalid record comes after
+every acknowledged one, and reading stops there. Start-up promotes every M record that has no D record
+(`live_records`), then deletes the segments. A segment is deleted once it is not the current one, every
+message in it is done, and every earlier segment is gone (a D record sits in the same segment as its M
+record or a later one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import structlog
+
+from relay.crash import crashpoint
+from relay.prepare import Prepared
+from relay.spool import Envelope, envelope_from_line, fsync_dir, write_all_at
+
+log = structlog.get_logger("relay.journal")
+
+HEADER = struct.Struct(">2sBxIQ")  # magic, kind, pad, crc32 of the payload, payload length
+MAGIC = b"RJ"
+MESSAGE, DONE = ord("M"), ord("D")
+SEGMENT_BYTES = 64 * 2**20  # a new segment once the current one is this big
+SUFFIX = ".log"
+
+
+def record_header(kind: int, payload: Sequence[bytes | memoryview]) -> bytes:
+    crc = 0
+    length = 0
+    for part in payload:
+        crc = zlib.crc32(part, crc)
+        length += len(part)
+    return HEADER.pack(MAGIC, kind, crc, length)
+
+
+def read_records(handle: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
+    """(kind, offset of the payload, payload) for each valid record, up to the first invalid one."""
+    offset = 0
+    while True:
+        head = handle.read(HEADER.size)
+        if len(head) < HEADER.size:
+            return
+        magic, kind, crc, length = HEADER.unpack(head)
+        if magic != MAGIC or kind not in (MESSAGE, DONE):
+            return
+        payload = handle.read(length)
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            return
+        yield kind, offset + HEADER.size, payload
+        offset += HEADER.size + length
+
+
+def split_message(payload: bytes) -> tuple[Envelope, bytes]:
+    line_end = payload.index(b"\n") + 1
+    return envelope_from_line(payload[:line_end]), payload[line_end:]
+
+
+def segment_paths(directory: Path) -> list[Path]:
+    """The segments, oldest first (names are zero-padded sequence numbers)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX) and p.name[: -len(SUFFIX)].isdigit())
+
+
+def live_records(directory: Path) -> Iterator[tuple[Envelope, bytes]]:
+    """Every committed message not marked done, oldest first. Two passes, so that only one message's
+    bytes are in memory at a time."""
+    paths = segment_paths(directory)
+    done: set[str] = set()
+    found: list[tuple[Path, int, int]] = []  # segment, payload offset, payload length
+    for path in paths:
+        with open(path, "rb") as handle:
+            for kind, offset, payload in read_records(handle):
+                if kind == DONE:
+                    done.add(payload.decode())
+                else:
+                    found.append((path, offset, len(payload)))
+    for path, offset, length in found:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            envelope, data = split_message(handle.read(length))
+        if envelope.queue_id not in done:
+            yield envelope, data
+
+
+@dataclass
+class _Append:
+    message: Prepared
+    envelope: Envelope
+    future: asyncio.Future[None]
+    error: OSError | None = None
+
+
+@dataclass
+class _Done:
+    queue_id: str
+    future: asyncio.Future[None]
+    error: OSError | None = None
+
+
+@dataclass
+class _Batch:
+    appends: list[_Append] = field(default_factory=list)
+    dones: list[_Done] = field(default_factory=list)
+
+
+class Journal:
+    """Appends and done marks come from the event loop; one thread writes and syncs them in batches
+    and answers each batch with one callback on the loop."""
+
+    def __init__(self, directory: Path, segment_bytes: int = SEGMENT_BYTES) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self._cond = threading.Condition()
+        self._pending = _Batch()
+        self._closing = False
+        self._segment_of: dict[str, int] = {}  # queue id -> segment, for messages not done yet
+        self._live: dict[int, int] = {}  # segment -> messages in it not done yet
+        self._segments: list[int] = []  # existing segments, oldest first
+        self._fd = -1
+        self._offset = 0
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # start-up and shutdown
+
+    def recover(self) -> Iterator[tuple[Envelope, bytes]]:
+        """Before `start`: what a previous run committed and did not finish."""
+        return live_records(self.directory)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Delete the old segments (their live records are promoted by now) and open a fresh one."""
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True)
+            fsync_dir(self.directory.parent)
+        old = segment_paths(self.directory)
+        for path in old:
+            path.unlink()
+        last = int(old[-1].name[: -len(SUFFIX)]) if old else 0
+        self._open_segment(last + 1)
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="spool-journal", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Write and sync what is pending, stop the thread; with nothing live left, remove the segments."""
+        if self._thread is None:
+            return
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        os.close(self._fd)
+        if not any(self._live.values()):
+            try:
+                for seq in self._segments:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._path(seq))
+                fsync_dir(self.directory)
+            except OSError as exc:  # the next start deletes them
+                log.error("spool_journal_cleanup_failed", error=exc.strerror or str(exc))
+
+    # on the event loop
+
+    def append(self, message: Prepared, envelope: Envelope) -> asyncio.Future[None]:
+        """Resolved once the message is durable (or failed with the OSError, e.g. disk full)."""
+        assert self._loop is not None, "start() first"
+        future: asyncio.Future[None] = self._loop.create_future()
+        with self._cond:
+            self._pending.appends.append(_Append(message, envelope, future))
+            self._cond.notify()
+        return future
+
+    def done(self, queue_id: str) -> asyncio.Future[None]:
+        """The message needs no recovery any more. The returned future says when that is durable;
+        most callers need not wait (a crash before it only means one more delivery)."""
+        assert self._loop is not None, "start() first"
+        future: asyncio.Future[None] = self._loop.create_future()
+        with self._cond:
+            seq = self._segment_of.pop(queue_id, None)
+            if seq is None:  # not in the journal (promoted before, or read from queue/)
+                future.set_result(None)
+                return future
+            self._live[seq] -= 1
+            self._pending.dones.append(_Done(queue_id, future))
+            self._cond.notify()
+        return future
+
+    def holds(self, queue_id: str) -> bool:
+        with self._cond:
+            return queue_id in self._segment_of
+
+    def _answer(self, batch: _Batch) -> None:
+        items: list[_Append | _Done] = [*batch.appends, *batch.dones]
+        for item in items:
+            if item.future.done():
+                continue
+            if item.error is not None:
+                item.future.set_exception(item.error)
+            else:
+                item.future.set_result(None)
+
+    # the writer thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._pending.appends or self._pending.dones or self._closing):
+                    self._cond.wait()
+                batch, self._pending = self._pending, _Batch()
+                closing = self._closing
+            if batch.appends or batch.dones:
+                self._write_batch(batch)
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._answer, batch)
+            if closing and not batch.appends and not batch.dones:
+                return
+
+    def _write_batch(self, batch: _Batch) -> None:
+        try:
+            if self._offset >= self.segment_bytes:
+                self._rotate()
+        except OSError as exc:
+            log.error("spool_journal_rotate_failed", error=exc.strerror or str(exc))
+        written: list[_Append] = []
+        for item in batch.appends:
+            head = json.dumps(asdict(item.envelope), separators=(",", ":")).encode() + b"\n"
+            payload = [memoryview(head), *item.message.segments()]
+            item.error = self._write_record(MESSAGE, payload)
+            if item.error is None:
+                written.append(item)
+                crashpoint("before_commit")
+        if batch.dones:
+            parts: list[bytes | memoryview] = []
+            for done in batch.dones:
+                queue_id = done.queue_id.encode()
+                parts += [record_header(DONE, [queue_id]), queue_id]
+            error = self._write_parts(parts)
+            for done in batch.dones:
+                done.error = error
+        if written or batch.dones:
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:  # what reached the disk is unknown: fail them all, start a new segment
+                for done in batch.dones:
+                    done.error = exc
+                for item in written:
+                    item.error = exc
+                written = []
+                with contextlib.suppress(OSError):
+                    self._rotate()
+        seq = self._segments[-1]
+        with self._cond:
+            for item in written:
+                self._segment_of[item.envelope.queue_id] = seq
+                self._live[seq] = self._live.get(seq, 0) + 1
+        for _ in written:
+            crashpoint("after_commit")
+        self._retire()
+
+    def _write_record(self, kind: int, payload: Sequence[bytes | memoryview]) -> OSError | None:
+        return self._write_parts([record_header(kind, payload), *payload])
+
+    def _write_parts(self, parts: Sequence[bytes | memoryview]) -> OSError | None:
+        """All or nothing: a failed write (disk full) is cut off again, so the segment stays a clean
+        sequence of records for the ones after it."""
+        start = self._offset
+        try:
+            self._offset = write_all_at(self._fd, [memoryview(p) for p in parts], start)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, start)
+            self._offset = start
+            return exc
+        return None
+
+    def _path(self, seq: int) -> Path:
+        return self.directory / f"{seq:012d}{SUFFIX}"
+
+    def _open_segment(self, seq: int) -> None:
+        fd = os.open(self._path(seq), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        fsync_dir(self.directory)  # the new name must survive a crash too
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._offset = fd, 0
+        self._segments.append(seq)
+
+    def _rotate(self) -> None:
+        self._open_segment(self._segments[-1] + 1)
+
+    def _retire(self) -> None:
+        """Delete, oldest first, the segments no message needs any more."""
+        gone = False
+        while len(self._segments) > 1:
+            oldest = self._segments[0]
+            with self._cond:
+                if self._live.get(oldest, 0):
+                    break
+                self._live.pop(oldest, None)
+            try:
+                os.unlink(self._path(oldest))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.error("spool_journal_retire_failed", error=exc.strerror or str(exc))
+                break
+            self._segments.pop(0)
+            gone = True
+        if gone:
+            with contextlib.suppress(OSError):
+                fsync_dir(self.directory)

@@ -1,0 +1,136 @@
+"""The spool's journal: record format, group commit, what recovery finds, segment retirement. Real files."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from relay.journal import DONE, MESSAGE, Journal, live_records, read_records, record_header, segment_paths
+from relay.prepare import Prepared
+from relay.spool import Envelope, Spool
+from relay.standin import InfobipStandIn
+from tests.conftest import StartRelay, message
+from tests.test_spool import SENDER, queue_files, spooled, until
+
+
+def prepared(n: int, body: bytes = b"") -> tuple[Prepared, Envelope]:
+    queue_id = f"{n:021d}"
+    data = message(Message_ID=f"<j{n}@erp.example.com>", body=body or f"message {n}\r\n".encode())
+    rcpts = (f"r{n}@example.org",)
+    return (
+        Prepared(queue_id, SENDER, rcpts, f"<j{n}@erp.example.com>", b"X-IB-Test: yes\r\n", data),
+        Envelope(queue_id, SENDER, rcpts, f"<j{n}@erp.example.com>", "127.0.0.1", 1.0, len(data) + 16),
+    )
+
+
+def record(kind: int, payload: bytes) -> bytes:
+    return record_header(kind, [payload]) + payload
+
+
+def test_reading_stops_at_the_first_torn_or_corrupt_record() -> None:
+    good = record(MESSAGE, b'{"a":1}\nbody') + record(DONE, b"id1")
+    assert [(k, p) for k, _, p in read_records(io.BytesIO(good))] == [(MESSAGE, b'{"a":1}\nbody'), (DONE, b"id1")]
+    torn = good + record(DONE, b"id2")[:-1]
+    assert len(list(read_records(io.BytesIO(torn)))) == 2
+    flipped = bytearray(good + record(DONE, b"id2") + record(DONE, b"id3"))
+    flipped[len(good) + 17] ^= 1  # one bit of id2's payload: neither it nor anything after it counts
+    assert len(list(read_records(io.BytesIO(bytes(flipped))))) == 2
+    assert list(read_records(io.BytesIO(b"\0" * 64))) == []  # zeros where a crash left no data
+
+
+async def test_committed_and_not_done_is_what_recovery_finds_byte_for_byte(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal")
+    journal.start(asyncio.get_running_loop())
+    messages = [prepared(n) for n in range(20)]
+    await asyncio.gather(*(journal.append(m, e) for m, e in messages))
+    await asyncio.gather(*(journal.done(e.queue_id) for _, e in messages[::2]))  # the even ones are done
+    # No close(): a crash. Recovery must give back exactly the odd ones, with their exact bytes.
+    found = list(live_records(tmp_path / "journal"))
+    assert [e for e, _ in found] == [e for _, e in messages[1::2]]
+    assert [d for _, d in found] == [m.as_bytes() for m, _ in messages[1::2]]
+    await journal.close()
+
+
+async def test_a_batch_shares_one_sync_and_segments_go_once_nothing_in_them_is_live(tmp_path: Path) -> None:
+    directory = tmp_path / "journal"
+    journal = Journal(directory, segment_bytes=4096)  # a new segment every few messages
+    journal.start(asyncio.get_running_loop())
+    messages = [prepared(n, body=b"x" * 1500 + b"\r\n") for n in range(12)]
+    for m, e in messages:
+        await journal.append(m, e)
+    assert len(segment_paths(directory)) >= 4
+    for _, e in messages[:-1]:
+        await journal.done(e.queue_id)
+    await journal.append(*prepared(99))  # one more batch: the writer retires what it can
+    await until(lambda: len(segment_paths(directory)) <= 2)
+    assert [e.queue_id for e, _ in live_records(directory)] == [messages[-1][1].queue_id, f"{99:021d}"]
+    await journal.close()
+    assert len(segment_paths(directory)) == 2  # two messages still live: kept for the next start
+
+
+async def test_close_with_nothing_live_removes_the_segments(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal")
+    journal.start(asyncio.get_running_loop())
+    m, e = prepared(1)
+    await journal.append(m, e)
+    journal.done(e.queue_id)
+    await journal.close()
+    assert segment_paths(tmp_path / "journal") == []
+
+
+async def test_a_failed_write_is_cut_off_and_the_next_record_is_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import relay.journal
+
+    journal = Journal(tmp_path / "journal")
+    journal.start(asyncio.get_running_loop())
+    real = relay.journal.write_all_at
+    calls = {"n": 0}
+
+    def half_then_full(fd: int, views: list[memoryview], offset: int) -> int:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second record: half of it reaches the file, then the disk is full
+            os.pwrite(fd, bytes(views[0])[:8], offset)
+            raise OSError(28, "No space left on device")
+        return real(fd, views, offset)
+
+    monkeypatch.setattr(relay.journal, "write_all_at", half_then_full)
+    first, second, third = prepared(1), prepared(2), prepared(3)
+    await journal.append(*first)
+    with pytest.raises(OSError, match="No space"):
+        await journal.append(*second)
+    await journal.append(*third)
+    assert [e.queue_id for e, _ in live_records(tmp_path / "journal")] == [first[1].queue_id, third[1].queue_id]
+    await journal.close()
+
+
+async def test_start_up_delivers_what_the_journal_held_and_not_what_was_done(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """What a relay killed after its commits leaves: two committed messages (one of them done), and a
+    torn record at the end of the segment (never acknowledged)."""
+    Spool(tmp_path).create()
+    journal = Journal(tmp_path / "journal")
+    journal.start(asyncio.get_running_loop())
+    live, done = prepared(1), prepared(2)
+    await journal.append(*live)
+    await journal.append(*done)
+    await journal.done(done[1].queue_id)
+    torn = record(MESSAGE, b'{"queue_id": "torn"}\nFrom: x\r\n\r\nnever acknowledged\r\n')
+    with open(segment_paths(tmp_path / "journal")[-1], "ab") as handle:
+        handle.write(torn[: len(torn) // 2])  # the writer thread is idle: nothing else appends now
+
+    await start_relay(spool=spooled(tmp_path, sync_wait=0.0))
+    [got] = await standin.wait_for_messages(1)
+    assert got.data == live[0].as_bytes() and got.rcpt_tos == list(live[1].recipients)
+    await until(lambda: queue_files(tmp_path) == [])
+    assert os.listdir(tmp_path / "tmp") == []
+    assert len(segment_paths(tmp_path / "journal")) == 1  # the old segment is gone, a fresh one is open
+    await asyncio.sleep(0.2)
+    assert len(standin.messages) == 1
+    await journal.close()
