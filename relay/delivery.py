@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import heapq
 import random
 import time
@@ -385,7 +386,9 @@ class Delivery:
         handoff = job.handoff if job.handoff is not None and job.handoff.active else None
         if handoff is not None and result.complete:
             handoff.future.set_result(result)  # Infobip has it all: the client need not wait for our disk
-        if job.committing is not None:
+        if job.committing is not None and not (result.complete and not job.committing.done()):
+            # (Infobip has every recipient and the journal is still writing: nothing waits for it, and
+            # `_settle` marks the message done once written. The worker goes on to the next message.)
             committing, job.committing = job.committing, None
             try:
                 await committing
@@ -470,11 +473,18 @@ class Delivery:
                 await self.journal.done(job.queue_id)
             else:
                 await asyncio.to_thread(self.spool.remove, job.queue_id)
-        elif job.envelope is not None:
-            self.journal.done(job.queue_id)  # a crash before this is durable: one more delivery
+        elif job.envelope is not None:  # a crash before the done mark is durable: one more delivery
+            if job.committing is not None:
+                job.committing.add_done_callback(functools.partial(self._done_when_written, job.queue_id))
+            else:
+                self.journal.done(job.queue_id)
         else:
             self._done.add(job.queue_id)
             self._janitor_wakeup.set()
+
+    def _done_when_written(self, queue_id: str, committing: asyncio.Future[None]) -> None:
+        if not committing.cancelled() and committing.exception() is None:  # failed: it never was in it
+            self.journal.done(queue_id)
 
     async def _send(self, message: Prepared, recipients: tuple[str, ...]) -> AttemptResult:
         accepted: list[str] = []

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import struct
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -135,7 +134,8 @@ class Journal:
     def __init__(self, directory: Path, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.directory = directory
         self.segment_bytes = segment_bytes
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
+        self._writer_idle = False  # waiting for work: only then does an append need to notify
         self._pending = _Batch()
         self._closing = False
         self._segment_of: dict[str, int] = {}  # queue id -> segment, for messages not done yet
@@ -175,6 +175,12 @@ class Journal:
             self._cond.notify()
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        await asyncio.sleep(0)  # the last answers ran; let what they wake (done marks) run too
+        with self._cond:
+            last, self._pending = self._pending, _Batch()
+        if last.appends or last.dones:
+            await asyncio.to_thread(self._write_batch, last)
+            self._answer(last)
         os.close(self._fd)
         if not any(self._live.values()):
             try:
@@ -193,7 +199,8 @@ class Journal:
         future: asyncio.Future[None] = self._loop.create_future()
         with self._cond:
             self._pending.appends.append(_Append(message, envelope, future))
-            self._cond.notify()
+            if self._writer_idle:
+                self._cond.notify()
         return future
 
     def done(self, queue_id: str) -> asyncio.Future[None]:
@@ -208,12 +215,9 @@ class Journal:
                 return future
             self._live[seq] -= 1
             self._pending.dones.append(_Done(queue_id, future))
-            self._cond.notify()
+            if self._writer_idle:
+                self._cond.notify()
         return future
-
-    def holds(self, queue_id: str) -> bool:
-        with self._cond:
-            return queue_id in self._segment_of
 
     def _answer(self, batch: _Batch) -> None:
         items: list[_Append | _Done] = [*batch.appends, *batch.dones]
@@ -231,7 +235,9 @@ class Journal:
         while True:
             with self._cond:
                 while not (self._pending.appends or self._pending.dones or self._closing):
+                    self._writer_idle = True
                     self._cond.wait()
+                    self._writer_idle = False
                 batch, self._pending = self._pending, _Batch()
                 closing = self._closing
             if batch.appends or batch.dones:
@@ -249,8 +255,7 @@ class Journal:
             log.error("spool_journal_rotate_failed", error=exc.strerror or str(exc))
         written: list[_Append] = []
         for item in batch.appends:
-            head = json.dumps(asdict(item.envelope), separators=(",", ":")).encode() + b"\n"
-            payload = [memoryview(head), *item.message.segments()]
+            payload = [memoryview(item.envelope.line()), *item.message.segments()]
             item.error = self._write_record(MESSAGE, payload)
             if item.error is None:
                 written.append(item)

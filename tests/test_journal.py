@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from relay.prepare import Prepared
 from relay.spool import Envelope, Spool
 from relay.standin import InfobipStandIn
 from tests.conftest import StartRelay, message
+from tests.test_relay import send_one
 from tests.test_spool import SENDER, queue_files, spooled, until
 
 
@@ -134,3 +136,33 @@ async def test_start_up_delivers_what_the_journal_held_and_not_what_was_done(
     await asyncio.sleep(0.2)
     assert len(standin.messages) == 1
     await journal.close()
+
+
+async def test_the_worker_goes_on_while_the_journal_write_lands_and_marks_it_done_after(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When Infobip already has every recipient, the only worker does not wait for a slow disk before
+    taking the next message; the journal still gets the done marks once the writes land, so a restart
+    sends nothing again."""
+    import relay.journal
+
+    synced = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    real = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        time.sleep(1.0)
+        real(fd)
+        loop.call_soon_threadsafe(synced.set)
+
+    monkeypatch.setattr(relay.journal.os, "fdatasync", slow_fdatasync)
+    relay_ = await start_relay(spool=spooled(tmp_path), upstream={"pool_size": 1})
+    first = await send_one(relay_.port, SENDER, ["a@example.org"], message())
+    second = await send_one(relay_.port, SENDER, ["b@example.org"], message())
+    assert first.startswith("250 2.6.0 ") and second.startswith("250 2.6.0 ")  # Infobip's answers
+    assert not synced.is_set(), "the worker waited for the disk"
+    assert [m.rcpt_tos for m in standin.messages] == [["a@example.org"], ["b@example.org"]]
+    assert relay_.delivery is not None
+    journal = relay_.delivery.journal
+    await until(lambda: synced.is_set() and not any(journal._live.values()) and not journal._pending.appends)
+    await until(lambda: list(live_records(tmp_path / "journal")) == [])

@@ -541,8 +541,9 @@ async def test_queue_verbs_on_a_stopped_relay(standin: InfobipStandIn, spawn: Sp
     assert await relay.stop() == 0
     standin.behaviour.refuse_recipients = {}
 
-    # Run 2: upstream down; three messages are queued and attempted once.
-    standin.behaviour.down = True
+    # Run 2: Infobip defers three messages; they are queued and attempted once. (A deferral, not an outage:
+    # while the upstream is unreachable the oldest message probes for all, and a newer one may not be tried.)
+    standin.behaviour.data_replies.extend(["451 4.3.0 Try again later"] * 3)
     relay = await spawn(config, port).start()
     message_ids: dict[str, str] = {}
     for tag in ("a", "b", "c"):
@@ -569,7 +570,7 @@ async def test_queue_verbs_on_a_stopped_relay(standin: InfobipStandIn, spawn: Sp
         assert state["attempts"] >= 1
         assert row[1] == str(state["attempts"]), out
         assert row[4] == SENDER, out
-        assert "421 4.3.2" in " ".join(row[5:]), out  # the stand-in's greeting, as Infobip's trouble reply
+        assert "451 4.3.0 Try again later" in " ".join(row[5:]), out  # Infobip's reply
         assert " ".join(state["last_reply"].split()).startswith(" ".join(row[5:])[:90])
         assert row[3] != "now", out  # backing off for 15-30 s
 
@@ -597,9 +598,8 @@ async def test_queue_verbs_on_a_stopped_relay(standin: InfobipStandIn, spawn: Sp
     assert set(queue_rows(queue_out)) == {first, third, dead_id}, queue_out
     assert spool_files(spool, "dead") == []
 
-    # Run 3: upstream back; start, flush, everything left arrives. (The requeue above already left a
-    # flush request in the spool, so this run alone does not prove the flush verb: the next test does.)
-    standin.behaviour.down = False
+    # Run 3: start, flush, everything left arrives. (The requeue above already left a flush request in
+    # the spool, so this run alone does not prove the flush verb: the next test does.)
     relay = await spawn(config, port).start()
     code, out, err = await queue_cli(config, "flush")
     assert code == 0, err
