@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -166,3 +167,13 @@ async def test_the_worker_goes_on_while_the_journal_write_lands_and_marks_it_don
     journal = relay_.delivery.journal
     await until(lambda: synced.is_set() and not any(journal._live.values()) and not journal._pending.appends)
     await until(lambda: list(live_records(tmp_path / "journal")) == [])
+
+
+def test_the_envelope_line_carries_every_field_and_reads_back() -> None:
+    from dataclasses import fields
+
+    from relay.spool import envelope_from_line
+
+    _, envelope = prepared(7)
+    assert list(json.loads(envelope.line())) == [f.name for f in fields(Envelope)]
+    assert envelope_from_line(envelope.line()) == envelope
