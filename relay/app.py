@@ -207,12 +207,15 @@ class Relay:
             try:
                 await asyncio.shield(committing)
             except OSError as exc:
-                if self.delivery.withdraw(envelope.queue_id):  # not on disk, not sent: the app retries it
-                    return self._unstorable(envelope, exc.strerror or str(exc))
-                # A worker is sending it right now: Infobip's verdict decides between 250 and 452.
-                result = await job.handoff.future
-                if not result.complete:
-                    return self._unstorable(envelope, exc.strerror or str(exc))
+                sent = job.handoff.future.result() if job.handoff.future.done() else None
+                if sent is None or not sent.complete:  # not accepted by Infobip so far
+                    if self.delivery.withdraw(envelope.queue_id):  # not on disk, not sent: the app retries it
+                        return self._unstorable(envelope, exc.strerror or str(exc))
+                    # A worker is sending it right now: Infobip's verdict decides between 250 and 452.
+                    sent = await job.handoff.future
+                    if not sent.complete:
+                        return self._unstorable(envelope, exc.strerror or str(exc))
+                result = sent  # not on disk, but Infobip has every recipient
             else:
                 promoting = self.delivery.on_disk(envelope.queue_id)
                 if promoting is not None:

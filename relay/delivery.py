@@ -10,7 +10,6 @@ module only schedules and does I/O.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import heapq
@@ -131,25 +130,34 @@ class Delivery:
         await self._remove_done()
         # Messages never attempted go to queue/ now, so that a stopped relay's `relay queue` shows them.
         for job in list(self._jobs.values()):
-            if job.envelope is not None and job.message is not None:
-                with contextlib.suppress(OSError):  # still in the journal: the next start promotes it
-                    await self._promote(job, job.message)
+            if job.envelope is None or job.message is None:
+                continue
+            try:
+                if job.committing is not None:  # promoted before its journal write landed, it would
+                    await job.committing  # stay live there, and be promoted again at the next start
+                    job.committing = None
+                await self._promote(job, job.message)
+            except OSError:  # not in the journal (never acknowledged), or it stays there for next start
+                continue
         await self.journal.close()
 
     def _promote_journal(self) -> int:
         """Start-up: what the journal holds and nobody finished goes to queue/ (then the journal starts
         afresh). A message promoted before the crash is simply written again, with the same bytes."""
         count = 0
-        for envelope, data in self.journal.recover():
+        ignored: list[tuple[str, int]] = []
+        for envelope, data in self.journal.recover(ignored):
             self.spool.commit(_stored(envelope, data), envelope)
             count += 1
+        for segment, size in ignored:  # after a crash, a torn last record (never acknowledged) is normal
+            log.warning("spool_journal_tail_ignored", segment=segment, bytes=size)
         return count
 
     async def _promote(self, job: Job, message: Prepared) -> None:
         """Journal -> its own file in queue/ (raises OSError, and then it stays in the journal)."""
         assert job.envelope is not None
         await asyncio.to_thread(self.spool.commit, message, job.envelope)
-        job.envelope = None
+        job.envelope = job.message = None
         self.journal.done(job.queue_id)
 
     async def _janitor(self) -> None:
@@ -327,15 +335,15 @@ class Delivery:
                     wait = min(wait, max(0.01, self.breaker.wait(time.monotonic())))
                 else:
                     wait = min(wait, due - now)
-            waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
             self._idle.append(waiter)
+            timer = loop.call_later(wait, _release, waiter)  # (asyncio.timeout costs more, once per message)
             try:
-                async with asyncio.timeout(wait):
-                    await waiter
-            except TimeoutError:
-                pass
+                await waiter
             finally:
-                if waiter in self._idle:  # a timed-out waiter is done (cancelled) but still listed
+                timer.cancel()
+                if waiter in self._idle:  # a timed-out waiter is done but still listed
                     self._idle.remove(waiter)
         return None
 
@@ -371,7 +379,9 @@ class Delivery:
 
     async def _attempt(self, job: Job) -> None:
         if job.message is not None:
-            message, job.message = job.message, None
+            message = job.message
+            if job.envelope is None:  # on disk in queue/: no need to hold the bytes between attempts
+                job.message = None
         else:
             loaded = await self._load(job)
             if loaded is None:
@@ -383,9 +393,10 @@ class Delivery:
         with self.metrics.delivery_seconds.time():
             result = await self._send(message, recipients)
         crashpoint("after_upstream_reply")
-        handoff = job.handoff if job.handoff is not None and job.handoff.active else None
-        if handoff is not None and result.complete:
-            handoff.future.set_result(result)  # Infobip has it all: the client need not wait for our disk
+        if result.complete and job.handoff is not None and not job.handoff.future.done():
+            # Infobip has it all: the client need not wait for our disk. (Set even when the session
+            # stopped waiting: should the journal write fail, the session must still know it was sent.)
+            job.handoff.future.set_result(result)
         if job.committing is not None and not (result.complete and not job.committing.done()):
             # (Infobip has every recipient and the journal is still writing: nothing waits for it, and
             # `_settle` marks the message done once written. The worker goes on to the next message.)
@@ -470,7 +481,7 @@ class Delivery:
             self._schedule(dataclasses.replace(job, due=step.retry_at, recipients=step.retry, message=None))
         elif handed_back:  # the client is being told 5xx: the message must be gone first
             if job.envelope is not None:
-                await self.journal.done(job.queue_id)
+                await self.journal.done_durably(job.queue_id)
             else:
                 await asyncio.to_thread(self.spool.remove, job.queue_id)
         elif job.envelope is not None:  # a crash before the done mark is durable: one more delivery
@@ -517,6 +528,11 @@ class Delivery:
                 target = transient if result.final.transient else permanent
                 target.update({rcpt: str(result.final) for rcpt in batch if rcpt not in result.refused})
         return AttemptResult(tuple(accepted), transient, permanent, tuple(ids))
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _stored(envelope: Envelope, data: bytes) -> Prepared:

@@ -86,19 +86,25 @@ def segment_paths(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX) and p.name[: -len(SUFFIX)].isdigit())
 
 
-def live_records(directory: Path) -> Iterator[tuple[Envelope, bytes]]:
+def live_records(directory: Path, ignored: list[tuple[str, int]] | None = None) -> Iterator[tuple[Envelope, bytes]]:
     """Every committed message not marked done, oldest first. Two passes, so that only one message's
-    bytes are in memory at a time."""
+    bytes are in memory at a time. `ignored` gets (segment, bytes) for what follows the first invalid
+    record of a segment: a torn end after a crash (never acknowledged), or damage worth a look."""
     paths = segment_paths(directory)
     done: set[str] = set()
     found: list[tuple[Path, int, int]] = []  # segment, payload offset, payload length
     for path in paths:
+        end = 0
         with open(path, "rb") as handle:
             for kind, offset, payload in read_records(handle):
+                end = offset + len(payload)
                 if kind == DONE:
                     done.add(payload.decode())
                 else:
                     found.append((path, offset, len(payload)))
+            size = os.fstat(handle.fileno()).st_size
+        if ignored is not None and size > end:
+            ignored.append((path.name, size - end))
     for path, offset, length in found:
         with open(path, "rb") as handle:
             handle.seek(offset)
@@ -118,7 +124,7 @@ class _Append:
 @dataclass
 class _Done:
     queue_id: str
-    future: asyncio.Future[None]
+    future: asyncio.Future[None] | None  # None: nobody waits for this one
     error: OSError | None = None
 
 
@@ -146,6 +152,8 @@ class Journal:
         self._segment_of: dict[str, int] = {}  # queue id -> segment, for messages not done yet
         self._live: dict[int, int] = {}  # segment -> messages in it not done yet
         self._segments: list[int] = []  # existing segments, oldest first
+        self._broken = False  # an fdatasync failed: nothing more goes into the current segment
+        self._unwritten_dones: list[str] = []  # done marks a failed write lost: tried again next batch
         self._fd = -1
         self._offset = 0
         self._thread: threading.Thread | None = None
@@ -153,9 +161,9 @@ class Journal:
 
     # start-up and shutdown
 
-    def recover(self) -> Iterator[tuple[Envelope, bytes]]:
+    def recover(self, ignored: list[tuple[str, int]] | None = None) -> Iterator[tuple[Envelope, bytes]]:
         """Before `start`: what a previous run committed and did not finish."""
-        return live_records(self.directory)
+        return live_records(self.directory, ignored)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Delete the old segments (their live records are promoted by now) and open a fresh one."""
@@ -182,10 +190,12 @@ class Journal:
             self._wakeup.release()
         await asyncio.to_thread(self._thread.join)
         self._thread = None
-        await asyncio.sleep(0)  # the last answers ran; let what they wake (done marks) run too
-        with self._lock:
-            last, self._pending = self._pending, _Batch()
-        if last.appends or last.dones:
+        while True:  # the last answers ran; what they wake (done marks) is written here
+            await asyncio.sleep(0)
+            with self._lock:
+                last, self._pending = self._pending, _Batch()
+            if not (last.appends or last.dones):
+                break
             await asyncio.to_thread(self._write_batch, last)
             self._answer(last)
         os.close(self._fd)
@@ -211,11 +221,19 @@ class Journal:
             self._wakeup.release()
         return future
 
-    def done(self, queue_id: str) -> asyncio.Future[None]:
-        """The message needs no recovery any more. The returned future says when that is durable;
-        most callers need not wait (a crash before it only means one more delivery)."""
+    def done(self, queue_id: str) -> None:
+        """The message needs no recovery any more. Nobody waits for the mark to be durable: a crash
+        before it only means one more delivery."""
+        self._mark_done(queue_id, None)
+
+    def done_durably(self, queue_id: str) -> asyncio.Future[None]:
+        """The same, resolved once the mark is on disk (or failed with the OSError)."""
         assert self._loop is not None, "start() first"
         future: asyncio.Future[None] = self._loop.create_future()
+        self._mark_done(queue_id, future)
+        return future
+
+    def _mark_done(self, queue_id: str, future: asyncio.Future[None] | None) -> None:
         idle = False
         with self._lock:
             seq = self._segment_of.pop(queue_id, None)
@@ -223,16 +241,15 @@ class Journal:
                 self._live[seq] -= 1
                 self._pending.dones.append(_Done(queue_id, future))
                 idle, self._writer_idle = self._writer_idle, False
-        if seq is None:  # not in the journal (promoted before, or read from queue/)
+        if seq is None and future is not None:  # not in the journal (promoted before, or read from queue/)
             future.set_result(None)
         if idle:
             self._wakeup.release()
-        return future
 
     def _answer(self, batch: _Batch) -> None:
         items: list[_Append | _Done] = [*batch.appends, *batch.dones]
         for item in items:
-            if item.future.done():
+            if item.future is None or item.future.done():
                 continue
             if item.error is not None:
                 item.future.set_exception(item.error)
@@ -258,11 +275,18 @@ class Journal:
                 return
 
     def _write_batch(self, batch: _Batch) -> None:
-        try:
-            if self._offset >= self.segment_bytes:
+        if self._unwritten_dones:
+            batch.dones += [_Done(queue_id, None) for queue_id in self._unwritten_dones]
+            self._unwritten_dones = []
+        if self._broken or self._offset >= self.segment_bytes:
+            try:
                 self._rotate()
-        except OSError as exc:
-            log.error("spool_journal_rotate_failed", error=exc.strerror or str(exc))
+                self._broken = False
+            except OSError as exc:
+                log.error("spool_journal_rotate_failed", error=exc.strerror or str(exc))
+                if self._broken:  # after a failed sync, bytes before these could be lost: refuse them
+                    self._fail(batch, exc)
+                    return
         written: list[_Append] = []
         for item in batch.appends:
             payload = [memoryview(item.envelope.line()), *item.message.segments()]
@@ -276,19 +300,20 @@ class Journal:
                 queue_id = done.queue_id.encode()
                 parts += [record_header(DONE, [queue_id]), queue_id]
             error = self._write_parts(parts)
-            for done in batch.dones:
-                done.error = error
+            if error is not None:
+                self._fail(_Batch(dones=batch.dones), error)
         if written or batch.dones:
             try:
                 os.fdatasync(self._fd)
             except OSError as exc:  # what reached the disk is unknown: fail them all, start a new segment
-                for done in batch.dones:
-                    done.error = exc
-                for item in written:
-                    item.error = exc
+                self._fail(_Batch(written, batch.dones), exc)
                 written = []
-                with contextlib.suppress(OSError):
+                self._broken = True
+                try:
                     self._rotate()
+                    self._broken = False
+                except OSError as rotate_exc:  # the next batch tries again; until then nothing is taken
+                    log.error("spool_journal_rotate_failed", error=rotate_exc.strerror or str(rotate_exc))
         seq = self._segments[-1]
         with self._lock:
             for item in written:
@@ -297,6 +322,14 @@ class Journal:
         for _ in written:
             crashpoint("after_commit")
         self._retire()
+
+    def _fail(self, batch: _Batch, error: OSError) -> None:
+        for item in batch.appends:
+            item.error = error
+        for done in batch.dones:
+            if done.error is None:
+                done.error = error
+                self._unwritten_dones.append(done.queue_id)
 
     def _write_record(self, kind: int, payload: Sequence[bytes | memoryview]) -> OSError | None:
         return self._write_parts([record_header(kind, payload), *payload])
@@ -322,7 +355,13 @@ class Journal:
 
     def _open_segment(self, seq: int) -> None:
         fd = os.open(self._path(seq), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        fsync_dir(self.directory)  # the new name must survive a crash too
+        try:
+            fsync_dir(self.directory)  # the new name must survive a crash too
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self._path(seq))
+            raise
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self._offset = fd, 0

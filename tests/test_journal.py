@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import json
 import os
@@ -50,7 +51,7 @@ async def test_committed_and_not_done_is_what_recovery_finds_byte_for_byte(tmp_p
     journal.start(asyncio.get_running_loop())
     messages = [prepared(n) for n in range(20)]
     await asyncio.gather(*(journal.append(m, e) for m, e in messages))
-    await asyncio.gather(*(journal.done(e.queue_id) for _, e in messages[::2]))  # the even ones are done
+    await asyncio.gather(*(journal.done_durably(e.queue_id) for _, e in messages[::2]))  # the even ones are done
     # No close(): a crash. Recovery must give back exactly the odd ones, with their exact bytes.
     found = list(live_records(tmp_path / "journal"))
     assert [e for e, _ in found] == [e for _, e in messages[1::2]]
@@ -67,7 +68,7 @@ async def test_a_batch_shares_one_sync_and_segments_go_once_nothing_in_them_is_l
         await journal.append(m, e)
     assert len(segment_paths(directory)) >= 4
     for _, e in messages[:-1]:
-        await journal.done(e.queue_id)
+        await journal.done_durably(e.queue_id)
     await journal.append(*prepared(99))  # one more batch: the writer retires what it can
     await until(lambda: len(segment_paths(directory)) <= 2)
     assert [e.queue_id for e, _ in live_records(directory)] == [messages[-1][1].queue_id, f"{99:021d}"]
@@ -123,7 +124,7 @@ async def test_start_up_delivers_what_the_journal_held_and_not_what_was_done(
     live, done = prepared(1), prepared(2)
     await journal.append(*live)
     await journal.append(*done)
-    await journal.done(done[1].queue_id)
+    await journal.done_durably(done[1].queue_id)
     torn = record(MESSAGE, b'{"queue_id": "torn"}\nFrom: x\r\n\r\nnever acknowledged\r\n')
     with open(segment_paths(tmp_path / "journal")[-1], "ab") as handle:
         handle.write(torn[: len(torn) // 2])  # the writer thread is idle: nothing else appends now
@@ -177,3 +178,88 @@ def test_the_envelope_line_carries_every_field_and_reads_back() -> None:
     _, envelope = prepared(7)
     assert list(json.loads(envelope.line())) == [f.name for f in fields(Envelope)]
     assert envelope_from_line(envelope.line()) == envelope
+
+
+async def test_infobip_took_it_after_sync_wait_and_then_the_journal_failed_is_still_a_250(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 452 here would make the app send again what Infobip already has."""
+    import relay.journal
+
+    def slow_failing_fdatasync(fd: int) -> None:
+        time.sleep(1.0)  # a disk in trouble: slow, then the write-back fails
+        raise OSError(errno.EIO, "Input/output error")
+
+    standin.behaviour.data_delay = 0.5  # Infobip answers after sync_wait, before the disk
+    relay_ = await start_relay(spool=spooled(tmp_path, sync_wait=0.3), upstream={"pool_size": 1})
+    monkeypatch.setattr(relay.journal.os, "fdatasync", slow_failing_fdatasync)
+    reply = await send_one(relay_.port, SENDER, ["a@example.org"], message())
+    [got] = standin.messages
+    assert reply == f"250 2.6.0 Message queued as {got.infobip_id}"
+
+
+async def test_after_a_failed_sync_nothing_is_taken_until_a_new_segment_is_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linux reports a failed write-back once: a later fdatasync of the same file succeeds although
+    bytes before it may be lost, and recovery would stop reading there. So after a failed sync the
+    writer takes nothing more into that segment; it fails appends until a new segment is open."""
+    import relay.journal
+
+    directory = tmp_path / "journal"
+    journal = Journal(directory)
+    journal.start(asyncio.get_running_loop())
+    real_fdatasync, real_fsync_dir = os.fdatasync, relay.journal.fsync_dir
+    failures = {"sync": 0, "dir": 0}
+
+    def fdatasync(fd: int) -> None:
+        if failures["sync"]:
+            failures["sync"] -= 1
+            size = os.fstat(fd).st_size
+            os.pwrite(fd, b"\0" * 16, size - 16)  # the lost write-back: what the disk holds after a crash
+            raise OSError(errno.EIO, "Input/output error")
+        real_fdatasync(fd)
+
+    def fsync_dir(path: Path) -> None:
+        if failures["dir"]:
+            failures["dir"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(relay.journal.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(relay.journal, "fsync_dir", fsync_dir)
+    a, b, c, d = prepared(1), prepared(2), prepared(3), prepared(4)
+    await journal.append(*a)
+    failures["sync"], failures["dir"] = 1, 2  # the sync fails, and so do the next two new segments
+    with pytest.raises(OSError):
+        await journal.append(*b)  # its client hears 452
+    with pytest.raises(OSError):
+        await journal.append(*c)  # the sick segment takes nothing more, and no new one could be made
+    await journal.append(*d)  # a new segment: acknowledged
+    assert [e.queue_id for e, _ in live_records(directory)] == [a[1].queue_id, d[1].queue_id]
+    assert len(segment_paths(directory)) == 2  # no half-made segment left behind
+    await journal.close()
+
+
+async def test_a_clean_stop_leaves_nothing_live_in_the_journal(
+    start_relay: StartRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message never attempted, whose journal write lands only during the stop, goes to queue/ and
+    is marked done: the next start must not find it twice."""
+    import relay.journal
+
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        time.sleep(0.5)
+        real(fd)
+
+    relay_ = await start_relay(spool=spooled(tmp_path))
+    assert relay_.delivery is not None
+    monkeypatch.setattr(relay.journal.os, "fdatasync", slow)
+    relay_.delivery._stopping = True  # no worker takes it: it is still waiting when the stop comes
+    m, e = prepared(1)
+    relay_.delivery.submit(m, e)
+    await relay_.delivery.stop(time.monotonic())
+    assert queue_files(tmp_path) == [f"{e.queue_id}.msg"]
+    assert list(live_records(tmp_path / "journal")) == []
