@@ -26,6 +26,7 @@ import contextlib
 import os
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,11 @@ MESSAGE, DONE = ord("M"), ord("D")
 SEGMENT_BYTES = 64 * 2**20  # a new segment once the current one is this big
 SUFFIX = ".log"
 SMALL_RECORD = 64 * 1024
+# Woken from idle, the writer waits this long for more records to share the fdatasync (PostgreSQL's
+# commit_delay). Nobody waits for it on the fast path (Infobip's verdict answers the client), and a
+# "queued" reply is 3 ms later at most; in exchange the relay spent about 9% less CPU per message at
+# 0 ms RTT (bench, 3 interleaved A/B runs: 1.05 against 1.15 ms).
+COMMIT_DELAY = 0.003
 
 
 def record_header(kind: int, payload: Sequence[bytes | memoryview]) -> bytes:
@@ -266,6 +272,7 @@ class Journal:
                 idle = self._writer_idle = not (batch.appends or batch.dones or closing)
             if idle:
                 self._wakeup.acquire()  # until an append, a done mark or close() releases it
+                time.sleep(COMMIT_DELAY)
                 continue
             if batch.appends or batch.dones:
                 self._write_batch(batch)
