@@ -59,6 +59,8 @@ class Relay:
         checks = {"listening": "ok" if self._server is not None and self._server.is_serving() else "not listening"}
         if self.spool is not None:
             checks["spool"] = self.spool.writable()
+            if checks["spool"] == "ok" and self.delivery is not None:
+                checks["spool"] = self.delivery.journal.problem or "ok"
         failure = self.pool.last_failure
         recent = self.pool.last_authenticated is not None and (
             time.monotonic() - self.pool.last_authenticated < self.settings.http.ready_upstream_window

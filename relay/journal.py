@@ -214,6 +214,11 @@ class Journal:
             except OSError as exc:  # the next start deletes them
                 log.error("spool_journal_cleanup_failed", error=exc.strerror or str(exc))
 
+    @property
+    def problem(self) -> str | None:
+        """Why the journal takes nothing now (for /readyz), or None."""
+        return "spool journal: no new segment after a failed sync" if self._broken else None
+
     # on the event loop
 
     def append(self, message: Prepared, envelope: Envelope) -> asyncio.Future[None]:

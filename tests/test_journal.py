@@ -263,3 +263,36 @@ async def test_a_clean_stop_leaves_nothing_live_in_the_journal(
     await relay_.delivery.stop(time.monotonic())
     assert queue_files(tmp_path) == [f"{e.queue_id}.msg"]
     assert list(live_records(tmp_path / "journal")) == []
+
+
+async def test_readiness_says_so_while_the_journal_takes_nothing(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import relay.journal
+
+    relay_ = await start_relay(spool=spooled(tmp_path))
+    real_fdatasync, real_fsync_dir = os.fdatasync, relay.journal.fsync_dir
+    sick = {"on": True}
+
+    def fdatasync(fd: int) -> None:
+        if sick["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fdatasync(fd)
+
+    def fsync_dir(path: Path) -> None:
+        if sick["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(relay.journal.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(relay.journal, "fsync_dir", fsync_dir)
+    standin.behaviour.down = True  # so the reply depends on the disk alone
+    reply = await send_one(relay_.port, SENDER, ["a@example.org"], message())
+    assert reply.startswith("452 4.3.1 ")
+    readiness = relay_.readiness()
+    assert not readiness.ready and "no new segment after a failed sync" in readiness.checks["spool"]
+    sick["on"] = False  # the disk is back: the next message opens a new segment
+    standin.behaviour.down = False
+    reply = await send_one(relay_.port, SENDER, ["b@example.org"], message())
+    assert reply.startswith("250 2.6.0 ")
+    await until(lambda: relay_.readiness().checks["spool"] == "ok")  # once its journal write is done
