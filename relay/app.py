@@ -12,7 +12,7 @@ import structlog
 
 from relay.alignment import organizational_domain
 from relay.config import ConfigError, Settings, load_settings
-from relay.delivery import Delivery
+from relay.delivery import Delivery, Job
 from relay.http import HttpServer, Readiness
 from relay.inbound import RelayHandler, RelaySMTP, SessionInfo, Sessions
 from relay.logs import configure_logging, log_message
@@ -201,6 +201,21 @@ class Relay:
         del message
         assert job.handoff is not None and job.committing is not None
         committing = job.committing
+        try:
+            return await self._answer_spooled(job, envelope, committing)
+        except asyncio.CancelledError:  # the client hung up: what it would have waited for happens anyway
+            committing.add_done_callback(lambda done: self._on_disk_unless_failed(envelope.queue_id, done))
+            raise
+
+    def _on_disk_unless_failed(self, queue_id: str, committing: asyncio.Future[None]) -> None:
+        assert self.delivery is not None
+        if not committing.cancelled() and committing.exception() is None:
+            self.delivery.on_disk(queue_id)  # a job still waiting leaves the journal and memory for queue/
+        else:
+            self.delivery.withdraw(queue_id)  # not stored and nobody was told 250: as for a 452
+
+    async def _answer_spooled(self, job: Job, envelope: Envelope, committing: asyncio.Future[None]) -> Reply:
+        assert self.delivery is not None and job.handoff is not None
         result = await job.handoff.wait(self.settings.spool.sync_wait)
         # A 250 needs Infobip's acceptance of every recipient, or the message safely on disk.
         if result is None or not result.complete:

@@ -481,7 +481,10 @@ class Delivery:
             self._schedule(dataclasses.replace(job, due=step.retry_at, recipients=step.retry, message=None))
         elif handed_back:  # the client is being told 5xx: the message must be gone first
             if job.envelope is not None:
-                await self.journal.done_durably(job.queue_id)
+                try:
+                    await self.journal.done_durably(job.queue_id)
+                except OSError as exc:  # retried with the next batch; a crash first only repeats the refusal
+                    log.error("spool_journal_done_failed", queue_id=job.queue_id, error=exc.strerror or str(exc))
             else:
                 await asyncio.to_thread(self.spool.remove, job.queue_id)
         elif job.envelope is not None:  # a crash before the done mark is durable: one more delivery

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -61,6 +62,14 @@ def record_header(kind: int, payload: Sequence[bytes | memoryview]) -> bytes:
         crc = zlib.crc32(part, crc)
         length += len(part)
     return HEADER.pack(MAGIC, kind, crc, length)
+
+
+def _done_records(queue_ids: Iterable[str]) -> list[bytes]:
+    parts = []
+    for queue_id in queue_ids:
+        raw = queue_id.encode()
+        parts += [record_header(DONE, [raw]), raw]
+    return parts
 
 
 def read_records(handle: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
@@ -204,6 +213,8 @@ class Journal:
                 break
             await asyncio.to_thread(self._write_batch, last)
             self._answer(last)
+        if self._unwritten_dones:  # marks an earlier failure left: one more try (a batch takes them)
+            await asyncio.to_thread(self._write_batch, _Batch())
         os.close(self._fd)
         if not any(self._live.values()):
             try:
@@ -280,7 +291,18 @@ class Journal:
                 time.sleep(COMMIT_DELAY)
                 continue
             if batch.appends or batch.dones:
-                self._write_batch(batch)
+                try:
+                    self._write_batch(batch)
+                except Exception as exc:  # a bug must not leave every session waiting forever
+                    log.error("spool_journal_error", error_type=type(exc).__name__, error=str(exc))
+                    self._fail(batch, OSError(errno.EIO, f"journal writer: {exc}"))
+                    self._broken = True
+                    with self._lock:  # failed, so never live: marked done wherever their bytes went
+                        for item in batch.appends:
+                            seq = self._segment_of.pop(item.envelope.queue_id, None)
+                            if seq is not None:
+                                self._live[seq] -= 1
+                    self._unwritten_dones += [item.envelope.queue_id for item in batch.appends]
                 assert self._loop is not None
                 self._loop.call_soon_threadsafe(self._answer, batch)
             if closing and not batch.appends and not batch.dones:
@@ -307,11 +329,7 @@ class Journal:
                 written.append(item)
                 crashpoint("before_commit")
         if batch.dones:
-            parts: list[bytes | memoryview] = []
-            for done in batch.dones:
-                queue_id = done.queue_id.encode()
-                parts += [record_header(DONE, [queue_id]), queue_id]
-            error = self._write_parts(parts)
+            error = self._write_parts(_done_records(d.queue_id for d in batch.dones))
             if error is not None:
                 self._fail(_Batch(dones=batch.dones), error)
         if written or batch.dones:
@@ -319,11 +337,15 @@ class Journal:
                 os.fdatasync(self._fd)
             except OSError as exc:  # what reached the disk is unknown: fail them all, start a new segment
                 self._fail(_Batch(written, batch.dones), exc)
+                # Their bytes may still be in this segment, and their clients hear 452 (or Infobip has
+                # them already): done marks in the next segment keep recovery from sending them.
+                self._unwritten_dones += [item.envelope.queue_id for item in written]
                 written = []
                 self._broken = True
                 try:
                     self._rotate()
                     self._broken = False
+                    self._write_unwritten_dones()  # before those clients hear 452
                 except OSError as rotate_exc:  # the next batch tries again; until then nothing is taken
                     log.error("spool_journal_rotate_failed", error=rotate_exc.strerror or str(rotate_exc))
         seq = self._segments[-1]
@@ -334,6 +356,18 @@ class Journal:
         for _ in written:
             crashpoint("after_commit")
         self._retire()
+
+    def _write_unwritten_dones(self) -> None:
+        ids, self._unwritten_dones = self._unwritten_dones, []
+        error = self._write_parts(_done_records(ids))
+        if error is None:
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                error = exc
+                self._broken = True
+        if error is not None:
+            self._unwritten_dones = ids + self._unwritten_dones
 
     def _fail(self, batch: _Batch, error: OSError) -> None:
         for item in batch.appends:

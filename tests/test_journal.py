@@ -16,7 +16,7 @@ from relay.journal import DONE, MESSAGE, Journal, live_records, read_records, re
 from relay.prepare import Prepared
 from relay.spool import Envelope, Spool
 from relay.standin import InfobipStandIn
-from tests.conftest import StartRelay, message
+from tests.conftest import Dialog, StartRelay, message
 from tests.test_relay import send_one
 from tests.test_spool import SENDER, queue_files, spooled, until
 
@@ -296,3 +296,126 @@ async def test_readiness_says_so_while_the_journal_takes_nothing(
     reply = await send_one(relay_.port, SENDER, ["b@example.org"], message())
     assert reply.startswith("250 2.6.0 ")
     await until(lambda: relay_.readiness().checks["spool"] == "ok")  # once its journal write is done
+
+
+def _failing_done_writes(monkeypatch: pytest.MonkeyPatch, count: int) -> dict[str, int]:
+    """The next `count` writes of done marks fail with ENOSPC (a message record still goes through)."""
+    import relay.journal
+
+    real = relay.journal.write_all_at
+    left = {"n": count}
+
+    def write_all_at(fd: int, views: list[memoryview], offset: int) -> int:
+        if left["n"] and bytes(views[0][2:3]) == bytes([DONE]):
+            left["n"] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, views, offset)
+
+    monkeypatch.setattr(relay.journal, "write_all_at", write_all_at)
+    return left
+
+
+async def test_a_record_whose_sync_failed_is_never_recovered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its client hears 452, yet its bytes may still be in the old segment: a done mark in the new
+    segment, durable before that answer, keeps a start after kill -9 from sending it."""
+    import relay.journal
+
+    directory = tmp_path / "journal"
+    journal = Journal(directory)
+    journal.start(asyncio.get_running_loop())
+    real = os.fdatasync
+    fail = {"n": 0}
+
+    def fdatasync(fd: int) -> None:
+        if fail["n"]:
+            fail["n"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(relay.journal.os, "fdatasync", fdatasync)
+    a, b = prepared(1), prepared(2)
+    await journal.append(*a)  # live: its first attempt is under way
+    fail["n"] = 1
+    with pytest.raises(OSError):
+        await journal.append(*b)
+    assert [e.queue_id for e, _ in live_records(directory)] == [a[1].queue_id]  # no close(): a kill -9
+    await journal.close()
+
+
+async def test_done_marks_a_failed_write_left_behind_are_written_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "journal"
+    journal = Journal(directory)
+    journal.start(asyncio.get_running_loop())
+    delivered, waiting = prepared(1), prepared(2)
+    await journal.append(*delivered)
+    await journal.append(*waiting)  # stays live: kept for the next start
+    failing = _failing_done_writes(monkeypatch, 1)
+    with pytest.raises(OSError):
+        await journal.done_durably(delivered[1].queue_id)
+    assert failing["n"] == 0  # the disk is fine again
+    await journal.close()
+    assert [e.queue_id for e, _ in live_records(directory)] == [waiting[1].queue_id]
+
+
+async def test_a_refusal_handed_back_is_not_sent_later_when_its_done_mark_fails(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    relay_ = await start_relay(spool=spooled(tmp_path, retry_initial=0.05), upstream={"pool_size": 1})
+    failing = _failing_done_writes(monkeypatch, 1)
+    standin.behaviour.data_replies.append("550 5.7.1 Policy says no")
+    reply = await send_one(relay_.port, SENDER, ["a@example.org"], message())
+    assert reply.startswith("550 5.7.1 ") and failing["n"] == 0
+    second = await send_one(relay_.port, SENDER, ["b@example.org"], message())  # a batch retries the mark
+    assert second.startswith("250 2.6.0 ")
+    assert relay_.delivery is not None
+    journal = relay_.delivery.journal
+    await until(lambda: not any(journal._live.values()) and not journal._unwritten_dones)
+    assert [m.rcpt_tos for m in standin.messages] == [["b@example.org"]]
+    assert list(live_records(tmp_path / "journal")) == [] and queue_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("infobip", ["slower than the disk", "refuses for good"])
+async def test_nothing_stays_live_in_the_journal_after_ordinary_messages(
+    infobip: str, standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """A record left live would pin its segment and every later one, and be sent again at the next start."""
+    relay_ = await start_relay(spool=spooled(tmp_path))
+    if infobip == "slower than the disk":
+        standin.behaviour.data_delay = 0.1  # the journal write lands first
+        expected = "250 2.6.0 "
+    else:
+        standin.behaviour.data_replies.extend(["550 5.7.1 Policy says no"] * 3)
+        expected = "550 5.7.1 "
+    for n in range(3):
+        reply = await send_one(relay_.port, SENDER, [f"r{n}@example.org"], message())
+        assert reply.startswith(expected), reply
+    assert relay_.delivery is not None
+    journal = relay_.delivery.journal
+    await until(lambda: not any(journal._live.values()))
+    await until(lambda: list(live_records(tmp_path / "journal")) == [])  # the done marks are on disk
+
+
+async def test_a_client_hanging_up_during_an_outage_leaves_its_message_in_queue_not_in_memory(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """With the breaker open nothing attempts it for a long time: held in memory and live in the journal,
+    it would pin every later segment for the whole outage."""
+    standin.behaviour.down = True
+    relay_ = await start_relay(spool=spooled(tmp_path, sync_wait=0.3), upstream={"pool_size": 1})
+    for n in range(6):  # enough failures to open the breaker
+        await send_one(relay_.port, SENDER, [f"p{n}@example.org"], message())
+    quitter = await Dialog.open(relay_.port)
+    await quitter.hello()
+    for line in (f"MAIL FROM:<{SENDER}>", "RCPT TO:<gone@example.org>", "DATA"):
+        await quitter.send(line)
+    quitter.writer.write(message(Message_ID="<gone@x>") + b".\r\n")
+    await quitter.writer.drain()
+    assert relay_.delivery is not None
+    delivery = relay_.delivery
+    await until(lambda: delivery.depth == 7)
+    await quitter.close()  # before its sync_wait is over
+    await until(lambda: all(job.message is None for job in delivery._jobs.values()) and not delivery._busy)
+    assert list(live_records(tmp_path / "journal")) == []
+    assert len([f for f in queue_files(tmp_path) if f.endswith(".msg")]) == 7
