@@ -411,6 +411,7 @@ async def test_kill_9_then_restart_loses_nothing_acknowledged(
     assert len(arrived) == len(standin.messages), "every message upstream carries a Message-ID"
     assert not lost, f"acknowledged but never delivered: {sorted(lost)}"
     assert spool_files(spool, "tmp") == [] and spool_files(spool, "dead") == []
+    assert spool_files(spool, "journal") == []  # a clean stop leaves no journal: nothing to send twice
     if point == "after_commit":
         # The message committed at the instant of the kill was never acknowledged, yet it is delivered.
         assert unacknowledged_delivered
