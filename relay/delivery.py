@@ -269,7 +269,6 @@ class Delivery:
         job.committing = None  # the session saw it succeed
         try:
             await self._promote(job, job.message)
-            job.message = None
         except OSError as exc:  # still safe in the journal; it keeps its bytes and goes out from memory
             log.error("spool_promote_failed", queue_id=job.queue_id, error=exc.strerror or str(exc))
         finally:

@@ -107,7 +107,7 @@ def live_records(directory: Path, ignored: list[tuple[str, int]] | None = None) 
     record of a segment: a torn end after a crash (never acknowledged), or damage worth a look."""
     paths = segment_paths(directory)
     done: set[str] = set()
-    found: list[tuple[Path, int, int]] = []  # segment, payload offset, payload length
+    found: list[tuple[str, Path, int, int]] = []  # queue id, segment, payload offset, payload length
     for path in paths:
         end = 0
         with open(path, "rb") as handle:
@@ -116,16 +116,17 @@ def live_records(directory: Path, ignored: list[tuple[str, int]] | None = None) 
                 if kind == DONE:
                     done.add(payload.decode())
                 else:
-                    found.append((path, offset, len(payload)))
+                    queue_id = envelope_from_line(payload[: payload.index(b"\n") + 1]).queue_id
+                    found.append((queue_id, path, offset, len(payload)))
             size = os.fstat(handle.fileno()).st_size
         if ignored is not None and size > end:
             ignored.append((path.name, size - end))
-    for path, offset, length in found:
+    for queue_id, path, offset, length in found:
+        if queue_id in done:  # the common case: not read again
+            continue
         with open(path, "rb") as handle:
             handle.seek(offset)
-            envelope, data = split_message(handle.read(length))
-        if envelope.queue_id not in done:
-            yield envelope, data
+            yield split_message(handle.read(length))
 
 
 @dataclass
@@ -313,18 +314,14 @@ class Journal:
             batch.dones += [_Done(queue_id, None) for queue_id in self._unwritten_dones]
             self._unwritten_dones = []
         if self._broken or self._offset >= self.segment_bytes:
-            try:
-                self._rotate()
-                self._broken = False
-            except OSError as exc:
-                log.error("spool_journal_rotate_failed", error=exc.strerror or str(exc))
-                if self._broken:  # after a failed sync, bytes before these could be lost: refuse them
-                    self._fail(batch, exc)
-                    return
+            error = self._new_segment()
+            if error is not None and self._broken:  # after a failed sync, bytes before these could be lost
+                self._fail(batch, error)
+                return
         written: list[_Append] = []
         for item in batch.appends:
             payload = [memoryview(item.envelope.line()), *item.message.segments()]
-            item.error = self._write_record(MESSAGE, payload)
+            item.error = self._write_parts([record_header(MESSAGE, payload), *payload])
             if item.error is None:
                 written.append(item)
                 crashpoint("before_commit")
@@ -342,12 +339,8 @@ class Journal:
                 self._unwritten_dones += [item.envelope.queue_id for item in written]
                 written = []
                 self._broken = True
-                try:
-                    self._rotate()
-                    self._broken = False
+                if self._new_segment() is None:  # else the next batch tries again; until then nothing is taken
                     self._write_unwritten_dones()  # before those clients hear 452
-                except OSError as rotate_exc:  # the next batch tries again; until then nothing is taken
-                    log.error("spool_journal_rotate_failed", error=rotate_exc.strerror or str(rotate_exc))
         seq = self._segments[-1]
         with self._lock:
             for item in written:
@@ -377,8 +370,15 @@ class Journal:
                 done.error = error
                 self._unwritten_dones.append(done.queue_id)
 
-    def _write_record(self, kind: int, payload: Sequence[bytes | memoryview]) -> OSError | None:
-        return self._write_parts([record_header(kind, payload), *payload])
+    def _new_segment(self) -> OSError | None:
+        """Rotate (the current segment is full, or sick after a failed sync); the error if it failed."""
+        try:
+            self._rotate()
+        except OSError as exc:
+            log.error("spool_journal_rotate_failed", error=exc.strerror or str(exc))
+            return exc
+        self._broken = False
+        return None
 
     def _write_parts(self, parts: Sequence[bytes | memoryview]) -> OSError | None:
         """All or nothing: a failed write (disk full) is cut off again, so the segment stays a clean

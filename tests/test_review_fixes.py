@@ -19,7 +19,7 @@ from relay.standin import InfobipStandIn
 from relay.upstream import UpstreamConnection, UpstreamError, make_tls_context
 from tests.conftest import Dialog, StartRelay, message
 from tests.test_relay import send_one
-from tests.test_spool import _mount_tmpfs, queue_files, spooled, until
+from tests.test_spool import queue_files, small_tmpfs, spooled, until
 
 SENDER = "billing@erp.example.com"
 
@@ -47,10 +47,7 @@ async def test_a_client_hanging_up_in_pass_through_never_gets_another_message_a_
 async def test_a_failed_spool_write_is_not_sent_later_behind_the_clients_back(
     standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
 ) -> None:
-    spool_path = tmp_path / "small"
-    if not _mount_tmpfs(spool_path, "64k"):
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
+    with small_tmpfs(tmp_path / "small") as spool_path:
         standin.behaviour.data_delay = 1.0  # keeps the only worker busy with the first message
         relay = await start_relay(spool=spooled(spool_path, sync_wait=0.3), upstream={"pool_size": 1})
         first = asyncio.ensure_future(send_one(relay.port, SENDER, ["first@example.org"], message()))
@@ -62,8 +59,6 @@ async def test_a_failed_spool_write_is_not_sent_later_behind_the_clients_back(
         standin.behaviour.data_delay = 0.0
         await asyncio.sleep(1.5)  # time for a wrongly kept job to go out: it must not
         assert [m.rcpt_tos for m in standin.messages] == [["first@example.org"]]
-    finally:
-        subprocess.run(["umount", "-l", str(spool_path)], check=False)
 
 
 def test_requeue_keeps_the_recipients_still_pending(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -240,23 +241,23 @@ async def test_startup_recovers_what_was_committed_and_drops_what_was_not(
     assert os.listdir(tmp_path / "tmp") == []
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "64k") -> Iterator[Path]:
+    """A file system that fills up at once, mounted at `path` for the test (needs root)."""
     path.mkdir()
-    return (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
-        ).returncode
-        == 0
-    )
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 async def test_disk_full_gets_452_and_leaves_nothing_half_written(
     standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
 ) -> None:
-    spool_path = tmp_path / "small"
-    if not _mount_tmpfs(spool_path, "64k"):
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
+    with small_tmpfs(tmp_path / "small") as spool_path:
         standin.behaviour.data_replies.append("451 4.3.0 Try later")  # Infobip does not take it either
         relay = await start_relay(spool=spooled(spool_path))
         big = message(body=(b"y" * 998 + b"\r\n") * 200)  # 200 KB: more than the 64 KB file system holds
@@ -266,17 +267,12 @@ async def test_disk_full_gets_452_and_leaves_nothing_half_written(
         assert standin.messages == []
         small = await send_one(relay.port, SENDER, ["a@example.org"], message())  # and it still works
         assert small.startswith("250 2.6.0 ")
-    finally:
-        subprocess.run(["umount", "-l", str(spool_path)], check=False)
 
 
 async def test_unwritable_spool_gets_452_unless_infobip_took_the_message(
     standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
 ) -> None:
-    spool_path = tmp_path / "small"
-    if not _mount_tmpfs(spool_path, "64k"):
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
+    with small_tmpfs(tmp_path / "small") as spool_path:
         relay = await start_relay(spool=spooled(spool_path))
         filler = spool_path / "filler"
         with contextlib.suppress(OSError), open(filler, "wb") as handle:  # fill it to the last byte
@@ -294,8 +290,6 @@ async def test_unwritable_spool_gets_452_unless_infobip_took_the_message(
         assert reply == f"250 2.6.0 Message queued as {got.infobip_id}"
         assert queue_files(spool_path) == []
         filler.unlink()
-    finally:
-        subprocess.run(["umount", "-l", str(spool_path)], check=False)
 
 
 async def test_a_message_that_cannot_leave_the_journal_is_kept_and_delivered(
