@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from relay.standin import InfobipStandIn
+from relay.testing.standin import InfobipStandIn
 
 CHUNK = 1 << 20
 

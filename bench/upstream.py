@@ -1,4 +1,4 @@
-"""The Infobip stand-in (relay.standin) in its own process, with a line-based control port.
+"""The Infobip stand-in (relay.testing.standin) in its own process, with a line-based control port.
 
     python -m bench.upstream [--no-uvloop]
 
@@ -20,8 +20,8 @@ import time
 from typing import Any
 
 from bench.common import run_loop
-from relay import standin as standin_module
-from relay.standin import InfobipStandIn, StandInMessage
+from relay.testing import standin as standin_module
+from relay.testing.standin import InfobipStandIn, StandInMessage
 
 IDLE_CLOSED: set[int] = set()  # connection idents the stand-in closed for being idle (its 30 s timeout)
 

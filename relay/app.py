@@ -10,19 +10,19 @@ from typing import Any
 
 import structlog
 
-from relay.alignment import organizational_domain
 from relay.config import ConfigError, Settings, load_settings
-from relay.delivery import Delivery, Job
-from relay.http import HttpServer, Readiness
-from relay.inbound import RelayHandler, RelaySMTP, SessionInfo, Sessions
-from relay.logs import configure_logging, log_message
-from relay.metrics import Metrics
-from relay.prepare import Prepared
-from relay.replies import Reply
-from relay.spool import Envelope, Spool
-from relay.upstream import UpstreamError, UpstreamPool
-from relay.verdict import client_reply, spooled_reply
-from relay.wire import queued_id
+from relay.core.alignment import organizational_domain
+from relay.core.first_attempt import client_reply, spooled_reply
+from relay.core.prepare import Prepared
+from relay.core.replies import Reply
+from relay.core.smtp_client import queued_id
+from relay.delivery.scheduler import Delivery, Job
+from relay.inbound.server import RelayHandler, RelaySMTP, SessionInfo, Sessions
+from relay.ops.http_server import HttpServer, Readiness
+from relay.ops.logs import configure_logging, log_message
+from relay.ops.metrics import Metrics
+from relay.store.spool import Envelope, Spool
+from relay.upstream.pool import UpstreamError, UpstreamPool
 
 log = structlog.get_logger("relay.app")
 

@@ -13,14 +13,14 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from relay.app import run
-from relay.checks import config_warnings, effective_config
 from relay.config import ConfigError, Settings, load_settings
-from relay.doctor import doctor
-from relay.headers import header_block_end
-from relay.journal import live_records
-from relay.logs import configure_logging
-from relay.spool import Spool
-from relay.standin import InfobipStandIn, StandInMessage
+from relay.core.headers import header_block_end
+from relay.ops.config_warnings import config_warnings, effective_config
+from relay.ops.doctor import doctor
+from relay.ops.logs import configure_logging
+from relay.store.journal import live_records
+from relay.store.spool import Spool
+from relay.testing.standin import InfobipStandIn, StandInMessage
 
 
 def _print_message(message: StandInMessage) -> None:

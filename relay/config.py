@@ -27,7 +27,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from relay.headers import HeaderError, validate_header_name, validate_header_value
+from relay.core.headers import HeaderError, validate_header_name, validate_header_value
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

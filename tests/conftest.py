@@ -13,7 +13,7 @@ import pytest
 
 from relay.app import Relay
 from relay.config import Settings
-from relay.standin import InfobipStandIn, _StandInSMTP
+from relay.testing.standin import InfobipStandIn, _StandInSMTP
 
 
 def relay_settings(standin: InfobipStandIn, **sections: dict[str, Any]) -> Settings:

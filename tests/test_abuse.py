@@ -26,10 +26,10 @@ import trustme
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from relay.alignment import check_alignment
 from relay.app import Relay
 from relay.config import PolicyRule
-from relay.headers import (
+from relay.core.alignment import check_alignment
+from relay.core.headers import (
     MAX_LINE,
     HeaderError,
     fold_header,
@@ -37,9 +37,9 @@ from relay.headers import (
     parse_header_fields,
     validate_header_value,
 )
-from relay.inbound import RelaySMTP
-from relay.policy import PLACEHOLDERS, MessageFacts, expand, header_actions
-from relay.standin import InfobipStandIn, StandInMessage
+from relay.core.policy import PLACEHOLDERS, MessageFacts, expand, header_actions
+from relay.inbound.server import RelaySMTP
+from relay.testing.standin import InfobipStandIn, StandInMessage
 from tests.conftest import Dialog, StartRelay, message, record_wire
 
 SENDER = "billing@erp.example.com"

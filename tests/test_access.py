@@ -1,4 +1,4 @@
-"""relay.access: who may connect, which senders may send, how many recipients a message may have."""
+"""relay.inbound.access: who may connect, which senders may send, how many recipients a message may have."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import ipaddress
 
 import pytest
 
-from relay.access import check_client, check_recipient, check_sender, client_address
 from relay.config import IPNetwork, ListenSettings
-from relay.replies import Reply
+from relay.core.replies import Reply
+from relay.inbound.access import check_client, check_recipient, check_sender, client_address
 
 LAN: list[IPNetwork] = [
     ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "192.168.0.0/16", "2001:db8:1::/48")

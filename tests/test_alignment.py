@@ -1,4 +1,4 @@
-"""relay.alignment: Infobip's relaxed alignment by organizational domain (Public Suffix List)."""
+"""relay.core.alignment: Infobip's relaxed alignment by organizational domain (Public Suffix List)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.alignment import AlignmentVerdict, aligned, check_alignment, domain_of, organizational_domain
+from relay.core.alignment import AlignmentVerdict, aligned, check_alignment, domain_of, organizational_domain
 
 
 @pytest.mark.parametrize(

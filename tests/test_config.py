@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from relay.config import ConfigError, PolicyRule, Settings, UpstreamSettings, load_settings
-from relay.policy import MessageFacts, expand
+from relay.core.policy import MessageFacts, expand
 
 # The example in DESIGN.md, as ops would write it (TOML inline tables are one line, however long).
 DESIGN_RULE_HEADERS = r"""headers = { "X-IB-Tracking-Url" = "https://hooks.example.com/ib/track", "X-IB-Callback-Data" = "{\"app\":\"erp\",\"queue_id\":\"{queue_id}\"}" }"""  # noqa: E501

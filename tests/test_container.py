@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.standin import InfobipStandIn
+from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, free_port, message
 from tests.test_ops import wait_listening
 

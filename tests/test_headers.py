@@ -1,4 +1,4 @@
-"""relay.headers: finding fields by offset in the original bytes, and writing new, folded, safe ones."""
+"""relay.core.headers: finding fields by offset in the original bytes, and writing new, folded, safe ones."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.headers import (
+from relay.core.headers import (
     FOLD_AT,
     MAX_LINE,
     HeaderError,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
-from relay.standin import InfobipStandIn
+from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, message
 from tests.test_relay import send_one
 

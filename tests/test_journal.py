@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from relay.journal import DONE, MESSAGE, Journal, live_records, read_records, record_header, segment_paths
-from relay.prepare import Prepared
-from relay.spool import Envelope, Spool
-from relay.standin import InfobipStandIn
+from relay.core.prepare import Prepared
+from relay.store.journal import DONE, MESSAGE, Journal, live_records, read_records, record_header, segment_paths
+from relay.store.spool import Envelope, Spool
+from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, message
 from tests.test_relay import send_one
 from tests.test_spool import SENDER, queue_files, spooled, until
@@ -89,11 +89,11 @@ async def test_close_with_nothing_live_removes_the_segments(tmp_path: Path) -> N
 async def test_a_failed_write_is_cut_off_and_the_next_record_is_clean(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import relay.journal
+    import relay.store.journal
 
     journal = Journal(tmp_path / "journal")
     journal.start(asyncio.get_running_loop())
-    real = relay.journal.write_all_at
+    real = relay.store.journal.write_all_at
     calls = {"n": 0}
 
     def half_then_full(fd: int, views: list[memoryview], offset: int) -> int:
@@ -103,7 +103,7 @@ async def test_a_failed_write_is_cut_off_and_the_next_record_is_clean(
             raise OSError(28, "No space left on device")
         return real(fd, views, offset)
 
-    monkeypatch.setattr(relay.journal, "write_all_at", half_then_full)
+    monkeypatch.setattr(relay.store.journal, "write_all_at", half_then_full)
     first, second, third = prepared(1), prepared(2), prepared(3)
     await journal.append(*first)
     with pytest.raises(OSError, match="No space"):
@@ -146,7 +146,7 @@ async def test_the_worker_goes_on_while_the_journal_write_lands_and_marks_it_don
     """When Infobip already has every recipient, the only worker does not wait for a slow disk before
     taking the next message; the journal still gets the done marks once the writes land, so a restart
     sends nothing again."""
-    import relay.journal
+    import relay.store.journal
 
     synced = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -157,7 +157,7 @@ async def test_the_worker_goes_on_while_the_journal_write_lands_and_marks_it_don
         real(fd)
         loop.call_soon_threadsafe(synced.set)
 
-    monkeypatch.setattr(relay.journal.os, "fdatasync", slow_fdatasync)
+    monkeypatch.setattr(relay.store.journal.os, "fdatasync", slow_fdatasync)
     relay_ = await start_relay(spool=spooled(tmp_path), upstream={"pool_size": 1})
     first = await send_one(relay_.port, SENDER, ["a@example.org"], message())
     second = await send_one(relay_.port, SENDER, ["b@example.org"], message())
@@ -173,7 +173,7 @@ async def test_the_worker_goes_on_while_the_journal_write_lands_and_marks_it_don
 def test_the_envelope_line_carries_every_field_and_reads_back() -> None:
     from dataclasses import fields
 
-    from relay.spool import envelope_from_line
+    from relay.store.spool import envelope_from_line
 
     _, envelope = prepared(7)
     assert list(json.loads(envelope.line())) == [f.name for f in fields(Envelope)]
@@ -184,7 +184,7 @@ async def test_infobip_took_it_after_sync_wait_and_then_the_journal_failed_is_st
     standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 452 here would make the app send again what Infobip already has."""
-    import relay.journal
+    import relay.store.journal
 
     def slow_failing_fdatasync(fd: int) -> None:
         time.sleep(1.0)  # a disk in trouble: slow, then the write-back fails
@@ -192,7 +192,7 @@ async def test_infobip_took_it_after_sync_wait_and_then_the_journal_failed_is_st
 
     standin.behaviour.data_delay = 0.5  # Infobip answers after sync_wait, before the disk
     relay_ = await start_relay(spool=spooled(tmp_path, sync_wait=0.3), upstream={"pool_size": 1})
-    monkeypatch.setattr(relay.journal.os, "fdatasync", slow_failing_fdatasync)
+    monkeypatch.setattr(relay.store.journal.os, "fdatasync", slow_failing_fdatasync)
     reply = await send_one(relay_.port, SENDER, ["a@example.org"], message())
     [got] = standin.messages
     assert reply == f"250 2.6.0 Message queued as {got.infobip_id}"
@@ -204,12 +204,12 @@ async def test_after_a_failed_sync_nothing_is_taken_until_a_new_segment_is_open(
     """Linux reports a failed write-back once: a later fdatasync of the same file succeeds although
     bytes before it may be lost, and recovery would stop reading there. So after a failed sync the
     writer takes nothing more into that segment; it fails appends until a new segment is open."""
-    import relay.journal
+    import relay.store.journal
 
     directory = tmp_path / "journal"
     journal = Journal(directory)
     journal.start(asyncio.get_running_loop())
-    real_fdatasync, real_fsync_dir = os.fdatasync, relay.journal.fsync_dir
+    real_fdatasync, real_fsync_dir = os.fdatasync, relay.store.journal.fsync_dir
     failures = {"sync": 0, "dir": 0}
 
     def fdatasync(fd: int) -> None:
@@ -226,8 +226,8 @@ async def test_after_a_failed_sync_nothing_is_taken_until_a_new_segment_is_open(
             raise OSError(errno.EIO, "Input/output error")
         real_fsync_dir(path)
 
-    monkeypatch.setattr(relay.journal.os, "fdatasync", fdatasync)
-    monkeypatch.setattr(relay.journal, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(relay.store.journal.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(relay.store.journal, "fsync_dir", fsync_dir)
     a, b, c, d = prepared(1), prepared(2), prepared(3), prepared(4)
     await journal.append(*a)
     failures["sync"], failures["dir"] = 1, 2  # the sync fails, and so do the next two new segments
@@ -246,7 +246,7 @@ async def test_a_clean_stop_leaves_nothing_live_in_the_journal(
 ) -> None:
     """A message never attempted, whose journal write lands only during the stop, goes to queue/ and
     is marked done: the next start must not find it twice."""
-    import relay.journal
+    import relay.store.journal
 
     real = os.fdatasync
 
@@ -256,7 +256,7 @@ async def test_a_clean_stop_leaves_nothing_live_in_the_journal(
 
     relay_ = await start_relay(spool=spooled(tmp_path))
     assert relay_.delivery is not None
-    monkeypatch.setattr(relay.journal.os, "fdatasync", slow)
+    monkeypatch.setattr(relay.store.journal.os, "fdatasync", slow)
     relay_.delivery._stopping = True  # no worker takes it: it is still waiting when the stop comes
     m, e = prepared(1)
     relay_.delivery.submit(m, e)
@@ -268,10 +268,10 @@ async def test_a_clean_stop_leaves_nothing_live_in_the_journal(
 async def test_readiness_says_so_while_the_journal_takes_nothing(
     standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import relay.journal
+    import relay.store.journal
 
     relay_ = await start_relay(spool=spooled(tmp_path))
-    real_fdatasync, real_fsync_dir = os.fdatasync, relay.journal.fsync_dir
+    real_fdatasync, real_fsync_dir = os.fdatasync, relay.store.journal.fsync_dir
     sick = {"on": True}
 
     def fdatasync(fd: int) -> None:
@@ -284,8 +284,8 @@ async def test_readiness_says_so_while_the_journal_takes_nothing(
             raise OSError(errno.EIO, "Input/output error")
         real_fsync_dir(path)
 
-    monkeypatch.setattr(relay.journal.os, "fdatasync", fdatasync)
-    monkeypatch.setattr(relay.journal, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(relay.store.journal.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(relay.store.journal, "fsync_dir", fsync_dir)
     standin.behaviour.down = True  # so the reply depends on the disk alone
     reply = await send_one(relay_.port, SENDER, ["a@example.org"], message())
     assert reply.startswith("452 4.3.1 ")
@@ -300,9 +300,9 @@ async def test_readiness_says_so_while_the_journal_takes_nothing(
 
 def _failing_done_writes(monkeypatch: pytest.MonkeyPatch, count: int) -> dict[str, int]:
     """The next `count` writes of done marks fail with ENOSPC (a message record still goes through)."""
-    import relay.journal
+    import relay.store.journal
 
-    real = relay.journal.write_all_at
+    real = relay.store.journal.write_all_at
     left = {"n": count}
 
     def write_all_at(fd: int, views: list[memoryview], offset: int) -> int:
@@ -311,14 +311,14 @@ def _failing_done_writes(monkeypatch: pytest.MonkeyPatch, count: int) -> dict[st
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, views, offset)
 
-    monkeypatch.setattr(relay.journal, "write_all_at", write_all_at)
+    monkeypatch.setattr(relay.store.journal, "write_all_at", write_all_at)
     return left
 
 
 async def test_a_record_whose_sync_failed_is_never_recovered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its client hears 452, yet its bytes may still be in the old segment: a done mark in the new
     segment, durable before that answer, keeps a start after kill -9 from sending it."""
-    import relay.journal
+    import relay.store.journal
 
     directory = tmp_path / "journal"
     journal = Journal(directory)
@@ -332,7 +332,7 @@ async def test_a_record_whose_sync_failed_is_never_recovered(tmp_path: Path, mon
             raise OSError(errno.EIO, "Input/output error")
         real(fd)
 
-    monkeypatch.setattr(relay.journal.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(relay.store.journal.os, "fdatasync", fdatasync)
     a, b = prepared(1), prepared(2)
     await journal.append(*a)  # live: its first attempt is under way
     fail["n"] = 1

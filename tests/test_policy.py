@@ -1,4 +1,4 @@
-"""relay.policy: which rules match a message, and the headers they add, with placeholders expanded."""
+"""relay.core.policy: which rules match a message, and the headers they add, with placeholders expanded."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.config import PolicyRule
-from relay.headers import fold_header, parse_header_fields
-from relay.policy import PLACEHOLDERS, HeaderAction, MessageFacts, expand, header_actions, rule_matches
+from relay.core.headers import fold_header, parse_header_fields
+from relay.core.policy import PLACEHOLDERS, HeaderAction, MessageFacts, expand, header_actions, rule_matches
 
 DESIGN_CALLBACK = '{"app":"erp","queue_id":"{queue_id}"}'  # the example value in DESIGN.md
 

@@ -1,4 +1,4 @@
-"""relay.prepare: from what the client sent to exactly what goes upstream, or a rejection."""
+"""relay.core.prepare: from what the client sent to exactly what goes upstream, or a rejection."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from relay.config import PolicyRule, PolicySettings
-from relay.headers import find_field, parse_header_fields
-from relay.prepare import Prepared, Received, header_from_address, is_safe_address, prepare
-from relay.replies import Rejection, Reply
+from relay.core.headers import find_field, parse_header_fields
+from relay.core.prepare import Prepared, Received, header_from_address, is_safe_address, prepare
+from relay.core.replies import Rejection, Reply
 
 QUEUE_ID = "0190abcdef0123456789a"
 RECEIVED_AT = datetime(2026, 11, 21, 10, 0, 0, tzinfo=UTC)

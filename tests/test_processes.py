@@ -24,9 +24,9 @@ from typing import IO
 import pytest
 
 from relay.cli import main as relay_main
-from relay.prepare import Prepared
-from relay.spool import EntryState, Envelope, Spool
-from relay.standin import InfobipStandIn
+from relay.core.prepare import Prepared
+from relay.store.spool import EntryState, Envelope, Spool
+from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, free_port, message
 
 ROOT = Path(__file__).resolve().parent.parent

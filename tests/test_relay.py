@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 
-from relay.standin import InfobipStandIn
+from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, message
 
 ERP_RULE = {

@@ -1,4 +1,4 @@
-"""relay.replies: the replies we send, and enhanced status codes on aiosmtpd's stock replies."""
+"""relay.core.replies: the replies we send, and enhanced status codes on aiosmtpd's stock replies."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.replies import Rejection, Reply, with_enhanced_code
+from relay.core.replies import Rejection, Reply, with_enhanced_code
 
 ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}( |$)")
 

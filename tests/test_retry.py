@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from relay.breaker import CircuitBreaker
-from relay.retry import AttemptResult, backoff, next_step, recipient_batches
+from relay.core.breaker import CircuitBreaker
+from relay.core.retry import AttemptResult, backoff, next_step, recipient_batches
 
 SCHEDULE = {"initial": 60.0, "maximum": 3600.0}
 

@@ -13,10 +13,10 @@ import pytest
 import structlog.testing
 
 from relay.config import UpstreamSettings
-from relay.prepare import Prepared
-from relay.spool import EntryState, Envelope, Spool
-from relay.standin import InfobipStandIn
-from relay.upstream import UpstreamConnection, UpstreamError, make_tls_context
+from relay.core.prepare import Prepared
+from relay.store.spool import EntryState, Envelope, Spool
+from relay.testing.standin import InfobipStandIn
+from relay.upstream.pool import UpstreamConnection, UpstreamError, make_tls_context
 from tests.conftest import Dialog, StartRelay, message
 from tests.test_relay import send_one
 from tests.test_spool import queue_files, small_tmpfs, spooled, until

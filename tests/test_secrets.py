@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from relay.standin import InfobipStandIn
+from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, free_port, message, record_wire
 
 USERNAME = "ib-user-K7q"

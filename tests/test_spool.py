@@ -16,8 +16,8 @@ import pytest
 import structlog.testing
 
 from relay.app import Relay
-from relay.spool import Spool
-from relay.standin import InfobipStandIn
+from relay.store.spool import Spool
+from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, message
 from tests.test_relay import send_one
 
@@ -221,8 +221,8 @@ async def test_startup_recovers_what_was_committed_and_drops_what_was_not(
     from datetime import UTC, datetime
 
     from relay.config import PolicySettings
-    from relay.prepare import Received, prepare
-    from relay.spool import Envelope
+    from relay.core.prepare import Received, prepare
+    from relay.store.spool import Envelope
 
     spool = Spool(tmp_path)
     spool.create()

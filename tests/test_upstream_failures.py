@@ -12,7 +12,7 @@ import structlog.testing
 import trustme
 
 from relay.app import Relay
-from relay.standin import InfobipStandIn
+from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, message, relay_settings
 from tests.test_relay import send_one
 
@@ -173,7 +173,7 @@ async def test_aiosmtpd_does_not_log_addresses(
     standin: InfobipStandIn, start_relay: StartRelay, caplog: pytest.LogCaptureFixture
 ) -> None:
     from relay.config import LogSettings
-    from relay.logs import configure_logging
+    from relay.ops.logs import configure_logging
 
     configure_logging(LogSettings(level="debug", format="json"))
     caplog.set_level(logging.DEBUG)

@@ -1,4 +1,4 @@
-"""relay.verdict: what the SMTP client is told once Infobip has answered."""
+"""relay.core.first_attempt: what the SMTP client is told once Infobip has answered."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.replies import Reply
-from relay.upstream import DeliveryResult
-from relay.verdict import client_reply
-from relay.wire import ServerReply
+from relay.core.first_attempt import client_reply
+from relay.core.replies import Reply
+from relay.core.smtp_client import ServerReply
+from relay.upstream.pool import DeliveryResult
 
 
 def result(

@@ -1,4 +1,4 @@
-"""relay.wire: SMTP client-side rules over plain bytes (reply lines, EHLO, commands, dot-stuffing)."""
+"""relay.core.smtp_client: SMTP client-side rules over plain bytes (reply lines, EHLO, commands, dot-stuffing)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.wire import (
+from relay.core.smtp_client import (
     CHUNK,
     ReplySyntaxError,
     ServerReply,

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import format_datetime, getaddresses
 
-from relay.alignment import check_alignment, domain_of
 from relay.config import PolicySettings
-from relay.headers import HeaderError, find_field, fold_header, parse_header_fields
-from relay.policy import MessageFacts, header_actions
-from relay.replies import Rejection, Reply
+from relay.core.alignment import check_alignment, domain_of
+from relay.core.headers import HeaderError, find_field, fold_header, parse_header_fields
+from relay.core.policy import MessageFacts, header_actions
+from relay.core.replies import Rejection, Reply
 
 # What we accept as an address to put in an upstream MAIL/RCPT command: no spaces, brackets or controls.
 _SAFE_ADDRESS_RE = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[A-Za-z0-9.\-\[\]:]+")

@@ -21,15 +21,15 @@ from typing import Any, AnyStr, cast
 import structlog
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 
-from relay.access import check_client, check_recipient, check_sender, client_address
 from relay.config import Settings
-from relay.limits import MemoryBudget, RateLimits
-from relay.logs import log_message
-from relay.metrics import Metrics
-from relay.prepare import Prepared, Received, prepare
-from relay.replies import Rejection, Reply, with_enhanced_code
+from relay.core.prepare import Prepared, Received, prepare
+from relay.core.replies import Rejection, Reply, with_enhanced_code
+from relay.inbound.access import check_client, check_recipient, check_sender, client_address
+from relay.inbound.limits import MemoryBudget, RateLimits
+from relay.ops.logs import log_message
+from relay.ops.metrics import Metrics
 
-log = structlog.get_logger("relay.inbound")
+log = structlog.get_logger("relay.inbound.server")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # A dot-atom address in angle brackets, then the parameters: parsed exactly as the email package would.

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 
-from relay.headers import clean_value
-from relay.replies import Reply
-from relay.retry import AttemptResult
-from relay.upstream import DeliveryResult
-from relay.wire import ServerReply, queued_id
+from relay.core.headers import clean_value
+from relay.core.replies import Reply
+from relay.core.retry import AttemptResult
+from relay.core.smtp_client import ServerReply, queued_id
+from relay.upstream.pool import DeliveryResult
 
 _ENHANCED_PREFIX = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s*(.*)$", re.DOTALL)
 

@@ -26,8 +26,8 @@ from typing import Any
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-from relay.alignment import aligned, domain_of
-from relay.headers import find_field, parse_header_fields
+from relay.core.alignment import aligned, domain_of
+from relay.core.headers import find_field, parse_header_fields
 
 # aiosmtpd warns about its own use of a deprecated attribute on every AUTH; it says nothing to us.
 logging.getLogger("mail.log").addFilter(lambda record: "login_data is deprecated" not in record.getMessage())

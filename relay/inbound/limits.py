@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from relay.config import LimitsSettings
-from relay.replies import Reply
+from relay.core.replies import Reply
 
 
 @dataclass

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from relay.config import Settings
-from relay.prepare import Prepared, Received, prepare
-from relay.upstream import UpstreamConnection, UpstreamError, make_tls_context
-from relay.wire import queued_id
+from relay.core.prepare import Prepared, Received, prepare
+from relay.core.smtp_client import queued_id
+from relay.upstream.pool import UpstreamConnection, UpstreamError, make_tls_context
 
 ADVICE = {
     "dns": "check upstream.host and this machine's DNS (resolv.conf, a corporate resolver?)",

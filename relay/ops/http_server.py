@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay.metrics import Metrics
+from relay.ops.metrics import Metrics
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,11 +20,9 @@ import structlog
 from aiosmtplib.auth import auth_login_encode, auth_plain_encode
 
 from relay.config import UpstreamSettings
-from relay.crash import crashpoint
-from relay.metrics import Metrics
-from relay.prepare import Prepared, is_safe_address
-from relay.replies import Reply
-from relay.wire import (
+from relay.core.prepare import Prepared, is_safe_address
+from relay.core.replies import Reply
+from relay.core.smtp_client import (
     CHUNK,
     ServerReply,
     ehlo_extensions,
@@ -32,8 +30,10 @@ from relay.wire import (
     stuffed_chunks,
     transaction_commands,
 )
+from relay.ops.metrics import Metrics
+from relay.testing.failpoints import crashpoint
 
-log = structlog.get_logger("relay.upstream")
+log = structlog.get_logger("relay.upstream.pool")
 MAX_REPLY_LINES = 1000 + 64  # one per recipient plus slack, per reply read
 
 

@@ -19,19 +19,19 @@ from dataclasses import dataclass
 
 import structlog
 
-from relay.breaker import CircuitBreaker
 from relay.config import SpoolSettings
-from relay.crash import crashpoint
-from relay.journal import Journal
-from relay.logs import log_message
-from relay.metrics import Metrics
-from relay.prepare import Prepared
-from relay.retry import AttemptResult, NextStep, next_step, recipient_batches
-from relay.spool import EntryState, Envelope, Spool
-from relay.upstream import UpstreamError, UpstreamPool
-from relay.wire import queued_id
+from relay.core.breaker import CircuitBreaker
+from relay.core.prepare import Prepared
+from relay.core.retry import AttemptResult, NextStep, next_step, recipient_batches
+from relay.core.smtp_client import queued_id
+from relay.ops.logs import log_message
+from relay.ops.metrics import Metrics
+from relay.store.journal import Journal
+from relay.store.spool import EntryState, Envelope, Spool
+from relay.testing.failpoints import crashpoint
+from relay.upstream.pool import UpstreamError, UpstreamPool
 
-log = structlog.get_logger("relay.delivery")
+log = structlog.get_logger("relay.delivery.scheduler")
 POKE_INTERVAL = 1.0  # seconds between checks for `relay queue flush` and new files in queue/
 
 

@@ -36,11 +36,11 @@ from typing import BinaryIO
 
 import structlog
 
-from relay.crash import crashpoint
-from relay.prepare import Prepared
-from relay.spool import Envelope, envelope_from_line, fsync_dir, write_all_at
+from relay.core.prepare import Prepared
+from relay.store.spool import Envelope, envelope_from_line, fsync_dir, write_all_at
+from relay.testing.failpoints import crashpoint
 
-log = structlog.get_logger("relay.journal")
+log = structlog.get_logger("relay.store.journal")
 
 HEADER = struct.Struct(">2sBxIQ")  # magic, kind, pad, crc32 of the payload, payload length
 MAGIC = b"RJ"

@@ -13,9 +13,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from relay.alignment import domain_of
 from relay.config import PolicyRule
-from relay.headers import clean_value
+from relay.core.alignment import domain_of
+from relay.core.headers import clean_value
 
 PLACEHOLDERS = ("queue_id", "message_id", "sender", "sender_domain", "client_ip")
 _PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")

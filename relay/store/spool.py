@@ -1,9 +1,9 @@
 """The durable spool: one file per waiting message, laid out so that `ls` shows what is waiting and why.
 
-A message is first committed to the shared journal (relay/journal.py); it gets a file here only when
+A message is first committed to the shared journal (relay/store/journal.py); it gets a file here only when
 its first attempt does not settle it (a retry, a dead letter, a wait), or at start-up after a crash.
 
-    <path>/journal/         messages during their first attempt (see relay/journal.py)
+    <path>/journal/         messages during their first attempt (see relay/store/journal.py)
     <path>/tmp/<id>.msg     being written (the journal still has it); deleted at start-up
     <path>/queue/<id>.msg   JSON envelope line, then the exact bytes to send upstream
     <path>/queue/<id>.state after a failed attempt: attempts, next try, recipients left, last reply (JSON)
@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from relay.crash import crashpoint
-from relay.prepare import Prepared
+from relay.core.prepare import Prepared
+from relay.testing.failpoints import crashpoint
 
 FLUSH_REQUEST = "flush.request"
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
-from relay.alignment import domain_of
 from relay.config import IPNetwork
-from relay.prepare import is_safe_address
-from relay.replies import Reply
+from relay.core.alignment import domain_of
+from relay.core.prepare import is_safe_address
+from relay.core.replies import Reply
 
 
 def client_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
