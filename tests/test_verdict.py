@@ -8,8 +8,7 @@ from hypothesis import strategies as st
 
 from relay.core.first_attempt import client_reply
 from relay.core.replies import Reply
-from relay.core.smtp_client import ServerReply
-from relay.upstream.pool import DeliveryResult
+from relay.core.smtp_client import DeliveryResult, ServerReply
 
 
 def result(

@@ -7,8 +7,7 @@ import re
 from relay.core.headers import clean_value
 from relay.core.replies import Reply
 from relay.core.retry import AttemptResult
-from relay.core.smtp_client import ServerReply, queued_id
-from relay.upstream.pool import DeliveryResult
+from relay.core.smtp_client import DeliveryResult, ServerReply, queued_id
 
 _ENHANCED_PREFIX = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s*(.*)$", re.DOTALL)
 

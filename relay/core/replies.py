@@ -94,3 +94,14 @@ def with_enhanced_code(line: str) -> str:
     if sep != " " or code not in _DEFAULT_ENHANCED or _ENHANCED_RE.match(rest):
         return line
     return f"{code} {_DEFAULT_ENHANCED[code]} {rest}"
+
+
+# The catalogue: every reply the relay composes itself, by name, so each text has one home.
+# Replies that carry a value are functions returning a Reply; fixed ones are constants.
+
+# -- inbound: connection, envelope and DATA --
+
+# -- store and first attempt: what the app is told after we took the message --
+INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error in the relay; try again later")
+
+# -- upstream: when Infobip cannot be reached or the connection is lost --

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CHUNK = 256 * 1024  # bytes of body stuffed and written at a time: bounds the extra memory per message
 # A dot at a line start, or after a bare CR: whatever an upstream parser takes for a line break, it
@@ -39,6 +39,14 @@ class ServerReply:
 
     def __str__(self) -> str:
         return f"{self.code} {self.first_line}"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    final: ServerReply  # the reply to the end of data, or the one that ended the transaction early
+    accepted: tuple[str, ...]
+    refused: dict[str, ServerReply] = field(default_factory=dict)
+    connection_id: int = 0
 
 
 def parse_reply_line(line: bytes) -> tuple[int, bool, str]:

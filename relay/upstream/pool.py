@@ -14,7 +14,6 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 import structlog
 from aiosmtplib.auth import auth_login_encode, auth_plain_encode
@@ -24,6 +23,7 @@ from relay.core.prepare import Prepared, is_safe_address
 from relay.core.replies import Reply
 from relay.core.smtp_client import (
     CHUNK,
+    DeliveryResult,
     ServerReply,
     ehlo_extensions,
     parse_reply_line,
@@ -44,14 +44,6 @@ class UpstreamError(Exception):
         super().__init__(str(reply))
         self.reply = reply
         self.data_sent = data_sent  # the body's final dot went out: Infobip may have the message
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryResult:
-    final: ServerReply  # the reply to the end of data, or the one that ended the transaction early
-    accepted: tuple[str, ...]
-    refused: dict[str, ServerReply] = field(default_factory=dict)
-    connection_id: int = 0
 
 
 def make_tls_context(settings: UpstreamSettings) -> ssl.SSLContext:
