@@ -6,22 +6,23 @@ import asyncio
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import structlog
+from structlog.contextvars import bound_contextvars
 
 from relay.config import ConfigError, Settings, load_settings
 from relay.core.alignment import organizational_domain
-from relay.core.first_attempt import client_reply, spooled_reply
+from relay.core.first_attempt import client_reply
+from relay.core.message import Envelope
 from relay.core.prepare import Prepared
-from relay.core.replies import Reply
+from relay.core.replies import SHUTTING_DOWN, Reply
 from relay.core.smtp_client import queued_id
-from relay.delivery.scheduler import Delivery, Job
+from relay.delivery.scheduler import Delivery
 from relay.inbound.server import RelayHandler, RelaySMTP, SessionInfo, Sessions
 from relay.ops.http_server import HttpServer, Readiness
-from relay.ops.logs import configure_logging, log_message
+from relay.ops.logs import configure_logging, message_fields
 from relay.ops.metrics import Metrics
-from relay.store.spool import Envelope, Spool
+from relay.store.spool import Spool
 from relay.upstream.pool import UpstreamError, UpstreamPool
 
 log = structlog.get_logger("relay.app")
@@ -100,66 +101,39 @@ class Relay:
         if self._server is not None:
             self._server.close()
         await self.sessions.wait_until_no_data(deadline)
-        self.sessions.close_all("421 4.3.2 The relay is shutting down; try again shortly")
+        self.sessions.close_all(str(SHUTTING_DOWN))
         if self.delivery is not None:
-            await self.delivery.stop(deadline)
+            await self.delivery.stop(deadline - time.monotonic())
         await self.pool.close()
         await self.http.stop()
         log.info("relay_stopped", queued=self.delivery.depth if self.delivery else 0)
 
     async def reload(self, new: Settings) -> None:
-        """Apply a new config to new sessions and deliveries; connections and queued mail stay."""
-        old = self.settings
-        restart_needed = [
-            key
-            for key, before, after in (
-                ("listen.host", old.listen.host, new.listen.host),
-                ("listen.port", old.listen.port, new.listen.port),
-                ("spool.enabled", old.spool.enabled, new.spool.enabled),
-                ("spool.path", old.spool.path, new.spool.path),
-                ("http.host", old.http.host, new.http.host),
-                ("http.port", old.http.port, new.http.port),
-                ("upstream.pool_size", old.upstream.pool_size, new.upstream.pool_size),
-            )
-            if before != after
-        ]
-        self.settings = new
+        """Apply a new config through each component's own `apply`; connections and queued mail stay."""
+        restart_needed = [key for key in RESTART_KEYS if _key(self.settings, key) != _key(new, key)]
+        old, self.settings = self.settings, new
         self.handler.apply(new)
         configure_logging(new.log)
         if new.upstream != old.upstream or new.listen.hostname != old.listen.hostname:
             retired, self.pool = self.pool, UpstreamPool(new.upstream, new.listen.hostname, self.metrics)
-            if self.delivery is not None:
-                self.delivery.pool = self.pool
             await retired.close()
         if self.delivery is not None:
-            self.delivery.settings = new.spool
+            self.delivery.apply(new.spool, self.pool)
         log.info("config_reloaded", restart_needed_for=restart_needed or None)
-
-    def _fields(self, message: Prepared, session: SessionInfo) -> dict[str, Any]:
-        return {
-            "queue_id": message.queue_id,
-            "client_ip": session.client_ip,
-            "sender": message.mail_from,
-            "recipients": len(message.recipients),
-            "size": message.size,
-        }
 
     async def deliver_direct(self, message: Prepared, session: SessionInfo) -> Reply:
         """Pass-through (spool disabled): the client waits for Infobip's own verdict."""
+        with bound_contextvars(queue_id=message.queue_id, client_ip=session.client_ip):
+            return await self._deliver_direct(message)
+
+    async def _deliver_direct(self, message: Prepared) -> Reply:
         started = time.monotonic()
+        fields = {"sender": message.mail_from, "recipients": len(message.recipients), "size": message.size}
         try:
             with self.metrics.delivery_seconds.time():
                 result = await self.pool.deliver(message)
         except UpstreamError as exc:
-            log_message(
-                log,
-                "message_deferred",
-                **self._fields(message, session),
-                outcome="deferred",
-                reply=str(exc.reply),
-                attempt=1,
-                level="warning",
-            )
+            log.warning("message_deferred", **fields, outcome="deferred", reply=str(exc.reply), attempt=1)
             self.metrics.rejected.labels("upstream_unavailable").inc()
             return exc.reply
         self.metrics.upstream_replies.labels(str(result.final.code)).inc()
@@ -168,10 +142,9 @@ class Relay:
         else:
             self.metrics.rejected.labels("upstream_refused" if result.final.code >= 500 else "upstream_deferred").inc()
         reply = client_reply(result)
-        log_message(
-            log,
+        log.info(
             "message_relayed" if result.final.ok else "message_refused",
-            **self._fields(message, session),
+            **fields,
             infobip_id=queued_id(result.final),
             attempt=1,
             outcome="relayed" if result.final.ok else "refused",
@@ -184,8 +157,8 @@ class Relay:
         return reply
 
     async def deliver_spooled(self, message: Prepared, session: SessionInfo) -> Reply:
-        """Commit to disk, start delivery, wait up to sync_wait for Infobip's verdict."""
-        assert self.spool is not None and self.delivery is not None
+        """Commit to disk and attempt at once; the first-attempt table says what the client hears."""
+        assert self.delivery is not None
         envelope = Envelope(
             queue_id=message.queue_id,
             mail_from=message.mail_from,
@@ -195,69 +168,39 @@ class Relay:
             received_at=time.time(),
             size=message.size,
         )
-        # The journal write and the first attempt run side by side. Both start before any await, so a
-        # client hanging up cannot leave a committed message unscheduled.
-        job = self.delivery.submit(message, envelope)
-        del message
-        assert job.handoff is not None and job.committing is not None
-        committing = job.committing
-        try:
-            return await self._answer_spooled(job, envelope, committing)
-        except asyncio.CancelledError:  # the client hung up: what it would have waited for happens anyway
-            committing.add_done_callback(lambda done: self._on_disk_unless_failed(envelope.queue_id, done))
-            raise
+        with bound_contextvars(queue_id=envelope.queue_id, client_ip=envelope.client_ip):
+            # Both the commit and the attempt start before any await, so a client hanging up cannot
+            # leave a committed message unscheduled.
+            job = self.delivery.submit(message, envelope)
+            del message
+            first = job.first
+            reply, outcome = await self.delivery.answer(job)
+            if outcome != "unstorable":
+                result = first.machine.result if first is not None else None
+                log.info(
+                    "message_answered",
+                    **message_fields(envelope),
+                    infobip_id=",".join(result.infobip_ids) if result and result.infobip_ids else None,
+                    outcome=outcome,
+                    reply=str(reply),
+                )
+            return reply
 
-    def _on_disk_unless_failed(self, queue_id: str, committing: asyncio.Future[None]) -> None:
-        assert self.delivery is not None
-        if not committing.cancelled() and committing.exception() is None:
-            self.delivery.on_disk(queue_id)  # a job still waiting leaves the journal and memory for queue/
-        else:
-            self.delivery.withdraw(queue_id)  # not stored and nobody was told 250: as for a 452
 
-    async def _answer_spooled(self, job: Job, envelope: Envelope, committing: asyncio.Future[None]) -> Reply:
-        assert self.delivery is not None and job.handoff is not None
-        result = await job.handoff.wait(self.settings.spool.sync_wait)
-        # A 250 needs Infobip's acceptance of every recipient, or the message safely on disk.
-        if result is None or not result.complete:
-            if result is not None and not result.stored:
-                return self._unstorable(envelope, "write failed")
-            try:
-                await asyncio.shield(committing)
-            except OSError as exc:
-                sent = job.handoff.future.result() if job.handoff.future.done() else None
-                if sent is None or not sent.complete:  # not accepted by Infobip so far
-                    if self.delivery.withdraw(envelope.queue_id):  # not on disk, not sent: the app retries it
-                        return self._unstorable(envelope, exc.strerror or str(exc))
-                    # A worker is sending it right now: Infobip's verdict decides between 250 and 452.
-                    sent = await job.handoff.future
-                    if not sent.complete:
-                        return self._unstorable(envelope, exc.strerror or str(exc))
-                result = sent  # not on disk, but Infobip has every recipient
-            else:
-                promoting = self.delivery.on_disk(envelope.queue_id)
-                if promoting is not None:
-                    await asyncio.shield(promoting)
-        reply = spooled_reply(envelope.queue_id, result)
-        log_message(
-            log,
-            "message_answered",
-            queue_id=envelope.queue_id,
-            client_ip=envelope.client_ip,
-            sender=envelope.mail_from,
-            recipients=len(envelope.recipients),
-            size=envelope.size,
-            infobip_id=",".join(result.infobip_ids) if result and result.infobip_ids else None,
-            attempt=1 if result else None,
-            outcome="refused" if reply.code >= 500 else "relayed" if reply.enhanced == "2.6.0" else "queued",
-            reply=str(reply),
-        )
-        return reply
+RESTART_KEYS = (
+    "listen.host",
+    "listen.port",
+    "spool.enabled",
+    "spool.path",
+    "http.host",
+    "http.port",
+    "upstream.pool_size",
+)
 
-    def _unstorable(self, envelope: Envelope, why: str) -> Reply:
-        """Neither on disk nor accepted by Infobip: never a 250."""
-        log.error("spool_write_failed", queue_id=envelope.queue_id, error=why)
-        self.metrics.rejected.labels("spool_unwritable").inc()
-        return Reply(452, "4.3.1", "The relay cannot store the message right now (disk full?); try again later")
+
+def _key(settings: Settings, dotted: str) -> object:
+    section, name = dotted.split(".")
+    return getattr(getattr(settings, section), name)
 
 
 async def _reload_from(relay: Relay, config: Path | None) -> None:

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from relay.core.message import Envelope
 from relay.core.prepare import Prepared
 from relay.store.journal import DONE, MESSAGE, Journal, live_records, read_records, record_header, segment_paths
-from relay.store.spool import Envelope, Spool
+from relay.store.spool import Spool
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, message
 from tests.test_relay import send_one
@@ -173,11 +174,11 @@ async def test_the_worker_goes_on_while_the_journal_write_lands_and_marks_it_don
 def test_the_envelope_line_carries_every_field_and_reads_back() -> None:
     from dataclasses import fields
 
-    from relay.store.spool import envelope_from_line
+    from relay.core.message import Envelope
 
     _, envelope = prepared(7)
     assert list(json.loads(envelope.line())) == [f.name for f in fields(Envelope)]
-    assert envelope_from_line(envelope.line()) == envelope
+    assert Envelope.from_line(envelope.line()) == envelope
 
 
 async def test_infobip_took_it_after_sync_wait_and_then_the_journal_failed_is_still_a_250(
@@ -257,10 +258,10 @@ async def test_a_clean_stop_leaves_nothing_live_in_the_journal(
     relay_ = await start_relay(spool=spooled(tmp_path))
     assert relay_.delivery is not None
     monkeypatch.setattr(relay.store.journal.os, "fdatasync", slow)
-    relay_.delivery._stopping = True  # no worker takes it: it is still waiting when the stop comes
+    relay_.delivery.queue.stop()  # no worker takes it: it is still waiting when the stop comes
     m, e = prepared(1)
     relay_.delivery.submit(m, e)
-    await relay_.delivery.stop(time.monotonic())
+    await relay_.delivery.stop(0.0)
     assert queue_files(tmp_path) == [f"{e.queue_id}.msg"]
     assert list(live_records(tmp_path / "journal")) == []
 
@@ -416,6 +417,9 @@ async def test_a_client_hanging_up_during_an_outage_leaves_its_message_in_queue_
     delivery = relay_.delivery
     await until(lambda: delivery.depth == 7)
     await quitter.close()  # before its sync_wait is over
-    await until(lambda: all(job.message is None for job in delivery._jobs.values()) and not delivery._busy)
-    assert list(live_records(tmp_path / "journal")) == []
-    assert len([f for f in queue_files(tmp_path) if f.endswith(".msg")]) == 7
+    await until(
+        lambda: (
+            len([f for f in queue_files(tmp_path) if f.endswith(".msg")]) == 7
+            and list(live_records(tmp_path / "journal")) == []
+        )
+    )

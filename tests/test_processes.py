@@ -24,8 +24,9 @@ from typing import IO
 import pytest
 
 from relay.cli import main as relay_main
+from relay.core.message import Envelope
 from relay.core.prepare import Prepared
-from relay.store.spool import EntryState, Envelope, Spool
+from relay.store.spool import EntryState, Spool
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, free_port, message
 

@@ -13,8 +13,9 @@ import pytest
 import structlog.testing
 
 from relay.config import UpstreamSettings
+from relay.core.message import Envelope
 from relay.core.prepare import Prepared
-from relay.store.spool import EntryState, Envelope, Spool
+from relay.store.spool import EntryState, Spool
 from relay.testing.standin import InfobipStandIn
 from relay.upstream.pool import UpstreamConnection, UpstreamError, make_tls_context
 from tests.conftest import Dialog, StartRelay, message
@@ -80,15 +81,6 @@ def test_a_state_file_from_a_newer_version_is_read(tmp_path: Path) -> None:
     spool.create()
     (spool.queue / "0000000000000000002.state").write_text(json.dumps({"attempts": 3, "priority": "high"}))
     assert spool.read_state("0000000000000000002").attempts == 3
-
-
-async def test_idle_workers_leave_no_waiters_behind(
-    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
-) -> None:
-    relay = await start_relay(spool=spooled(tmp_path), upstream={"pool_size": 4})
-    assert relay.delivery is not None
-    await asyncio.sleep(2.5)  # idle workers time out once a second: the point is what they leave behind
-    assert len(relay.delivery._idle) <= 4
 
 
 async def test_the_janitor_survives_an_io_error(

@@ -103,5 +103,22 @@ def with_enhanced_code(line: str) -> str:
 
 # -- store and first attempt: what the app is told after we took the message --
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error in the relay; try again later")
+SHUTTING_DOWN = Reply(421, "4.3.2", "The relay is shutting down; try again shortly")
+
+
+def unstorable() -> Reply:
+    """Neither on disk nor accepted by Infobip: never a 250, so the app keeps the message and retries."""
+    return Reply(452, "4.3.1", "The relay cannot store the message right now (disk full?); try again later")
+
 
 # -- upstream: when Infobip cannot be reached or the connection is lost --
+
+
+def upstream_unreachable(host: str, port: int, why: str) -> Reply:
+    """No authenticated session (connect, TLS, EHLO or AUTH failed): nothing was sent, a retry is safe."""
+    return Reply(451, "4.4.1", f"Cannot reach Infobip at {host}:{port}: {why}")
+
+
+def upstream_lost(why: str) -> Reply:
+    """The session broke mid-transaction: temporary, though Infobip may have the message if its end went out."""
+    return Reply(451, "4.4.2", f"Connection to Infobip lost: {why}; try again later")

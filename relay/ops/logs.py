@@ -13,6 +13,7 @@ from typing import Any
 import structlog
 
 from relay.config import LogSettings
+from relay.core.message import Envelope
 
 
 def configure_logging(settings: LogSettings) -> None:
@@ -67,3 +68,14 @@ def log_message(
         reply=reply,
         **extra,
     )
+
+
+def message_fields(envelope: Envelope, **overrides: Any) -> dict[str, Any]:
+    """The keys every line about a message carries besides the bound `queue_id` and `client_ip`."""
+    fields: dict[str, Any] = {
+        "sender": envelope.mail_from,
+        "recipients": len(envelope.recipients),
+        "size": envelope.size,
+    }
+    fields.update(overrides)
+    return fields

@@ -36,8 +36,9 @@ from typing import BinaryIO
 
 import structlog
 
+from relay.core.message import Envelope
 from relay.core.prepare import Prepared
-from relay.store.spool import Envelope, envelope_from_line, fsync_dir, write_all_at
+from relay.store.spool import fsync_dir, write_all_at
 from relay.testing.failpoints import crashpoint
 
 log = structlog.get_logger("relay.store.journal")
@@ -91,7 +92,7 @@ def read_records(handle: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
 
 def split_message(payload: bytes) -> tuple[Envelope, bytes]:
     line_end = payload.index(b"\n") + 1
-    return envelope_from_line(payload[:line_end]), payload[line_end:]
+    return Envelope.from_line(payload[:line_end]), payload[line_end:]
 
 
 def segment_paths(directory: Path) -> list[Path]:
@@ -116,7 +117,7 @@ def live_records(directory: Path, ignored: list[tuple[str, int]] | None = None) 
                 if kind == DONE:
                     done.add(payload.decode())
                 else:
-                    queue_id = envelope_from_line(payload[: payload.index(b"\n") + 1]).queue_id
+                    queue_id = Envelope.from_line(payload[: payload.index(b"\n") + 1]).queue_id
                     found.append((queue_id, path, offset, len(payload)))
             size = os.fstat(handle.fileno()).st_size
         if ignored is not None and size > end:

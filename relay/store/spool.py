@@ -26,36 +26,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from relay.core.message import Envelope
 from relay.core.prepare import Prepared
 from relay.testing.failpoints import crashpoint
 
 FLUSH_REQUEST = "flush.request"
-
-
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """The first line of a .msg file."""
-
-    queue_id: str
-    mail_from: str
-    recipients: tuple[str, ...]
-    message_id: str
-    client_ip: str
-    received_at: float  # epoch seconds
-    size: int
-
-    def line(self) -> bytes:
-        """The JSON line that starts a stored message (dataclasses.asdict is slow: it deep-copies)."""
-        fields = {
-            "queue_id": self.queue_id,
-            "mail_from": self.mail_from,
-            "recipients": self.recipients,
-            "message_id": self.message_id,
-            "client_ip": self.client_ip,
-            "received_at": self.received_at,
-            "size": self.size,
-        }
-        return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
 
 
 @dataclass(slots=True)
@@ -94,6 +69,7 @@ class Spool:
         self.tmp = path / "tmp"
         self.queue = path / "queue"
         self.dead = path / "dead"
+        self.journal_dir = path / "journal"  # relay/store/journal.py owns what is inside
         self._queue_dir_fd: int | None = None
         self._renames_lock = threading.Lock()
         self._dir_sync_lock = threading.Lock()
@@ -154,12 +130,12 @@ class Spool:
 
     def read(self, queue_id: str) -> tuple[Envelope, bytes]:
         with open(self.queue / f"{queue_id}.msg", "rb") as handle:
-            envelope = envelope_from_line(handle.readline())
+            envelope = Envelope.from_line(handle.readline())
             return envelope, handle.read()
 
     def read_envelope(self, queue_id: str, *, dead: bool = False) -> Envelope:
         with open((self.dead if dead else self.queue) / f"{queue_id}.msg", "rb") as handle:
-            return envelope_from_line(handle.readline())
+            return Envelope.from_line(handle.readline())
 
     def read_state(self, queue_id: str, *, dead: bool = False) -> EntryState:
         try:
@@ -284,12 +260,6 @@ def write_all_at(fd: int, views: list[memoryview], offset: int) -> int:
         if written:
             views[0] = views[0][written:]
     return offset
-
-
-def envelope_from_line(line: bytes) -> Envelope:
-    fields = json.loads(line)
-    fields["recipients"] = tuple(fields["recipients"])
-    return Envelope(**fields)
 
 
 def _ids(directory: Path) -> Iterator[str]:

@@ -1,0 +1,145 @@
+"""The messages waiting for a worker, by due time, and the workers waiting for a message."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from dataclasses import dataclass
+
+from relay.core.breaker import CircuitBreaker
+from relay.core.first_attempt import FirstAttempt
+from relay.core.message import Envelope
+from relay.core.prepare import Prepared
+from relay.core.replies import Reply
+from relay.delivery.clock import Clock, Timer
+
+
+@dataclass
+class Handoff:
+    """Between a message's first attempt and the SMTP session that may wait for it."""
+
+    machine: FirstAttempt
+    reply: asyncio.Future[Reply]
+
+
+@dataclass
+class Job:
+    """A message the scheduler knows: its envelope, when it is due, and what is left to do."""
+
+    envelope: Envelope
+    due: float
+    attempts: int = 0
+    recipients: tuple[str, ...] | None = None  # None: all of the envelope's
+    message: Prepared | None = None  # the bytes, kept in memory for the first attempt only
+    in_journal: bool = False  # only in the journal, not (yet) in its own file in queue/
+    first: Handoff | None = None  # until the first attempt is settled
+    committing: asyncio.Future[None] | None = None  # the journal write running beside the first attempt
+
+    @property
+    def queue_id(self) -> str:
+        return self.envelope.queue_id
+
+
+class DeliveryQueue:
+    """Jobs by due time; idle workers park here and are woken one at a time."""
+
+    def __init__(self, clock: Clock, breaker: CircuitBreaker) -> None:
+        self.clock = clock
+        self.breaker = breaker
+        self.jobs: dict[str, Job] = {}
+        self.busy: set[str] = set()  # taken by a worker (or being written to queue/)
+        self._heap: list[tuple[float, str]] = []
+        self._idle: list[asyncio.Future[None]] = []
+        self.stopping = False
+
+    def schedule(self, job: Job) -> None:
+        self.jobs[job.queue_id] = job
+        heapq.heappush(self._heap, (job.due, job.queue_id))
+        self.wake()
+
+    def withdraw(self, queue_id: str) -> Job | None:
+        """Out of the queue (its heap entry goes stale)."""
+        return self.jobs.pop(queue_id, None)
+
+    def wake(self, *, everyone: bool = False) -> None:
+        """Wake one idle worker (all for a flush or stop): a shared event would wake them all per message."""
+        while self._idle:
+            waiter = self._idle.pop()
+            if not waiter.done():
+                waiter.set_result(None)
+                if not everyone:
+                    return
+
+    def flush(self) -> None:
+        """Everything waiting is due now."""
+        for job in self.jobs.values():
+            job.due = 0.0
+        self._heap = sorted((0.0, queue_id) for queue_id in self.jobs)
+        self.breaker.success()
+        self.wake(everyone=True)
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake(everyone=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self.jobs) + len(self.busy)
+
+    def oldest_received(self) -> float | None:
+        """Arrival time of the oldest message waiting (epoch seconds), for the age gauge."""
+        return min((job.envelope.received_at for job in self.jobs.values()), default=None)
+
+    def _due(self) -> Job | float:
+        """The job to send now, or how long to wait for one."""
+        while self._heap:
+            due, queue_id = self._heap[0]
+            job = self.jobs.get(queue_id)
+            if job is None or job.due != due:
+                heapq.heappop(self._heap)  # stale entry: rescheduled or removed
+                continue
+            if due > self.clock.time():
+                return due - self.clock.time()
+            now = self.clock.monotonic()
+            if not self.breaker.allows(now):
+                return max(0.01, self.breaker.wait(now))
+            heapq.heappop(self._heap)
+            return self._take(queue_id)
+        return float("inf")
+
+    def _take(self, due_id: str) -> Job:
+        """The due job, or, while Infobip is failing, the oldest waiting one: it probes, and after
+        recovery the backlog goes in order of arrival."""
+        if self.breaker.failures:
+            oldest = min(self.jobs)  # queue ids sort by arrival; rare: only while failing
+            if oldest != due_id:
+                heapq.heappush(self._heap, (self.jobs[due_id].due, due_id))  # stays as scheduled
+                due_id = oldest
+        job = self.jobs.pop(due_id)
+        self.busy.add(due_id)
+        return job
+
+    async def next_job(self) -> Job | None:
+        """Wait for a due job (None once stopping): a timer for the next due time, or a wake-up."""
+        while not self.stopping:
+            found = self._due()
+            if isinstance(found, Job):
+                return found
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            timer: Timer | None = None
+            if found != float("inf"):
+                timer = self.clock.call_later(found, lambda w=waiter: _release(w))  # type: ignore[misc]
+            try:
+                await waiter
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                if waiter in self._idle:  # a timed-out waiter is done but still listed
+                    self._idle.remove(waiter)
+        return None
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -1,0 +1,65 @@
+"""Start-up and `relay queue flush`: what the store holds becomes jobs for the scheduler."""
+
+from __future__ import annotations
+
+import structlog
+
+from relay.core.message import Envelope
+from relay.core.prepare import Prepared
+from relay.delivery.queue import DeliveryQueue, Job
+from relay.store.journal import Journal
+from relay.store.spool import EntryState, Spool
+
+log = structlog.get_logger("relay.delivery")
+
+
+def stored_message(envelope: Envelope, data: bytes) -> Prepared:
+    """A message read back from disk: its bytes are already exactly what goes upstream."""
+    return Prepared(envelope.queue_id, envelope.mail_from, envelope.recipients, envelope.message_id, b"", data)
+
+
+def promote_journal(spool: Spool, journal: Journal) -> int:
+    """Start-up (in a thread): what the journal holds and nobody finished goes to queue/ (then the journal
+    starts afresh). A message promoted before the crash is simply written again, with the same bytes."""
+    count = 0
+    ignored: list[tuple[str, int]] = []
+    for envelope, data in journal.recover(ignored):
+        spool.commit(stored_message(envelope, data), envelope)
+        count += 1
+    for segment, size in ignored:  # after a crash, a torn last record (never acknowledged) is normal
+        log.warning("spool_journal_tail_ignored", segment=segment, bytes=size)
+    return count
+
+
+def scan_queue(spool: Spool, skip: set[str]) -> list[tuple[Envelope, EntryState]]:
+    """Read what queue/ holds (in a thread: disk only, no event-loop state)."""
+    found = []
+    for queue_id in spool.queued_ids():
+        if queue_id in skip:
+            continue
+        try:
+            found.append((spool.read_envelope(queue_id), spool.read_state(queue_id)))
+        except FileNotFoundError:
+            continue  # delivered and removed since the directory was listed
+        except Exception as exc:  # unreadable: leave it for an engineer, say so
+            log.error("spool_entry_unreadable", queue_id=queue_id, error=f"{type(exc).__name__}: {exc}")
+    return found
+
+
+def schedule_found(queue: DeliveryQueue, found: list[tuple[Envelope, EntryState]], skip: set[str]) -> int:
+    """Schedule every message not known yet; a known one takes its recipients from its .state (e.g.
+    `requeue` added dead-lettered recipients back). Returns how many were new."""
+    added = 0
+    for envelope, state in found:
+        queue_id = envelope.queue_id
+        if queue_id in queue.busy or queue_id in skip:
+            continue  # taken by a worker while we read
+        recipients = tuple(state.recipients) if state.recipients is not None else None
+        known = queue.jobs.get(queue_id)
+        if known is not None:
+            if recipients is not None:
+                known.recipients = recipients
+            continue
+        queue.schedule(Job(envelope, due=state.next_attempt, attempts=state.attempts, recipients=recipients))
+        added += 1
+    return added
