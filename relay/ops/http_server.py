@@ -35,9 +35,7 @@ class HttpServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        server = site._server
-        assert server is not None
-        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        self.port = int(self._runner.addresses[0][1])  # the bound port, when `port` is 0
 
     async def stop(self) -> None:
         if self._runner is not None:
