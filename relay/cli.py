@@ -143,7 +143,8 @@ def _queue(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if missing else 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """Every verb and flag, as `relay --help` shows them."""
     parser = argparse.ArgumentParser(prog="relay", description="SMTP relay in front of Infobip's SMTP API")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the relay")
@@ -165,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     verbs.add_parser("flush", help="retry everything now")
     verbs.add_parser("delete", help="remove messages for good").add_argument("ids", nargs="+")
     verbs.add_parser("requeue", help="move dead-lettered messages back to the queue").add_argument("ids", nargs="+")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     try:
         settings = load_settings(args.config)
@@ -187,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         domains = settings.policy.allowed_sender_domains
         sender = args.sender or f"postmaster@{domains[0] if domains else settings.listen.hostname}"
         return asyncio.run(doctor(settings, sender, args.send_test, lambda line: print(line, flush=True)))
+    return _serve(args, settings)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if not args.demo and settings.spool.enabled:
         spool = Spool(settings.spool.path)
         try:

@@ -15,7 +15,7 @@ from email.utils import format_datetime, getaddresses
 
 from relay.config import PolicySettings
 from relay.core.alignment import check_alignment, domain_of
-from relay.core.headers import HeaderError, find_field, fold_header, parse_header_fields
+from relay.core.headers import HeaderError, HeaderField, find_field, fold_header, parse_header_fields
 from relay.core.policy import MessageFacts, header_actions
 from relay.core.replies import Rejection, Reply
 
@@ -89,39 +89,12 @@ def header_from_address(value: str) -> str | None:
 
 def prepare(message: Received, policy: PolicySettings) -> Prepared:
     fields = parse_header_fields(message.data)
-    from_field = find_field(fields, "From")
-    header_from = header_from_address(from_field.value) if from_field else None
-    if header_from is None:
-        raise Rejection(
-            Reply(550, "5.6.0", "The message has no valid From: header; add one such as From: <app@example.com>")
-        )
-
-    verdict = check_alignment(policy.alignment, message.mail_from, header_from)
-    if verdict.misaligned:
-        raise Rejection(
-            Reply(
-                550,
-                "5.7.1",
-                f"Envelope sender domain {domain_of(message.mail_from)} and header From domain "
-                f"{domain_of(header_from)} are not aligned; Infobip requires the same organizational domain",
-            )
-        )
-
-    new_lines: list[bytes] = []
-    ours: dict[str, int] = {}  # fields we add ourselves, by lower-cased name: index in new_lines
-    id_field = find_field(fields, "Message-ID")
-    message_id = id_field.value if id_field else f"<{message.queue_id}@{message.hostname}>"
-    if id_field is None:
-        ours["message-id"] = len(new_lines)
-        new_lines.append(fold_header("Message-ID", message_id))
-    if find_field(fields, "Date") is None:
-        ours["date"] = len(new_lines)
-        new_lines.append(fold_header("Date", format_datetime(message.received_at)))
-
+    mail_from = _aligned_sender(message, fields, policy)
+    new_lines, ours, message_id = _missing_fields(message, fields)
     facts = MessageFacts(
         queue_id=message.queue_id,
         message_id=message_id,
-        sender=verdict.mail_from,
+        sender=mail_from,
         client_ip=message.client_ip,
         recipients=message.recipients,
     )
@@ -143,13 +116,49 @@ def prepare(message: Received, policy: PolicySettings) -> Prepared:
             new_lines.append(line)
         if key == "message-id":
             message_id = action.value  # the one that is sent, for logs and the spool
-
     return Prepared(
         queue_id=message.queue_id,
-        mail_from=verdict.mail_from,
+        mail_from=mail_from,
         recipients=message.recipients,
         message_id=message_id,
         prefix=b"".join(new_lines),
         original=message.data,
         dropped=tuple(sorted(dropped)),
     )
+
+
+def _aligned_sender(message: Received, fields: list[HeaderField], policy: PolicySettings) -> str:
+    """The envelope sender to send upstream, once the header From: is found and aligned with it."""
+    from_field = find_field(fields, "From")
+    header_from = header_from_address(from_field.value) if from_field else None
+    if header_from is None:
+        raise Rejection(
+            Reply(550, "5.6.0", "The message has no valid From: header; add one such as From: <app@example.com>")
+        )
+    verdict = check_alignment(policy.alignment, message.mail_from, header_from)
+    if verdict.misaligned:
+        raise Rejection(
+            Reply(
+                550,
+                "5.7.1",
+                f"Envelope sender domain {domain_of(message.mail_from)} and header From domain "
+                f"{domain_of(header_from)} are not aligned; Infobip requires the same organizational domain",
+            )
+        )
+    return verdict.mail_from
+
+
+def _missing_fields(message: Received, fields: list[HeaderField]) -> tuple[list[bytes], dict[str, int], str]:
+    """Message-ID and Date when the app left them out (RFC 5322 wants both): the new lines, their index
+    by lower-cased name, and the Message-ID that is sent."""
+    new_lines: list[bytes] = []
+    ours: dict[str, int] = {}
+    id_field = find_field(fields, "Message-ID")
+    message_id = id_field.value if id_field else f"<{message.queue_id}@{message.hostname}>"
+    if id_field is None:
+        ours["message-id"] = len(new_lines)
+        new_lines.append(fold_header("Message-ID", message_id))
+    if find_field(fields, "Date") is None:
+        ours["date"] = len(new_lines)
+        new_lines.append(fold_header("Date", format_datetime(message.received_at)))
+    return new_lines, ours, message_id
