@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -168,11 +168,9 @@ class Journal:
         self._closing = False
         self._segment_of: dict[str, int] = {}  # queue id -> segment, for messages not done yet
         self._live: dict[int, int] = {}  # segment -> messages in it not done yet
-        self._segments: list[int] = []  # existing segments, oldest first
+        self._file = SegmentFiles(directory)
         self._broken = False  # an fdatasync failed: nothing more goes into the current segment
         self._unwritten_dones: list[str] = []  # done marks a failed write lost: tried again next batch
-        self._fd = -1
-        self._offset = 0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -191,7 +189,7 @@ class Journal:
         for path in old:
             path.unlink()
         last = int(old[-1].name[: -len(SUFFIX)]) if old else 0
-        self._open_segment(last + 1)
+        self._file.open(last + 1)
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="spool-journal", daemon=True)
         self._thread.start()
@@ -217,12 +215,12 @@ class Journal:
             self._answer(last)
         if self._unwritten_dones:  # marks an earlier failure left: one more try (a batch takes them)
             await asyncio.to_thread(self._write_batch, _Batch())
-        os.close(self._fd)
+        os.close(self._file.fd)
         if not any(self._live.values()):
             try:
-                for seq in self._segments:
+                for seq in self._file.segments:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self._path(seq))
+                        os.unlink(self._file.path(seq))
                 fsync_dir(self.directory)
             except OSError as exc:  # the next start deletes them
                 log.error("spool_journal_cleanup_failed", error=exc.strerror or str(exc))
@@ -314,7 +312,7 @@ class Journal:
         if self._unwritten_dones:
             batch.dones += [_Done(queue_id, None) for queue_id in self._unwritten_dones]
             self._unwritten_dones = []
-        if self._broken or self._offset >= self.segment_bytes:
+        if self._broken or self._file.offset >= self.segment_bytes:
             error = self._new_segment()
             if error is not None and self._broken:  # after a failed sync, bytes before these could be lost
                 self._fail(batch, error)
@@ -322,17 +320,17 @@ class Journal:
         written: list[_Append] = []
         for item in batch.appends:
             payload = [memoryview(item.envelope.line()), *item.message.segments()]
-            item.error = self._write_parts([record_header(MESSAGE, payload), *payload])
+            item.error = self._file.write_parts([record_header(MESSAGE, payload), *payload])
             if item.error is None:
                 written.append(item)
                 crashpoint("before_commit")
         if batch.dones:
-            error = self._write_parts(_done_records(d.queue_id for d in batch.dones))
+            error = self._file.write_parts(_done_records(d.queue_id for d in batch.dones))
             if error is not None:
                 self._fail(_Batch(dones=batch.dones), error)
         if written or batch.dones:
             try:
-                os.fdatasync(self._fd)
+                os.fdatasync(self._file.fd)
             except OSError as exc:  # what reached the disk is unknown: fail them all, start a new segment
                 self._fail(_Batch(written, batch.dones), exc)
                 # Their bytes may still be in this segment, and their clients hear 452 (or Infobip has
@@ -342,21 +340,29 @@ class Journal:
                 self._broken = True
                 if self._new_segment() is None:  # else the next batch tries again; until then nothing is taken
                     self._write_unwritten_dones()  # before those clients hear 452
-        seq = self._segments[-1]
+        seq = self._file.segments[-1]
         with self._lock:
             for item in written:
                 self._segment_of[item.envelope.queue_id] = seq
                 self._live[seq] = self._live.get(seq, 0) + 1
         for _ in written:
             crashpoint("after_commit")
-        self._retire()
+        self._file.retire(self._take_if_finished)
+
+    def _take_if_finished(self, seq: int) -> bool:
+        """Is no message of segment `seq` live any more? Then it is forgotten here (the file goes next)."""
+        with self._lock:
+            if self._live.get(seq, 0):
+                return False
+            self._live.pop(seq, None)
+            return True
 
     def _write_unwritten_dones(self) -> None:
         ids, self._unwritten_dones = self._unwritten_dones, []
-        error = self._write_parts(_done_records(ids))
+        error = self._file.write_parts(_done_records(ids))
         if error is None:
             try:
-                os.fdatasync(self._fd)
+                os.fdatasync(self._file.fd)
             except OSError as exc:
                 error = exc
                 self._broken = True
@@ -374,66 +380,75 @@ class Journal:
     def _new_segment(self) -> OSError | None:
         """Rotate (the current segment is full, or sick after a failed sync); the error if it failed."""
         try:
-            self._rotate()
+            self._file.rotate()
         except OSError as exc:
             log.error("spool_journal_rotate_failed", error=exc.strerror or str(exc))
             return exc
         self._broken = False
         return None
 
-    def _write_parts(self, parts: Sequence[bytes | memoryview]) -> OSError | None:
+
+class SegmentFiles:
+    """The segment files on disk: the one being written (its descriptor and end) and the older ones.
+    Used by the writer thread only (and by start and close, when the thread is not running)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.segments: list[int] = []  # existing segments, oldest first
+        self.fd = -1
+        self.offset = 0
+
+    def write_parts(self, parts: Sequence[bytes | memoryview]) -> OSError | None:
         """All or nothing: a failed write (disk full) is cut off again, so the segment stays a clean
         sequence of records for the ones after it."""
-        start = self._offset
+        start = self.offset
         try:
             if sum(map(len, parts)) <= SMALL_RECORD:  # one copy is cheaper than pwritev's bookkeeping
-                self._offset = write_all_at(self._fd, [memoryview(b"".join(parts))], start)
+                self.offset = write_all_at(self.fd, [memoryview(b"".join(parts))], start)
             else:
-                self._offset = write_all_at(self._fd, [memoryview(p) for p in parts], start)
+                self.offset = write_all_at(self.fd, [memoryview(p) for p in parts], start)
         except OSError as exc:
             with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, start)
-            self._offset = start
+                os.ftruncate(self.fd, start)
+            self.offset = start
             return exc
         return None
 
-    def _path(self, seq: int) -> Path:
+    def path(self, seq: int) -> Path:
         return self.directory / f"{seq:012d}{SUFFIX}"
 
-    def _open_segment(self, seq: int) -> None:
-        fd = os.open(self._path(seq), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    def open(self, seq: int) -> None:
+        fd = os.open(self.path(seq), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             fsync_dir(self.directory)  # the new name must survive a crash too
         except OSError:
             os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(self._path(seq))
+                os.unlink(self.path(seq))
             raise
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd, self._offset = fd, 0
-        self._segments.append(seq)
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.offset = fd, 0
+        self.segments.append(seq)
 
-    def _rotate(self) -> None:
-        self._open_segment(self._segments[-1] + 1)
+    def rotate(self) -> None:
+        self.open(self.segments[-1] + 1)
 
-    def _retire(self) -> None:
+    def retire(self, take_if_finished: Callable[[int], bool]) -> None:
         """Delete, oldest first, the segments no message needs any more."""
         gone = False
-        while len(self._segments) > 1:
-            oldest = self._segments[0]
-            with self._lock:
-                if self._live.get(oldest, 0):
-                    break
-                self._live.pop(oldest, None)
+        while len(self.segments) > 1:
+            oldest = self.segments[0]
+            if not take_if_finished(oldest):
+                break
             try:
-                os.unlink(self._path(oldest))
+                os.unlink(self.path(oldest))
             except FileNotFoundError:
                 pass
             except OSError as exc:
                 log.error("spool_journal_retire_failed", error=exc.strerror or str(exc))
                 break
-            self._segments.pop(0)
+            self.segments.pop(0)
             gone = True
         if gone:
             with contextlib.suppress(OSError):
