@@ -23,7 +23,8 @@ from relay.ops.http_server import HttpServer, Readiness
 from relay.ops.logs import configure_logging, message_fields
 from relay.ops.metrics import Metrics
 from relay.store.spool import Spool
-from relay.upstream.pool import UpstreamError, UpstreamPool
+from relay.upstream.errors import UpstreamError
+from relay.upstream.pool import UpstreamPool
 
 log = structlog.get_logger("relay.app")
 

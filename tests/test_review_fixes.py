@@ -17,7 +17,9 @@ from relay.core.message import Envelope
 from relay.core.prepare import Prepared
 from relay.store.spool import EntryState, Spool
 from relay.testing.standin import InfobipStandIn
-from relay.upstream.pool import UpstreamConnection, UpstreamError, make_tls_context
+from relay.upstream.connection import UpstreamConnection
+from relay.upstream.errors import UpstreamError
+from relay.upstream.tls import make_tls_context
 from tests.conftest import Dialog, StartRelay, message
 from tests.test_relay import send_one
 from tests.test_spool import queue_files, small_tmpfs, spooled, until

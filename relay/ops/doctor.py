@@ -11,7 +11,16 @@ from datetime import UTC, datetime
 from relay.config import Settings
 from relay.core.prepare import Prepared, Received, prepare
 from relay.core.smtp_client import queued_id
-from relay.upstream.pool import UpstreamConnection, UpstreamError, make_tls_context
+from relay.upstream.connection import UpstreamConnection
+from relay.upstream.errors import (
+    UpstreamAuthError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamGreetingError,
+    UpstreamTLSError,
+    UpstreamUnreachable,
+)
+from relay.upstream.tls import make_tls_context
 
 ADVICE = {
     "dns": "check upstream.host and this machine's DNS (resolv.conf, a corporate resolver?)",
@@ -24,16 +33,20 @@ ADVICE = {
     "mail": "Infobip refused the sender: use a sender on a domain verified in your Infobip account (--from)",
     "send": "Infobip refused the test message: its reply above says why",
 }
-STEPS = ("dns", "tcp", "greeting", "ehlo", "tls", "auth")
+# The step each handshake failure names; EHLO fails as "greeting" (same advice: is it SMTP on that port?).
+FAILED_STEP: dict[type[UpstreamUnreachable], str] = {
+    UpstreamConnectError: "tcp",
+    UpstreamGreetingError: "greeting",
+    UpstreamTLSError: "tls",
+    UpstreamAuthError: "auth",
+}
 
 
 async def doctor(settings: Settings, sender: str, send_test: str | None, say: Callable[[str], None]) -> int:
     """Exit status 0 when every step passes; otherwise 1, after naming the failed step."""
     upstream = settings.upstream
-    done: list[str] = []
 
     def ok(step: str, detail: str) -> None:
-        done.append(step)
         say(f"  ok    {step:<8} {detail}")
 
     say(f"relay doctor: checking the path to {upstream.host}:{upstream.port} ({upstream.tls})")
@@ -50,11 +63,8 @@ async def doctor(settings: Settings, sender: str, send_test: str | None, say: Ca
         connection = await UpstreamConnection.open(
             upstream, make_tls_context(upstream), settings.listen.hostname, 1, progress=ok
         )
-    except UpstreamError as exc:
-        failed = next((s for s in STEPS if s not in done), "auth")
-        if failed == "ehlo":
-            failed = "greeting"
-        return _failed(failed, exc.reply.text, say)
+    except UpstreamUnreachable as exc:
+        return _failed(_failed_step(exc), exc.reply.text, say)
     try:
         reply = await connection.probe(sender)
         if not reply.ok:
@@ -72,6 +82,11 @@ async def doctor(settings: Settings, sender: str, send_test: str | None, say: Ca
         await connection.quit()
     say(f"all good in {time.monotonic() - started:.2f} s")
     return 0
+
+
+def _failed_step(exc: UpstreamUnreachable) -> str:
+    """The class of a handshake failure says which step failed; no guessing from reply codes."""
+    return next((step for error, step in FAILED_STEP.items() if isinstance(exc, error)), "tcp")
 
 
 def _failed(step: str, why: str, say: Callable[[str], None]) -> int:
