@@ -17,6 +17,7 @@ from relay.core.message import Envelope
 from relay.core.prepare import Prepared
 from relay.core.replies import SHUTTING_DOWN, Reply
 from relay.core.smtp_client import queued_id
+from relay.delivery.clock import Clock
 from relay.delivery.scheduler import Delivery
 from relay.inbound.server import RelayHandler, RelaySMTP, SessionInfo, Sessions
 from relay.ops.http_server import HttpServer, Readiness
@@ -30,13 +31,13 @@ log = structlog.get_logger("relay.app")
 
 
 class Relay:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.pool = UpstreamPool(settings.upstream, settings.listen.hostname, self.metrics)
         self.spool: Spool | None = Spool(settings.spool.path) if settings.spool.enabled else None
         self.delivery: Delivery | None = (
-            Delivery(self.spool, self.pool, settings.spool, workers=settings.upstream.pool_size, metrics=self.metrics)
+            Delivery(self.spool, self.pool, settings.spool, settings.upstream.pool_size, self.metrics, clock)
             if self.spool is not None
             else None
         )
@@ -54,7 +55,7 @@ class Relay:
 
     def _oldest_age(self) -> float:
         oldest = self.delivery.oldest_received() if self.delivery is not None else None
-        return max(0.0, time.time() - oldest) if oldest else 0.0
+        return max(0.0, self.delivery.clock.time() - oldest) if self.delivery and oldest else 0.0
 
     def readiness(self) -> Readiness:
         """Listening, spool writable, upstream authenticated lately (or never tried)."""
@@ -166,7 +167,7 @@ class Relay:
             recipients=message.recipients,
             message_id=message.message_id,
             client_ip=session.client_ip,
-            received_at=time.time(),
+            received_at=self.delivery.clock.time(),
             size=message.size,
         )
         with bound_contextvars(queue_id=envelope.queue_id, client_ip=envelope.client_ip):

@@ -13,6 +13,7 @@ import pytest
 
 from relay.app import Relay
 from relay.config import Settings
+from relay.delivery.clock import Clock
 from relay.testing.standin import InfobipStandIn, _StandInSMTP
 
 
@@ -55,8 +56,8 @@ StartRelay = Callable[..., Awaitable[Relay]]
 async def start_relay(standin: InfobipStandIn) -> AsyncIterator[StartRelay]:
     started: list[Relay] = []
 
-    async def start(**sections: dict[str, Any]) -> Relay:
-        relay = Relay(relay_settings(standin, **sections))
+    async def start(clock: Clock | None = None, **sections: dict[str, Any]) -> Relay:
+        relay = Relay(relay_settings(standin, **sections), clock)
         await relay.start()
         started.append(relay)
         return relay

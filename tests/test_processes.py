@@ -633,7 +633,7 @@ async def test_queue_flush_on_a_running_relay_retries_now(
     config = write_config(
         tmp_path / "relay.toml", standin, port=port, spool=spool, sync_wait=0, retry_initial=30, retry_max=60
     )
-    standin.behaviour.down = True
+    standin.behaviour.data_replies.append("451 4.3.0 Try later")  # Infobip's 4xx: the message's own backoff
     relay = await spawn(config, port).start()
     message_id = new_message_id("flush")
     reply = await send_one(port, message(Message_ID=message_id))
@@ -643,7 +643,6 @@ async def test_queue_flush_on_a_running_relay_retries_now(
     await wait_until(state_file.exists, 10, "the first (failed) attempt", relay.log)
     assert json.loads(state_file.read_text())["next_attempt"] > time.time() + 10
 
-    standin.behaviour.down = False
     code, out, err = await queue_cli(config, "flush")
     assert code == 0, err
     assert "flush requested for 1 message(s)" in out

@@ -1,8 +1,7 @@
-"""The retry schedule and the circuit breaker, as plain values."""
+"""The retry schedule, as plain values."""
 
 from __future__ import annotations
 
-from relay.core.breaker import CircuitBreaker
 from relay.core.retry import AttemptResult, backoff, next_step, recipient_batches
 
 SCHEDULE = {"initial": 60.0, "maximum": 3600.0}
@@ -53,21 +52,3 @@ def test_transient_past_max_age_dies_with_the_last_reply() -> None:
     result = step(AttemptResult(transient={"b@x.org": "451 4.3.0 Try later"}), attempts=7, age=431990.0)
     assert result.retry == () and result.retry_at is None
     assert result.dead["b@x.org"] == "expired after 7 attempts over 431990 s; last reply: 451 4.3.0 Try later"
-
-
-def test_breaker_opens_after_threshold_probes_once_per_cooldown_and_closes_on_success() -> None:
-    breaker = CircuitBreaker(threshold=3, initial=1.0, maximum=4.0)
-    for now in (0.0, 0.1):
-        breaker.failure(now)
-        assert breaker.allows(now)
-    breaker.failure(0.2)
-    assert breaker.is_open and not breaker.allows(0.5) and breaker.wait(0.5) == 0.7
-    assert breaker.allows(1.2)  # the probe
-    assert not breaker.allows(1.3)  # only one per cool-down, even if its outcome never comes
-    breaker.failure(1.3)
-    assert breaker.cooldown == 2.0 and not breaker.allows(3.2) and breaker.allows(3.3)
-    for now in (4.0, 5.0, 6.0):
-        breaker.failure(now)
-    assert breaker.cooldown == 4.0  # capped
-    breaker.success()
-    assert not breaker.is_open and breaker.allows(6.1) and breaker.wait(6.1) == 0.0

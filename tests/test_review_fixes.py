@@ -38,7 +38,7 @@ async def test_a_client_hanging_up_in_pass_through_never_gets_another_message_a_
     for line in (f"MAIL FROM:<{SENDER}>", "RCPT TO:<first@example.org>", "DATA"):
         await quitter.send(line)
     quitter.writer.write(message(Message_ID="<first@x>") + b".\r\n")
-    await asyncio.sleep(0.1)  # the relay is now waiting for the stand-in's verdict on "first"
+    await until(lambda: sum(c.commands.count("DATA") for c in standin.connections) == 2)  # waiting on "first"
     await quitter.close()
     standin.behaviour.data_delay = 0.0
     reply = await send_one(relay.port, SENDER, ["second@example.org"], message(Message_ID="<second@x>"))
@@ -60,8 +60,10 @@ async def test_a_failed_spool_write_is_not_sent_later_behind_the_clients_back(
         assert reply.startswith("452 4.3.1 ")
         await first
         standin.behaviour.data_delay = 0.0
-        await asyncio.sleep(1.5)  # time for a wrongly kept job to go out: it must not
-        assert [m.rcpt_tos for m in standin.messages] == [["first@example.org"]]
+        # A wrongly kept job would go out before a later message (the only worker takes them in order).
+        assert (await send_one(relay.port, SENDER, ["third@example.org"], message())).startswith("250 ")
+        await until(lambda: any(m.rcpt_tos == ["third@example.org"] for m in standin.messages))
+        assert [m.rcpt_tos for m in standin.messages] == [["first@example.org"], ["third@example.org"]]
 
 
 def test_requeue_keeps_the_recipients_still_pending(tmp_path: Path) -> None:
@@ -123,8 +125,7 @@ async def test_an_overlong_reply_line_is_a_failure_not_a_leak() -> None:
         for _ in range(5):
             with pytest.raises(UpstreamError, match="reply line too long"):
                 await UpstreamConnection.open(settings, make_tls_context(settings), "relay.test", 1)
-        await asyncio.sleep(0.1)
-        assert len(os.listdir("/proc/self/fd")) <= before + 1
+        await until(lambda: len(os.listdir("/proc/self/fd")) <= before + 1, timeout=2.0)
     finally:
         server.close()
         await server.wait_closed()

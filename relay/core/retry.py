@@ -36,6 +36,7 @@ class AttemptResult:
     permanent: dict[str, str] = field(default_factory=dict)
     infobip_ids: tuple[str, ...] = ()
     stored: bool = True  # False: the spool write failed, so nothing can be retried from disk
+    unreachable: bool = False  # every failure was Infobip not answering at all (connect, TLS, AUTH)
 
     @property
     def complete(self) -> bool:
@@ -51,6 +52,7 @@ class NextStep:
     retry_at: float | None  # when (None: nothing to retry)
     dead: dict[str, str]  # recipients to dead-letter, with the reason
     last_reply: str
+    held: bool = False  # held by an outage, not deferred by Infobip: due again when a probe succeeds
 
 
 def next_step(
@@ -63,14 +65,18 @@ def next_step(
     initial: float,
     maximum: float,
     jitter: float,
+    hold: float = 1.0,
 ) -> NextStep:
+    """An outage (`result.unreachable`) is not the message's fault: it waits `hold` seconds (the breaker
+    pauses everything meanwhile) and its own backoff does not grow; Infobip's 4xx backs off."""
     dead = dict(result.permanent)
     last_reply = next(iter(result.transient.values()), None) or next(iter(result.permanent.values()), "")
     if not result.transient:
         return NextStep(retry=(), retry_at=None, dead=dead, last_reply=last_reply)
-    retry_at = now + backoff(attempts, initial=initial, maximum=maximum, jitter=jitter)
+    held = result.unreachable
+    retry_at = now + (hold if held else backoff(attempts, initial=initial, maximum=maximum, jitter=jitter))
     if retry_at - first_seen > max_age:
         expired = f"expired after {attempts} attempts over {int(now - first_seen)} s; last reply: {last_reply}"
         dead.update({rcpt: expired for rcpt in result.transient})
         return NextStep(retry=(), retry_at=None, dead=dead, last_reply=last_reply)
-    return NextStep(retry=tuple(result.transient), retry_at=retry_at, dead=dead, last_reply=last_reply)
+    return NextStep(retry=tuple(result.transient), retry_at=retry_at, dead=dead, last_reply=last_reply, held=held)

@@ -32,6 +32,7 @@ class Job:
     recipients: tuple[str, ...] | None = None  # None: all of the envelope's
     message: Prepared | None = None  # the bytes, kept in memory for the first attempt only
     in_journal: bool = False  # only in the journal, not (yet) in its own file in queue/
+    held: bool = False  # waiting out an outage, not a 4xx: due as soon as a probe succeeds
     first: Handoff | None = None  # until the first attempt is settled
     committing: asyncio.Future[None] | None = None  # the journal write running beside the first attempt
 
@@ -71,12 +72,23 @@ class DeliveryQueue:
                     return
 
     def flush(self) -> None:
-        """Everything waiting is due now."""
+        """Everything waiting is due now, oldest first (queue ids sort by arrival)."""
         for job in self.jobs.values():
             job.due = 0.0
         self._heap = sorted((0.0, queue_id) for queue_id in self.jobs)
-        self.breaker.success()
         self.wake(everyone=True)
+
+    def release_held(self) -> None:
+        """Infobip is back: what the outage held is due now, oldest first; 4xx retries keep their time."""
+        for job in self.jobs.values():
+            if job.held:
+                job.due, job.held = 0.0, False
+                heapq.heappush(self._heap, (0.0, job.queue_id))
+        self.wake(everyone=True)
+
+    @property
+    def holds_any(self) -> bool:
+        return any(job.held for job in self.jobs.values())
 
     def stop(self) -> None:
         self.stopping = True
@@ -100,24 +112,13 @@ class DeliveryQueue:
                 continue
             if due > self.clock.time():
                 return due - self.clock.time()
-            now = self.clock.monotonic()
-            if not self.breaker.allows(now):
-                return max(0.01, self.breaker.wait(now))
+            if self.breaker.is_open:
+                return float("inf")  # delivery is paused: the prober's success flushes and wakes us
             heapq.heappop(self._heap)
-            return self._take(queue_id)
+            job = self.jobs.pop(queue_id)
+            self.busy.add(queue_id)
+            return job
         return float("inf")
-
-    def _take(self, due_id: str) -> Job:
-        """The due job, or, while Infobip is failing, the oldest waiting one: it probes, and after
-        recovery the backlog goes in order of arrival."""
-        if self.breaker.failures:
-            oldest = min(self.jobs)  # queue ids sort by arrival; rare: only while failing
-            if oldest != due_id:
-                heapq.heappush(self._heap, (self.jobs[due_id].due, due_id))  # stays as scheduled
-                due_id = oldest
-        job = self.jobs.pop(due_id)
-        self.busy.add(due_id)
-        return job
 
     async def next_job(self) -> Job | None:
         """Wait for a due job (None once stopping): a timer for the next due time, or a wake-up."""

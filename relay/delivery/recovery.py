@@ -60,6 +60,7 @@ def schedule_found(queue: DeliveryQueue, found: list[tuple[Envelope, EntryState]
             if recipients is not None:
                 known.recipients = recipients
             continue
-        queue.schedule(Job(envelope, due=state.next_attempt, attempts=state.attempts, recipients=recipients))
+        job = Job(envelope, due=state.next_attempt, attempts=state.attempts, recipients=recipients, held=state.held)
+        queue.schedule(job)
         added += 1
     return added

@@ -15,7 +15,7 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from relay.config import SpoolSettings
-from relay.core.breaker import CircuitBreaker
+from relay.core.breaker import Change, CircuitBreaker
 from relay.core.first_attempt import (
     ANSWER_AFTER,
     WORKER_ACTIONS,
@@ -32,6 +32,7 @@ from relay.core.retry import AttemptResult, NextStep, next_step
 from relay.delivery.clock import Clock, SystemClock
 from relay.delivery.handoffs import Handoffs, promote
 from relay.delivery.janitor import Janitor
+from relay.delivery.prober import Prober
 from relay.delivery.queue import DeliveryQueue, Handoff, Job
 from relay.delivery.recovery import promote_journal, scan_queue, schedule_found, stored_message
 from relay.delivery.send import count_and_log, send
@@ -66,6 +67,7 @@ class Delivery:
         self.apply(settings, pool)
         self._workers = workers
         self.handoffs = Handoffs(spool, self.journal, self.queue, self.metrics)
+        self.prober = Prober(lambda: self.pool, self.breaker, self.clock, self.queue.release_held)
         self.janitor = Janitor(spool)
         self._tasks: list[asyncio.Task[None]] = []
         self._helpers: list[asyncio.Task[None]] = []
@@ -74,8 +76,8 @@ class Delivery:
         """A reloaded config: the retry schedule and the breaker change for what comes next."""
         self.settings, self.pool = settings, pool
         self.breaker.threshold = settings.breaker_threshold
-        self.breaker.initial = settings.retry_initial
-        self.breaker.maximum = settings.retry_max
+        if hasattr(self, "prober"):  # a reload: fixed credentials get a chance now, not at the next probe
+            self.prober.probe_now()
 
     # lifecycle
 
@@ -87,6 +89,9 @@ class Delivery:
         count = await self._load_queue()
         if await asyncio.to_thread(self.spool.take_flush_request):  # `relay queue flush` while stopped
             self.queue.flush()
+        if self.queue.holds_any:  # held by an outage before the restart: one probe, then all of them at once
+            self.breaker.hold(self.clock.monotonic(), "messages held by an outage before the restart")
+            self.prober.opened()
         log.info(
             "spool_recovered",
             messages=count,
@@ -97,6 +102,7 @@ class Delivery:
         self._helpers = [
             asyncio.create_task(self._watch(), name="delivery-watch"),
             asyncio.create_task(self.janitor.run(), name="delivery-janitor"),
+            asyncio.create_task(self.prober.run(), name="delivery-prober"),
         ]
 
     async def stop(self, timeout: float) -> None:
@@ -132,7 +138,9 @@ class Delivery:
         return self.queue.oldest_received()
 
     def flush(self) -> None:
+        """Everything waiting is due now; while delivery is paused, that means a probe now."""
         self.queue.flush()
+        self.prober.probe_now()
 
     async def _load_queue(self) -> int:
         skip = self.queue.busy | self.janitor.done
@@ -143,7 +151,8 @@ class Delivery:
         return self.handoffs.submit(message, envelope)
 
     async def answer(self, job: Job) -> tuple[Reply, str]:
-        return await self.handoffs.answer(job, self.settings.sync_wait)
+        # While delivery is paused no attempt can happen: the app is answered as soon as it is on disk.
+        return await self.handoffs.answer(job, 0.0 if self.breaker.is_open else self.settings.sync_wait)
 
     async def _promote(self, job: Job, message: Prepared) -> None:
         await promote(self.spool, self.journal, job, message)
@@ -194,7 +203,8 @@ class Delivery:
         with self.metrics.delivery_seconds.time():
             result = await self._send(message, recipients)
         crashpoint("after_upstream_reply")
-        job.attempts += 1
+        if not result.unreachable:  # an outage is not the message's attempt: its own backoff stays
+            job.attempts += 1
         step = self._next_step(job, result)
         if handoff is None:
             await self._settle(job, step, message)
@@ -237,6 +247,7 @@ class Delivery:
             initial=self.settings.retry_initial,
             maximum=self.settings.retry_max,
             jitter=self.clock.random(),
+            hold=self.breaker.probe_initial * (0.75 + self.clock.random() / 2),
         )
 
     async def _settle(self, job: Job, step: NextStep, message: Prepared) -> None:
@@ -254,9 +265,10 @@ class Delivery:
             await asyncio.to_thread(self.spool.dead_letter, job.queue_id, step.dead, step.last_reply)
         if step.retry:
             assert step.retry_at is not None
-            state = EntryState(job.attempts, step.retry_at, list(step.retry), step.last_reply)
+            state = EntryState(job.attempts, step.retry_at, list(step.retry), step.last_reply, held=step.held)
             await asyncio.to_thread(self.spool.write_state, job.queue_id, state)
-            self.queue.schedule(dataclasses.replace(job, due=step.retry_at, recipients=step.retry, message=None))
+            retry = dataclasses.replace(job, due=step.retry_at, recipients=step.retry, message=None, held=step.held)
+            self.queue.schedule(retry)
         elif job.in_journal:  # delivered from memory: a crash before the done mark is durable: one more delivery
             self.journal.done(job.queue_id)
         else:
@@ -273,11 +285,13 @@ class Delivery:
             log.error("spool_journal_done_failed", error=exc.strerror or str(exc))
 
     async def _send(self, message: Prepared, recipients: tuple[str, ...]) -> AttemptResult:
-        return await send(self.pool, self.breaker, self.clock, self.metrics, message, recipients, self._on_recovery)
+        return await send(self.pool, self.breaker, self.clock, self.metrics, message, recipients, self._on_breaker)
 
-    def _on_recovery(self) -> None:
-        """Infobip is back: everything waiting is due now, oldest first."""
-        self.queue.flush()
+    def _on_breaker(self, change: Change | None) -> None:
+        if change is Change.OPENED:
+            self.prober.opened()
+        elif change is Change.CLOSED:  # an attempt begun before the pause got through: Infobip is back
+            self.prober.closed()
 
     def _count_and_log(self, job: Job, result: AttemptResult, step: NextStep, *, handed_back: bool) -> None:
         count_and_log(self.metrics, job, result, step, handed_back=handed_back, now=self.clock.time())
@@ -290,5 +304,5 @@ class Delivery:
             await asyncio.sleep(POKE_INTERVAL)
             if await asyncio.to_thread(self.spool.take_flush_request):
                 added = await self._load_queue()
-                self.queue.flush()
+                self.flush()
                 log.info("spool_flush", added=added, queued=self.depth)

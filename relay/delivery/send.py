@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import structlog
 
-from relay.core.breaker import CircuitBreaker
+from relay.core.breaker import Change, CircuitBreaker
 from relay.core.prepare import Prepared
 from relay.core.replies import INTERNAL_ERROR
 from relay.core.retry import AttemptResult, NextStep, recipient_batches
@@ -16,7 +16,7 @@ from relay.delivery.clock import Clock
 from relay.delivery.queue import Job
 from relay.ops.logs import message_fields
 from relay.ops.metrics import Metrics
-from relay.upstream.errors import UpstreamError
+from relay.upstream.errors import UpstreamError, UpstreamUnreachable
 from relay.upstream.pool import UpstreamPool
 
 log = structlog.get_logger("relay.delivery")
@@ -29,7 +29,7 @@ async def send(
     metrics: Metrics,
     message: Prepared,
     recipients: tuple[str, ...],
-    on_recovery: Callable[[], None],
+    on_change: Callable[[Change | None], None],
 ) -> AttemptResult:
     """One attempt: every batch of at most 1000 recipients, each through the pool; the breaker hears
     of each connection-level failure and each success."""
@@ -37,21 +37,22 @@ async def send(
     transient: dict[str, str] = {}
     permanent: dict[str, str] = {}
     ids: list[str] = []
+    unreachable = True  # until Infobip answers anything, or a connection is lost mid-way
     for batch in recipient_batches(recipients):
         try:
             result = await pool.deliver(dataclasses.replace(message, recipients=batch))
         except UpstreamError as exc:
-            breaker.failure(clock.monotonic())
+            on_change(breaker.failure(clock.monotonic(), str(exc.reply), clock.random()))
+            unreachable = unreachable and isinstance(exc, UpstreamUnreachable)
             transient.update({rcpt: str(exc.reply) for rcpt in batch})
             continue
         except Exception as exc:  # a bug or a surprise: retried on schedule, dead-lettered after max_age
             log.error("delivery_error", error_type=type(exc).__name__, error=str(exc))
             transient.update({rcpt: str(INTERNAL_ERROR) for rcpt in batch})
+            unreachable = False
             continue
-        recovered = breaker.failures > 0
-        breaker.success()
-        if recovered:
-            on_recovery()
+        unreachable = False
+        on_change(breaker.success())
         metrics.upstream_replies.labels(str(result.final.code)).inc()
         for rcpt, reply in result.refused.items():
             (transient if reply.transient else permanent)[rcpt] = str(reply)
@@ -62,7 +63,8 @@ async def send(
         else:
             target = transient if result.final.transient else permanent
             target.update({rcpt: str(result.final) for rcpt in batch if rcpt not in result.refused})
-    return AttemptResult(tuple(accepted), transient, permanent, tuple(ids))
+    held = unreachable and bool(transient) and not (accepted or permanent)
+    return AttemptResult(tuple(accepted), transient, permanent, tuple(ids), unreachable=held)
 
 
 def count_and_log(

@@ -41,6 +41,7 @@ class EntryState:
     next_attempt: float = 0.0
     recipients: list[str] | None = None  # still to deliver; None: all of the envelope's
     last_reply: str = ""
+    held: bool = False  # by an outage (no answer from Infobip), not by a 4xx: tried at once after a restart
     dead: dict[str, str] = field(default_factory=dict)  # only in dead/: recipient -> reason
 
 

@@ -93,6 +93,12 @@ class UpstreamPool:
         async with self._connection(fresh=True) as (connection, _):
             return await connection.transact(message)
 
+    async def probe(self) -> None:
+        """Is Infobip back? One fresh connection through TLS and AUTH, no message; kept warm for the
+        backlog. Raises UpstreamError when it fails."""
+        async with self._connection(fresh=True):
+            pass
+
     async def close(self) -> None:
         """Quit idle connections; those in use are closed when their transaction ends."""
         self._closed = True
