@@ -40,7 +40,7 @@ from relay.core.headers import (
 from relay.core.policy import PLACEHOLDERS, MessageFacts, expand, header_actions
 from relay.inbound.server import RelaySMTP
 from relay.testing.standin import InfobipStandIn, StandInMessage
-from tests.conftest import Dialog, StartRelay, message, record_wire
+from tests.conftest import Dialog, StartRelay, message, record_wire, relay_settings
 
 SENDER = "billing@erp.example.com"
 RCPT = "customer@example.org"
@@ -307,6 +307,7 @@ async def test_the_transaction_is_over_after_a_refused_end_of_data(
         reply = await dialog.mail(SENDER, [RCPT], mail_data("big", body=body * 300))
         assert reply.startswith("552 5.3.4 " if problem == "too_big" else "451 4.3.2 ")
     assert standin.messages == []
+    assert rejections(relay) == {problem: 1}
     # Straight on to the next transaction, as RFC 5321 allows after any reply to the end of data.
     await normal_message(dialog, standin, f"after-{problem}")
     await dialog.close()
@@ -342,6 +343,56 @@ async def test_ehlo_or_helo_without_a_name_gets_an_enhanced_501(start_relay: Sta
     reply = await dialog.send(verb)
     await dialog.close()
     assert enhanced(reply).startswith("501 5.5.4 ")
+
+
+# --- what each refusal counts as ------------------------------------------------------------------
+
+
+def rejections(relay: Relay) -> dict[str, float]:
+    """relay_messages_rejected_total by reason, leaving out reasons never counted."""
+    [family] = [m for m in relay.metrics.registry.collect() if m.name == "relay_messages_rejected"]
+    return {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total") and s.value}
+
+
+async def test_each_refusal_is_counted_under_its_own_reason(standin: InfobipStandIn, start_relay: StartRelay) -> None:
+    relay = await start_relay(
+        listen={"max_recipients": 1, "max_message_size": 100_000},
+        policy={"allowed_sender_domains": ["erp.example.com"]},
+    )
+    dialog = await Dialog.open(relay.port)
+    await dialog.reply()
+    assert (await dialog.send(f"MAIL FROM:<{SENDER}>")).startswith("503 5.5.1 ")  # aiosmtpd's: protocol
+    assert (await dialog.send("EHLO app.test")).startswith("250-")
+    assert (await dialog.send(f"MAIL FROM:<{SENDER}> SIZE=200000")).startswith("552 5.3.4 ")  # aiosmtpd's: size
+    assert (await dialog.send("MAIL FROM:<x@other.example>")).startswith("550 5.7.1 ")  # sender
+    assert (await dialog.send(f"MAIL FROM:<{SENDER}>")).startswith("250 ")
+    assert (await dialog.send("RCPT TO:<a@exa_mple.org>")).startswith("553 5.1.3 ")  # recipient
+    assert (await dialog.send(f"RCPT TO:<{RCPT}>")).startswith("250 ")
+    assert (await dialog.send("RCPT TO:<b@example.org>")).startswith("452 4.5.3 ")  # too_many_recipients
+    assert (await dialog.send("DATA")).startswith("354 ")
+    assert (await dialog.send(message(sender="x@other.example") + b".\r\n")).startswith("550 5.7.1 ")  # misaligned
+    assert (await dialog.mail(SENDER, [RCPT], b"Subject: no From\r\n\r\nHi\r\n")).startswith("550 5.6.0 ")
+    assert (await dialog.mail(SENDER, [RCPT], mail_data("big", body=b"b" * 998 + b"\r\n") * 101)).startswith("552 ")
+    await dialog.close()
+    assert rejections(relay) == {
+        "protocol": 1,
+        "size": 1,
+        "sender": 1,
+        "recipient": 1,
+        "too_many_recipients": 1,
+        "misaligned": 1,
+        "bad_headers": 1,
+        "too_big": 1,
+    }
+    assert standin.messages == []
+
+
+async def test_a_client_outside_the_allowed_networks_counts_as_client_refused(start_relay: StartRelay) -> None:
+    relay = await start_relay(listen={"allowed_networks": ["10.0.0.0/8"]})
+    dialog = await Dialog.open(relay.port)
+    assert await dialog.reply() == "554 5.7.1 Client address 127.0.0.1 is not allowed to relay through this server"
+    await dialog.close()
+    assert rejections(relay) == {"client_refused": 1}
 
 
 # --- a socket-level fuzzer -----------------------------------------------------------------------
@@ -889,6 +940,27 @@ async def test_starttls_inside_tls_is_refused_and_the_session_goes_on(
         await normal_message(dialog, standin, "after-second-starttls")
     finally:
         dialog.writer.transport.abort()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "after-starttls"])
+async def test_a_client_still_connected_at_shutdown_hears_421(
+    standin: InfobipStandIn, inbound_tls: tuple[dict[str, Any], ssl.SSLContext], tls: bool
+) -> None:
+    listen, context = inbound_tls
+    relay = Relay(relay_settings(standin, listen={**listen, "auth_required": False}))
+    await relay.start()
+    try:
+        dialog = await session(relay.port)
+        if tls:
+            assert (await dialog.send("STARTTLS")).startswith("220 ")
+            await dialog.writer.start_tls(context, server_hostname="localhost")
+            assert (await dialog.send("EHLO app.test")).startswith("250-")
+        assert (await dialog.send(f"MAIL FROM:<{SENDER}>")).startswith("250 ")
+    finally:
+        await relay.stop(grace=0.0)
+    assert await dialog.reply() == "421 4.3.2 The relay is shutting down; try again shortly"
+    assert (await read_to_eof(dialog.reader, 5))[0] == b""
+    await dialog.close()
 
 
 # --- PROXY protocol ------------------------------------------------------------------------------
