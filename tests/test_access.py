@@ -6,17 +6,20 @@ import ipaddress
 
 import pytest
 
-from relay.config import IPNetwork, ListenSettings
+from relay.config import IPNetwork, LimitsSettings, ListenSettings
 from relay.core.replies import Reply
-from relay.inbound.access import check_client, check_recipient, check_sender, client_address
+from relay.inbound.access import Refusal, check_client, check_recipient, check_sender, client_address
+from relay.inbound.limits import RateLimits
 
 LAN: list[IPNetwork] = [
     ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "192.168.0.0/16", "2001:db8:1::/48")
 ]
 
 
-def refused(shown: str) -> Reply:
-    return Reply(554, "5.7.1", f"Client address {shown} is not allowed to relay through this server")
+def refused(shown: str) -> Refusal:
+    return Refusal(
+        "client_refused", Reply(554, "5.7.1", f"Client address {shown} is not allowed to relay through this server")
+    )
 
 
 # --- client_address -----------------------------------------------------------------------------
@@ -117,16 +120,16 @@ def test_allowed_sender_domain() -> None:
     ],
 )
 def test_other_sender_domains_get_550_5_7_1_naming_the_domain(address: str, domain: str) -> None:
-    assert check_sender(address, ["erp.example.com"]) == Reply(
-        550, "5.7.1", f"Sender domain {domain} is not allowed to send through this relay"
+    assert check_sender(address, ["erp.example.com"]) == Refusal(
+        "sender", Reply(550, "5.7.1", f"Sender domain {domain} is not allowed to send through this relay")
     )
 
 
 @pytest.mark.parametrize("address", ["", "no-at-sign", "a b@example.com", "a@example.com\r\nRCPT TO:<x@y>", "a@<b>"])
 def test_malformed_sender_is_553(address: str) -> None:
-    reply = Reply(553, "5.1.7", "Sender address must look like user@example.com")
-    assert check_sender(address, []) == reply
-    assert check_sender(address, ["example.com"]) == reply
+    refusal = Refusal("sender", Reply(553, "5.1.7", "Sender address must look like user@example.com"))
+    assert check_sender(address, []) == refusal
+    assert check_sender(address, ["example.com"]) == refusal
 
 
 # --- check_recipient ----------------------------------------------------------------------------
@@ -139,16 +142,54 @@ def test_recipients_within_the_limit() -> None:
 
 @pytest.mark.parametrize(("so_far", "limit"), [(1000, 1000), (1001, 1000), (1, 1), (5, 3)])
 def test_one_recipient_too_many_is_452_4_5_3(so_far: int, limit: int) -> None:
-    assert check_recipient("a@example.org", so_far, limit) == Reply(
-        452, "4.5.3", f"Too many recipients: at most {limit} per message; send the rest separately"
+    assert check_recipient("a@example.org", so_far, limit) == Refusal(
+        "too_many_recipients",
+        Reply(452, "4.5.3", f"Too many recipients: at most {limit} per message; send the rest separately"),
     )
 
 
 def test_the_limit_comes_before_the_address_check() -> None:
-    reply = check_recipient("not an address", 3, 3)
-    assert reply is not None and (reply.code, reply.enhanced) == (452, "4.5.3")
+    refusal = check_recipient("not an address", 3, 3)
+    assert refusal is not None and refusal.reason == "too_many_recipients"
 
 
 @pytest.mark.parametrize("address", ["", "bob", "a b@example.org", "<a@example.org>", "a@example.org\nDATA"])
 def test_malformed_recipient_is_553(address: str) -> None:
-    assert check_recipient(address, 0, 1000) == Reply(553, "5.1.3", "Recipient address must look like user@example.com")
+    assert check_recipient(address, 0, 1000) == Refusal(
+        "recipient", Reply(553, "5.1.3", "Recipient address must look like user@example.com")
+    )
+
+
+# --- rate limits --------------------------------------------------------------------------------
+
+
+def rate_limit(text: str) -> Refusal:
+    return Refusal("rate_limit", Reply(451, "4.7.0", f"Rate limit: {text}; try again later"))
+
+
+def test_client_messages_per_minute_is_a_burst_then_a_steady_rate() -> None:
+    limits = RateLimits(LimitsSettings(client_messages_per_minute=2))
+    assert limits.message("10.0.0.1", 0.0) is None
+    assert limits.message("10.0.0.1", 0.0) is None
+    assert limits.message("10.0.0.1", 0.0) == rate_limit("10.0.0.1 sent more than 2 messages a minute")
+    assert limits.message("10.0.0.2", 0.0) is None  # per client
+    assert limits.message("10.0.0.1", 30.0) is None  # one token back after half a minute
+
+
+def test_messages_per_minute_counts_every_client() -> None:
+    limits = RateLimits(LimitsSettings(messages_per_minute=1))
+    assert limits.message("10.0.0.1", 0.0) is None
+    assert limits.message("10.0.0.2", 0.0) == rate_limit("this relay takes at most 1 messages a minute")
+
+
+def test_client_recipients_per_hour() -> None:
+    limits = RateLimits(LimitsSettings(client_recipients_per_hour=1))
+    assert limits.recipient("10.0.0.1", 0.0) is None
+    assert limits.recipient("10.0.0.1", 1.0) == rate_limit("10.0.0.1 sent to more than 1 recipients an hour")
+
+
+def test_zero_is_unlimited() -> None:
+    limits = RateLimits(LimitsSettings())
+    assert all(
+        limits.message("10.0.0.1", 0.0) is None and limits.recipient("10.0.0.1", 0.0) is None for _ in range(500)
+    )

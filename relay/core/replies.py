@@ -100,6 +100,53 @@ def with_enhanced_code(line: str) -> str:
 # Replies that carry a value are functions returning a Reply; fixed ones are constants.
 
 # -- inbound: connection, envelope and DATA --
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections to this relay; try again later")
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS is already active")
+SENDER_MALFORMED = Reply(553, "5.1.7", "Sender address must look like user@example.com")
+RECIPIENT_MALFORMED = Reply(553, "5.1.3", "Recipient address must look like user@example.com")
+NO_RECIPIENT = Reply(503, "5.5.1", "Send RCPT TO first: the message has no recipient")
+DATA_TAKES_NO_ARGUMENT = Reply(501, "5.5.4", "Syntax: DATA takes no argument")
+DATA_GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>"  # a go-ahead, not a verdict: no enhanced code (RFC 3463)
+MEMORY_BUDGET_FULL = Reply(451, "4.3.2", "The relay holds too much message data right now; try again shortly")
+LINE_TOO_LONG = Reply(500, "5.5.6", "A message line is longer than this relay accepts; nothing was sent")
+
+
+def client_not_allowed(shown: str) -> Reply:
+    """`shown`: the client's address as the relay saw it, or "unknown"."""
+    return Reply(554, "5.7.1", f"Client address {shown} is not allowed to relay through this server")
+
+
+def sender_domain_not_allowed(domain: str) -> Reply:
+    return Reply(550, "5.7.1", f"Sender domain {domain} is not allowed to send through this relay")
+
+
+def too_many_recipients(limit: int) -> Reply:
+    return Reply(452, "4.5.3", f"Too many recipients: at most {limit} per message; send the rest separately")
+
+
+def client_message_rate(client_ip: str, limit: int) -> Reply:
+    return Reply(451, "4.7.0", f"Rate limit: {client_ip} sent more than {limit} messages a minute; try again later")
+
+
+def message_rate(limit: int) -> Reply:
+    return Reply(451, "4.7.0", f"Rate limit: this relay takes at most {limit} messages a minute; try again later")
+
+
+def client_recipient_rate(client_ip: str, limit: int) -> Reply:
+    return Reply(451, "4.7.0", f"Rate limit: {client_ip} sent to more than {limit} recipients an hour; try again later")
+
+
+def message_too_big(limit: int) -> Reply:
+    return Reply(552, "5.3.4", f"Message too big: this relay takes at most {limit} bytes; nothing was sent")
+
+
+def sender_ok(address: str) -> Reply:
+    return Reply(250, "2.1.0", f"Sender <{address}> OK")
+
+
+def recipient_ok(address: str) -> Reply:
+    return Reply(250, "2.1.5", f"Recipient <{address}> OK")
+
 
 # -- store and first attempt: what the app is told after we took the message --
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error in the relay; try again later")

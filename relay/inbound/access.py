@@ -1,14 +1,34 @@
-"""Who may send, from where, and how much: the checks made before a message's bytes arrive."""
+"""Who may send, from where, and how much: the checks made before a message's bytes arrive.
+
+Each check says no with a `Refusal`: the reply the client gets and the reason counted in
+relay_messages_rejected_total, decided together so nobody has to recover one from the other.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from relay.config import IPNetwork
 from relay.core.alignment import domain_of
 from relay.core.prepare import is_safe_address
-from relay.core.replies import Reply
+from relay.core.replies import (
+    RECIPIENT_MALFORMED,
+    SENDER_MALFORMED,
+    Reply,
+    client_not_allowed,
+    sender_domain_not_allowed,
+    too_many_recipients,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A check's no: the metric reason (the `reason` label of relay_messages_rejected_total) and the reply."""
+
+    reason: str
+    reply: Reply
 
 
 def client_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -24,28 +44,26 @@ def client_address(peer: object) -> ipaddress.IPv4Address | ipaddress.IPv6Addres
     return address
 
 
-def check_client(peer: object, allowed: Sequence[IPNetwork]) -> Reply | None:
+def check_client(peer: object, allowed: Sequence[IPNetwork]) -> Refusal | None:
     address = client_address(peer)
     if address is None or not any(address in network for network in allowed):
-        shown = address if address is not None else "unknown"
-        return Reply(554, "5.7.1", f"Client address {shown} is not allowed to relay through this server")
+        shown = str(address) if address is not None else "unknown"
+        return Refusal("client_refused", client_not_allowed(shown))
     return None
 
 
-def check_sender(address: str, allowed_domains: Sequence[str]) -> Reply | None:
+def check_sender(address: str, allowed_domains: Sequence[str]) -> Refusal | None:
     if not is_safe_address(address):
-        return Reply(553, "5.1.7", "Sender address must look like user@example.com")
+        return Refusal("sender", SENDER_MALFORMED)
     domain = domain_of(address)
     if allowed_domains and domain not in allowed_domains:
-        return Reply(550, "5.7.1", f"Sender domain {domain} is not allowed to send through this relay")
+        return Refusal("sender", sender_domain_not_allowed(domain))
     return None
 
 
-def check_recipient(address: str, accepted_so_far: int, max_recipients: int) -> Reply | None:
+def check_recipient(address: str, accepted_so_far: int, max_recipients: int) -> Refusal | None:
     if accepted_so_far >= max_recipients:
-        return Reply(
-            452, "4.5.3", f"Too many recipients: at most {max_recipients} per message; send the rest separately"
-        )
+        return Refusal("too_many_recipients", too_many_recipients(max_recipients))
     if not is_safe_address(address):
-        return Reply(553, "5.1.3", "Recipient address must look like user@example.com")
+        return Refusal("recipient", RECIPIENT_MALFORMED)
     return None

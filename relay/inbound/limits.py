@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from relay.config import LimitsSettings
-from relay.core.replies import Reply
+from relay.core.replies import client_message_rate, client_recipient_rate, message_rate
+from relay.inbound.access import Refusal
 
 
 @dataclass
@@ -54,30 +55,16 @@ class RateLimits:
         self.all_messages = TokenBuckets(settings.messages_per_minute, 60.0)
         self.client_recipients = TokenBuckets(settings.client_recipients_per_hour, 3600.0)
 
-    def message(self, client_ip: str, now: float) -> Reply | None:
+    def message(self, client_ip: str, now: float) -> Refusal | None:
         if not self.client_messages.take(client_ip, now):
-            return Reply(
-                451,
-                "4.7.0",
-                f"Rate limit: {client_ip} sent more than {self.client_messages.capacity} messages a minute; "
-                "try again later",
-            )
+            return Refusal("rate_limit", client_message_rate(client_ip, self.client_messages.capacity))
         if not self.all_messages.take("*", now):
-            return Reply(
-                451,
-                "4.7.0",
-                f"Rate limit: this relay takes at most {self.all_messages.capacity} messages a minute; try again later",
-            )
+            return Refusal("rate_limit", message_rate(self.all_messages.capacity))
         return None
 
-    def recipient(self, client_ip: str, now: float) -> Reply | None:
+    def recipient(self, client_ip: str, now: float) -> Refusal | None:
         if not self.client_recipients.take(client_ip, now):
-            return Reply(
-                451,
-                "4.7.0",
-                f"Rate limit: {client_ip} sent to more than {self.client_recipients.capacity} recipients an hour; "
-                "try again later",
-            )
+            return Refusal("rate_limit", client_recipient_rate(client_ip, self.client_recipients.capacity))
         return None
 
 

@@ -1,13 +1,13 @@
 """The LAN-facing SMTP server: aiosmtpd, served from the app's own event loop.
 
-Thin on purpose: each decision is a pure function (access, prepare, verdict); this module only
-collects the envelope and bytes, asks, and replies.
+Thin on purpose: each decision is a pure function (access, limits, upload, prepare) that returns the
+reply together with its metric reason; this module only collects the envelope and bytes, asks, and
+replies. Reply texts come from relay.core.replies; aiosmtpd's private API only through aiosmtpd_compat.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hmac
 import re
@@ -23,9 +23,25 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 
 from relay.config import Settings
 from relay.core.prepare import Prepared, Received, prepare
-from relay.core.replies import Rejection, Reply, with_enhanced_code
-from relay.inbound.access import check_client, check_recipient, check_sender, client_address
+from relay.core.replies import (
+    DATA_GO_AHEAD,
+    DATA_TAKES_NO_ARGUMENT,
+    INTERNAL_ERROR,
+    MEMORY_BUDGET_FULL,
+    NO_RECIPIENT,
+    TLS_ALREADY_ACTIVE,
+    TOO_MANY_CONNECTIONS,
+    Rejection,
+    Reply,
+    recipient_ok,
+    sender_ok,
+    with_enhanced_code,
+)
+from relay.inbound import aiosmtpd_compat as compat
+from relay.inbound.access import Refusal, check_client, check_recipient, check_sender, client_address
+from relay.inbound.aiosmtpd_compat import CompatSMTP
 from relay.inbound.limits import MemoryBudget, RateLimits
+from relay.inbound.upload import Upload
 from relay.ops.logs import log_message
 from relay.ops.metrics import Metrics
 
@@ -71,11 +87,14 @@ class Sessions:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
-    def close_all(self, reply: str) -> None:
+    def close_all(self, reply: str | Reply) -> None:
+        """Say `reply` to every client still connected and hang up, without waiting for them."""
+        line = str(reply).encode() + b"\r\n"
         for session in list(self.live):
-            if session.transport is not None:
-                session._writer.write(reply.encode() + b"\r\n")
-                session.transport.close()
+            transport = cast(asyncio.WriteTransport | None, session.transport)  # the TLS one after STARTTLS
+            if transport is not None:
+                transport.write(line)
+                transport.close()
 
 
 class RelaySession(Session):
@@ -87,20 +106,17 @@ class RelaySession(Session):
         self.relay_user: str | None = None  # after AUTH
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(CompatSMTP):
     """aiosmtpd's SMTP with our limits, access check at connect, and enhanced codes on every reply."""
 
     def __init__(self, handler: RelayHandler, sessions: Sessions) -> None:
         listen = handler.settings.listen
-        # Read by SMTP.__init__ for the stream limit; legacy apps send long unwrapped lines.
-        self.line_length_limit = listen.max_line_length
-        # aiosmtpd keeps these on the class, shared by every session; give each session its own.
-        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self._sessions = sessions
         self._raw_replies = False
         self._unsent: list[bytes] = []
         super().__init__(
             handler,
+            line_length_limit=listen.max_line_length,  # legacy apps send long unwrapped lines
             data_size_limit=listen.max_message_size,
             hostname=listen.hostname,
             ident="ESMTP relay",
@@ -115,47 +131,46 @@ class RelaySMTP(SMTP):
             proxy_protocol_timeout=10.0 if listen.proxy_protocol else None,
         )
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+    def parse_address(self, arg: str) -> tuple[str | None, str | None]:
         """The common `<user@example.com> PARAMS` without the email package's full parser (a hot path)."""
         match = _PLAIN_ADDRESS.fullmatch(arg) if arg else None
         if match is not None:
             return match.group(1), match.group(2)
         try:
-            result: tuple[str | None, str | None] = super()._getaddr(arg)
+            return super().parse_address(arg)
         except Exception:  # the email package raises IndexError on "user@": malformed, not our failure
             return None, None
-        return result
+
+    def new_session(self) -> RelaySession:
+        return RelaySession(self.loop)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self.session is not None and self.session.ssl is not None:
-            await self.push("503 5.5.1 TLS is already active")
+            await self.push(str(TLS_ALREADY_ACTIVE))
             return
         await super().smtp_STARTTLS(arg)
 
-    def _create_session(self) -> RelaySession:
-        return RelaySession(self.loop)
-
     async def push(self, status: AnyStr) -> None:
-        if isinstance(status, bytes):
-            line = status
-        else:
-            text = _CONTROL.sub("?", status)  # aiosmtpd echoes commands and arguments: never raw bytes
-            if not self._raw_replies or text[:1] in ("4", "5"):
-                rewritten = with_enhanced_code(text)
-                if rewritten != text and rewritten[:1] in ("4", "5"):  # aiosmtpd's own refusals
-                    reason = "size" if rewritten.startswith("552") else "protocol"
-                    self.event_handler.metrics.rejected.labels(reason).inc()
-                text = rewritten
-            line = text.encode("ascii", "replace")
+        line = status if isinstance(status, bytes) else self._reply_line(status)
         self._unsent.append(line + b"\r\n")
         # A client that pipelines (RFC 2920) gets its 250s in one write with the next reply, instead
         # of a send() each; anything else (354, errors, a close to follow) goes out at once.
-        buffered = getattr(self._reader, "_buffer", b"")
-        if line.startswith(b"250") and b"\n" in buffered:
+        if line.startswith(b"250") and compat.next_command_waiting(self):
             return
-        self._writer.write(b"".join(self._unsent))
+        out = compat.writer(self)
+        out.write(b"".join(self._unsent))
         self._unsent.clear()
-        await self._writer.drain()
+        await out.drain()
+
+    def _reply_line(self, status: str) -> bytes:
+        """A reply as the client gets it: no control characters, an enhanced code on every verdict."""
+        text = _CONTROL.sub("?", status)  # aiosmtpd echoes commands and arguments: never raw bytes
+        if not self._raw_replies or text[:1] in ("4", "5"):
+            rewritten = with_enhanced_code(text)
+            if rewritten != text and rewritten[:1] in ("4", "5"):  # one of aiosmtpd's own refusals
+                self.event_handler.metrics.rejected.labels(compat.stock_refusal_reason(text)).inc()
+            text = rewritten
+        return text.encode("ascii", "replace")
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._raw_replies = True  # EHLO lines are keywords, not replies to give codes to
@@ -171,26 +186,30 @@ class RelaySMTP(SMTP):
         finally:
             self._raw_replies = False
 
-    async def refuse_connection(self, reason: str, reply: Reply, client_ip: str) -> None:
-        self.event_handler.metrics.rejected.labels(reason).inc()
-        log.warning("client_refused", client_ip=client_ip, reply=str(reply))
-        await self.push(str(reply))
+    async def refuse(self, refusal: Refusal) -> None:
+        """Count the refusal under its reason and say so; the session goes on."""
+        self.event_handler.metrics.rejected.labels(refusal.reason).inc()
+        await self.push(str(refusal.reply))
+
+    async def refuse_connection(self, refusal: Refusal, client_ip: str) -> None:
+        log.warning("client_refused", client_ip=client_ip, reply=str(refusal.reply))
+        await self.refuse(refusal)
         assert self.transport is not None
         self.transport.close()
 
-    async def _handle_client(self) -> None:
-        assert isinstance(self.session, RelaySession) and self.transport is not None
+    async def admit(self) -> bool:
+        assert isinstance(self.session, RelaySession)
         listen = self.event_handler.settings.listen
         peer_ip = str(client_address(self.session.peer))
         self.session.client_ip = peer_ip
         # Behind a balancer the TCP peer is the balancer: it must be allowed too, then PROXY says who sent.
         refusal = check_client(self.session.peer, listen.allowed_networks)
+        if refusal is None and len(self._sessions.live) > listen.max_connections:
+            refusal = Refusal("too_many_connections", TOO_MANY_CONNECTIONS)
         if refusal is not None:
-            return await self.refuse_connection("client_refused", refusal, peer_ip)
-        if len(self._sessions.live) > listen.max_connections:
-            too_many = Reply(421, "4.7.0", "Too many connections to this relay; try again later")
-            return await self.refuse_connection("too_many_connections", too_many, peer_ip)
-        await super()._handle_client()
+            await self.refuse_connection(refusal, peer_ip)
+            return False
+        return True
 
     def connection_made(self, transport: Any) -> None:
         self._sessions.live.add(self)
@@ -204,96 +223,84 @@ class RelaySMTP(SMTP):
         super().connection_lost(error)
 
     async def smtp_DATA(self, arg: str) -> None:
+        """DATA, as aiosmtpd does it, plus: the memory budget, and time limits that let a slow upload
+        finish while it makes progress but drop a client that trickles bytes forever."""
         self._sessions.data_started()
         try:
-            await self._data(arg)
+            if await self._data_may_start(arg):
+                await self.push(DATA_GO_AHEAD)
+                await self._data()
         finally:
             self._sessions.data_finished()
 
-    async def _data(self, arg: str) -> None:
-        """DATA, as aiosmtpd does it, plus: the memory budget, and time limits that let a slow upload
-        finish while it makes progress but drop a client that trickles bytes forever."""
-        assert self.envelope is not None and self.transport is not None and isinstance(self.session, RelaySession)
+    async def _data_may_start(self, arg: str) -> bool:
+        """The checks before the 354; each refusal is said here."""
+        assert self.envelope is not None
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
-            return
+            return False
         if not self.envelope.rcpt_tos:
-            return await self.push("503 5.5.1 Send RCPT TO first: the message has no recipient")
-        if arg:
-            return await self.push("501 5.5.4 Syntax: DATA takes no argument")
-        handler: RelayHandler = self.event_handler
-        budget = handler.budget
-        if budget.exhausted:
-            handler.metrics.rejected.labels("memory_budget").inc()
-            return await self.push("451 4.3.2 The relay holds too much message data right now; try again shortly")
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        listen = handler.settings.listen
+            await self.push(str(NO_RECIPIENT))
+        elif arg:
+            await self.push(str(DATA_TAKES_NO_ARGUMENT))
+        elif self.event_handler.budget.exhausted:
+            await self.refuse(Refusal("memory_budget", MEMORY_BUDGET_FULL))
+        else:
+            return True
+        return False
+
+    async def _data(self) -> None:
+        upload = Upload(self.event_handler.budget, self.event_handler.settings.listen.max_message_size)
+        try:
+            if not await self._receive(upload):
+                return  # the client was dropped
+            if upload.refusal is not None:
+                compat.end_transaction(self)
+                return await self.refuse(upload.refusal)
+            assert self.envelope is not None
+            # Handed on as is: bytes(data) would copy up to 20 MB. Readers only use the bytes API.
+            self.envelope.original_content = self.envelope.content = cast(bytes, upload.take())
+            compat.pause_idle_timer(self)  # waiting for Infobip's verdict is not the client idling
+            try:
+                status = await self.event_handler.handle_DATA(self, self.session, self.envelope)
+            finally:
+                compat.restart_idle_timer(self)
+            compat.end_transaction(self)
+            await self.push(status)
+        finally:
+            upload.release()
+
+    async def _receive(self, upload: Upload) -> bool:
+        """Read to the end of data into `upload`; False when the client took longer than data_timeout."""
+        assert self.transport is not None and isinstance(self.session, RelaySession)
+        listen = self.event_handler.settings.listen
+        stream = compat.reader(self)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + listen.data_timeout
         last_progress = loop.time()
         progress_step = min(1.0, listen.timeout / 4)  # re-arming the timer per line would cost a handle each
-        data = bytearray()
-        held = 0
-        problem: str | None = None
         mid_line = False  # after an over-long fragment, the next read is the rest of that line
-        try:
-            while True:
-                try:
-                    line = await self._reader.readuntil(b"\r\n")
-                except asyncio.LimitOverrunError as overrun:
-                    await self._reader.readexactly(overrun.consumed)
-                    problem, mid_line = problem or "too_long", True
-                    continue
-                now = loop.time()
-                if now - last_progress > progress_step:  # a slow upload making progress is not idle
-                    self._reset_timeout()
-                    last_progress = now
-                if now > deadline:
-                    log.warning("data_timeout", client_ip=self.session.client_ip, seconds=listen.data_timeout)
-                    self.transport.close()
-                    return
-                if mid_line:
-                    mid_line = False
-                    continue
-                if line == b".\r\n":
-                    break
-                if problem is not None:
-                    continue  # read to the end of data, keep nothing, then say why
-                if line[:1] == b".":
-                    line = line[1:]
-                if held + len(line) > listen.max_message_size:
-                    problem = "too_big"
-                elif not budget.take(len(line)):
-                    problem = "memory_budget"
-                else:
-                    held += len(line)
-                    data += line
-                    continue
-                budget.release(held)
-                held, data = 0, bytearray()
-            if problem is not None:
-                handler.metrics.rejected.labels(problem).inc()
-                self._set_post_data_state()  # type: ignore[no-untyped-call]  # the transaction is over
-                return await self.push(_DATA_PROBLEMS[problem].format(limit=listen.max_message_size))
-            # Handed on as is: bytes(data) would copy up to 20 MB. Readers only use the bytes API.
-            self.envelope.original_content = self.envelope.content = cast(bytes, data)
-            del data
-            if self._timeout_handle is not None:  # waiting for Infobip's verdict is not the client idling
-                self._timeout_handle.cancel()
+        while True:
             try:
-                status = await self._call_handler_hook("DATA")
-            finally:
-                self._reset_timeout()
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
-            await self.push(status)
-        finally:
-            budget.release(held)
-
-
-_DATA_PROBLEMS = {
-    "too_long": "500 5.5.6 A message line is longer than this relay accepts; nothing was sent",
-    "too_big": "552 5.3.4 Message too big: this relay takes at most {limit} bytes; nothing was sent",
-    "memory_budget": "451 4.3.2 The relay holds too much message data right now; try again shortly",
-}
+                line = await stream.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as overrun:
+                await stream.readexactly(overrun.consumed)
+                upload.line_too_long()
+                mid_line = True
+                continue
+            now = loop.time()
+            if now - last_progress > progress_step:  # a slow upload making progress is not idle
+                compat.restart_idle_timer(self)
+                last_progress = now
+            if now > deadline:
+                log.warning("data_timeout", client_ip=self.session.client_ip, seconds=listen.data_timeout)
+                self.transport.close()
+                return False
+            if mid_line:
+                mid_line = False
+            elif line == b".\r\n":
+                return True
+            else:
+                upload.add(line)
 
 
 class RelayHandler:
@@ -339,14 +346,14 @@ class RelayHandler:
         peer = (str(source), getattr(proxy_data, "src_port", 0))
         refusal = check_client(peer, self.settings.listen.allowed_networks)
         if refusal is not None:
-            await server.refuse_connection("client_refused", refusal, str(client_address(peer)))
+            await server.refuse_connection(refusal, str(client_address(peer)))
             return False
         session.client_ip = str(client_address(peer))
         return True
 
-    def _refuse(self, reason: str, reply: Reply) -> str:
-        self.metrics.rejected.labels(reason).inc()
-        return str(reply)
+    def _refused(self, refusal: Refusal) -> str:
+        self.metrics.rejected.labels(refusal.reason).inc()
+        return str(refusal.reply)
 
     async def handle_EHLO(
         self, server: RelaySMTP, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -365,28 +372,26 @@ class RelayHandler:
     ) -> str:
         user = self.users.get(session.relay_user or "")
         domains = user.allowed_sender_domains if user and user.allowed_sender_domains else None
-        refusal = check_sender(address, domains or self.settings.policy.allowed_sender_domains)
+        refusal = check_sender(address, domains or self.settings.policy.allowed_sender_domains) or self.limits.message(
+            session.client_ip, time.monotonic()
+        )
         if refusal is not None:
-            return self._refuse("sender", refusal)
-        refusal = self.limits.message(session.client_ip, time.monotonic())
-        if refusal is not None:
-            return self._refuse("rate_limit", refusal)
+            return self._refused(refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
-        return f"250 2.1.0 Sender <{address}> OK"
+        return str(sender_ok(address))
 
     async def handle_RCPT(
         self, server: RelaySMTP, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        refusal = check_recipient(address, len(envelope.rcpt_tos), self.settings.listen.max_recipients)
+        refusal = check_recipient(
+            address, len(envelope.rcpt_tos), self.settings.listen.max_recipients
+        ) or self.limits.recipient(session.client_ip, time.monotonic())
         if refusal is not None:
-            return self._refuse("too_many_recipients" if refusal.code == 452 else "recipient", refusal)
-        refusal = self.limits.recipient(session.client_ip, time.monotonic())
-        if refusal is not None:
-            return self._refuse("rate_limit", refusal)
+            return self._refused(refusal)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
-        return f"250 2.1.5 Recipient <{address}> OK"
+        return str(recipient_ok(address))
 
     async def handle_DATA(self, server: RelaySMTP, session: Any, envelope: Any) -> str:
         client_ip = session.client_ip
@@ -415,11 +420,22 @@ class RelayHandler:
                 outcome="rejected",
                 reply=str(rejection.reply),
             )
-            reason = {"5.7.1": "misaligned", "5.6.0": "bad_headers"}.get(rejection.reply.enhanced, "content")
-            return self._refuse(reason, rejection.reply)
+            return self._refused(Refusal(rejection_reason(rejection), rejection.reply))
         del received
         return str(await self.deliver(prepared, SessionInfo(client_ip)))
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("session_error", error_type=type(error).__name__)
-        return "451 4.3.0 Internal error in the relay; try again later"
+        return str(INTERNAL_ERROR)
+
+
+# What prepare's refusals count as, by enhanced code, for as long as a Rejection does not carry its reason.
+_PREPARE_REASONS = {"5.7.1": "misaligned", "5.6.0": "bad_headers"}
+
+
+def rejection_reason(rejection: Rejection) -> str:
+    """The metric reason for a message prepare refused: the Rejection's own `reason` when it has one."""
+    reason = getattr(rejection, "reason", None)
+    if isinstance(reason, str):
+        return reason
+    return _PREPARE_REASONS.get(rejection.reply.enhanced, "content")

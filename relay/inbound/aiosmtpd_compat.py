@@ -1,0 +1,99 @@
+"""Every use of aiosmtpd's private API, in one place (aiosmtpd >=1.4.6,<1.5, as pyproject pins it).
+
+aiosmtpd documents handlers, `smtp_*` verbs, `push`, `Session` and `Envelope`; the relay also needs a
+few of its internals: a session class of its own, a faster address parser, a check before the greeting,
+its own DATA reader (for the memory budget and the time limits) and so the stream, the idle timer and the
+end of a transaction. `CompatSMTP` renames aiosmtpd's private extension points to methods we own; the
+functions below wrap the private attributes. Nothing else in relay/ touches an underscore name of an
+aiosmtpd object. tests/test_aiosmtpd_contract.py pins each use, so an aiosmtpd upgrade that changes one
+fails there, by name, before it can change the relay's behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Session
+
+# aiosmtpd's own refusals (as it words them, before with_enhanced_code) that are about the message's size;
+# relay_messages_rejected_total counts these as "size" and every other stock refusal as "protocol".
+STOCK_SIZE_REFUSALS = ("552 Error: message size exceeds", "552 Error: Too much mail data")
+
+
+def stock_refusal_reason(line: str) -> str:
+    """The metric reason for one of aiosmtpd's own 4xx/5xx lines."""
+    return "size" if line.startswith(STOCK_SIZE_REFUSALS) else "protocol"
+
+
+class CompatSMTP(SMTP):
+    """aiosmtpd's SMTP with its private extension points renamed: override `new_session`, `parse_address`
+    and `admit`, never the underscore names."""
+
+    def __init__(self, handler: Any, *, line_length_limit: int, **options: Any) -> None:
+        # SMTP.__init__ reads line_length_limit for its StreamReader's limit, and clears command_size_limits,
+        # which aiosmtpd keeps on the class: shared by every session (EHLO raises MAIL's limit in it). Each
+        # session gets its own, set before SMTP.__init__ sees them.
+        self.line_length_limit = line_length_limit
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        super().__init__(handler, **options)
+
+    def new_session(self) -> Session:
+        """The session object for a new connection, and again after STARTTLS (RFC 3207 4.2)."""
+        return Session(self.loop)
+
+    def parse_address(self, arg: str) -> tuple[str | None, str | None]:
+        """MAIL FROM / RCPT TO argument -> (address, parameters); (None, None) when malformed. aiosmtpd's parser."""
+        return SMTP._getaddr(self, arg)
+
+    async def admit(self) -> bool:
+        """Once per connection, before the PROXY header and the greeting: False to serve nothing (the override
+        replies and closes the transport itself)."""
+        return True
+
+    # aiosmtpd's private extension points, each handing over to one of ours.
+
+    def _create_session(self) -> Session:
+        return self.new_session()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        return self.parse_address(arg)
+
+    async def _handle_client(self) -> None:
+        if await self.admit():
+            await super()._handle_client()
+
+
+def reader(server: SMTP) -> asyncio.StreamReader:
+    """The connection's input stream (aiosmtpd's own DATA and command loop read from it too)."""
+    stream: asyncio.StreamReader = server._reader
+    return stream
+
+
+def writer(server: SMTP) -> asyncio.StreamWriter:
+    """The connection's output stream, with drain() for flow control."""
+    stream: asyncio.StreamWriter = server._writer
+    return stream
+
+
+def next_command_waiting(server: SMTP) -> bool:
+    """Whether a whole further line is already buffered: the client pipelines (RFC 2920), so a reply can wait
+    to go out with the next one. asyncio's StreamReader has no public view of its buffer."""
+    return b"\n" in getattr(server._reader, "_buffer", b"")
+
+
+def end_transaction(server: SMTP) -> None:
+    """After the reply to the end of data: a fresh envelope, as aiosmtpd's own DATA leaves it."""
+    server._set_post_data_state()  # type: ignore[no-untyped-call]
+
+
+def pause_idle_timer(server: SMTP) -> None:
+    """Stop aiosmtpd's idle timeout (`timeout`): while the relay works on an answer the client is not idle."""
+    if server._timeout_handle is not None:
+        server._timeout_handle.cancel()
+
+
+def restart_idle_timer(server: SMTP) -> None:
+    """Start aiosmtpd's idle timeout afresh, as it does after each command."""
+    server._reset_timeout()
