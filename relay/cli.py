@@ -19,7 +19,7 @@ from relay.ops.config_warnings import config_warnings, effective_config
 from relay.ops.doctor import doctor
 from relay.ops.logs import configure_logging
 from relay.store.journal import live_records
-from relay.store.spool import Spool
+from relay.store.spool import Spool, SpoolLocked
 from relay.testing.standin import InfobipStandIn, StandInMessage
 
 
@@ -210,6 +210,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_demo(settings) if args.demo else run(settings, config=args.config))
+    except SpoolLocked as exc:
+        print(f"relay: cannot start: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # e.g. the port is taken: one line, not a traceback
         print(f"relay: cannot start: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -83,6 +83,7 @@ class Delivery:
 
     async def start(self) -> None:
         started = self.clock.monotonic()
+        self.spool.lock()  # raises SpoolLocked before anything on disk is touched
         await asyncio.to_thread(self.spool.recover)
         recovered = await asyncio.to_thread(promote_journal, self.spool, self.journal)
         self.journal.start(asyncio.get_running_loop())
@@ -129,6 +130,7 @@ class Delivery:
             except OSError:  # it stays in the journal for the next start
                 continue
         await self.journal.close()
+        self.spool.unlock()
 
     @property
     def depth(self) -> int:

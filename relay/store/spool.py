@@ -19,6 +19,7 @@ into queue/ and an fsync of that directory.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import threading
@@ -31,6 +32,11 @@ from relay.core.prepare import Prepared
 from relay.testing.failpoints import crashpoint
 
 FLUSH_REQUEST = "flush.request"
+LOCK = "lock"
+
+
+class SpoolLocked(OSError):
+    """Another relay owns this spool: two on one spool would adopt and delete each other's messages."""
 
 
 @dataclass(slots=True)
@@ -72,10 +78,31 @@ class Spool:
         self.dead = path / "dead"
         self.journal_dir = path / "journal"  # relay/store/journal.py owns what is inside
         self._queue_dir_fd: int | None = None
+        self._lock_fd: int | None = None
         self._renames_lock = threading.Lock()
         self._dir_sync_lock = threading.Lock()
         self._renamed = 0  # renames into queue/ so far
         self._synced = 0  # renames made durable by an fsync of queue/
+
+    def lock(self) -> None:
+        """Own the spool for this process's life (released when it exits, even by kill -9), or raise
+        SpoolLocked. `relay queue` verbs do not take it: they work beside a running relay."""
+        self.create()
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SpoolLocked(f"spool {self.path} is in use by another relay (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def create(self) -> None:
         """The three directories, durably: a queue/ created but not fsync'd into its parent could vanish."""
