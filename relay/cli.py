@@ -18,7 +18,7 @@ from relay.core.headers import header_block_end
 from relay.ops.config_warnings import config_warnings, effective_config
 from relay.ops.doctor import doctor
 from relay.ops.logs import configure_logging
-from relay.store.journal import live_records
+from relay.store.journal import live_index
 from relay.store.spool import Spool, SpoolLocked
 from relay.testing.standin import InfobipStandIn, StandInMessage
 
@@ -100,7 +100,7 @@ def _queue_list(spool: Spool, *, dead: bool) -> int:
             f"{next_try:>8}  {envelope.mail_from[:30]:<30} {reply}"
         )
     print(f"-- {len(ids)} message(s) in {'dead/' if dead else 'queue/'} of {spool.path}")
-    if not dead and (in_journal := sum(1 for _ in live_records(spool.journal_dir))):
+    if not dead and (in_journal := len(live_index(spool.journal_dir))):
         print(
             f"-- and {in_journal} in journal/: in their first attempt now, or left by a crash "
             "(the relay moves those to queue/ when it starts)"

@@ -26,7 +26,7 @@ log = structlog.get_logger("relay.delivery")
 async def promote(spool: Spool, journal: Journal, job: Job, message: Prepared) -> None:
     """Journal -> its own file in queue/ (raises OSError, and then it stays in the journal)."""
     await asyncio.to_thread(spool.commit, message, job.envelope)
-    job.in_journal, job.message = False, None
+    job.in_journal, job.message, job.record = False, None, None
     journal.done(job.queue_id)
 
 

@@ -12,6 +12,7 @@ from relay.core.message import Envelope
 from relay.core.prepare import Prepared
 from relay.core.replies import Reply
 from relay.delivery.clock import Clock, Timer
+from relay.store.journal import LiveRecord
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Job:
     message: Prepared | None = None  # the bytes, kept in memory for the first attempt only
     in_journal: bool = False  # only in the journal, not (yet) in its own file in queue/
     held: bool = False  # waiting out an outage, not a 4xx: due as soon as a probe succeeds
+    record: LiveRecord | None = None  # recovered from the journal: where its bytes are
     first: Handoff | None = None  # until the first attempt is settled
     committing: asyncio.Future[None] | None = None  # the journal write running beside the first attempt
 

@@ -7,7 +7,7 @@ import structlog
 from relay.core.message import Envelope
 from relay.core.prepare import Prepared
 from relay.delivery.queue import DeliveryQueue, Job
-from relay.store.journal import Journal
+from relay.store.journal import Journal, LiveRecord
 from relay.store.spool import EntryState, Spool
 
 log = structlog.get_logger("relay.delivery")
@@ -18,16 +18,17 @@ def stored_message(envelope: Envelope, data: bytes) -> Prepared:
     return Prepared(envelope.queue_id, envelope.mail_from, envelope.recipients, envelope.message_id, b"", data)
 
 
-def promote_journal(spool: Spool, journal: Journal) -> int:
-    """Start-up (in a thread): what the journal holds and nobody finished goes to queue/ (then the journal
-    starts afresh). A message promoted before the crash is simply written again, with the same bytes."""
+def schedule_journal(queue: DeliveryQueue, journal: Journal, records: list[LiveRecord]) -> int:
+    """Start-up: what the journal holds and nobody finished is delivered from where it is (recovery
+    needs no free space). A message also in queue/ (promoted just before the crash) goes from there."""
     count = 0
-    ignored: list[tuple[str, int]] = []
-    for envelope, data in journal.recover(ignored):
-        spool.commit(stored_message(envelope, data), envelope)
+    for record in records:
+        queue_id = record.envelope.queue_id
+        if queue_id in queue.jobs:
+            journal.done(queue_id)
+            continue
+        queue.schedule(Job(record.envelope, due=0.0, in_journal=True, record=record))
         count += 1
-    for segment, size in ignored:  # after a crash, a torn last record (never acknowledged) is normal
-        log.warning("spool_journal_tail_ignored", segment=segment, bytes=size)
     return count
 
 

@@ -34,7 +34,7 @@ from relay.delivery.handoffs import Handoffs, promote
 from relay.delivery.janitor import Janitor
 from relay.delivery.prober import Prober
 from relay.delivery.queue import DeliveryQueue, Handoff, Job
-from relay.delivery.recovery import promote_journal, scan_queue, schedule_found, stored_message
+from relay.delivery.recovery import scan_queue, schedule_found, schedule_journal, stored_message
 from relay.delivery.send import count_and_log, send
 from relay.ops.metrics import Metrics
 from relay.store.journal import Journal
@@ -85,9 +85,13 @@ class Delivery:
         started = self.clock.monotonic()
         self.spool.lock()  # raises SpoolLocked before anything on disk is touched
         await asyncio.to_thread(self.spool.recover)
-        recovered = await asyncio.to_thread(promote_journal, self.spool, self.journal)
+        ignored: list[tuple[str, int]] = []
+        records = await asyncio.to_thread(self.journal.recover, ignored)
+        for segment, size in ignored:  # after a crash, a torn last record (never acknowledged) is normal
+            log.warning("spool_journal_tail_ignored", segment=segment, bytes=size)
         self.journal.start(asyncio.get_running_loop())
         count = await self._load_queue()
+        recovered = schedule_journal(self.queue, self.journal, records)
         if await asyncio.to_thread(self.spool.take_flush_request):  # `relay queue flush` while stopped
             self.queue.flush()
         if self.queue.holds_any:  # held by an outage before the restart: one probe, then all of them at once
@@ -188,6 +192,8 @@ class Delivery:
             if not job.in_journal:  # on disk in queue/: no need to hold the bytes between attempts
                 job.message = None
             return message
+        if job.in_journal and job.record is not None:  # recovered from the journal after a crash
+            return stored_message(job.envelope, await asyncio.to_thread(self.journal.read, job.record))
         try:
             envelope, data = await asyncio.to_thread(self.spool.read, job.queue_id)
         except FileNotFoundError:

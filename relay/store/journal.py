@@ -46,7 +46,8 @@ log = structlog.get_logger("relay.store.journal")
 HEADER = struct.Struct(">2sBxIQ")  # magic, kind, pad, crc32 of the payload, payload length
 MAGIC = b"RJ"
 MESSAGE, DONE = ord("M"), ord("D")
-SEGMENT_BYTES = 64 * 2**20  # a new segment once the current one is this big
+SEGMENT_BYTES = 256 * 1024  # a new segment once the current one is this big
+IDLE_ROTATE = 64 * 1024  # ... or this big with no message in it waiting
 SUFFIX = ".log"
 SMALL_RECORD = 64 * 1024
 # Woken from idle, the writer waits this long for more records to share the fdatasync (PostgreSQL's
@@ -102,14 +103,27 @@ def segment_paths(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX) and p.name[: -len(SUFFIX)].isdigit())
 
 
-def live_records(directory: Path, ignored: list[tuple[str, int]] | None = None) -> Iterator[tuple[Envelope, bytes]]:
-    """Every committed message not marked done, oldest first. Two passes, so that only one message's
-    bytes are in memory at a time. `ignored` gets (segment, bytes) for what follows the first invalid
-    record of a segment: a torn end after a crash (never acknowledged), or damage worth a look."""
-    paths = segment_paths(directory)
+@dataclass(frozen=True, slots=True)
+class LiveRecord:
+    """A committed message not marked done: where its bytes are, so they are read only when needed."""
+
+    envelope: Envelope
+    segment: int
+    offset: int  # of the payload
+    length: int
+
+
+def _seq(path: Path) -> int:
+    return int(path.name[: -len(SUFFIX)])
+
+
+def live_index(directory: Path, ignored: list[tuple[str, int]] | None = None) -> list[LiveRecord]:
+    """Every committed message not marked done, oldest first, without keeping any bytes. `ignored` gets
+    (segment, bytes) for what follows the first invalid record of a segment: a torn end after a crash
+    (never acknowledged), or damage worth a look."""
     done: set[str] = set()
-    found: list[tuple[str, Path, int, int]] = []  # queue id, segment, payload offset, payload length
-    for path in paths:
+    found: list[LiveRecord] = []
+    for path in segment_paths(directory):
         end = 0
         with open(path, "rb") as handle:
             for kind, offset, payload in read_records(handle):
@@ -117,17 +131,25 @@ def live_records(directory: Path, ignored: list[tuple[str, int]] | None = None) 
                 if kind == DONE:
                     done.add(payload.decode())
                 else:
-                    queue_id = Envelope.from_line(payload[: payload.index(b"\n") + 1]).queue_id
-                    found.append((queue_id, path, offset, len(payload)))
+                    envelope = Envelope.from_line(payload[: payload.index(b"\n") + 1])
+                    found.append(LiveRecord(envelope, _seq(path), offset, len(payload)))
             size = os.fstat(handle.fileno()).st_size
         if ignored is not None and size > end:
             ignored.append((path.name, size - end))
-    for queue_id, path, offset, length in found:
-        if queue_id in done:  # the common case: not read again
-            continue
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            yield split_message(handle.read(length))
+    return [record for record in found if record.envelope.queue_id not in done]
+
+
+def read_record(directory: Path, record: LiveRecord) -> bytes:
+    """The exact bytes to send upstream of a recovered message (in a thread)."""
+    with open(directory / f"{record.segment:012d}{SUFFIX}", "rb") as handle:
+        handle.seek(record.offset)
+        return split_message(handle.read(record.length))[1]
+
+
+def live_records(directory: Path, ignored: list[tuple[str, int]] | None = None) -> Iterator[tuple[Envelope, bytes]]:
+    """Every committed message not marked done, with its bytes, one at a time."""
+    for record in live_index(directory, ignored):
+        yield record.envelope, read_record(directory, record)
 
 
 @dataclass
@@ -173,23 +195,36 @@ class Journal:
         self._unwritten_dones: list[str] = []  # done marks a failed write lost: tried again next batch
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._recovered: list[LiveRecord] = []
 
     # start-up and shutdown
 
-    def recover(self, ignored: list[tuple[str, int]] | None = None) -> Iterator[tuple[Envelope, bytes]]:
-        """Before `start`: what a previous run committed and did not finish."""
-        return live_records(self.directory, ignored)
+    def recover(self, ignored: list[tuple[str, int]] | None = None) -> list[LiveRecord]:
+        """Before `start`: what a previous run committed and did not finish. It stays where it is
+        (recovery needs no free space) and is live again from `start` on, until marked done."""
+        self._recovered = live_index(self.directory, ignored)
+        return self._recovered
+
+    def read(self, record: LiveRecord) -> bytes:
+        return read_record(self.directory, record)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Delete the old segments (their live records are promoted by now) and open a fresh one."""
+        """Keep the old segments from the first one holding a live record on (a done mark sits in its
+        record's segment or a later one, so they go oldest first), delete the rest, open a fresh one."""
         if not self.directory.is_dir():
             self.directory.mkdir(parents=True)
             fsync_dir(self.directory.parent)
-        old = segment_paths(self.directory)
-        for path in old:
-            path.unlink()
-        last = int(old[-1].name[: -len(SUFFIX)]) if old else 0
-        self._file.open(last + 1)
+        old = [_seq(path) for path in segment_paths(self.directory)]
+        for record in self._recovered:
+            self._segment_of[record.envelope.queue_id] = record.segment
+            self._live[record.segment] = self._live.get(record.segment, 0) + 1
+        first_live = min(self._live, default=None)
+        kept = [seq for seq in old if first_live is not None and seq >= first_live]
+        for seq in old:
+            if seq not in kept:
+                self._file.path(seq).unlink()
+        self._file.segments = kept
+        self._file.open(old[-1] + 1 if old else 1)
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="spool-journal", daemon=True)
         self._thread.start()
@@ -312,7 +347,12 @@ class Journal:
         if self._unwritten_dones:
             batch.dones += [_Done(queue_id, None) for queue_id in self._unwritten_dones]
             self._unwritten_dones = []
-        if self._broken or self._file.offset >= self.segment_bytes:
+        current = self._file.segments[-1]
+        with self._lock:
+            idle = not self._live.get(current, 0)
+        # A new segment when this one is full, or, with nothing in it waiting, once it is worth it: the
+        # old one then goes, so the journal stays about as big as what is in flight (small volumes).
+        if self._broken or self._file.offset >= self.segment_bytes or (idle and self._file.offset >= IDLE_ROTATE):
             error = self._new_segment()
             if error is not None and self._broken:  # after a failed sync, bytes before these could be lost
                 self._fail(batch, error)
