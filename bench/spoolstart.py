@@ -116,7 +116,7 @@ async def in_process_start(spool_path: Path) -> dict[str, Any]:
         relay = Relay(settings)
         await relay.start()
         seconds = time.monotonic() - started
-        depth = relay.delivery.depth if relay.delivery else 0
+        depth = relay.delivery.queue.depth if relay.delivery else 0
         with contextlib.suppress(Exception):
             await relay.stop(grace=0)
     recovered = next((e for e in logs if e.get("event") == "spool_recovered"), {})

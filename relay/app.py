@@ -51,10 +51,10 @@ class Relay:
         self.metrics.gauge("relay_client_connections", "Client connections open", lambda: len(self.sessions.live))
 
     def _spool_depth(self) -> float:
-        return float(self.delivery.depth) if self.delivery is not None else 0.0
+        return float(self.delivery.queue.depth) if self.delivery is not None else 0.0
 
     def _oldest_age(self) -> float:
-        oldest = self.delivery.oldest_received() if self.delivery is not None else None
+        oldest = self.delivery.queue.oldest_received() if self.delivery is not None else None
         return max(0.0, self.delivery.clock.time() - oldest) if self.delivery and oldest else 0.0
 
     def readiness(self) -> Readiness:
@@ -108,7 +108,7 @@ class Relay:
             await self.delivery.stop(deadline - time.monotonic())
         await self.pool.close()
         await self.http.stop()
-        log.info("relay_stopped", queued=self.delivery.depth if self.delivery else 0)
+        log.info("relay_stopped", queued=self.delivery.queue.depth if self.delivery else 0)
 
     async def reload(self, new: Settings) -> None:
         """Apply a new config through each component's own `apply`; connections and queued mail stay."""

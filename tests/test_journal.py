@@ -406,7 +406,7 @@ async def test_a_client_hanging_up_during_an_outage_leaves_its_message_in_queue_
     await quitter.writer.drain()
     assert relay_.delivery is not None
     delivery = relay_.delivery
-    await until(lambda: delivery.depth == 7)
+    await until(lambda: delivery.queue.depth == 7)
     await quitter.close()  # before its sync_wait is over
     await until(
         lambda: (

@@ -311,7 +311,7 @@ async def test_a_message_that_cannot_leave_the_journal_is_kept_and_delivered(
     standin.behaviour.down = False
     [got] = await standin.wait_for_messages(1)
     assert got.rcpt_tos == ["a@example.org"]
-    await until(lambda: relay.delivery is not None and relay.delivery.depth == 0)
+    await until(lambda: relay.delivery is not None and relay.delivery.queue.depth == 0)
 
 
 async def test_stop_leaves_undelivered_mail_in_the_spool(standin: InfobipStandIn, tmp_path: Path) -> None:

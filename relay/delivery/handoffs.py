@@ -69,6 +69,21 @@ class Handoffs:
         else:
             self.react(job, handoff, handoff.machine.committed())
 
+    async def promote_unattempted(self) -> None:
+        """At stop: messages never attempted go to queue/, so that a stopped relay's `relay queue` shows
+        them (left in the journal, they would be recovered in place just as well)."""
+        for job in list(self.queue.jobs.values()):
+            if not job.in_journal or job.message is None:
+                continue
+            if job.committing is not None:  # promoted before its journal write landed, it would
+                await asyncio.wait({job.committing})  # stay live there, and be promoted again at start
+                if job.committing.exception() is not None:
+                    continue  # never acknowledged
+            try:
+                await promote(self.spool, self.journal, job, job.message)
+            except OSError:  # it stays in the journal for the next start
+                continue
+
     def react(self, job: Job, handoff: Handoff, decision: Decision) -> None:
         """Carry out what an event implies, except what only the worker holding the message can do."""
         store = decision.store

@@ -121,27 +121,9 @@ class Delivery:
             helper.cancel()
         await asyncio.gather(*self._tasks, *self._helpers, *self.handoffs.promotions, return_exceptions=True)
         await self.janitor.remove_done()
-        # Messages never attempted go to queue/ now, so that a stopped relay's `relay queue` shows them.
-        for job in list(self.queue.jobs.values()):
-            if not job.in_journal or job.message is None:
-                continue
-            if job.committing is not None:  # promoted before its journal write landed, it would
-                await asyncio.wait({job.committing})  # stay live there, and be promoted again at start
-                if job.committing.exception() is not None:
-                    continue  # never acknowledged
-            try:
-                await self._promote(job, job.message)
-            except OSError:  # it stays in the journal for the next start
-                continue
+        await self.handoffs.promote_unattempted()
         await self.journal.close()
         self.spool.unlock()
-
-    @property
-    def depth(self) -> int:
-        return self.queue.depth
-
-    def oldest_received(self) -> float | None:
-        return self.queue.oldest_received()
 
     def flush(self) -> None:
         """Everything waiting is due now; while delivery is paused, that means a probe now."""
@@ -159,9 +141,6 @@ class Delivery:
     async def answer(self, job: Job) -> tuple[Reply, str]:
         # While delivery is paused no attempt can happen: the app is answered as soon as it is on disk.
         return await self.handoffs.answer(job, 0.0 if self.breaker.is_open else self.settings.sync_wait)
-
-    async def _promote(self, job: Job, message: Prepared) -> None:
-        await promote(self.spool, self.journal, job, message)
 
     # the workers
 
@@ -214,12 +193,10 @@ class Delivery:
         if not result.unreachable:  # an outage is not the message's attempt: its own backoff stays
             job.attempts += 1
         step = self._next_step(job, result)
+        handed_back = False if handoff is None else await self._settle_first(job, handoff, result, step, message)
         if handoff is None:
             await self._settle(job, step, message)
-            self._count_and_log(job, result, step, handed_back=False)
-        else:
-            handed_back = await self._settle_first(job, handoff, result, step, message)
-            self._count_and_log(job, result, step, handed_back=handed_back)
+        count_and_log(self.metrics, job, result, step, handed_back=handed_back, now=self.clock.time())
 
     async def _settle_first(
         self, job: Job, handoff: Handoff, result: AttemptResult, step: NextStep, message: Prepared
@@ -262,7 +239,7 @@ class Delivery:
         """Make the spool say what `step` decided: dead-letter, reschedule, or remove."""
         if job.in_journal and (step.retry or step.dead):
             try:
-                await self._promote(job, message)
+                await promote(self.spool, self.journal, job, message)
             except OSError as exc:  # still safe in the journal: keep the bytes, try it all again later
                 log.error("spool_promote_failed", error=exc.strerror or str(exc))
                 again = (*step.retry, *(r for r in step.dead if r not in step.retry))
@@ -271,6 +248,13 @@ class Delivery:
                 return
         if step.dead:
             await asyncio.to_thread(self.spool.dead_letter, job.queue_id, step.dead, step.last_reply)
+            # Until bounces tell the sender (reports issue), this line is how anyone learns of it.
+            log.warning(
+                "message_dead_lettered",
+                sender=job.envelope.mail_from,
+                recipients=sorted(step.dead),
+                reason=step.last_reply,
+            )
         if step.retry:
             assert step.retry_at is not None
             state = EntryState(job.attempts, step.retry_at, list(step.retry), step.last_reply, held=step.held)
@@ -301,9 +285,6 @@ class Delivery:
         elif change is Change.CLOSED:  # an attempt begun before the pause got through: Infobip is back
             self.prober.closed()
 
-    def _count_and_log(self, job: Job, result: AttemptResult, step: NextStep, *, handed_back: bool) -> None:
-        count_and_log(self.metrics, job, result, step, handed_back=handed_back, now=self.clock.time())
-
     # housekeeping
 
     async def _watch(self) -> None:
@@ -313,4 +294,4 @@ class Delivery:
             if await asyncio.to_thread(self.spool.take_flush_request):
                 added = await self._load_queue()
                 self.flush()
-                log.info("spool_flush", added=added, queued=self.depth)
+                log.info("spool_flush", added=added, queued=self.queue.depth)

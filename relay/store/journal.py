@@ -252,13 +252,7 @@ class Journal:
             await asyncio.to_thread(self._write_batch, _Batch())
         os.close(self._file.fd)
         if not any(self._live.values()):
-            try:
-                for seq in self._file.segments:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self._file.path(seq))
-                fsync_dir(self.directory)
-            except OSError as exc:  # the next start deletes them
-                log.error("spool_journal_cleanup_failed", error=exc.strerror or str(exc))
+            self._file.remove_all()
 
     @property
     def problem(self) -> str | None:
@@ -470,6 +464,16 @@ class SegmentFiles:
             os.close(self.fd)
         self.fd, self.offset = fd, 0
         self.segments.append(seq)
+
+    def remove_all(self) -> None:
+        """A clean stop with nothing live: no segment is needed (the next start would delete them)."""
+        try:
+            for seq in self.segments:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path(seq))
+            fsync_dir(self.directory)
+        except OSError as exc:
+            log.error("spool_journal_cleanup_failed", error=exc.strerror or str(exc))
 
     def rotate(self) -> None:
         self.open(self.segments[-1] + 1)
