@@ -172,7 +172,7 @@ class SpoolSettings(_Section):
     retry_initial: float = Field(60.0, gt=0)  # first retry after about this long, doubling each time
     retry_max: float = Field(3600.0, gt=0)  # longest wait between attempts
     breaker_threshold: int = Field(5, gt=0)  # consecutive connection failures before pausing all delivery
-    drain_timeout: float = Field(25.0, ge=0)  # on SIGTERM: seconds to finish sessions and deliveries
+    drain_timeout: float = Field(5.0, ge=0)  # on SIGTERM: seconds to finish sessions and deliveries
 
 
 class PolicyRule(_Section):

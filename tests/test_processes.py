@@ -52,7 +52,7 @@ def write_config(
     sync_wait: float = 0.5,
     retry_initial: float = 0.2,
     retry_max: float = 2.0,
-    drain_timeout: float = 4.0,
+    drain_timeout: float | None = 4.0,
 ) -> Path:
     path.write_text(
         f"""
@@ -79,7 +79,7 @@ path = {json.dumps(str(spool))}
 sync_wait = {sync_wait}
 retry_initial = {retry_initial}
 retry_max = {retry_max}
-drain_timeout = {drain_timeout}
+{"" if drain_timeout is None else f"drain_timeout = {drain_timeout}"}
 
 [http]
 host = "127.0.0.1"
@@ -745,3 +745,34 @@ async def test_a_crash_on_a_full_spool_recovers_in_place(
         second = await spawn(config, port).start()
         await wait_until(lambda: acknowledged <= set(arrived_ids(standin)), 20, "every 250 upstream", second.log)
         assert await second.stop() == 0
+
+
+async def test_sigterm_during_an_outage_exits_0_within_8_s_with_default_settings(
+    standin: InfobipStandIn, spawn: SpawnRelay, tmp_path: Path
+) -> None:
+    """Docker gives 10 s: a relay whose attempts hang on an Infobip that accepts TCP and says nothing
+    must still be gone well before that, with what it could not deliver still queued."""
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # never a greeting
+        writer.close()
+
+    blackhole = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = free_port()
+    spool = tmp_path / "spool"
+    config = write_config(tmp_path / "relay.toml", standin, port=port, spool=spool, drain_timeout=None)
+    hole_port = blackhole.sockets[0].getsockname()[1]
+    config.write_text(config.read_text().replace(f"port = {standin.port}", f"port = {hole_port}"))
+    try:
+        relay = await spawn(config, port).start()
+        acknowledged = [await send_one(port, message(Message_ID=new_message_id(f"out{n}"))) for n in range(5)]
+        assert all(reply.startswith("250 2.0.0 Queued as ") for reply in acknowledged), acknowledged
+        started = time.monotonic()
+        relay.signal(signal.SIGTERM)
+        assert await relay.wait(30) == 0
+        elapsed = time.monotonic() - started
+    finally:
+        blackhole.close()
+    print(f"\n[SIGTERM while Infobip hangs] exit 0 after {elapsed:.2f} s")
+    assert elapsed < 8.0
+    assert len([f for f in spool_files(spool, "queue") if f.endswith(".msg")]) == 5  # still queued

@@ -138,7 +138,11 @@ async def test_one_refused_recipient_of_three_only_it_is_dead_lettered(
     reply = await send_one(relay.port, SENDER, ["a@example.org", "blocked@example.org", "c@example.org"], message())
     [got] = standin.messages
     assert got.rcpt_tos == ["a@example.org", "c@example.org"]
-    assert reply.startswith(f"250 2.6.0 Message queued as {got.infobip_id}; 1 of 3 recipients refused or deferred")
+    queue_id = reply.split("Queued as ")[1].split(";")[0]
+    assert reply == (
+        f"250 2.0.0 Queued as {queue_id}; Infobip took 2 of 3 recipients; "
+        "1 refused for good (550 5.7.1 Recipient <blocked@example.org> not allowed)"
+    )
     [dead_state] = [f for f in os.listdir(tmp_path / "dead") if f.endswith(".state")]
     state = json.loads((tmp_path / "dead" / dead_state).read_text())
     assert state["dead"] == {"blocked@example.org": "550 5.7.1 Recipient <blocked@example.org> not allowed"}
@@ -150,7 +154,11 @@ async def test_one_deferred_recipient_of_three_only_it_is_retried(
 ) -> None:
     standin.behaviour.refuse_recipients["later@example.org"] = "450 4.2.0 Mailbox busy"
     relay = await start_relay(spool=spooled(tmp_path))
-    await send_one(relay.port, SENDER, ["a@example.org", "later@example.org", "c@example.org"], message())
+    reply = await send_one(relay.port, SENDER, ["a@example.org", "later@example.org", "c@example.org"], message())
+    # Not "2.6.0 Message queued": Infobip does not have every recipient yet (issue: a partial outcome).
+    assert reply.startswith("250 2.0.0 Queued as ") and reply.endswith(
+        "; Infobip took 2 of 3 recipients; 1 deferred, the relay will retry (450 4.2.0 Mailbox busy)"
+    )
     assert standin.messages[0].rcpt_tos == ["a@example.org", "c@example.org"]
     del standin.behaviour.refuse_recipients["later@example.org"]
     await standin.wait_for_messages(2)

@@ -249,12 +249,18 @@ def spooled_reply(queue_id: str, result: AttemptResult | None) -> Reply:
     if result is None:
         return Reply(250, "2.0.0", f"Queued as {queue_id}; delivery to Infobip continues in the background")
     failed = {**result.transient, **result.permanent}
-    if result.accepted:
-        note = ""
-        if failed:
-            total = len(failed) + len(result.accepted)
-            note = f"; {len(failed)} of {total} recipients refused or deferred ({next(iter(failed.values()))})"
-        return Reply(250, "2.6.0", clean_value(f"Message queued as {','.join(result.infobip_ids) or queue_id}{note}"))
+    if result.accepted and not failed:
+        return Reply(250, "2.6.0", clean_value(f"Message queued as {','.join(result.infobip_ids) or queue_id}"))
+    if result.accepted:  # "queued", not Infobip's acceptance: say what happened to the others
+        total = len(failed) + len(result.accepted)
+        parts = [f"Queued as {queue_id}; Infobip took {len(result.accepted)} of {total} recipients"]
+        if result.transient:
+            parts.append(
+                f"{len(result.transient)} deferred, the relay will retry ({next(iter(result.transient.values()))})"
+            )
+        if result.permanent:
+            parts.append(f"{len(result.permanent)} refused for good ({next(iter(result.permanent.values()))})")
+        return Reply(250, "2.0.0", clean_value("; ".join(parts)))
     if result.permanent and not result.transient:
         refusal = _parse(next(iter(result.permanent.values())))
         enhanced, words = _split(refusal)
