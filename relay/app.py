@@ -43,12 +43,45 @@ class Relay:
         )
         self.handler = RelayHandler(settings, self.deliver_spooled if self.spool else self.deliver_direct, self.metrics)
         self.sessions = Sessions()
-        self.http = HttpServer(self.metrics, self.readiness)
+        self.http = HttpServer(self.metrics, self.readiness, self.upstream_status)
         self._server: asyncio.Server | None = None
         self.metrics.gauge("relay_spool_depth", "Messages waiting in the spool", self._spool_depth)
         self.metrics.gauge("relay_spool_oldest_age_seconds", "Age of the oldest message waiting", self._oldest_age)
         self.metrics.gauge("relay_upstream_pool_connections", "Upstream connections open", lambda: self.pool.size)
         self.metrics.gauge("relay_client_connections", "Client connections open", lambda: len(self.sessions.live))
+        self.metrics.gauge("relay_breaker_open", "1 while delivery is paused by the circuit breaker", self._paused)
+        self.metrics.gauge(
+            "relay_breaker_next_probe_timestamp_seconds",
+            "When the next probe goes while paused (epoch)",
+            self._next_probe,
+        )
+        self.metrics.gauge("relay_upstream_up", "1 when the last connection to Infobip worked", self._upstream_up)
+        self.metrics.gauge(
+            "relay_upstream_credentials_refused", "1 when Infobip refused our credentials last time", self._refused
+        )
+
+    def _paused(self) -> float:
+        return 1.0 if self.delivery is not None and self.delivery.breaker.is_open else 0.0
+
+    def _next_probe(self) -> float:
+        status = self.delivery.prober.status() if self.delivery is not None else {}
+        at = status.get("next_probe_at")
+        return float(at) if isinstance(at, float | int) else 0.0
+
+    def _upstream_up(self) -> float:
+        return 1.0 if self.pool.status == "ok" else 0.0
+
+    def _refused(self) -> float:
+        return 1.0 if self.pool.status == "credentials_refused" else 0.0
+
+    def upstream_status(self) -> dict[str, object]:
+        """GET /upstream: what the relay knows of Infobip now (readiness does not depend on it)."""
+        return {
+            "status": self.pool.status,
+            "since": self.pool.status_since,
+            "last_error": self.pool.last_failure,
+            "delivery": self.delivery.prober.status() if self.delivery is not None else {"paused": False},
+        }
 
     def _spool_depth(self) -> float:
         return float(self.delivery.queue.depth) if self.delivery is not None else 0.0
@@ -58,12 +91,15 @@ class Relay:
         return max(0.0, self.delivery.clock.time() - oldest) if self.delivery and oldest else 0.0
 
     def readiness(self) -> Readiness:
-        """Listening, spool writable, upstream authenticated lately (or never tried)."""
+        """Does this relay accept and store mail? Listening, and the spool writable. Infobip's state is not
+        part of it with the spool on (a sidecar failing readiness takes its app out of service: the
+        outage the spool exists to ride out); see /upstream for that. In pass-through mode, it is."""
         checks = {"listening": "ok" if self._server is not None and self._server.is_serving() else "not listening"}
         if self.spool is not None:
             checks["spool"] = self.spool.writable()
             if checks["spool"] == "ok" and self.delivery is not None:
                 checks["spool"] = self.delivery.journal.problem or "ok"
+            return Readiness(all(v == "ok" for v in checks.values()), checks)
         failure = self.pool.last_failure
         recent = self.pool.last_authenticated is not None and (
             time.monotonic() - self.pool.last_authenticated < self.settings.http.ready_upstream_window
@@ -118,6 +154,7 @@ class Relay:
         configure_logging(new.log)
         if new.upstream != old.upstream or new.listen.hostname != old.listen.hostname:
             retired, self.pool = self.pool, UpstreamPool(new.upstream, new.listen.hostname, self.metrics)
+            self.pool.inherit(retired)
             await retired.close()
         if self.delivery is not None:
             self.delivery.apply(new.spool, self.pool)

@@ -8,6 +8,7 @@ import contextlib
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -82,6 +83,11 @@ def _age(seconds: float) -> str:
 def _queue_list(spool: Spool, *, dead: bool) -> int:
     now = time.time()
     ids = spool.dead_ids() if dead else spool.queued_ids()
+    status = spool.read_status()
+    paused = not dead and status.get("paused") is True
+    if paused:
+        until = datetime.fromtimestamp(float(str(status.get("next_probe_at", now))), UTC).isoformat(timespec="seconds")
+        print(f"-- delivery is PAUSED: Infobip is not answering; next probe at {until} ({status.get('last_error')})")
     print(f"{'QUEUE ID':<22} {'AGE':>6} {'TRIES':>5} {'RCPTS':>5} {'NEXT TRY':>8}  {'SENDER':<30} LAST REPLY")
     for queue_id in ids:
         try:
@@ -94,6 +100,7 @@ def _queue_list(spool: Spool, *, dead: bool) -> int:
             continue
         pending = list(state.dead) if dead else state.recipients or envelope.recipients
         next_try = "-" if dead else ("now" if state.next_attempt <= now else _age(state.next_attempt - now))
+        next_try = "paused" if paused else next_try  # nothing goes before a probe succeeds
         reply = " ".join(state.last_reply.split())[:100] or "-"
         print(
             f"{queue_id:<22} {_age(now - envelope.received_at):>6} {state.attempts:>5} {len(pending):>5} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -63,20 +64,25 @@ async def test_healthz_and_readyz_when_all_is_well(
     assert status == 200, body
     await send_one(relay.port, SENDER, ["a@example.org"], message())
     status, body = await get(relay.http.port, "/readyz")
-    assert status == 200 and '"upstream": "ok"' in body
+    assert status == 200 and json.loads(body)["checks"] == {"listening": "ok", "spool": "ok"}
+    status, body = await get(relay.http.port, "/upstream")
+    assert status == 200 and json.loads(body)["status"] == "ok"
 
 
-async def test_readyz_says_why_when_upstream_fails_and_spool_is_unwritable(
+async def test_readyz_says_why_the_spool_is_unwritable_and_upstream_says_why_infobip_fails(
     standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
 ) -> None:
+    """With the spool on, readiness means "accepts and stores mail": Infobip failing is /upstream's news."""
     standin.behaviour.offer_starttls = False
     relay = await start_relay(spool={"enabled": True, "path": str(tmp_path), "sync_wait": 1.0})
     await send_one(relay.port, SENDER, ["a@example.org"], message())
+    assert (await get(relay.http.port, "/readyz"))[0] == 200
+    assert "does not offer STARTTLS" in (await get(relay.http.port, "/upstream"))[1]
     (tmp_path / "tmp").rename(tmp_path / "tmp-gone")
     (tmp_path / "tmp").write_text("not a directory")
     status, body = await get(relay.http.port, "/readyz")
     assert status == 503
-    assert "does not offer STARTTLS" in body and "spool not writable" in body
+    assert "spool not writable" in body and "STARTTLS" not in body
     os.remove(tmp_path / "tmp")
     (tmp_path / "tmp-gone").rename(tmp_path / "tmp")
 

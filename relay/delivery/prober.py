@@ -11,6 +11,7 @@ import structlog
 
 from relay.core.breaker import Change, CircuitBreaker
 from relay.delivery.clock import Clock
+from relay.store.spool import Spool
 from relay.upstream.errors import UpstreamError
 from relay.upstream.pool import UpstreamPool
 
@@ -24,11 +25,13 @@ class Prober:
         breaker: CircuitBreaker,
         clock: Clock,
         on_closed: Callable[[], None],
+        on_status: Callable[[dict[str, object]], None] | None = None,
     ) -> None:
         self._pool = pool
         self.breaker = breaker
         self.clock = clock
         self._on_closed = on_closed
+        self._on_status = on_status or (lambda status: None)
         self._poke = asyncio.Event()
         self.paused_since: float | None = None
 
@@ -41,7 +44,19 @@ class Prober:
             last_error=self.breaker.last_error,
             message="delivery paused until Infobip answers a probe",
         )
+        self._on_status(self.status())
         self._poke.set()
+
+    def status(self) -> dict[str, object]:
+        """For `relay queue list` and /upstream: is delivery paused, since when, until when, and why."""
+        if not self.breaker.is_open:
+            return {"paused": False}
+        return {
+            "paused": True,
+            "since": self.paused_since,
+            "next_probe_at": self.clock.time() + self.breaker.wait(self.clock.monotonic()),
+            "last_error": self.breaker.last_error,
+        }
 
     def paused_until(self) -> str | None:
         """When the next probe goes (ISO 8601, UTC), while delivery is paused."""
@@ -65,6 +80,7 @@ class Prober:
             except UpstreamError as exc:
                 self.breaker.probe_failed(self.clock.monotonic(), str(exc.reply), self.clock.random())
                 log.info("breaker_probe_failed", paused_until=self.paused_until(), last_error=str(exc.reply))
+                self._on_status(self.status())
                 continue
             if self.breaker.success() is Change.CLOSED:
                 self.closed()
@@ -73,6 +89,7 @@ class Prober:
         paused = round(self.clock.time() - self.paused_since, 1) if self.paused_since is not None else None
         self.paused_since = None
         log.info("breaker_closed", paused_seconds=paused, message="Infobip is back: delivery resumes")
+        self._on_status(self.status())
         self._on_closed()
 
     async def _wait(self) -> None:
@@ -86,3 +103,13 @@ class Prober:
             self._poke.clear()
             if timer is not None:
                 timer.cancel()
+
+
+def status_writer(spool: Spool) -> Callable[[dict[str, object]], None]:
+    """Writes the status file off the loop; a failure only costs `relay queue list` its line about it."""
+
+    def write(status: dict[str, object]) -> None:
+        task = asyncio.ensure_future(asyncio.to_thread(spool.write_status, status))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    return write

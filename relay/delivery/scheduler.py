@@ -32,7 +32,7 @@ from relay.core.retry import AttemptResult, NextStep, next_step
 from relay.delivery.clock import Clock, SystemClock
 from relay.delivery.handoffs import Handoffs, promote
 from relay.delivery.janitor import Janitor
-from relay.delivery.prober import Prober
+from relay.delivery.prober import Prober, status_writer
 from relay.delivery.queue import DeliveryQueue, Handoff, Job
 from relay.delivery.recovery import scan_queue, schedule_found, schedule_journal, stored_message
 from relay.delivery.send import count_and_log, send
@@ -67,7 +67,7 @@ class Delivery:
         self.apply(settings, pool)
         self._workers = workers
         self.handoffs = Handoffs(spool, self.journal, self.queue, self.metrics)
-        self.prober = Prober(lambda: self.pool, self.breaker, self.clock, self.queue.release_held)
+        self.prober = Prober(lambda: self.pool, self.breaker, self.clock, self.queue.release_held, status_writer(spool))
         self.janitor = Janitor(spool)
         self._tasks: list[asyncio.Task[None]] = []
         self._helpers: list[asyncio.Task[None]] = []

@@ -19,9 +19,15 @@ class Readiness:
 
 
 class HttpServer:
-    def __init__(self, metrics: Metrics, readiness: Callable[[], Readiness]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        readiness: Callable[[], Readiness],
+        upstream: Callable[[], dict[str, object]] | None = None,
+    ) -> None:
         self._metrics = metrics
         self._readiness = readiness
+        self._upstream = upstream or (lambda: {})
         self._runner: web.AppRunner | None = None
         self.port = 0
         self.started = time.monotonic()
@@ -31,6 +37,7 @@ class HttpServer:
         app.router.add_get("/metrics", self._metrics_view)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/upstream", self._upstream_view)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -47,6 +54,9 @@ class HttpServer:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive", "uptime_seconds": round(time.monotonic() - self.started, 1)})
+
+    async def _upstream_view(self, request: web.Request) -> web.Response:
+        return web.json_response(self._upstream())
 
     async def _readyz(self, request: web.Request) -> web.Response:
         readiness = self._readiness()

@@ -33,6 +33,7 @@ from relay.testing.failpoints import crashpoint
 
 FLUSH_REQUEST = "flush.request"
 LOCK = "lock"
+STATUS = "status.json"  # what the running relay says about delivery (paused until ...), for `relay queue`
 
 
 class SpoolLocked(OSError):
@@ -249,6 +250,16 @@ class Spool:
         except OSError as exc:
             return f"spool not writable: {exc.strerror or exc}"
         return "ok"
+
+    def write_status(self, status: dict[str, object]) -> None:
+        _write_atomically(self.path / STATUS, json.dumps(status).encode(), sync_dir=False)
+
+    def read_status(self) -> dict[str, object]:
+        try:
+            loaded: dict[str, object] = json.loads((self.path / STATUS).read_bytes())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return loaded
 
     def request_flush(self) -> None:
         (self.path / FLUSH_REQUEST).touch()

@@ -15,7 +15,7 @@ from relay.core.prepare import Prepared
 from relay.core.smtp_client import DeliveryResult
 from relay.ops.metrics import Metrics
 from relay.upstream.connection import UpstreamConnection
-from relay.upstream.errors import UpstreamError
+from relay.upstream.errors import UpstreamAuthError, UpstreamError, UpstreamTLSError
 from relay.upstream.tls import make_tls_context
 
 log = structlog.get_logger("relay.upstream.pool")
@@ -36,6 +36,17 @@ class UpstreamPool:
         self._in_use = 0
         self.last_authenticated: float | None = None  # monotonic time of the last successful AUTH
         self.last_failure: str | None = None  # why the last connection attempt failed (None after a success)
+        self.status = "unknown"  # ok | unreachable | tls_failed | credentials_refused (the last attempt)
+        self.status_since = time.time()
+
+    def inherit(self, retired: UpstreamPool) -> None:
+        """A reload replaced the pool: what we knew of Infobip stays known until a new attempt says otherwise."""
+        self.last_authenticated, self.last_failure = retired.last_authenticated, retired.last_failure
+        self.status, self.status_since = retired.status, retired.status_since
+
+    def _set_status(self, status: str) -> None:
+        if status != self.status:
+            self.status, self.status_since = status, time.time()
 
     @property
     def size(self) -> int:
@@ -49,12 +60,14 @@ class UpstreamPool:
             if self._metrics is not None:
                 self._metrics.upstream_failures.inc()
             self.last_failure = exc.reply.text
+            self._set_status(_status_of(exc))
             log.warning("upstream_connect_failed", host=self._settings.host, reply=str(exc.reply))
             raise
         if self._metrics is not None:
             self._metrics.upstream_connects.inc()
         self.last_authenticated = time.monotonic()
         self.last_failure = None
+        self._set_status("ok")
         log.info("upstream_connected", connection=connection.ident, host=self._settings.host)
         return connection
 
@@ -104,3 +117,9 @@ class UpstreamPool:
         self._closed = True
         idle, self._idle = self._idle, []
         await asyncio.gather(*(c.quit() for c in idle), return_exceptions=True)
+
+
+def _status_of(failure: UpstreamError) -> str:
+    if isinstance(failure, UpstreamAuthError):
+        return "credentials_refused"
+    return "tls_failed" if isinstance(failure, UpstreamTLSError) else "unreachable"
