@@ -15,6 +15,7 @@ from relay.core.alignment import organizational_domain
 from relay.core.first_attempt import client_reply
 from relay.core.message import Envelope
 from relay.core.prepare import Prepared
+from relay.core.profiles import DEFAULT, ProfileMatch, select_profile
 from relay.core.replies import SHUTTING_DOWN, Reply
 from relay.core.smtp_client import queued_id
 from relay.delivery.clock import Clock
@@ -34,12 +35,10 @@ class Relay:
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.pool = UpstreamPool(settings.upstream, settings.listen.hostname, self.metrics)
+        self.pools = self._pools(settings, {})
         self.spool: Spool | None = Spool(settings.spool.path) if settings.spool.enabled else None
         self.delivery: Delivery | None = (
-            Delivery(self.spool, self.pool, settings.spool, settings.upstream.pool_size, self.metrics, clock)
-            if self.spool is not None
-            else None
+            Delivery(self.spool, self.pools, settings.spool, self.metrics, clock) if self.spool is not None else None
         )
         self.handler = RelayHandler(settings, self.deliver_spooled if self.spool else self.deliver_direct, self.metrics)
         self.sessions = Sessions()
@@ -83,11 +82,36 @@ class Relay:
             "delivery": self.delivery.prober.status() if self.delivery is not None else {"paused": False},
         }
 
+    @property
+    def pool(self) -> UpstreamPool:
+        """The default profile's pool ([upstream])."""
+        return self.pools[DEFAULT]
+
+    def _pools(self, settings: Settings, old: dict[str, UpstreamPool]) -> dict[str, UpstreamPool]:
+        """One pool per profile; one whose settings did not change is kept (its connections stay warm)."""
+        wanted = {DEFAULT: settings.upstream} | {p.name: p.upstream(settings.upstream) for p in settings.profiles}
+        pools: dict[str, UpstreamPool] = {}
+        for name, upstream in wanted.items():
+            kept = old.get(name)
+            if kept is not None and kept.settings == upstream and kept.local_name == settings.listen.hostname:
+                pools[name] = kept
+                continue
+            pools[name] = UpstreamPool(upstream, settings.listen.hostname, self.metrics)
+            if kept is not None:
+                pools[name].inherit(kept)
+        return pools
+
+    def profile_for(self, message: Prepared, session: SessionInfo) -> str:
+        matches = [
+            ProfileMatch(p.name, p.sender_domain, p.sender, p.client_network, p.user) for p in self.settings.profiles
+        ]
+        return select_profile(matches, sender=message.mail_from, client_ip=session.client_ip, user=session.user)
+
     def _spool_depth(self) -> float:
-        return float(self.delivery.queue.depth) if self.delivery is not None else 0.0
+        return float(self.delivery.depth) if self.delivery is not None else 0.0
 
     def _oldest_age(self) -> float:
-        oldest = self.delivery.queue.oldest_received() if self.delivery is not None else None
+        oldest = self.delivery.oldest_received() if self.delivery is not None else None
         return max(0.0, self.delivery.clock.time() - oldest) if self.delivery and oldest else 0.0
 
     def readiness(self) -> Readiness:
@@ -142,35 +166,34 @@ class Relay:
         self.sessions.close_all(str(SHUTTING_DOWN))
         if self.delivery is not None:
             await self.delivery.stop(deadline - time.monotonic())
-        await self.pool.close()
+        await asyncio.gather(*(pool.close() for pool in self.pools.values()))
         await self.http.stop()
         log.info("relay_stopped", queued=self.delivery.queue.depth if self.delivery else 0)
 
     async def reload(self, new: Settings) -> None:
         """Apply a new config through each component's own `apply`; connections and queued mail stay."""
         restart_needed = [key for key in RESTART_KEYS if _key(self.settings, key) != _key(new, key)]
-        old, self.settings = self.settings, new
+        self.settings = new
         self.handler.apply(new)
         configure_logging(new.log)
-        if new.upstream != old.upstream or new.listen.hostname != old.listen.hostname:
-            retired, self.pool = self.pool, UpstreamPool(new.upstream, new.listen.hostname, self.metrics)
-            self.pool.inherit(retired)
-            await retired.close()
+        retired, self.pools = self.pools, self._pools(new, self.pools)
         if self.delivery is not None:
-            self.delivery.apply(new.spool, self.pool)
+            self.delivery.apply(new.spool, self.pools)
+        kept = set(map(id, self.pools.values()))
+        await asyncio.gather(*(pool.close() for pool in retired.values() if id(pool) not in kept))
         log.info("config_reloaded", restart_needed_for=restart_needed or None)
 
     async def deliver_direct(self, message: Prepared, session: SessionInfo) -> Reply:
         """Pass-through (spool disabled): the client waits for Infobip's own verdict."""
         with bound_contextvars(queue_id=message.queue_id, client_ip=session.client_ip):
-            return await self._deliver_direct(message)
+            return await self._deliver_direct(message, self.pools.get(self.profile_for(message, session), self.pool))
 
-    async def _deliver_direct(self, message: Prepared) -> Reply:
+    async def _deliver_direct(self, message: Prepared, pool: UpstreamPool) -> Reply:
         started = time.monotonic()
         fields = {"sender": message.mail_from, "recipients": len(message.recipients), "size": message.size}
         try:
             with self.metrics.delivery_seconds.time():
-                result = await self.pool.deliver(message)
+                result = await pool.deliver(message)
         except UpstreamError as exc:
             log.warning("message_deferred", **fields, outcome="deferred", reply=str(exc.reply), attempt=1)
             self.metrics.rejected.labels("upstream_unavailable").inc()
@@ -206,6 +229,7 @@ class Relay:
             client_ip=session.client_ip,
             received_at=self.delivery.clock.time(),
             size=message.size,
+            profile=self.profile_for(message, session),
         )
         with bound_contextvars(queue_id=envelope.queue_id, client_ip=envelope.client_ip):
             # Both the commit and the attempt start before any await, so a client hanging up cannot
@@ -249,8 +273,10 @@ async def _reload_from(relay: Relay, config: Path | None) -> None:
             new.upstream.require_credentials()
     except ConfigError as exc:
         log.error("config_reload_failed", error=str(exc), kept="the running config")
+        relay.metrics.reloaded(False)
         return
     await relay.reload(new)
+    relay.metrics.reloaded(True)
 
 
 async def run(settings: Settings, stop: asyncio.Event | None = None, config: Path | None = None) -> None:

@@ -164,6 +164,55 @@ class UpstreamSettings(_Section):
                 )
 
 
+class ProfileSettings(_Section):
+    """One app's (or sender domain's) own way to Infobip: credentials, endpoint, pool, extra rules.
+
+    Match keys (all that are set must fit; first matching profile wins): sender_domain, sender,
+    client_network, user (inbound AUTH). Anything not set here comes from [upstream].
+    """
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    sender_domain: str | None = None
+    sender: str | None = None
+    client_network: IPNetwork | None = None
+    user: str | None = None
+    username: SecretStr | None = None
+    password: SecretStr | None = None
+    username_file: Path | None = None
+    password_file: Path | None = None
+    api_key: SecretStr | None = None  # sent as Infobip's API-key login: username "App", password the key
+    api_key_file: Path | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    pool_size: int | None = Field(None, gt=0, le=100)
+    rules: list[PolicyRule] = Field(default_factory=list)  # added to [policy] rules for this profile's mail
+
+    @model_validator(mode="after")
+    def _checked(self) -> ProfileSettings:
+        if not any((self.sender_domain, self.sender, self.client_network, self.user)):
+            raise ValueError(f"profile {self.name!r}: set at least one of sender_domain, sender, client_network, user")
+        if self.name == "default":
+            raise ValueError("profile name 'default' is taken by [upstream]")
+        for name in ("username", "password", "api_key"):
+            path: Path | None = getattr(self, f"{name}_file")
+            if path is not None:
+                try:
+                    setattr(self, name, SecretStr(path.read_text(encoding="utf-8").rstrip("\r\n")))
+                except OSError as exc:
+                    raise ValueError(f"{name}_file {str(path)!r} cannot be read: {exc.strerror}") from None
+        return self
+
+    def upstream(self, base: UpstreamSettings) -> UpstreamSettings:
+        """[upstream] with this profile's own settings over it."""
+        update: dict[str, Any] = {}
+        if self.api_key is not None:
+            update.update(username=SecretStr("App"), password=self.api_key)
+        for key in ("username", "password", "host", "port", "pool_size"):
+            if getattr(self, key) is not None and key not in update:
+                update[key] = getattr(self, key)
+        return base.model_copy(update=update)
+
+
 class SpoolSettings(_Section):
     enabled: bool = True
     path: Path = Path("/var/spool/relay")
@@ -258,6 +307,15 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    profiles: list[ProfileSettings] = Field(default_factory=list)
+
+    @field_validator("profiles")
+    @classmethod
+    def _unique_profiles(cls, value: list[ProfileSettings]) -> list[ProfileSettings]:
+        names = [profile.name for profile in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"profile names must be unique: {names}")
+        return value
 
     @classmethod
     def settings_customise_sources(

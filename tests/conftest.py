@@ -17,7 +17,7 @@ from relay.delivery.clock import Clock
 from relay.testing.standin import InfobipStandIn, _StandInSMTP
 
 
-def relay_settings(standin: InfobipStandIn, **sections: dict[str, Any]) -> Settings:
+def relay_settings(standin: InfobipStandIn, **sections: Any) -> Settings:
     """Settings pointing at the stand-in; `sections` update the defaults section by section."""
     base: dict[str, dict[str, Any]] = {
         "listen": {"host": "127.0.0.1", "port": 0, "hostname": "relay.test", "timeout": 10},
@@ -37,7 +37,10 @@ def relay_settings(standin: InfobipStandIn, **sections: dict[str, Any]) -> Setti
         "policy": {"alignment": "reject"},
     }
     for name, values in sections.items():
-        base.setdefault(name, {}).update(values)
+        if isinstance(values, list):  # [[profiles]]: a list of tables, given whole
+            base[name] = values
+        else:
+            base.setdefault(name, {}).update(values)
     return Settings(**base)
 
 
@@ -56,7 +59,7 @@ StartRelay = Callable[..., Awaitable[Relay]]
 async def start_relay(standin: InfobipStandIn) -> AsyncIterator[StartRelay]:
     started: list[Relay] = []
 
-    async def start(clock: Clock | None = None, **sections: dict[str, Any]) -> Relay:
+    async def start(clock: Clock | None = None, **sections: Any) -> Relay:
         relay = Relay(relay_settings(standin, **sections), clock)
         await relay.start()
         started.append(relay)

@@ -18,6 +18,7 @@ class Envelope:
     client_ip: str
     received_at: float  # epoch seconds
     size: int
+    profile: str = "default"  # which profile's credentials and connections it goes out with
 
     def line(self) -> bytes:
         """The JSON line that starts a stored message (dataclasses.asdict is slow: it deep-copies)."""
@@ -29,6 +30,7 @@ class Envelope:
             "client_ip": self.client_ip,
             "received_at": self.received_at,
             "size": self.size,
+            "profile": self.profile,
         }
         return json.dumps(fields, separators=(",", ":")).encode() + b"\n"
 

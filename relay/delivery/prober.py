@@ -11,7 +11,6 @@ import structlog
 
 from relay.core.breaker import Change, CircuitBreaker
 from relay.delivery.clock import Clock
-from relay.store.spool import Spool
 from relay.upstream.errors import UpstreamError
 from relay.upstream.pool import UpstreamPool
 
@@ -103,13 +102,3 @@ class Prober:
             self._poke.clear()
             if timer is not None:
                 timer.cancel()
-
-
-def status_writer(spool: Spool) -> Callable[[dict[str, object]], None]:
-    """Writes the status file off the loop; a failure only costs `relay queue list` its line about it."""
-
-    def write(status: dict[str, object]) -> None:
-        task = asyncio.ensure_future(asyncio.to_thread(spool.write_status, status))
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())
-
-    return write

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 
 from relay.core.message import Envelope
@@ -11,6 +13,7 @@ from relay.store.journal import Journal, LiveRecord
 from relay.store.spool import EntryState, Spool
 
 log = structlog.get_logger("relay.delivery")
+Route = Callable[[Envelope], DeliveryQueue]  # the queue of the message's profile
 
 
 def stored_message(envelope: Envelope, data: bytes) -> Prepared:
@@ -18,12 +21,13 @@ def stored_message(envelope: Envelope, data: bytes) -> Prepared:
     return Prepared(envelope.queue_id, envelope.mail_from, envelope.recipients, envelope.message_id, b"", data)
 
 
-def schedule_journal(queue: DeliveryQueue, journal: Journal, records: list[LiveRecord]) -> int:
+def schedule_journal(route: Route, journal: Journal, records: list[LiveRecord]) -> int:
     """Start-up: what the journal holds and nobody finished is delivered from where it is (recovery
     needs no free space). A message also in queue/ (promoted just before the crash) goes from there."""
     count = 0
     for record in records:
         queue_id = record.envelope.queue_id
+        queue = route(record.envelope)
         if queue_id in queue.jobs:
             journal.done(queue_id)
             continue
@@ -47,12 +51,13 @@ def scan_queue(spool: Spool, skip: set[str]) -> list[tuple[Envelope, EntryState]
     return found
 
 
-def schedule_found(queue: DeliveryQueue, found: list[tuple[Envelope, EntryState]], skip: set[str]) -> int:
+def schedule_found(route: Route, found: list[tuple[Envelope, EntryState]], skip: set[str]) -> int:
     """Schedule every message not known yet; a known one takes its recipients from its .state (e.g.
     `requeue` added dead-lettered recipients back). Returns how many were new."""
     added = 0
     for envelope, state in found:
         queue_id = envelope.queue_id
+        queue = route(envelope)
         if queue_id in queue.busy or queue_id in skip:
             continue  # taken by a worker while we read
         recipients = tuple(state.recipients) if state.recipients is not None else None

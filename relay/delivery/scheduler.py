@@ -1,45 +1,31 @@
-"""Delivery: workers that take due messages and send them through the upstream pool.
+"""Delivery: the lanes (one per profile) and what they share: the store, recovery, housekeeping.
 
-A message's first attempt starts while it is committed to the journal, and its SMTP session may wait
-for the verdict (`sync_wait`). What the session is told and what the store must do are decided by
-`relay.core.first_attempt`; later attempts by `relay.core.retry`; when Infobip as a whole gets a rest
-by the breaker. This module only carries those decisions out: it schedules and does I/O.
+A message goes out through its profile's lane (relay/delivery/lane.py): its own pool, breaker, queue and
+workers. This module starts and stops them, routes each message to its lane, recovers the store at
+start-up, and applies reloads.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import structlog
-from structlog.contextvars import bound_contextvars
 
 from relay.config import SpoolSettings
-from relay.core.breaker import Change, CircuitBreaker
-from relay.core.first_attempt import (
-    ANSWER_AFTER,
-    WORKER_ACTIONS,
-    Answer,
-    Attempt,
-    Commit,
-    Decision,
-    Store,
-)
+from relay.core.breaker import CircuitBreaker
 from relay.core.message import Envelope
 from relay.core.prepare import Prepared
-from relay.core.replies import INTERNAL_ERROR, Reply
-from relay.core.retry import AttemptResult, NextStep, next_step
+from relay.core.profiles import DEFAULT
+from relay.core.replies import Reply
 from relay.delivery.clock import Clock, SystemClock
-from relay.delivery.handoffs import Handoffs, promote
 from relay.delivery.janitor import Janitor
-from relay.delivery.prober import Prober, status_writer
-from relay.delivery.queue import DeliveryQueue, Handoff, Job
-from relay.delivery.recovery import scan_queue, schedule_found, schedule_journal, stored_message
-from relay.delivery.send import count_and_log, send
+from relay.delivery.lane import Lane, Shared
+from relay.delivery.prober import Prober
+from relay.delivery.queue import DeliveryQueue, Job
+from relay.delivery.recovery import scan_queue, schedule_found, schedule_journal
 from relay.ops.metrics import Metrics
 from relay.store.journal import Journal
-from relay.store.spool import EntryState, Spool
-from relay.testing.failpoints import crashpoint
+from relay.store.spool import Spool
 from relay.upstream.pool import UpstreamPool
 
 log = structlog.get_logger("relay.delivery")
@@ -50,34 +36,62 @@ class Delivery:
     def __init__(
         self,
         spool: Spool,
-        pool: UpstreamPool,
+        pools: dict[str, UpstreamPool],
         settings: SpoolSettings,
-        workers: int,
         metrics: Metrics | None = None,
         clock: Clock | None = None,
     ) -> None:
         self.spool = spool
         self.journal = Journal(spool.journal_dir)
-        self.metrics = metrics or Metrics()
-        self.clock = clock or SystemClock()
-        self.breaker = CircuitBreaker()
-        self.queue = DeliveryQueue(self.clock, self.breaker)
-        self.pool = pool
-        self.settings = settings
-        self.apply(settings, pool)
-        self._workers = workers
-        self.handoffs = Handoffs(spool, self.journal, self.queue, self.metrics)
-        self.prober = Prober(lambda: self.pool, self.breaker, self.clock, self.queue.release_held, status_writer(spool))
         self.janitor = Janitor(spool)
-        self._tasks: list[asyncio.Task[None]] = []
+        self.clock = clock or SystemClock()
+        self._status: dict[str, dict[str, object]] = {}
+        self.shared = Shared(
+            spool, self.journal, self.janitor, metrics or Metrics(), self.clock, settings, self.route, self._status_of
+        )
+        self.lanes: dict[str, Lane] = {}
+        self._started = False
         self._helpers: list[asyncio.Task[None]] = []
+        self.apply(settings, pools)
 
-    def apply(self, settings: SpoolSettings, pool: UpstreamPool) -> None:
-        """A reloaded config: the retry schedule and the breaker change for what comes next."""
-        self.settings, self.pool = settings, pool
-        self.breaker.threshold = settings.breaker_threshold
-        if hasattr(self, "prober"):  # a reload: fixed credentials get a chance now, not at the next probe
-            self.prober.probe_now()
+    # the default profile's lane, which is the only one without [[profiles]]
+    @property
+    def queue(self) -> DeliveryQueue:
+        return self.lanes[DEFAULT].queue
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.lanes[DEFAULT].breaker
+
+    @property
+    def prober(self) -> Prober:
+        return self.lanes[DEFAULT].prober
+
+    def lane(self, profile: str) -> Lane:
+        return self.lanes.get(profile) or self.lanes[DEFAULT]
+
+    def route(self, job: Job) -> DeliveryQueue:
+        return self.lane(job.envelope.profile).queue
+
+    def apply(self, settings: SpoolSettings, pools: dict[str, UpstreamPool]) -> None:
+        """A (re)loaded config: each profile's pool and breaker settings; a new profile gets a lane, and the
+        mail of a profile that is gone falls back to the default one. Fixed credentials get a probe now."""
+        self.shared.settings = settings
+        for name, pool in pools.items():
+            lane = self.lanes.get(name)
+            if lane is None:
+                lane = self.lanes[name] = Lane(name, pool, self.shared)
+                if self._started:
+                    lane.start()
+            lane.pool = pool
+            lane.breaker.threshold = settings.breaker_threshold
+            lane.prober.probe_now()
+        for name in [name for name in self.lanes if name not in pools]:
+            gone = self.lanes.pop(name)
+            gone.stop()
+            for job in list(gone.queue.jobs.values()):
+                log.warning("profile_gone", queue_id=job.queue_id, profile=name, now="default")
+                self.lanes[DEFAULT].queue.schedule(job)
 
     # lifecycle
 
@@ -91,199 +105,81 @@ class Delivery:
             log.warning("spool_journal_tail_ignored", segment=segment, bytes=size)
         self.journal.start(asyncio.get_running_loop())
         count = await self._load_queue()
-        recovered = schedule_journal(self.queue, self.journal, records)
+        recovered = schedule_journal(self._route_envelope, self.journal, records)
         if await asyncio.to_thread(self.spool.take_flush_request):  # `relay queue flush` while stopped
-            self.queue.flush()
-        if self.queue.holds_any:  # held by an outage before the restart: one probe, then all of them at once
-            self.breaker.hold(self.clock.monotonic(), "messages held by an outage before the restart")
-            self.prober.opened()
-        log.info(
-            "spool_recovered",
-            messages=count,
-            from_journal=recovered,
-            seconds=round(self.clock.monotonic() - started, 3),
-        )
-        self._tasks = [asyncio.create_task(self._worker(), name=f"delivery-{i}") for i in range(self._workers)]
+            for lane in self.lanes.values():
+                lane.queue.flush()
+        for lane in self.lanes.values():
+            if lane.queue.holds_any:  # held by an outage before the restart: one probe, then all at once
+                lane.breaker.hold(self.clock.monotonic(), "messages held by an outage before the restart")
+                lane.prober.opened()
+        seconds = round(self.clock.monotonic() - started, 3)
+        log.info("spool_recovered", messages=count, from_journal=recovered, seconds=seconds)
+        self._started = True
+        for lane in self.lanes.values():
+            lane.start()
         self._helpers = [
             asyncio.create_task(self._watch(), name="delivery-watch"),
             asyncio.create_task(self.janitor.run(), name="delivery-janitor"),
-            asyncio.create_task(self.prober.run(), name="delivery-prober"),
         ]
 
     async def stop(self, timeout: float) -> None:
         """Start nothing new; let attempts in flight finish within `timeout` seconds; leave the rest."""
-        self.queue.stop()
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=max(0.0, timeout))
+        lanes = list(self.lanes.values())
+        for lane in lanes:
+            lane.stop()
+        tasks = [task for lane in lanes for task in lane.tasks]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))
             for task in pending:
                 task.cancel()
         for helper in self._helpers:
             helper.cancel()
-        await asyncio.gather(*self._tasks, *self._helpers, *self.handoffs.promotions, return_exceptions=True)
+        promotions = [task for lane in lanes for task in lane.handoffs.promotions]
+        probers = [lane.prober_task for lane in lanes if lane.prober_task is not None]
+        await asyncio.gather(*tasks, *self._helpers, *promotions, *probers, return_exceptions=True)
         await self.janitor.remove_done()
-        await self.handoffs.promote_unattempted()
+        for lane in lanes:
+            await lane.handoffs.promote_unattempted()
         await self.journal.close()
         self.spool.unlock()
 
+    @property
+    def depth(self) -> int:
+        return sum(lane.queue.depth for lane in self.lanes.values())
+
+    def oldest_received(self) -> float | None:
+        return min((t for lane in self.lanes.values() if (t := lane.queue.oldest_received())), default=None)
+
     def flush(self) -> None:
-        """Everything waiting is due now; while delivery is paused, that means a probe now."""
-        self.queue.flush()
-        self.prober.probe_now()
+        for lane in self.lanes.values():
+            lane.flush()
+
+    def _route_envelope(self, envelope: Envelope) -> DeliveryQueue:
+        if envelope.profile not in self.lanes:
+            log.warning("profile_gone", queue_id=envelope.queue_id, profile=envelope.profile, now="default")
+        return self.lane(envelope.profile).queue
 
     async def _load_queue(self) -> int:
-        skip = self.queue.busy | self.janitor.done
-        found = await asyncio.to_thread(scan_queue, self.spool, skip)
-        return schedule_found(self.queue, found, self.janitor.done)
+        busy = {queue_id for lane in self.lanes.values() for queue_id in lane.queue.busy}
+        found = await asyncio.to_thread(scan_queue, self.spool, busy | self.janitor.done)
+        return schedule_found(self._route_envelope, found, busy | self.janitor.done)
+
+    def _status_of(self, profile: str, status: dict[str, object]) -> None:
+        """Every lane's pause, in one status file for `relay queue list` (written off the loop)."""
+        self._status[profile] = status
+        paused = {name: s for name, s in self._status.items() if s.get("paused")}
+        summary: dict[str, object] = {**next(iter(paused.values()), {"paused": False}), "profiles": dict(self._status)}
+        task = asyncio.ensure_future(asyncio.to_thread(self.spool.write_status, summary))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    # the session's side
 
     def submit(self, message: Prepared, envelope: Envelope) -> Job:
-        return self.handoffs.submit(message, envelope)
+        return self.lane(envelope.profile).handoffs.submit(message, envelope)
 
     async def answer(self, job: Job) -> tuple[Reply, str]:
-        # While delivery is paused no attempt can happen: the app is answered as soon as it is on disk.
-        return await self.handoffs.answer(job, 0.0 if self.breaker.is_open else self.settings.sync_wait)
-
-    # the workers
-
-    async def _worker(self) -> None:
-        while (job := await self.queue.next_job()) is not None:
-            with bound_contextvars(queue_id=job.queue_id, client_ip=job.envelope.client_ip):
-                try:
-                    await self._attempt(job)
-                except Exception as exc:  # never lose the worker; the message stays in the spool
-                    self._after_internal_error(job, exc)
-                finally:
-                    self.queue.busy.discard(job.queue_id)
-
-    def _after_internal_error(self, job: Job, exc: Exception) -> None:
-        log.error("delivery_error", error_type=type(exc).__name__, error=str(exc))
-        handoff, job.first = job.first, None
-        written = handoff is None or handoff.machine.commit is Commit.WRITTEN
-        if handoff is not None and not handoff.reply.done():  # never leave a session waiting
-            queued = handoff.machine.answer(Decision(Answer.QUEUED, Store.NOTHING), job.queue_id)
-            handoff.reply.set_result(queued if written and queued else INTERNAL_ERROR)
-        if written:  # on disk: tried again later (not on disk: the client heard 451 and sends it again)
-            job.due = self.clock.time() + self.settings.retry_initial
-            self.queue.schedule(job)
-
-    async def _load(self, job: Job) -> Prepared | None:
-        if job.message is not None:
-            message = job.message
-            if not job.in_journal:  # on disk in queue/: no need to hold the bytes between attempts
-                job.message = None
-            return message
-        if job.in_journal and job.record is not None:  # recovered from the journal after a crash
-            return stored_message(job.envelope, await asyncio.to_thread(self.journal.read, job.record))
-        try:
-            envelope, data = await asyncio.to_thread(self.spool.read, job.queue_id)
-        except FileNotFoundError:
-            return None  # deleted by `relay queue delete`
-        return stored_message(envelope, data)
-
-    async def _attempt(self, job: Job) -> None:
-        message = await self._load(job)
-        if message is None:
-            return
-        handoff = job.first
-        if handoff is not None:
-            self.handoffs.react(job, handoff, handoff.machine.sending())
-        recipients = job.recipients if job.recipients is not None else message.recipients
-        with self.metrics.delivery_seconds.time():
-            result = await self._send(message, recipients)
-        crashpoint("after_upstream_reply")
-        if not result.unreachable:  # an outage is not the message's attempt: its own backoff stays
-            job.attempts += 1
-        step = self._next_step(job, result)
-        handed_back = False if handoff is None else await self._settle_first(job, handoff, result, step, message)
-        if handoff is None:
-            await self._settle(job, step, message)
-        count_and_log(self.metrics, job, result, step, handed_back=handed_back, now=self.clock.time())
-
-    async def _settle_first(
-        self, job: Job, handoff: Handoff, result: AttemptResult, step: NextStep, message: Prepared
-    ) -> bool:
-        """The first attempt's verdict: the table decides; the worker carries out its part. Returns
-        whether the refusal went back to the waiting client (not to dead/)."""
-        machine = handoff.machine
-        self.handoffs.react(job, handoff, machine.verdict(result))
-        if machine.commit is Commit.PENDING and machine.attempt is not Attempt.ACCEPTED:
-            assert job.committing is not None
-            await asyncio.wait({job.committing})  # `_on_commit` has updated the machine when this returns
-        decision = machine.decision()
-        job.first = None
-        if decision.store in WORKER_ACTIONS:
-            machine.begin(decision.store)
-            if decision.store is Store.SETTLE:
-                await self._settle(job, step, message)
-            elif decision.store is Store.MARK_DONE_DURABLY:
-                await self._done_durably(job)
-            self.handoffs.answer_now(job, handoff, machine.decision())
-        elif decision.store not in ANSWER_AFTER:
-            self.handoffs.react(job, handoff, decision)
-        refused = decision.store is Store.DROP and machine.attempt is Attempt.REFUSED
-        return decision.store is Store.MARK_DONE_DURABLY or refused
-
-    def _next_step(self, job: Job, result: AttemptResult) -> NextStep:
-        return next_step(
-            result,
-            attempts=job.attempts,
-            first_seen=job.envelope.received_at,
-            now=self.clock.time(),
-            max_age=self.settings.max_age,
-            initial=self.settings.retry_initial,
-            maximum=self.settings.retry_max,
-            jitter=self.clock.random(),
-            hold=self.breaker.probe_initial * (0.75 + self.clock.random() / 2),
-        )
-
-    async def _settle(self, job: Job, step: NextStep, message: Prepared) -> None:
-        """Make the spool say what `step` decided: dead-letter, reschedule, or remove."""
-        if job.in_journal and (step.retry or step.dead):
-            try:
-                await promote(self.spool, self.journal, job, message)
-            except OSError as exc:  # still safe in the journal: keep the bytes, try it all again later
-                log.error("spool_promote_failed", error=exc.strerror or str(exc))
-                again = (*step.retry, *(r for r in step.dead if r not in step.retry))
-                due = self.clock.time() + self.settings.retry_initial
-                self.queue.schedule(dataclasses.replace(job, due=due, recipients=again, message=message))
-                return
-        if step.dead:
-            await asyncio.to_thread(self.spool.dead_letter, job.queue_id, step.dead, step.last_reply)
-            # Until bounces tell the sender (reports issue), this line is how anyone learns of it.
-            log.warning(
-                "message_dead_lettered",
-                sender=job.envelope.mail_from,
-                recipients=sorted(step.dead),
-                reason=step.last_reply,
-            )
-        if step.retry:
-            assert step.retry_at is not None
-            state = EntryState(job.attempts, step.retry_at, list(step.retry), step.last_reply, held=step.held)
-            await asyncio.to_thread(self.spool.write_state, job.queue_id, state)
-            retry = dataclasses.replace(job, due=step.retry_at, recipients=step.retry, message=None, held=step.held)
-            self.queue.schedule(retry)
-        elif job.in_journal:  # delivered from memory: a crash before the done mark is durable: one more delivery
-            self.journal.done(job.queue_id)
-        else:
-            self.janitor.remove(job.queue_id)
-
-    async def _done_durably(self, job: Job) -> None:
-        """The client is being told 5xx: the message must be gone first."""
-        if not job.in_journal:
-            await asyncio.to_thread(self.spool.remove, job.queue_id)
-            return
-        try:
-            await self.journal.done_durably(job.queue_id)
-        except OSError as exc:  # retried with the next batch; a crash first only repeats the refusal
-            log.error("spool_journal_done_failed", error=exc.strerror or str(exc))
-
-    async def _send(self, message: Prepared, recipients: tuple[str, ...]) -> AttemptResult:
-        return await send(self.pool, self.breaker, self.clock, self.metrics, message, recipients, self._on_breaker)
-
-    def _on_breaker(self, change: Change | None) -> None:
-        if change is Change.OPENED:
-            self.prober.opened()
-        elif change is Change.CLOSED:  # an attempt begun before the pause got through: Infobip is back
-            self.prober.closed()
+        return await self.lane(job.envelope.profile).answer(job)
 
     # housekeeping
 
@@ -294,4 +190,4 @@ class Delivery:
             if await asyncio.to_thread(self.spool.take_flush_request):
                 added = await self._load_queue()
                 self.flush()
-                log.info("spool_flush", added=added, queued=self.queue.depth)
+                log.info("spool_flush", added=added, queued=self.depth)

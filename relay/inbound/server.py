@@ -60,10 +60,11 @@ def new_queue_id() -> str:
 
 
 class SessionInfo:
-    __slots__ = ("client_ip",)
+    __slots__ = ("client_ip", "user")
 
-    def __init__(self, client_ip: str) -> None:
+    def __init__(self, client_ip: str, user: str | None = None) -> None:
         self.client_ip = client_ip
+        self.user = user  # after AUTH: picks the profile (and its allowlist)
 
 
 class Sessions:
@@ -422,7 +423,7 @@ class RelayHandler:
             )
             return self._refused(Refusal(rejection_reason(rejection), rejection.reply))
         del received
-        return str(await self.deliver(prepared, SessionInfo(client_ip)))
+        return str(await self.deliver(prepared, SessionInfo(client_ip, session.relay_user)))
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("session_error", error_type=type(error).__name__)

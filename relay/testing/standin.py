@@ -140,6 +140,7 @@ class InfobipStandIn:
     ) -> None:
         self.username = username
         self.password = password
+        self.accounts: dict[str, str] = {}  # more Infobip accounts (user -> password), as for per-app profiles
         self.hostname = hostname
         self.behaviour = Behaviour()
         self.messages: list[StandInMessage] = []
@@ -227,7 +228,8 @@ class InfobipStandIn:
     ) -> AuthResult:
         if isinstance(auth_data, LoginPassword):
             user = auth_data.login.decode("utf-8", "replace")
-            if user == self.username and auth_data.password.decode("utf-8", "replace") == self.password:
+            expected = self.password if user == self.username else self.accounts.get(user)
+            if expected is not None and auth_data.password.decode("utf-8", "replace") == expected:
                 server.record.auth_user = user
                 return AuthResult(success=True)
         return AuthResult(success=False, handled=False)

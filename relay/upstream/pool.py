@@ -25,6 +25,8 @@ class UpstreamPool:
     """At most `pool_size` connections, each reused for many messages; idle ones are kept warm."""
 
     def __init__(self, settings: UpstreamSettings, local_name: str, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.local_name = local_name
         self._settings = settings
         self._metrics = metrics
         self._closed = False
@@ -47,6 +49,11 @@ class UpstreamPool:
     def _set_status(self, status: str) -> None:
         if status != self.status:
             self.status, self.status_since = status, time.time()
+
+    @property
+    def pool_size(self) -> int:
+        """The most connections this pool opens: one worker each."""
+        return self._settings.pool_size
 
     @property
     def size(self) -> int:

@@ -1,0 +1,90 @@
+"""Per-app profiles over real sockets: each sender domain goes out as its own Infobip account, over its
+own connections, and one account's refused password holds only its own mail."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from relay.app import Relay
+from relay.testing.standin import InfobipStandIn
+from tests.conftest import StartRelay, message, relay_settings
+from tests.test_relay import send_one
+from tests.test_spool import queue_files, spooled, until
+
+HR, BILLING = "payroll@hr.example.com", "billing@erp.example.com"
+
+
+def hr_profile(password: str = "hr-secret", **extra: Any) -> dict[str, Any]:
+    return {"name": "hr", "sender_domain": "hr.example.com", "username": "hr", "password": password, **extra}
+
+
+def from_(sender: str) -> bytes:
+    return message(From=f"App <{sender}>")
+
+
+async def test_each_profile_sends_as_its_own_account_over_its_own_connections(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.accounts["hr"] = "hr-secret"
+    relay = await start_relay(spool=spooled(tmp_path), profiles=[hr_profile(pool_size=1)])
+    for n in range(3):
+        assert (await send_one(relay.port, HR, [f"h{n}@example.org"], from_(HR))).startswith("250 2.6.0 ")
+        assert (await send_one(relay.port, BILLING, [f"b{n}@example.org"], from_(BILLING))).startswith("250 2.6.0 ")
+    by_sender: dict[str, set[int]] = {m.mail_from: set() for m in standin.messages}
+    for m in standin.messages:
+        assert m.auth_user == ("hr" if m.mail_from == HR else standin.username)
+        by_sender[m.mail_from].add(m.connection)
+    assert len(by_sender[HR]) == 1  # its own pool of one, reused
+    assert not by_sender[HR] & by_sender[BILLING]  # never over the other account's connections
+
+
+async def test_a_refused_password_holds_only_that_profiles_mail_and_a_reload_releases_it(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.accounts["hr"] = "hr-secret"
+    relay = await start_relay(
+        spool=spooled(tmp_path, sync_wait=1.0, breaker_threshold=1), profiles=[hr_profile(password="wrong")]
+    )
+    held = await send_one(relay.port, HR, ["h@example.org"], from_(HR))
+    assert held.startswith("250 2.0.0 Queued as ")
+    queue_id = held.split("Queued as ")[1].split(";")[0]
+    await until(lambda: f"{queue_id}.msg" in queue_files(tmp_path))
+    envelope = json.loads((tmp_path / "queue" / f"{queue_id}.msg").read_bytes().split(b"\n", 1)[0])
+    assert envelope["profile"] == "hr"  # a queued message remembers its profile
+    started = time.monotonic()
+    for n in range(3):  # the default profile flows, unaffected
+        reply = await send_one(relay.port, BILLING, [f"b{n}@example.org"], from_(BILLING))
+        assert reply.startswith("250 2.6.0 Message queued as "), reply
+    assert time.monotonic() - started < 1.5
+    assert [m.mail_from for m in standin.messages] == [BILLING] * 3
+    fixed = relay_settings(
+        standin, spool=spooled(tmp_path, sync_wait=1.0, breaker_threshold=1), profiles=[hr_profile()]
+    )
+    reloaded = time.monotonic()
+    await relay.reload(fixed)
+    await standin.wait_for_messages(4)
+    assert time.monotonic() - reloaded < 10
+    assert standin.messages[3].mail_from == HR and standin.messages[3].auth_user == "hr"
+
+
+async def test_a_queued_message_whose_profile_is_gone_goes_out_with_the_default(
+    standin: InfobipStandIn, tmp_path: Path
+) -> None:
+    standin.accounts["hr"] = "hr-secret"
+    first = Relay(relay_settings(standin, spool=spooled(tmp_path, sync_wait=0.3), profiles=[hr_profile()]))
+    await first.start()
+    standin.behaviour.data_replies.append("451 4.3.0 Try later")
+    assert "Infobip deferred it" in await send_one(first.port, HR, ["h@example.org"], from_(HR))
+    await first.stop()
+    second = Relay(relay_settings(standin, spool=spooled(tmp_path, sync_wait=0.3)))  # no profiles any more
+    await second.start()
+    try:
+        assert second.delivery is not None
+        second.delivery.flush()
+        [got] = await standin.wait_for_messages(1)
+        assert got.mail_from == HR and got.auth_user == standin.username
+    finally:
+        await second.stop()
