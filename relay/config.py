@@ -7,9 +7,11 @@ Secrets are SecretStr and may also come from files (`password_file`, for Docker/
 from __future__ import annotations
 
 import ipaddress
+import json
+import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 from pydantic import (
     BaseModel,
@@ -24,6 +26,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -83,13 +86,17 @@ class ListenSettings(_Section):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
 
+    @field_validator("tls_cert_file", "tls_key_file")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{str(value)!r} does not exist")
+        return value
+
     @model_validator(mode="after")
     def _tls_and_auth_fit(self) -> ListenSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
-        for path in (self.tls_cert_file, self.tls_key_file):
-            if path is not None and not path.is_file():
-                raise ValueError(f"{path} does not exist")
         if (self.auth_required or self.users) and self.tls_cert_file is None:
             raise ValueError("auth_required and users need tls_cert_file and tls_key_file: passwords never go in clear")
         if self.auth_required and not self.users:
@@ -139,6 +146,17 @@ class UpstreamSettings(_Section):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
 
+    @field_validator("ca_file", "username_file", "password_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        """Checked per key, so the error names upstream.ca_file rather than the section."""
+        if value is not None:
+            try:
+                value.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"{str(value)!r} cannot be read: {exc.strerror}") from None
+        return value
+
     @model_validator(mode="after")
     def _read_secret_files(self) -> UpstreamSettings:
         for name in ("username", "password"):
@@ -150,8 +168,6 @@ class UpstreamSettings(_Section):
             except OSError as exc:
                 raise ValueError(f"{name}_file {str(path)!r} cannot be read: {exc.strerror}") from None
             setattr(self, name, SecretStr(secret))
-        if self.ca_file is not None and not self.ca_file.is_file():
-            raise ValueError(f"ca_file {str(self.ca_file)!r} does not exist")
         return self
 
     def require_credentials(self) -> None:
@@ -336,7 +352,45 @@ def _describe(error: Any) -> str:
         message = "missing"
     elif error["type"] == "extra_forbidden":
         message = "unknown setting (check the spelling against config.example.toml)"
-    return f"{key}: {message}"
+    source = _env_variable(error["loc"])
+    return f"{key}: {message}" + (f" (from {source})" if source else "")
+
+
+def _env_variable(loc: tuple[Any, ...]) -> str | None:
+    """The RELAY_<SECTION>__<KEY> (or RELAY_<SECTION>) variable that set the value at `loc`, if one did."""
+    for depth in (2, 1):
+        parts = loc[:depth]
+        if len(parts) == depth and all(isinstance(part, str) for part in parts):
+            wanted = ("RELAY_" + "__".join(parts)).upper()
+            found = next((name for name in os.environ if name.upper() == wanted), None)
+            if found:
+                return found
+    return None
+
+
+def _env_problems() -> list[str]:
+    """RELAY_<SECTION>__<KEY> variables pydantic-settings would ignore (an unknown section) or cannot
+    parse (not JSON where a list or table is expected), each named with the key it was meant for."""
+    sections = Settings.model_fields
+    problems = []
+    for name, value in sorted(os.environ.items()):
+        section, _, key = name.upper().removeprefix("RELAY_").lower().partition("__")
+        if not name.upper().startswith("RELAY_") or not key:
+            continue
+        model = sections[section].annotation if section in sections else None
+        if model is None:
+            problems.append(f"{name}: unknown section {section!r} (sections: {', '.join(sections)})")
+            continue
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is not None and get_origin(field.annotation) in (list, dict):
+            try:
+                json.loads(value)
+            except ValueError as exc:
+                problems.append(
+                    f"{section}.{key}: {name} is not valid JSON ({exc}); lists and tables in environment "
+                    """variables are JSON, e.g. '["10.0.0.0/8"]'"""
+                )
+    return problems
 
 
 def load_settings(path: Path | None, **overrides: Any) -> Settings:
@@ -347,10 +401,14 @@ def load_settings(path: Path | None, **overrides: Any) -> Settings:
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=path)
 
+    if problems := _env_problems():
+        raise ConfigError("; ".join(problems))
     try:
         loaded = _FromFile(**overrides)
     except ValidationError as exc:
         raise ConfigError("; ".join(_describe(e) for e in exc.errors())) from None
+    except SettingsError as exc:  # an environment variable pydantic-settings could not parse
+        raise ConfigError(f"environment: {exc}") from None
     except (OSError, ValueError) as exc:  # TOML syntax errors arrive as ValueError
         raise ConfigError(f"{path}: {exc}") from None
     return loaded

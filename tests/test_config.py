@@ -174,12 +174,16 @@ def test_env_alone_without_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_bad_env_value_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RELAY_LISTEN__PORT", "not-a-port")
-    assert config_error(None) == "listen.port: Input should be a valid integer, unable to parse string as an integer"
+    assert config_error(None) == (
+        "listen.port: Input should be a valid integer, unable to parse string as an integer (from RELAY_LISTEN__PORT)"
+    )
 
 
 def test_unknown_env_key_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RELAY_LISTEN__PROT", "2526")
-    assert config_error(None) == "listen.prot: unknown setting (check the spelling against config.example.toml)"
+    assert config_error(None) == (
+        "listen.prot: unknown setting (check the spelling against config.example.toml) (from RELAY_LISTEN__PROT)"
+    )
 
 
 def test_password_file(tmp_path: Path) -> None:
@@ -201,7 +205,7 @@ def test_password_file_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 def test_unreadable_password_file_names_it(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     message = config_error(write(tmp_path, f'[upstream]\npassword_file = "{missing}"\n'))
-    assert message == f"upstream: password_file '{missing}' cannot be read: No such file or directory"
+    assert message == f"upstream.password_file: '{missing}' cannot be read: No such file or directory"
 
 
 def test_secrets_never_show_in_reprs(tmp_path: Path) -> None:
@@ -310,7 +314,7 @@ def test_missing_config_file() -> None:
 
 def test_missing_ca_file(tmp_path: Path) -> None:
     message = config_error(write(tmp_path, '[upstream]\nca_file = "/nonexistent/ca.pem"\n'))
-    assert message == "upstream: ca_file '/nonexistent/ca.pem' does not exist"
+    assert message == "upstream.ca_file: '/nonexistent/ca.pem' cannot be read: No such file or directory"
 
 
 # --- credentials --------------------------------------------------------------------------------
