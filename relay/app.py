@@ -273,10 +273,8 @@ async def _reload_from(relay: Relay, config: Path | None) -> None:
             new.upstream.require_credentials()
     except ConfigError as exc:
         log.error("config_reload_failed", error=str(exc), kept="the running config")
-        relay.metrics.reloaded(False)
         return
     await relay.reload(new)
-    relay.metrics.reloaded(True)
 
 
 async def run(settings: Settings, stop: asyncio.Event | None = None, config: Path | None = None) -> None:
