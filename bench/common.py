@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+MB = 1_000_000
 T = TypeVar("T")
 
 
@@ -68,6 +69,30 @@ async def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, p
         return time.monotonic() - started
 
 
+async def until_signalled() -> None:
+    """Return on SIGTERM or SIGINT: how a harness child process waits to be stopped."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def terminate(proc: asyncio.subprocess.Process, timeout: float) -> int:
+    """SIGTERM, then SIGKILL if it has not exited after `timeout` seconds; its exit status."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode
+
+
 class Child:
     """A harness subprocess that prints one JSON line (its ports, files) once it is ready."""
 
@@ -105,14 +130,7 @@ class Child:
     async def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None or self.proc.returncode is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            await self.proc.wait()
+        await terminate(self.proc, timeout)
         if self._log is not None:
             self._log.close()
 
@@ -125,12 +143,12 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def vm_hwm(pid: int) -> int | None:
-    """The kernel's peak RSS (VmHWM) of one process, in bytes."""
+def proc_status_bytes(pid: int, key: str = "VmHWM") -> int | None:
+    """A size from /proc/<pid>/status in bytes: VmHWM (the kernel's peak RSS) or VmRSS."""
     try:
         with open(f"/proc/{pid}/status") as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
@@ -201,7 +219,7 @@ class RssSampler:
             self._thread.join()
         self.peak = max(self.peak, self.current())
         if not self._children:
-            hwm = vm_hwm(self.pid)
+            hwm = proc_status_bytes(self.pid)
             if hwm is not None:
                 self.peak = max(self.peak, hwm)
 

@@ -15,11 +15,10 @@ import argparse
 import asyncio
 import collections
 import json
-import signal
 import sys
 from typing import Any
 
-from bench.common import run_loop
+from bench.common import run_loop, until_signalled
 
 LINE_CAP = 32 * 1024 * 1024  # bytes waiting in one direction before reading from that side pauses
 _EOF = b""
@@ -161,10 +160,7 @@ async def main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(proxy.accept, "127.0.0.1", args.port)
     print(json.dumps({"port": server.sockets[0].getsockname()[1]}), flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     server.close()
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import run_loop
+from bench.common import run_loop, until_signalled
 from relay.testing import standin as standin_module
 from relay.testing.standin import InfobipStandIn, StandInMessage
 
@@ -122,13 +122,7 @@ async def main(args: argparse.Namespace) -> None:
         ),
         flush=True,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     server.close()
     await standin.stop()
 
