@@ -1,4 +1,5 @@
-"""Small helpers shared by the bench processes: ports, event loops, child processes, RSS sampling."""
+"""Small helpers shared by the bench processes: names of the configs, ports, event loops, child processes,
+RSS sampling, percentiles."""
 
 from __future__ import annotations
 
@@ -21,6 +22,32 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 MB = 1_000_000
 T = TypeVar("T")
+
+# What each config is called: (console label, long name for the report and the plot).
+CONFIG_NAMES = {
+    "ceiling": ("(a) ceiling: client -> upstream", "(a) ceiling: pipelining client → upstream"),
+    "relay_off": ("(b) relay, spool off", "(b) relay, spool off"),
+    "relay_on": ("(c) relay, spool on", "(c) relay, spool on"),
+    "postfix": ("(d) Postfix smarthost", "(d) Postfix smarthost"),
+}
+
+
+def label(config: str, *, long: bool = False) -> str:
+    """`relay_on+uvloop` -> "(c) relay, spool on [uvloop]"."""
+    base, _, extra = config.partition("+")
+    names = CONFIG_NAMES.get(base)
+    name = names[long] if names else base
+    return name + (f" [{extra}]" if extra else "")
+
+
+def fmt(value: Any) -> str:
+    """A figure in a Markdown table: '-' when there is none."""
+    return "-" if value is None or value == "-" else str(value)
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr; stdout carries the summary."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def free_port() -> int:

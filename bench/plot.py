@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT
+from bench.common import ROOT, label
 
-STYLE = {
-    "ceiling": ("(a) ceiling: pipelining client -> upstream", "black", "o", "-"),
-    "relay_off": ("(b) relay, spool off", "tab:blue", "s", "-"),
-    "relay_on": ("(c) relay, spool on", "tab:green", "^", "-"),
-    "postfix": ("(d) Postfix smarthost", "tab:red", "D", "--"),
+STYLE = {  # colour, marker, line
+    "ceiling": ("black", "o", "-"),
+    "relay_off": ("tab:blue", "s", "-"),
+    "relay_on": ("tab:green", "^", "-"),
+    "postfix": ("tab:red", "D", "--"),
 }
 
 
@@ -40,9 +40,9 @@ def plot(source: Path, target: Path) -> None:
             if not xs:
                 continue
             levels.update(xs)
-            name, color, marker, line = STYLE.get(config, (config, None, "x", ":"))
+            color, marker, line = STYLE.get(config, (None, "x", ":"))
             ys = [points[str(x)]["delivered_per_s"] for x in xs]
-            ax.plot(xs, ys, marker=marker, linestyle=line, color=color, label=name)
+            ax.plot(xs, ys, marker=marker, linestyle=line, color=color, label=label(config, long=True))
         if float(rtt) > 0 and levels:
             xs = sorted(levels)
             ideal = [x / (2 * float(rtt) / 1000) for x in xs]

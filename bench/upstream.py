@@ -7,7 +7,8 @@ Control commands (one line each, one JSON line back):
     stats  -> messages, recipients, bytes, first, last (time.monotonic() of acceptances, which on Linux
               is CLOCK_MONOTONIC and so comparable across processes), connections (opened since reset)
     reset  -> zero the counters
-Accepted message bodies are dropped at once so the process does not grow with the run.
+Accepted message bodies are dropped at once so the process does not grow with the run. The bench's side
+of the control port is bench.harness.Control.
 """
 
 from __future__ import annotations
@@ -125,51 +126,6 @@ async def main(args: argparse.Namespace) -> None:
     await until_signalled()
     server.close()
     await standin.stop()
-
-
-class Control:
-    """The orchestrator's side of the control port."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-
-    async def _ask(self, command: str) -> dict[str, Any]:
-        if self._writer is None:
-            self._reader, self._writer = await asyncio.open_connection("127.0.0.1", self.port)
-        assert self._reader is not None
-        self._writer.write(command.encode() + b"\n")
-        return json.loads(await self._reader.readline())  # type: ignore[no-any-return]
-
-    async def stats(self) -> dict[str, Any]:
-        return await self._ask("stats")
-
-    async def reset(self) -> None:
-        await self._ask("reset")
-
-    async def wait_for(
-        self, count: int, timeout: float, *, idle_timeout: float | None = None, key: str = "messages"
-    ) -> dict[str, Any]:
-        """Poll until `count` messages (or recipients) have arrived, the deadline passes, or nothing
-        arrived for `idle_timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        last_count, last_change = -1, time.monotonic()
-        while True:
-            stats = await self.stats()
-            now = time.monotonic()
-            if stats[key] >= count or now > deadline:
-                return stats
-            if stats[key] != last_count:
-                last_count, last_change = stats[key], now
-            elif idle_timeout is not None and now - last_change > idle_timeout:
-                return stats
-            await asyncio.sleep(0.01)
-
-    async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
 
 if __name__ == "__main__":

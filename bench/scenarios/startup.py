@@ -14,6 +14,7 @@ The page cache is warm for all of them (the files were just written); a cold cac
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -23,7 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import free_port
+from bench.common import free_port, log
+from bench.harness import Harness, Results, Scenario, Verdict, verdict
 from bench.load import SENDER, body, message_bytes
 from bench.relayproc import RelayProcess
 
@@ -146,7 +148,7 @@ async def subprocess_start(workdir: Path, name: str, spool_path: Path | None) ->
     return seconds
 
 
-async def run(workdir: Path, count: int) -> dict[str, Any]:
+async def measure_startup(workdir: Path, count: int) -> dict[str, Any]:
     spool_path = workdir / "startup-spool"
     result: dict[str, Any] = {"build": await asyncio.to_thread(build_spool, spool_path, count)}
     scan_seconds, files = await asyncio.to_thread(scan_baseline, spool_path / "queue")
@@ -159,3 +161,70 @@ async def run(workdir: Path, count: int) -> dict[str, Any]:
     result["process_start_empty_seconds"] = round(await subprocess_start(workdir, "startup-empty", None), 3)
     result["ratio_to_baseline"] = round(result["relay_start"]["seconds"] / max(scan_seconds, 1e-9), 1)
     return result
+
+
+async def run(harness: Harness, results: Results) -> None:
+    count = harness.args.spool_messages
+    log(f"== spool start-up with {count} queued messages (building the spool first)")
+    out = await measure_startup(harness.workdir, count)
+    log(
+        f"   built in {out['build']['build_seconds']} s; baseline scandir + first lines: "
+        f"{out['baseline_scan_seconds']} s; Relay.start(): {out['relay_start']['seconds']} s "
+        f"(spool_recovered says {out['relay_start']['spool_recovered_seconds']} s for "
+        f"{out['relay_start']['recovered_messages']} messages) = {out['ratio_to_baseline']}x baseline; "
+        f"`relay serve` process to listening: {out['process_start_seconds']} s "
+        f"(empty spool {out['process_start_empty_seconds']} s)"
+    )
+    results["startup"] = out
+
+
+def summary(results: Results) -> list[str]:
+    st = results.get("startup")
+    if not st:
+        return []
+    return [
+        f"\nSpool start-up, {st['build']['messages']} queued messages: Relay.start() "
+        f"{st['relay_start']['seconds']} s; baseline scandir+first lines {st['baseline_scan_seconds']} s "
+        f"({st['ratio_to_baseline']}x); `relay serve` to listening {st['process_start_seconds']} s "
+        f"(empty spool {st['process_start_empty_seconds']} s)"
+    ]
+
+
+def markdown(results: Results) -> list[str]:
+    st = results.get("startup")
+    if not st:
+        return []
+    rs = st["relay_start"]
+    return [
+        f"Spool of {st['build']['messages']} queued messages ({st['build']['file_bytes_avg']} bytes a file on "
+        f"average), warm page cache:",
+        "",
+        "| what | seconds |",
+        "|---|---:|",
+        f"| baseline: `os.scandir` + first line of each of {st['baseline_files']} files "
+        f"| {st['baseline_scan_seconds']} |",
+        f"| `Relay(settings).start()` until listening (in-process) | **{rs['seconds']}** |",
+        f"| … of which `spool_recovered` (recover + load {rs['recovered_messages']} messages) | "
+        f"{rs['spool_recovered_seconds']} |",
+        f"| `python -m relay serve` process, spawn to port accepting | {st['process_start_seconds']} |",
+        f"| the same with an empty spool | {st['process_start_empty_seconds']} |",
+        f"| ratio Relay.start() / baseline | {st['ratio_to_baseline']}x |",
+        "",
+    ]
+
+
+def targets(results: Results, args: argparse.Namespace) -> list[Verdict]:
+    st = results.get("startup")
+    if not st:
+        return []
+    return [
+        verdict(
+            f"issue 3: a spool with {st['build']['messages']} queued messages starts up in seconds",
+            st["relay_start"]["seconds"] < 10,
+            f"Relay.start() {st['relay_start']['seconds']} s (baseline scan {st['baseline_scan_seconds']} s, "
+            f"{st['ratio_to_baseline']}x); process to listening {st['process_start_seconds']} s",
+        )
+    ]
+
+
+SCENARIO = Scenario("startup", run, title="Spool start-up", summary=summary, markdown=markdown, targets=targets)
