@@ -19,11 +19,13 @@ from relay.core.profiles import DEFAULT, ProfileMatch, select_profile
 from relay.core.replies import SHUTTING_DOWN, Reply
 from relay.core.smtp_client import queued_id
 from relay.delivery.clock import Clock
+from relay.delivery.queue import DeliveryQueue
 from relay.delivery.scheduler import Delivery
 from relay.inbound.server import RelayHandler, RelaySMTP, SessionInfo, Sessions
 from relay.ops.http_server import HttpServer, Readiness
 from relay.ops.logs import configure_logging, message_fields
-from relay.ops.metrics import Metrics
+from relay.ops.metrics import Metrics, oldest_received, relay_version, spool_depth
+from relay.outcomes.service import Outcomes
 from relay.store.spool import Spool
 from relay.upstream.errors import UpstreamError
 from relay.upstream.pool import UpstreamPool
@@ -34,20 +36,27 @@ log = structlog.get_logger("relay.app")
 class Relay:
     def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
         self.settings = settings
+        self.running = settings  # what restart_needed_for compares with: the listeners and spool in use
         self.metrics = Metrics()
         self.pools = self._pools(settings, {})
         self.spool: Spool | None = Spool(settings.spool.path) if settings.spool.enabled else None
+        outcomes_on = settings.reports.enabled or settings.bounces.enabled
+        self.outcomes: Outcomes | None = Outcomes(settings, self.metrics, clock) if outcomes_on else None
         self.delivery: Delivery | None = (
-            Delivery(self.spool, self.pools, settings.spool, self.metrics, clock) if self.spool is not None else None
+            Delivery(self.spool, self.pools, settings.spool, self.metrics, clock, self.outcomes)
+            if self.spool is not None
+            else None
         )
         self.handler = RelayHandler(settings, self.deliver_spooled if self.spool else self.deliver_direct, self.metrics)
         self.sessions = Sessions()
-        self.http = HttpServer(self.metrics, self.readiness, self.upstream_status)
+        self.http = HttpServer(self.metrics, self.readiness, self.upstream_status, self.outcomes)
         self._server: asyncio.Server | None = None
         self.metrics.gauge("relay_spool_depth", "Messages waiting in the spool", self._spool_depth)
         self.metrics.gauge("relay_spool_oldest_age_seconds", "Age of the oldest message waiting", self._oldest_age)
         self.metrics.gauge("relay_upstream_pool_connections", "Upstream connections open", lambda: self.pool.size)
         self.metrics.gauge("relay_client_connections", "Client connections open", lambda: len(self.sessions.live))
+        if self.spool is not None:
+            self.metrics.spool_disk(self.spool.path)
         self.metrics.gauge("relay_breaker_open", "1 while delivery is paused by the circuit breaker", self._paused)
         self.metrics.gauge(
             "relay_breaker_next_probe_timestamp_seconds",
@@ -108,10 +117,15 @@ class Relay:
         return select_profile(matches, sender=message.mail_from, client_ip=session.client_ip, user=session.user)
 
     def _spool_depth(self) -> float:
-        return float(self.delivery.depth) if self.delivery is not None else 0.0
+        if self.delivery is None or self.spool is None:
+            return 0.0
+        return float(spool_depth(self._queues(), self.spool.queue))  # not what `queue delete` removed
+
+    def _queues(self) -> list[DeliveryQueue]:
+        return [lane.queue for lane in self.delivery.lanes.values()] if self.delivery is not None else []
 
     def _oldest_age(self) -> float:
-        oldest = self.delivery.oldest_received() if self.delivery is not None else None
+        oldest = oldest_received(self._queues(), self.spool.queue) if self.delivery and self.spool else None
         return max(0.0, self.delivery.clock.time() - oldest) if self.delivery and oldest else 0.0
 
     def readiness(self) -> Readiness:
@@ -138,6 +152,8 @@ class Relay:
 
     async def start(self) -> None:
         await asyncio.to_thread(organizational_domain, "example.com")  # load the Public Suffix List now
+        if self.outcomes is not None:  # before delivery: recovered messages are attempted at once
+            await self.outcomes.start()
         if self.delivery is not None:
             await self.delivery.start()
         loop = asyncio.get_running_loop()
@@ -149,6 +165,7 @@ class Relay:
             await self.http.start(self.settings.http.host, self.settings.http.port)
         log.info(
             "relay_listening",
+            version=relay_version(),
             host=listen.host,
             port=self.port,
             upstream=f"{self.settings.upstream.host}:{self.settings.upstream.port}",
@@ -167,12 +184,14 @@ class Relay:
         if self.delivery is not None:
             await self.delivery.stop(deadline - time.monotonic())
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+        if self.outcomes is not None:
+            await self.outcomes.stop()
         await self.http.stop()
         log.info("relay_stopped", queued=self.delivery.queue.depth if self.delivery else 0)
 
     async def reload(self, new: Settings) -> None:
         """Apply a new config through each component's own `apply`; connections and queued mail stay."""
-        restart_needed = [key for key in RESTART_KEYS if _key(self.settings, key) != _key(new, key)]
+        restart_needed = [key for key in RESTART_KEYS if _key(self.running, key) != _key(new, key)]
         self.settings = new
         self.handler.apply(new)
         configure_logging(new.log)
@@ -185,6 +204,8 @@ class Relay:
 
     async def deliver_direct(self, message: Prepared, session: SessionInfo) -> Reply:
         """Pass-through (spool disabled): the client waits for Infobip's own verdict."""
+        if self.outcomes is not None:
+            message = self.outcomes.received(message, session.client_ip)  # our X-IB-Bulk-Id, and the history
         with bound_contextvars(queue_id=message.queue_id, client_ip=session.client_ip):
             return await self._deliver_direct(message, self.pools.get(self.profile_for(message, session), self.pool))
 
@@ -197,6 +218,8 @@ class Relay:
         except UpstreamError as exc:
             log.warning("message_deferred", **fields, outcome="deferred", reply=str(exc.reply), attempt=1)
             self.metrics.rejected.labels("upstream_unavailable").inc()
+            if self.outcomes is not None:
+                await self.outcomes.relayed(message, None, exc.reply)
             return exc.reply
         self.metrics.upstream_replies.labels(str(result.final.code)).inc()
         if result.final.ok:
@@ -216,11 +239,15 @@ class Relay:
             refused_recipients=len(result.refused),
             seconds=round(time.monotonic() - started, 4),
         )
+        if self.outcomes is not None:
+            await self.outcomes.relayed(message, result, reply)
         return reply
 
     async def deliver_spooled(self, message: Prepared, session: SessionInfo) -> Reply:
         """Commit to disk and attempt at once; the first-attempt table says what the client hears."""
         assert self.delivery is not None
+        if self.outcomes is not None:
+            message = self.outcomes.received(message, session.client_ip)  # our X-IB-Bulk-Id, and the history
         envelope = Envelope(
             queue_id=message.queue_id,
             mail_from=message.mail_from,
@@ -273,8 +300,10 @@ async def _reload_from(relay: Relay, config: Path | None) -> None:
             new.upstream.require_credentials()
     except ConfigError as exc:
         log.error("config_reload_failed", error=str(exc), kept="the running config")
+        relay.metrics.reloaded(False)
         return
     await relay.reload(new)
+    relay.metrics.reloaded(True)
 
 
 async def run(settings: Settings, stop: asyncio.Event | None = None, config: Path | None = None) -> None:

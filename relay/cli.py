@@ -19,6 +19,7 @@ from relay.core.headers import header_block_end
 from relay.ops.config_warnings import config_warnings, effective_config
 from relay.ops.doctor import doctor
 from relay.ops.logs import configure_logging
+from relay.ops.metrics import relay_version
 from relay.store.journal import live_index
 from relay.store.spool import Spool, SpoolLocked
 from relay.testing.standin import InfobipStandIn, StandInMessage
@@ -153,6 +154,7 @@ def _queue(args: argparse.Namespace, settings: Settings) -> int:
 def _parser() -> argparse.ArgumentParser:
     """Every verb and flag, as `relay --help` shows them."""
     parser = argparse.ArgumentParser(prog="relay", description="SMTP relay in front of Infobip's SMTP API")
+    parser.add_argument("--version", action="version", version=f"relay {relay_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the relay")
     serve.add_argument("--config", type=Path, help="TOML config file (see config.example.toml)")
