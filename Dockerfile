@@ -10,7 +10,8 @@ ENV MALLOC_MMAP_THRESHOLD_=1048576 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    RELAY_HTTP__HOST=0.0.0.0
 
 # A fixed, non-root uid/gid so volumes and Kubernetes securityContext can refer to it.
 RUN groupadd --system --gid 10001 relay \
