@@ -264,6 +264,22 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def git_info(where: Path = ROOT) -> dict[str, Any]:
+    """Which relay code was measured (this checkout's, or a +src= one's): other work lands in relay/ all the time."""
+
+    def git(*argv: str) -> str:
+        done = subprocess.run(["git", *argv], cwd=where, capture_output=True, text=True, timeout=10)
+        return done.stdout.strip()
+
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return {
+            "commit": git("rev-parse", "--short", "HEAD"),
+            "subject": git("log", "-1", "--format=%s"),
+            "relay_changes_uncommitted": bool(git("status", "--porcelain", "--", "relay")),
+        }
+    return {}
+
+
 def machine_info() -> dict[str, Any]:
     import platform
 

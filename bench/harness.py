@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import postfix as postfix_mod
-from bench.common import PYTHON, Child, child_env, label, log
+from bench.common import PYTHON, ROOT, Child, child_env, git_info, label, log
 from bench.load import Tls
 from bench.relayproc import RelayProcess
 
@@ -124,9 +124,9 @@ class Target:
 def experiments(extra: str) -> dict[str, str]:
     """The experiments after a relay config's '+': 'uvloop+log=warning' -> {'uvloop': '', 'log': 'warning'}."""
     found = dict(item.partition("=")[::2] for item in extra.split("+") if item)
-    unknown = set(found) - {"uvloop", "switch", "log"}
+    unknown = set(found) - {"uvloop", "switch", "log", "src"}
     if unknown:
-        raise ValueError(f"unknown experiment(s) {sorted(unknown)}: uvloop, switch=SECONDS, log=LEVEL")
+        raise ValueError(f"unknown experiment(s) {sorted(unknown)}: uvloop, switch=SECONDS, log=LEVEL, src=DIR")
     return found
 
 
@@ -199,9 +199,14 @@ class Harness:
             switch_interval=float(exp["switch"]) if "switch" in exp else None,
             log_level=exp.get("log", "info"),
             profile=self.args.profile if name.startswith("profile") else None,
+            source=Path(exp["src"]).resolve() if "src" in exp else ROOT,
         )
+        if not (relay.source / "relay" / "__main__.py").is_file():
+            raise ValueError(f"src={relay.source}: no relay/ package there")
         await relay.start()
-        notes = {"startup_seconds": round(relay.startup_seconds, 3)}
+        notes: dict[str, Any] = {"startup_seconds": round(relay.startup_seconds, 3)}
+        if "src" in exp:
+            notes |= {"src": str(relay.source), "src_git": git_info(relay.source)}
         return Target(config, relay.port, pid=relay.pid, stop=relay.stop, relay=relay, upstream_port=port, notes=notes)
 
     async def _postfix(self, config: str, port: int, name: str) -> Target | None:

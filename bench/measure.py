@@ -224,12 +224,18 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def add_ratios(row: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | None = None) -> None:
-    """Each config against (a) and (d): with rounds, the median of the per-round ratios (each taken
-    between measurements seconds apart); without, the ratio of the two rates."""
-    for base_name, key in (("ceiling", "vs_ceiling"), ("postfix", "vs_postfix")):
-        base = row.get(base_name, {}).get("delivered_per_s")
-        for config, m in row.items():
-            if "delivered_per_s" not in m or not base:
+    """Each config against (a) and (d), and an experiment (`relay_on+...`) against its base config
+    (`vs_base`): with rounds, the median of the per-round ratios (each taken between measurements
+    seconds apart); without, the ratio of the two rates."""
+    for config, m in row.items():
+        if "delivered_per_s" not in m:
+            continue
+        pairs = [("ceiling", "vs_ceiling"), ("postfix", "vs_postfix")]
+        if "+" in config:
+            pairs.append((config.partition("+")[0], "vs_base"))
+        for base_name, key in pairs:
+            base = row.get(base_name, {}).get("delivered_per_s")
+            if not base:
                 continue
             if runs and runs.get(config) and runs.get(base_name):
                 by_round = {r["round"]: r["delivered_per_s"] for r in runs[base_name]}
@@ -245,8 +251,9 @@ def line(m: dict[str, Any]) -> str:
     """One measurement (or aggregate) on one line, for the progress log."""
     rss = f", peak RSS {m['peak_rss_mb']} MB" if "peak_rss_mb" in m else ""
     err = f", {m['failed']} FAILED" if m.get("failed") else ""
+    vs_base = f", {m['vs_base']}x its base config" if "vs_base" in m else ""
     return (
         f"accepted {m['accepted_per_s']}/s, delivered {m['delivered_per_s']}/s "
         f"({m['delivered']}/{m['messages_sent']}), p50 {m['latency_p50_ms']} ms, p99 {m['latency_p99_ms']} ms, "
-        f"{m['upstream_connections']} upstream conns{rss}{err}"
+        f"{m['upstream_connections']} upstream conns{rss}{err}{vs_base}"
     )

@@ -118,6 +118,7 @@ class RelayProcess:
         profile: str | None = None,
         log_level: str = "info",
         overrides: dict[str, Any] | None = None,
+        source: Path = ROOT,
     ) -> None:
         self.workdir = workdir / name
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -136,6 +137,7 @@ class RelayProcess:
         )
         self.settings = merged(self.settings, overrides or {})
         self.config.write_text(toml_text(self.settings))
+        self.source = source  # the checkout whose relay/ runs (another commit's, for an A/B)
         self.log_path = self.workdir / "relay.log"
         self.uvloop = uvloop
         self.switch_interval = switch_interval
@@ -171,7 +173,12 @@ class RelayProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115
         started = asyncio.get_running_loop().time()
         self.proc = await asyncio.create_subprocess_exec(
-            *self._argv(), cwd=ROOT, stdout=self._log, stderr=self._log, env=child_env(), start_new_session=True
+            *self._argv(),
+            cwd=self.source,
+            stdout=self._log,
+            stderr=self._log,
+            env=child_env(PYTHONPATH=str(self.source)),
+            start_new_session=True,
         )
         self.pid = self.proc.pid
         await wait_port(self.port, proc=self.proc, timeout=60)

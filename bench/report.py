@@ -10,35 +10,17 @@ section), so the document carries the run's own numbers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, machine_info
+from bench.common import ROOT, git_info, machine_info
 from bench.harness import Results, Verdict
 from bench.scenarios import PHASES
 
 # results.json
-
-
-def git_info(where: Path = ROOT) -> dict[str, Any]:
-    """Which relay code was measured: other work lands in relay/ all the time."""
-
-    def git(*argv: str) -> str:
-        done = subprocess.run(["git", *argv], cwd=where, capture_output=True, text=True, timeout=10)
-        return done.stdout.strip()
-
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        return {
-            "commit": git("rev-parse", "--short", "HEAD"),
-            "subject": git("log", "-1", "--format=%s"),
-            "relay_changes_uncommitted": bool(git("status", "--porcelain", "--", "relay")),
-        }
-    return {}
 
 
 def new_results(args: argparse.Namespace, workdir: Path) -> Results:
