@@ -17,7 +17,7 @@ from relay.config import PolicySettings
 from relay.core.alignment import check_alignment, domain_of
 from relay.core.headers import HeaderError, HeaderField, find_field, fold_header, parse_header_fields
 from relay.core.policy import MessageFacts, header_actions
-from relay.core.replies import Rejection, Reply
+from relay.core.replies import Rejection, Reply, rewritten_sender_not_allowed, sender_domain_not_allowed
 
 # What we accept as an address to put in an upstream MAIL/RCPT command: no spaces, brackets or controls.
 _SAFE_ADDRESS_RE = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[A-Za-z0-9.\-\[\]:]+")
@@ -38,6 +38,9 @@ class Received:
     data: bytes  # as received, dot-unstuffed, CRLF line endings
     received_at: datetime  # timezone-aware
     hostname: str  # ours, for a Message-ID we have to add
+    # The allowlist this client is held to (its AUTH user's, else policy.allowed_sender_domains); empty: any.
+    # It must hold for the sender actually sent upstream, which alignment = "rewrite" may change.
+    allowed_sender_domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +112,7 @@ def prepare(message: Received, policy: PolicySettings) -> Prepared:
         try:
             line = fold_header(action.name, action.value)
         except HeaderError as exc:
-            raise Rejection(Reply(554, "5.6.0", f"Cannot add a policy header: {exc}")) from None
+            raise Rejection(Reply(554, "5.6.0", f"Cannot add a policy header: {exc}"), reason="bad_headers") from None
         if key in ours:
             new_lines[ours[key]] = line
         else:
@@ -133,7 +136,8 @@ def _aligned_sender(message: Received, fields: list[HeaderField], policy: Policy
     header_from = header_from_address(from_field.value) if from_field else None
     if header_from is None:
         raise Rejection(
-            Reply(550, "5.6.0", "The message has no valid From: header; add one such as From: <app@example.com>")
+            Reply(550, "5.6.0", "The message has no valid From: header; add one such as From: <app@example.com>"),
+            reason="bad_headers",
         )
     verdict = check_alignment(policy.alignment, message.mail_from, header_from)
     if verdict.misaligned:
@@ -143,9 +147,21 @@ def _aligned_sender(message: Received, fields: list[HeaderField], policy: Policy
                 "5.7.1",
                 f"Envelope sender domain {domain_of(message.mail_from)} and header From domain "
                 f"{domain_of(header_from)} are not aligned; Infobip requires the same organizational domain",
-            )
+            ),
+            reason="misaligned",
         )
+    _check_allowlist(message, verdict.mail_from)
     return verdict.mail_from
+
+
+def _check_allowlist(message: Received, mail_from: str) -> None:
+    """The allowlist was checked at MAIL for the envelope sender; a rewrite sends another one."""
+    domain = domain_of(mail_from)
+    if not message.allowed_sender_domains or domain in message.allowed_sender_domains:
+        return
+    rewritten = mail_from != message.mail_from
+    reply = rewritten_sender_not_allowed(domain) if rewritten else sender_domain_not_allowed(domain)
+    raise Rejection(reply, reason="sender")
 
 
 def _missing_fields(message: Received, fields: list[HeaderField]) -> tuple[list[bytes], dict[str, int], str]:

@@ -27,11 +27,13 @@ class Reply:
 
 
 class Rejection(Exception):
-    """A decision to refuse a message (or part of it), carrying the reply the client gets."""
+    """A decision to refuse a message (or part of it), carrying the reply the client gets and the reason
+    it counts under in relay_messages_rejected_total (decided together, so nobody maps one to the other)."""
 
-    def __init__(self, reply: Reply) -> None:
+    def __init__(self, reply: Reply, reason: str = "content") -> None:
         super().__init__(str(reply))
         self.reply = reply
+        self.reason = reason
 
 
 # aiosmtpd's own replies, by prefix, with what we say instead.
@@ -146,6 +148,19 @@ def sender_ok(address: str) -> Reply:
 
 def recipient_ok(address: str) -> Reply:
     return Reply(250, "2.1.5", f"Recipient <{address}> OK")
+
+
+# -- prepare: the sender actually sent upstream --
+
+
+def rewritten_sender_not_allowed(domain: str) -> Reply:
+    """alignment = "rewrite" would make the header From the envelope sender: the allowlists hold for it too."""
+    return Reply(
+        550,
+        "5.7.1",
+        f"Header From domain {domain} is not allowed to send through this relay"
+        " (alignment = rewrite would make it the envelope sender)",
+    )
 
 
 # -- store and first attempt: what the app is told after we took the message --

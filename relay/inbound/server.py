@@ -368,12 +368,15 @@ class RelayHandler:
             lines.append("AUTH PLAIN LOGIN")
         return [f"250-{line}" for line in lines] + ["250 HELP"]
 
+    def sender_domains(self, session: Any) -> list[str]:
+        """The allowlist this client is held to: its AUTH user's own when it has one, else the policy's."""
+        user = self.users.get(session.relay_user or "")
+        return (user.allowed_sender_domains if user else None) or self.settings.policy.allowed_sender_domains
+
     async def handle_MAIL(
         self, server: RelaySMTP, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        user = self.users.get(session.relay_user or "")
-        domains = user.allowed_sender_domains if user and user.allowed_sender_domains else None
-        refusal = check_sender(address, domains or self.settings.policy.allowed_sender_domains) or self.limits.message(
+        refusal = check_sender(address, self.sender_domains(session)) or self.limits.message(
             session.client_ip, time.monotonic()
         )
         if refusal is not None:
@@ -404,6 +407,7 @@ class RelayHandler:
             data=envelope.original_content,
             received_at=datetime.now(UTC),
             hostname=self.settings.listen.hostname,
+            allowed_sender_domains=tuple(self.sender_domains(session)),
         )
         envelope.original_content = envelope.content = b""  # the Received holds the only reference
         self.metrics.received.inc()
@@ -421,22 +425,10 @@ class RelayHandler:
                 outcome="rejected",
                 reply=str(rejection.reply),
             )
-            return self._refused(Refusal(rejection_reason(rejection), rejection.reply))
+            return self._refused(Refusal(rejection.reason, rejection.reply))
         del received
         return str(await self.deliver(prepared, SessionInfo(client_ip, session.relay_user)))
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("session_error", error_type=type(error).__name__)
         return str(INTERNAL_ERROR)
-
-
-# What prepare's refusals count as, by enhanced code, for as long as a Rejection does not carry its reason.
-_PREPARE_REASONS = {"5.7.1": "misaligned", "5.6.0": "bad_headers"}
-
-
-def rejection_reason(rejection: Rejection) -> str:
-    """The metric reason for a message prepare refused: the Rejection's own `reason` when it has one."""
-    reason = getattr(rejection, "reason", None)
-    if isinstance(reason, str):
-        return reason
-    return _PREPARE_REASONS.get(rejection.reply.enhanced, "content")
