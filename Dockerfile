@@ -17,7 +17,7 @@ ENV MALLOC_MMAP_THRESHOLD_=1048576 \
 RUN groupadd --system --gid 10001 relay \
     && useradd --system --uid 10001 --gid relay --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin relay \
-    && install -d -o relay -g relay -m 0750 /var/spool/relay \
+    && install -d -o relay -g relay -m 0700 /var/spool/relay \
     && install -d -m 0755 /etc/relay
 
 WORKDIR /tmp/relay-src

@@ -38,7 +38,7 @@ import structlog
 
 from relay.core.message import Envelope
 from relay.core.prepare import Prepared
-from relay.store.spool import fsync_dir, write_all_at
+from relay.store.spool import FILE_MODE, fsync_dir, make_private_dir, write_all_at
 from relay.testing.failpoints import crashpoint
 
 log = structlog.get_logger("relay.store.journal")
@@ -212,8 +212,7 @@ class Journal:
         """Keep the old segments from the first one holding a live record on (a done mark sits in its
         record's segment or a later one, so they go oldest first), delete the rest, open a fresh one."""
         if not self.directory.is_dir():
-            self.directory.mkdir(parents=True)
-            fsync_dir(self.directory.parent)
+            make_private_dir(self.directory)
         old = [_seq(path) for path in segment_paths(self.directory)]
         for record in self._recovered:
             self._segment_of[record.envelope.queue_id] = record.segment
@@ -452,7 +451,7 @@ class SegmentFiles:
         return self.directory / f"{seq:012d}{SUFFIX}"
 
     def open(self, seq: int) -> None:
-        fd = os.open(self.path(seq), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        fd = os.open(self.path(seq), os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             fsync_dir(self.directory)  # the new name must survive a crash too
         except OSError:

@@ -22,18 +22,26 @@ import contextlib
 import fcntl
 import json
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import structlog
+
 from relay.core.message import Envelope
 from relay.core.prepare import Prepared
 from relay.testing.failpoints import crashpoint
 
+log = structlog.get_logger("relay.store.spool")
+
 FLUSH_REQUEST = "flush.request"
 LOCK = "lock"
 STATUS = "status.json"  # what the running relay says about delivery (paused until ...), for `relay queue`
+# Messages hold recipient addresses and bodies: only the relay's own user may read them, whatever the umask.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 class SpoolLocked(OSError):
@@ -60,9 +68,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_private_dir(path: Path) -> None:
+    """mkdir with DIR_MODE exactly (mkdir's mode goes through the umask), durably in its parent."""
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(path, DIR_MODE)
+    fsync_dir(path.parent)
+
+
 def _write_atomically(path: Path, data: bytes, *, sync_dir: bool) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
@@ -89,7 +104,8 @@ class Spool:
         """Own the spool for this process's life (released when it exits, even by kill -9), or raise
         SpoolLocked. `relay queue` verbs do not take it: they work beside a running relay."""
         self.create()
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        self.tighten()
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -106,11 +122,24 @@ class Spool:
             self._lock_fd = None
 
     def create(self) -> None:
-        """The three directories, durably: a queue/ created but not fsync'd into its parent could vanish."""
-        for directory in (self.tmp, self.queue, self.dead):
+        """The directories, durably (a queue/ not fsync'd into its parent could vanish) and private."""
+        for directory in (self.path, self.tmp, self.queue, self.dead):
             if not directory.is_dir():
-                directory.mkdir(parents=True, exist_ok=True)
-                fsync_dir(directory.parent)
+                make_private_dir(directory)
+
+    def tighten(self) -> None:
+        """Start-up: a spool an older relay made (0755 directories) becomes private, and the log says so."""
+        for directory in (self.path, self.tmp, self.queue, self.dead, self.journal_dir):
+            with contextlib.suppress(FileNotFoundError):
+                mode = stat.S_IMODE(directory.stat().st_mode)
+                if not mode & 0o077:
+                    continue
+                try:
+                    os.chmod(directory, DIR_MODE)
+                except OSError as exc:  # not ours (a volume's mount point): say so, but serve
+                    log.error("spool_permissions_open", path=str(directory), mode=f"{mode:o}", error=exc.strerror)
+                    continue
+                log.warning("spool_permissions_tightened", path=str(directory), old=f"{mode:o}", new=f"{DIR_MODE:o}")
 
     # receiving
 
@@ -124,7 +153,7 @@ class Spool:
         tmp = os.path.join(self.tmp, name)
         head = envelope.line()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
                 write_all_at(fd, [memoryview(head), *message.segments()], 0)
                 os.fsync(fd)
@@ -262,7 +291,7 @@ class Spool:
         return loaded
 
     def request_flush(self) -> None:
-        (self.path / FLUSH_REQUEST).touch()
+        (self.path / FLUSH_REQUEST).touch(mode=FILE_MODE)
 
     def take_flush_request(self) -> bool:
         try:
