@@ -21,7 +21,7 @@ from pathlib import Path
 from bench import report
 from bench.common import ROOT, log, run_loop, uvloop_available
 from bench.harness import Harness, Results
-from bench.scenarios import PHASES, PROFILE
+from bench.scenarios import ON_REQUEST, PHASES, PROFILE
 
 BASE_CONFIGS = ("ceiling", "relay_off", "relay_on", "postfix")
 
@@ -68,7 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--large-concurrency", type=int, default=10)
     parser.add_argument("--large-rtt-ms", type=float, default=0.0)
     parser.add_argument("--spool-messages", type=int, default=50_000, help="queued messages for start-up (50000)")
-    parser.add_argument("--only", default="", help=f"comma-separated phases to run: {','.join(PHASES)}")
+    parser.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated phases to run: {','.join(PHASES)} (and on request: outage, small_disk)",
+    )
+    parser.add_argument("--outage-seconds", type=floats, default=None, help="outage lengths (default 20,180)")
+    parser.add_argument("--outage-rate", type=float, default=10.0, help="messages a second during the outage bench")
     parser.add_argument("--skip", default="", help="comma-separated phases to leave out")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in about a minute")
     parser.add_argument(
@@ -100,10 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.profile_messages = 100
     only = {p for p in args.only.split(",") if p}
     skip = {p for p in args.skip.split(",") if p}
-    unknown = (only | skip) - set(PHASES)
+    unknown = (only | skip) - set(PHASES) - set(ON_REQUEST)
     if unknown:
         parser.error(f"unknown phase(s) {sorted(unknown)}; choose from {', '.join(PHASES)}")
-    args.phases = [p for p in PHASES if (not only or p in only) and p not in skip]
+    args.phases = [p for p in {**PHASES, **ON_REQUEST} if (p in only or (not only and p in PHASES)) and p not in skip]
     if args.profile and not args.only:
         args.phases = []  # --profile alone runs only the profile
     if args.output is None:
@@ -127,7 +133,7 @@ async def main(args: argparse.Namespace) -> Results:
         for name in args.phases:
             t0 = time.monotonic()
             try:
-                await PHASES[name].run(harness, results)
+                await {**PHASES, **ON_REQUEST}[name].run(harness, results)
             except Exception as exc:
                 results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
                 log(f"bench: phase {name} failed: {type(exc).__name__}: {exc}")

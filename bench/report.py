@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.common import ROOT, git_info, machine_info
 from bench.harness import Results, Verdict
-from bench.scenarios import PHASES
+from bench.scenarios import ON_REQUEST, PHASES
 
 # results.json
 
@@ -43,7 +43,7 @@ def new_results(args: argparse.Namespace, workdir: Path) -> Results:
 
 def evaluate(results: Results, args: argparse.Namespace) -> list[Verdict]:
     """Every scenario's targets (issue 6), judged on the figures of this run."""
-    return [v for scenario in PHASES.values() for v in scenario.targets(results, args)]
+    return [v for scenario in {**PHASES, **ON_REQUEST}.values() for v in scenario.targets(results, args)]
 
 
 def _public(value: Any) -> Any:
@@ -67,7 +67,7 @@ def print_summary(results: Results) -> None:
     print()
     print("=" * 100)
     print("RESULTS (every ratio is against a baseline measured in this same run)")
-    for scenario in PHASES.values():
+    for scenario in {**PHASES, **ON_REQUEST}.values():
         for line in scenario.summary(results):
             print(line)
     print("\nTargets (issue 6)")
