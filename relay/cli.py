@@ -18,6 +18,7 @@ from relay.config import ConfigError, Settings, load_settings
 from relay.core.headers import header_block_end
 from relay.ops.config_warnings import config_warnings, effective_config
 from relay.ops.doctor import doctor
+from relay.ops.hardening import forbid_core_dumps
 from relay.ops.logs import configure_logging
 from relay.ops.metrics import relay_version
 from relay.store.journal import live_index
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    forbid_core_dumps()  # the password and messages in memory: no core file, no debugger
     if not args.demo and settings.spool.enabled:
         spool = Spool(settings.spool.path)
         try:

@@ -6,28 +6,13 @@ import json
 import os
 from pathlib import Path
 
-import aiohttp
-
 from relay.ops.http_server import HttpServer, Readiness
 from relay.ops.metrics import Metrics
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, free_port, message
-from tests.test_relay import send_one
+from tests.helpers import get, sample, send_one
 
 SENDER = "billing@erp.example.com"
-
-
-async def get(port: int, path: str) -> tuple[int, str]:
-    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{path}") as response:
-        return response.status, await response.text()
-
-
-def sample(metrics: str, name: str) -> float:
-    """The value of one sample line such as `relay_messages_relayed_total 3.0`."""
-    for line in metrics.splitlines():
-        if line.startswith(name + " ") or (line.startswith(name + "{") and line.split(" ")[0] == name):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in metrics")
 
 
 async def test_metrics_count_what_happened(standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path) -> None:

@@ -18,8 +18,7 @@ from relay.store.journal import DONE, MESSAGE, Journal, live_records, read_recor
 from relay.store.spool import Spool
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, message
-from tests.test_relay import send_one
-from tests.test_spool import SENDER, queue_files, spooled, until
+from tests.helpers import SENDER, queue_files, send_one, spooled, until
 
 
 def prepared(n: int, body: bytes = b"") -> tuple[Prepared, Envelope]:

@@ -20,9 +20,8 @@ from relay.cli import main as relay_main
 from relay.ops.metrics import relay_version
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, free_port, message
-from tests.test_http import sample
+from tests.helpers import sample, send_one
 from tests.test_ops import RelayProcess, wait_listening
-from tests.test_relay import send_one
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "relay-rules.yml"

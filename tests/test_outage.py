@@ -12,9 +12,7 @@ from relay.cli import main as relay_main
 from relay.testing.clock import FakeClock
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, message, relay_settings
-from tests.test_http import get, sample
-from tests.test_relay import send_one
-from tests.test_spool import SENDER, queue_files, spooled, until
+from tests.helpers import SENDER, get, queue_files, sample, send_one, spooled, until
 
 
 def connections(standin: InfobipStandIn) -> int:

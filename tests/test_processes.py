@@ -698,7 +698,7 @@ async def test_the_journal_stays_small_on_a_2_mib_spool(standin: InfobipStandIn,
     """Delivered mail must not pile up in the journal until a 64 MiB segment fills: 1,200 messages of
     2 KB through a 2 MiB spool, every one answered with Infobip's 250, never a 452."""
     from tests.conftest import relay_settings
-    from tests.test_spool import small_tmpfs, spooled
+    from tests.helpers import small_tmpfs, spooled
 
     with small_tmpfs(tmp_path / "small", size="2m") as spool:
         relay = Relay(relay_settings(standin, spool=spooled(spool)))
@@ -724,7 +724,7 @@ async def test_a_crash_on_a_full_spool_recovers_in_place(
 ) -> None:
     """Infobip down, a 2 MiB spool fills with 100 KB messages, kill -9: the restart needs no free space
     (recovery leaves the journal where it is) and delivers every message that was answered 250."""
-    from tests.test_spool import small_tmpfs
+    from tests.helpers import small_tmpfs
 
     with small_tmpfs(tmp_path / "small", size="2m") as spool:
         standin.behaviour.down = True

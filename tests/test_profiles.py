@@ -11,8 +11,7 @@ from typing import Any
 from relay.app import Relay
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, message, relay_settings
-from tests.test_relay import send_one
-from tests.test_spool import queue_files, spooled, until
+from tests.helpers import queue_files, send_one, spooled, until
 
 HR, BILLING = "payroll@hr.example.com", "billing@erp.example.com"
 

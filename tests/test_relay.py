@@ -7,6 +7,7 @@ import re
 
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, message
+from tests.helpers import send_one
 
 ERP_RULE = {
     "sender_domain": "erp.example.com",
@@ -15,15 +16,6 @@ ERP_RULE = {
         "X-IB-Callback-Data": '{"app":"erp","queue_id":"{queue_id}","from":"{sender}","ip":"{client_ip}"}',
     },
 }
-
-
-async def send_one(port: int, sender: str, recipients: list[str], data: bytes) -> str:
-    dialog = await Dialog.open(port)
-    try:
-        await dialog.hello()
-        return await dialog.mail(sender, recipients, data)
-    finally:
-        await dialog.close()
 
 
 async def test_message_arrives_with_policy_headers_and_original_bytes_untouched(

@@ -21,8 +21,7 @@ from relay.upstream.connection import UpstreamConnection
 from relay.upstream.errors import UpstreamError
 from relay.upstream.tls import make_tls_context
 from tests.conftest import Dialog, StartRelay, message
-from tests.test_relay import send_one
-from tests.test_spool import queue_files, small_tmpfs, spooled, until
+from tests.helpers import queue_files, send_one, small_tmpfs, spooled, until
 
 SENDER = "billing@erp.example.com"
 

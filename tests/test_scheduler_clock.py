@@ -8,8 +8,7 @@ from pathlib import Path
 from relay.testing.clock import FakeClock
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, message
-from tests.test_relay import send_one
-from tests.test_spool import SENDER, queue_files, spooled, until
+from tests.helpers import SENDER, queue_files, send_one, spooled, until
 
 
 def data_commands(standin: InfobipStandIn) -> int:

@@ -6,38 +6,16 @@ import asyncio
 import contextlib
 import json
 import os
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
 import structlog.testing
 
 from relay.app import Relay
 from relay.store.spool import Spool
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, message
-from tests.test_relay import send_one
-
-SENDER = "billing@erp.example.com"
-
-
-def spooled(path: Path, **extra: Any) -> dict[str, Any]:
-    return {"enabled": True, "path": str(path), "sync_wait": 2.0, "retry_initial": 0.05, "retry_max": 0.2, **extra}
-
-
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    """Poll a cheap condition (file system state, counters) until true; fails the test on timeout."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
-def queue_files(path: Path) -> list[str]:
-    return sorted(os.listdir(path / "queue"))
+from tests.helpers import SENDER, queue_files, send_one, small_tmpfs, spooled, until
 
 
 async def test_accepted_by_infobip_within_sync_wait_gets_its_id_and_leaves_no_file(
@@ -248,19 +226,6 @@ async def test_startup_recovers_what_was_committed_and_drops_what_was_not(
     assert got.data == prepared.as_bytes() and got.data.endswith(data)
     await until(lambda: queue_files(tmp_path) == [])
     assert os.listdir(tmp_path / "tmp") == []
-
-
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str = "64k") -> Iterator[Path]:
-    """A file system that fills up at once, mounted at `path` for the test (needs root)."""
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 async def test_disk_full_gets_452_and_leaves_nothing_half_written(

@@ -15,9 +15,8 @@ from relay.store.spool import SpoolLocked
 from relay.testing.clock import FakeClock
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, free_port, message, relay_settings
+from tests.helpers import SENDER, send_one, spooled, until
 from tests.test_processes import write_config
-from tests.test_relay import send_one
-from tests.test_spool import SENDER, spooled, until
 
 
 def everything_under(path: Path) -> dict[str, bytes]:

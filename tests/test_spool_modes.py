@@ -13,8 +13,7 @@ import structlog.testing
 from relay.store.spool import Spool
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, message
-from tests.test_relay import send_one
-from tests.test_spool import spooled, until
+from tests.helpers import send_one, spooled, until
 
 SENDER = "billing@erp.example.com"
 

@@ -14,7 +14,7 @@ import trustme
 from relay.app import Relay
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, message, relay_settings
-from tests.test_relay import send_one
+from tests.helpers import send_one
 
 SENDER = "billing@erp.example.com"
 

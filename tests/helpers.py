@@ -1,0 +1,72 @@
+"""What many test modules share: sending one message, spool settings, waiting for a condition, reading
+the ops port. (Fixtures and the raw SMTP `Dialog` are in conftest.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import Dialog
+
+
+async def send_one(port: int, sender: str, recipients: list[str], data: bytes) -> str:
+    dialog = await Dialog.open(port)
+    try:
+        await dialog.hello()
+        return await dialog.mail(sender, recipients, data)
+    finally:
+        await dialog.close()
+
+
+SENDER = "billing@erp.example.com"
+
+
+def spooled(path: Path, **extra: Any) -> dict[str, Any]:
+    return {"enabled": True, "path": str(path), "sync_wait": 2.0, "retry_initial": 0.05, "retry_max": 0.2, **extra}
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Poll a cheap condition (file system state, counters) until true; fails the test on timeout."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def queue_files(path: Path) -> list[str]:
+    return sorted(os.listdir(path / "queue"))
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "64k") -> Iterator[Path]:
+    """A file system that fills up at once, mounted at `path` for the test (needs root)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+async def get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{path}") as response:
+        return response.status, await response.text()
+
+
+def sample(metrics: str, name: str) -> float:
+    """The value of one sample line such as `relay_messages_relayed_total 3.0`."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " ") or (line.startswith(name + "{") and line.split(" ")[0] == name):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
