@@ -7,8 +7,6 @@ import asyncio
 import contextlib
 import sys
 import tempfile
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -16,12 +14,12 @@ from pydantic import SecretStr
 from relay.app import run
 from relay.config import ConfigError, Settings, load_settings
 from relay.core.headers import header_block_end
+from relay.ops import queue_verbs
 from relay.ops.config_warnings import config_warnings, effective_config
 from relay.ops.doctor import doctor
 from relay.ops.hardening import forbid_core_dumps
 from relay.ops.logs import configure_logging
 from relay.ops.metrics import relay_version
-from relay.store.journal import live_index
 from relay.store.spool import Spool, SpoolLocked
 from relay.testing.standin import InfobipStandIn, StandInMessage
 
@@ -74,82 +72,12 @@ async def _demo(settings: Settings) -> None:
         spool_dir.cleanup()
 
 
-def _age(seconds: float) -> str:
-    whole = max(0, int(seconds))
-    for unit, size, above in (("d", 86400, 172800), ("h", 3600, 7200), ("m", 60, 120)):
-        if whole >= above:
-            return f"{whole // size}{unit}"
-    return f"{whole}s"
-
-
-def _queue_list(spool: Spool, *, dead: bool) -> int:
-    now = time.time()
-    ids = spool.dead_ids() if dead else spool.queued_ids()
-    status = spool.read_status()
-    paused = not dead and status.get("paused") is True
-    if paused:
-        until = datetime.fromtimestamp(float(str(status.get("next_probe_at", now))), UTC).isoformat(timespec="seconds")
-        print(f"-- delivery is PAUSED: Infobip is not answering; next probe at {until} ({status.get('last_error')})")
-    print(f"{'QUEUE ID':<22} {'AGE':>6} {'TRIES':>5} {'RCPTS':>5} {'NEXT TRY':>8}  {'SENDER':<30} LAST REPLY")
-    for queue_id in ids:
-        try:
-            envelope = spool.read_envelope(queue_id, dead=dead)
-            state = spool.read_state(queue_id, dead=dead)
-        except FileNotFoundError:
-            continue  # delivered or deleted while we looked
-        except Exception as exc:  # a damaged entry: say so and go on
-            print(f"{queue_id:<22} unreadable: {type(exc).__name__}: {exc}")
-            continue
-        pending = list(state.dead) if dead else state.recipients or envelope.recipients
-        next_try = "-" if dead else ("now" if state.next_attempt <= now else _age(state.next_attempt - now))
-        next_try = "paused" if paused else next_try  # nothing goes before a probe succeeds
-        reply = " ".join(state.last_reply.split())[:100] or "-"
-        print(
-            f"{queue_id:<22} {_age(now - envelope.received_at):>6} {state.attempts:>5} {len(pending):>5} "
-            f"{next_try:>8}  {envelope.mail_from[:30]:<30} {reply}"
-        )
-    print(f"-- {len(ids)} message(s) in {'dead/' if dead else 'queue/'} of {spool.path}")
-    if not dead and (in_journal := len(live_index(spool.journal_dir))):
-        print(
-            f"-- and {in_journal} in journal/: in their first attempt now, or left by a crash "
-            "(the relay moves those to queue/ when it starts)"
-        )
-    return 0
-
-
 def _queue(args: argparse.Namespace, settings: Settings) -> int:
     spool = Spool(settings.spool.path)
     if not spool.queue.is_dir():
         print(f"relay: no spool at {spool.path} (spool.path)", file=sys.stderr)
         return 1
-    if args.verb == "list":
-        return _queue_list(spool, dead=args.dead)
-    if args.verb == "flush":
-        # Only a request: the relay owns the .state files (a running one may be rewriting them now).
-        spool.request_flush()
-        print(
-            f"flush requested for {len(spool.queued_ids())} message(s): a running relay retries them within "
-            "a second; a stopped one when it starts"
-        )
-        return 0
-    missing = 0
-    for queue_id in args.ids:
-        try:
-            if args.verb == "delete":
-                ok = spool.delete(queue_id)
-            else:
-                spool.requeue(queue_id)
-                ok = True
-        except FileNotFoundError:
-            ok = False
-        if not ok:
-            missing += 1
-            print(f"{queue_id}: not found", file=sys.stderr)
-        else:
-            print(f"{queue_id}: {'deleted' if args.verb == 'delete' else 'requeued'}")
-    if args.verb == "requeue":
-        spool.request_flush()
-    return 1 if missing else 0
+    return queue_verbs.run(spool, args.verb, args)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -173,8 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     verbs = queue.add_subparsers(dest="verb", required=True)
     listing = verbs.add_parser("list", help="what is waiting, since when, and why")
     listing.add_argument("--dead", action="store_true", help="list the dead-letter area instead")
-    verbs.add_parser("flush", help="retry everything now")
-    verbs.add_parser("delete", help="remove messages for good").add_argument("ids", nargs="+")
+    listing.add_argument("--json", action="store_true", help="one JSON array of objects, for scripts")
+    listing.add_argument("--sender", help="only this envelope sender (a@b.example), or domain (@b.example)")
+    listing.add_argument(
+        "--older-than", metavar="AGE", help="only messages received at least AGE ago (90s, 30m, 2h, 1d)"
+    )
+    flushing = verbs.add_parser("flush", help="retry now: everything, or the ids given")
+    flushing.add_argument("ids", nargs="*", metavar="ID")
+    deleting = verbs.add_parser("delete", help="remove messages for good, from queue/ and dead/")
+    deleting.add_argument("ids", nargs="*", metavar="ID")
+    deleting.add_argument("--all-dead", action="store_true", help="every dead letter (nothing still waiting)")
     verbs.add_parser("requeue", help="move dead-lettered messages back to the queue").add_argument("ids", nargs="+")
     return parser
 
