@@ -25,6 +25,7 @@ from relay.inbound.server import RelayHandler, RelaySMTP, SessionInfo, Sessions
 from relay.ops.http_server import HttpServer, Readiness
 from relay.ops.logs import configure_logging, message_fields
 from relay.ops.metrics import Metrics, oldest_received, relay_version, spool_depth
+from relay.outcomes.service import Outcomes
 from relay.store.spool import Spool
 from relay.upstream.errors import UpstreamError
 from relay.upstream.pool import UpstreamPool
@@ -39,12 +40,16 @@ class Relay:
         self.metrics = Metrics()
         self.pools = self._pools(settings, {})
         self.spool: Spool | None = Spool(settings.spool.path) if settings.spool.enabled else None
+        outcomes_on = settings.reports.enabled or settings.bounces.enabled
+        self.outcomes: Outcomes | None = Outcomes(settings, self.metrics, clock) if outcomes_on else None
         self.delivery: Delivery | None = (
-            Delivery(self.spool, self.pools, settings.spool, self.metrics, clock) if self.spool is not None else None
+            Delivery(self.spool, self.pools, settings.spool, self.metrics, clock, self.outcomes)
+            if self.spool is not None
+            else None
         )
         self.handler = RelayHandler(settings, self.deliver_spooled if self.spool else self.deliver_direct, self.metrics)
         self.sessions = Sessions()
-        self.http = HttpServer(self.metrics, self.readiness, self.upstream_status)
+        self.http = HttpServer(self.metrics, self.readiness, self.upstream_status, self.outcomes)
         self._server: asyncio.Server | None = None
         self.metrics.gauge("relay_spool_depth", "Messages waiting in the spool", self._spool_depth)
         self.metrics.gauge("relay_spool_oldest_age_seconds", "Age of the oldest message waiting", self._oldest_age)
@@ -147,6 +152,8 @@ class Relay:
 
     async def start(self) -> None:
         await asyncio.to_thread(organizational_domain, "example.com")  # load the Public Suffix List now
+        if self.outcomes is not None:  # before delivery: recovered messages are attempted at once
+            await self.outcomes.start()
         if self.delivery is not None:
             await self.delivery.start()
         loop = asyncio.get_running_loop()
@@ -177,6 +184,8 @@ class Relay:
         if self.delivery is not None:
             await self.delivery.stop(deadline - time.monotonic())
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
+        if self.outcomes is not None:
+            await self.outcomes.stop()
         await self.http.stop()
         log.info("relay_stopped", queued=self.delivery.queue.depth if self.delivery else 0)
 
@@ -195,6 +204,8 @@ class Relay:
 
     async def deliver_direct(self, message: Prepared, session: SessionInfo) -> Reply:
         """Pass-through (spool disabled): the client waits for Infobip's own verdict."""
+        if self.outcomes is not None:
+            message = self.outcomes.received(message, session.client_ip)  # our X-IB-Bulk-Id, and the history
         with bound_contextvars(queue_id=message.queue_id, client_ip=session.client_ip):
             return await self._deliver_direct(message, self.pools.get(self.profile_for(message, session), self.pool))
 
@@ -207,6 +218,8 @@ class Relay:
         except UpstreamError as exc:
             log.warning("message_deferred", **fields, outcome="deferred", reply=str(exc.reply), attempt=1)
             self.metrics.rejected.labels("upstream_unavailable").inc()
+            if self.outcomes is not None:
+                await self.outcomes.relayed(message, None, exc.reply)
             return exc.reply
         self.metrics.upstream_replies.labels(str(result.final.code)).inc()
         if result.final.ok:
@@ -226,11 +239,15 @@ class Relay:
             refused_recipients=len(result.refused),
             seconds=round(time.monotonic() - started, 4),
         )
+        if self.outcomes is not None:
+            await self.outcomes.relayed(message, result, reply)
         return reply
 
     async def deliver_spooled(self, message: Prepared, session: SessionInfo) -> Reply:
         """Commit to disk and attempt at once; the first-attempt table says what the client hears."""
         assert self.delivery is not None
+        if self.outcomes is not None:
+            message = self.outcomes.received(message, session.client_ip)  # our X-IB-Bulk-Id, and the history
         envelope = Envelope(
             queue_id=message.queue_id,
             mail_from=message.mail_from,

@@ -20,6 +20,7 @@ from relay.ops.doctor import doctor
 from relay.ops.hardening import forbid_core_dumps
 from relay.ops.logs import configure_logging
 from relay.ops.metrics import relay_version
+from relay.outcomes.trace import trace_command
 from relay.store.spool import Spool, SpoolLocked
 from relay.testing.standin import InfobipStandIn, StandInMessage
 
@@ -96,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     doctor_cmd.add_argument("--config", type=Path, help="TOML config file")
     doctor_cmd.add_argument("--from", dest="sender", help="sender to try in MAIL FROM (a verified domain)")
     doctor_cmd.add_argument("--send-test", metavar="TO", help="also send one real test message to TO")
+    trace = commands.add_parser("trace", help="what happened to a message: attempts, reports, bounces")
+    trace.add_argument("--config", type=Path, help="TOML config file (for reports.history_path)")
+    trace.add_argument("--json", action="store_true", help="one JSON object per message, one per line")
+    trace.add_argument("query", help="a queue id, an Infobip id, a <Message-ID> (with its brackets) or an address")
     queue = commands.add_parser("queue", help="inspect and act on the spool (running or stopped relay)")
     queue.add_argument("--config", type=Path, help="TOML config file (for spool.path)")
     verbs = queue.add_subparsers(dest="verb", required=True)
@@ -122,11 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config)
         if (args.command == "serve" and not args.demo) or args.command == "doctor":
             settings.upstream.require_credentials()
+        if args.command == "serve" and not args.demo:
+            settings.reports.require_api_key()
     except ConfigError as exc:
         print(f"relay: config error: {exc}", file=sys.stderr)
         return 2
     if args.command == "queue":
         return _queue(args, settings)
+    if args.command == "trace":
+        return trace_command(settings, args.query, as_lines=args.json)
     if args.command == "check-config":
         print(effective_config(settings))
         warnings = config_warnings(settings)

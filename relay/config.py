@@ -303,6 +303,104 @@ class HttpSettings(_Section):
     ready_upstream_window: float = Field(600.0, gt=0)  # /readyz: a failing upstream is tolerated this long
 
 
+class ReportsSettings(_Section):
+    """Infobip's delivery reports (relay/outcomes): pulled with the relay's own bulkId filter, or pushed."""
+
+    enabled: bool = False
+    base_url: str = "https://api.infobip.com"  # the account's API base URL
+    api_key: SecretStr = SecretStr("")  # prefer RELAY_REPORTS__API_KEY or api_key_file; never logged
+    api_key_file: Path | None = None
+    ca_file: Path | None = None  # extra CA bundle, as upstream.ca_file
+    poll_interval: float = Field(30.0, gt=0)  # seconds; doubled per error or 429, up to ten minutes
+    notify_url: str = ""  # public URL Infobip can POST reports to (push); empty: pull only
+    notify_listen: str = ""  # host:port of the push listener (not the ops port)
+    history_path: Path | None = None  # default: history.sqlite3 in spool.path
+    history_days: float = Field(30.0, gt=0)
+
+    @field_validator("api_key_file", "ca_file", "history_path", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _check(self) -> ReportsSettings:
+        if self.api_key_file is not None:
+            try:
+                self.api_key = SecretStr(self.api_key_file.read_text(encoding="utf-8").strip())
+            except OSError as exc:
+                raise ValueError(f"api_key_file {str(self.api_key_file)!r} cannot be read: {exc.strerror}") from None
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file {str(self.ca_file)!r} does not exist")
+        if not self.base_url.startswith("https://"):
+            raise ValueError(f"base_url {self.base_url!r} must start with https:// (the API key goes with it)")
+        if bool(self.notify_url) != bool(self.notify_listen):
+            raise ValueError("notify_url and notify_listen go together (the public URL and the listener behind it)")
+        if self.notify_url and not self.notify_url.startswith(("https://", "http://")):
+            raise ValueError(f"notify_url {self.notify_url!r} is not an http(s) URL")
+        if self.notify_listen:
+            host, _, port = self.notify_listen.rpartition(":")
+            if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(f"notify_listen {self.notify_listen!r} is not host:port")
+        return self
+
+    def require_api_key(self) -> None:
+        if self.enabled and not self.api_key.get_secret_value():
+            raise ConfigError(
+                "reports.api_key: missing; set RELAY_REPORTS__API_KEY or reports.api_key_file (an Infobip API key)"
+            )
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
+
+
+class BouncesSettings(_Section):
+    """RFC 3464 bounces to the app's sender, through the company's own mail server (relay/outcomes)."""
+
+    enabled: bool = False
+    smtp_host: str = ""  # the server holding the senders' mailboxes (e.g. Exchange); plain SMTP, STARTTLS if offered
+    smtp_port: int = Field(25, ge=1, le=65535)
+    to: str = ""  # a fixed address for every bounce instead of the envelope sender
+    delay_warning: float = Field(0.0, ge=0)  # "4h": one Action: delayed report per message queued that long; 0 off
+    timeout: float = Field(30.0, gt=0)  # seconds per SMTP step towards smtp_host
+
+    @field_validator("delay_warning", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            found = _DURATION_RE.fullmatch(value.strip())
+            if found is None:
+                raise ValueError(f'{value!r} is not a duration such as "4h", "30m", "1d" or seconds')
+            return float(found.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[found.group(2)]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> BouncesSettings:
+        if self.enabled and not self.smtp_host:
+            raise ValueError("smtp_host: needed when bounces are enabled (the mail server of the senders' mailboxes)")
+        if self.to and "@" not in self.to:
+            raise ValueError(f"to {self.to!r} is not an address")
+        return self
+
+
+class ClusterSettings(_Section):
+    """Replicas sharing state through Redis (relay/cluster): the rate budget, the breakers, the members.
+    Empty `redis_url`: one relay on its own, exactly as without this section."""
+
+    redis_url: SecretStr = SecretStr("")  # redis://[:password@]host:6379/0; may carry a password: never logged
+    node_name: str = ""  # this replica's name among the members; default: the host name (the pod name)
+    key_prefix: str = Field("relay", min_length=1)  # several clusters can share one Redis
+    heartbeat: float = Field(1.0, gt=0)  # seconds between heartbeats; a member silent for 3 of them is gone
+    timeout: float = Field(0.5, gt=0)  # seconds a Redis call may take before the replica falls back to its share
+
+    @field_validator("redis_url", mode="after")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return value
+
+
 class LogSettings(_Section):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -323,6 +421,8 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    reports: ReportsSettings = Field(default_factory=ReportsSettings)
+    bounces: BouncesSettings = Field(default_factory=BouncesSettings)
     profiles: list[ProfileSettings] = Field(default_factory=list)
 
     @field_validator("profiles")

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 from structlog.contextvars import bound_contextvars
@@ -49,6 +50,13 @@ class Shared:
     settings: SpoolSettings
     route: Callable[[Job], DeliveryQueue]  # the queue of a job's profile (the default if it is gone)
     write_status: Callable[[str, dict[str, object]], None]
+    outcomes: AttemptObserver | None = None  # told of every attempt (relay/outcomes: history, bounces)
+
+
+class AttemptObserver(Protocol):
+    async def attempted(
+        self, queue_id: str, attempt: int, result: AttemptResult, step: NextStep, *, handed_back: bool
+    ) -> None: ...
 
 
 class Lane:
@@ -152,6 +160,8 @@ class Lane:
         handed_back = False if handoff is None else await self._settle_first(job, handoff, result, step, message)
         if handoff is None:
             await self._settle(job, step, message)
+        if self.shared.outcomes is not None:
+            await self.shared.outcomes.attempted(job.queue_id, job.attempts, result, step, handed_back=handed_back)
         count_and_log(self.metrics, job, result, step, handed_back=handed_back, now=self.clock.time())
 
     async def _settle_first(

@@ -19,7 +19,7 @@ from relay.core.profiles import DEFAULT
 from relay.core.replies import Reply
 from relay.delivery.clock import Clock, SystemClock
 from relay.delivery.janitor import Janitor
-from relay.delivery.lane import Lane, Shared
+from relay.delivery.lane import AttemptObserver, Lane, Shared
 from relay.delivery.prober import Prober
 from relay.delivery.queue import DeliveryQueue, Job
 from relay.delivery.recovery import scan_queue, schedule_found, schedule_journal
@@ -40,6 +40,7 @@ class Delivery:
         settings: SpoolSettings,
         metrics: Metrics | None = None,
         clock: Clock | None = None,
+        outcomes: AttemptObserver | None = None,
     ) -> None:
         self.spool = spool
         self.journal = Journal(spool.journal_dir)
@@ -49,6 +50,7 @@ class Delivery:
         self.shared = Shared(
             spool, self.journal, self.janitor, metrics or Metrics(), self.clock, settings, self.route, self._status_of
         )
+        self.shared.outcomes = outcomes
         self.lanes: dict[str, Lane] = {}
         self._started = False
         self._helpers: list[asyncio.Task[None]] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,13 +19,19 @@ class Readiness:
     checks: dict[str, str]  # check -> "ok" or why not
 
 
+class MessageIndex(Protocol):
+    async def messages(self, query: str) -> list[dict[str, Any]]: ...
+
+
 class HttpServer:
     def __init__(
         self,
         metrics: Metrics,
         readiness: Callable[[], Readiness],
         upstream: Callable[[], dict[str, object]] | None = None,
+        history: MessageIndex | None = None,
     ) -> None:
+        self._history = history
         self._metrics = metrics
         self._readiness = readiness
         self._upstream = upstream or (lambda: {})
@@ -38,6 +45,7 @@ class HttpServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/upstream", self._upstream_view)
+        app.router.add_get("/messages", self._messages_view)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -54,6 +62,15 @@ class HttpServer:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive", "uptime_seconds": round(time.monotonic() - self.started, 1)})
+
+    async def _messages_view(self, request: web.Request) -> web.Response:
+        """GET /messages?q=QUERY: what `relay trace --json` prints, as one JSON list."""
+        query = request.query.get("q", "").strip()
+        if self._history is None:
+            return web.json_response({"error": "no message history: enable [reports] or [bounces]"}, status=404)
+        if not query:
+            return web.json_response({"error": "give q: a queue id, Infobip id, <Message-ID> or address"}, status=400)
+        return web.json_response({"query": query, "messages": await self._history.messages(query)})
 
     async def _upstream_view(self, request: web.Request) -> web.Response:
         return web.json_response(self._upstream())

@@ -28,6 +28,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from relay.core.alignment import aligned, domain_of
 from relay.core.headers import find_field, parse_header_fields
+from relay.testing.reports import ReportsEndpoint
 
 # aiosmtpd warns about its own use of a deprecated attribute on every AUTH; it says nothing to us.
 logging.getLogger("mail.log").addFilter(lambda record: "login_data is deprecated" not in record.getMessage())
@@ -165,6 +166,7 @@ class InfobipStandIn:
         ).configure_cert(self._tls)
         self.arrived = asyncio.Condition()
         self.implicit_tls = False
+        self.reports = ReportsEndpoint(self.ca)  # HTTPS delivery reports: `await standin.reports.start()`
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, *, implicit_tls: bool = False) -> None:
         """Listen; `implicit_tls` serves TLS from the first byte, as on port 465."""
@@ -199,6 +201,7 @@ class InfobipStandIn:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        await self.reports.stop()
         self._tmp.cleanup()
 
     def close_idle_connections(self, reply: str | None = "421 4.4.2 Idle timeout, closing connection") -> int:
@@ -287,6 +290,7 @@ class InfobipStandIn:
             auth_user=server.record.auth_user,
             pipelined=getattr(server, "pipelined_flight", False),
         )
+        self.reports.sent(message.infobip_id, data, message.rcpt_tos)
         async with self.arrived:
             self.messages.append(message)
             self.arrived.notify_all()

@@ -1,0 +1,11 @@
+"""Delivery outcomes: what happened to each recipient after the relay handed a message on.
+
+history.py   the records and the store interface (HistoryStore) the rest depends on
+sqlite.py    the embedded SQLite store (one file, WAL, mode 0600)
+writer.py    the async side: batched writes on one thread, off the event loop
+decide.py    pure rules: report -> status, DSN status codes, bounce and poll schedules, the bulk id
+metrics.py   the outcome metric families
+reports.py   Infobip's delivery reports, pulled with a filter the relay owns (its own bulkId)
+trace.py     `relay trace` and GET /messages: a message's timeline in words or JSON
+service.py   Outcomes: composes the above; the hooks delivery and the app call
+"""

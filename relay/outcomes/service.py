@@ -1,0 +1,193 @@
+"""Outcomes: the history, the report poller (and later push and bounces) as one component of the app.
+
+The data path calls three hooks: `received` (the app handed us a message: it gets our bulk id),
+`attempted` (after each delivery attempt from the spool) and `relayed` (pass-through). Nothing here is
+constructed unless `[reports]` or `[bounces]` is enabled: then nothing is written either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from relay.config import Settings
+from relay.core.prepare import Prepared
+from relay.core.replies import Reply
+from relay.core.retry import AttemptResult, NextStep
+from relay.core.smtp_client import DeliveryResult, queued_id
+from relay.delivery.clock import Clock, SystemClock
+from relay.ops.metrics import Metrics
+from relay.outcomes.decide import FAILED, Report, bulk_id, claim_reports, dead_status, header_block
+from relay.outcomes.history import Attempted, MessageReceived, MessageTrace
+from relay.outcomes.metrics import OutcomeMetrics
+from relay.outcomes.reports import Poller, ReportsClient
+from relay.outcomes.sqlite import SqliteHistory, history_path
+from relay.outcomes.trace import as_json
+from relay.outcomes.writer import History
+
+log = structlog.get_logger("relay.outcomes")
+PRUNE_EVERY = 3600.0
+HEADERS_KEPT = 65536  # bytes of a header block kept for a bounce's text/rfc822-headers part
+
+
+def open_store(path: Path) -> SqliteHistory:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteHistory(path)
+
+
+class Outcomes:
+    def __init__(self, settings: Settings, metrics: Metrics, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.metrics = OutcomeMetrics(metrics.registry)
+        self.path = history_path(settings)
+        self.history: History | None = None
+        self.store: SqliteHistory | None = None
+        self.instance = ""
+        self.push_token = ""
+        self.poller: Poller | None = None
+        self._client: ReportsClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def reports_on(self) -> bool:
+        return self.settings.reports.enabled
+
+    @property
+    def bounces_on(self) -> bool:
+        return self.settings.bounces.enabled
+
+    @property
+    def notify_url(self) -> str | None:
+        url = self.settings.reports.notify_url
+        return f"{url.rstrip('/')}/{self.push_token}" if url and self.reports_on else None
+
+    async def start(self) -> None:
+        self.store = store = await asyncio.to_thread(open_store, self.path)
+        self.history = History(store, bounces_on=self.bounces_on, on_error=self.metrics.history_errors.inc)
+        self.history.start()
+        self.instance = await self.history.call(store.meta, "instance", secrets.token_hex(4))
+        self.push_token = await self.history.call(store.meta, "push_token", secrets.token_urlsafe(24))
+        if self.reports_on:
+            self._client = ReportsClient(self.settings.reports)
+            self.poller = Poller(
+                self._client, self.settings.reports.poll_interval, self.clock, self.metrics, self._pending, self.apply
+            )
+            self._tasks.append(asyncio.create_task(self.poller.run(), name="reports-poller"))
+        self._tasks.append(asyncio.create_task(self._prune(), name="history-prune"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+        if self.history is not None:
+            await self.history.close()
+
+    # hooks from the data path
+
+    def received(self, message: Prepared, client_ip: str) -> Prepared:
+        """The app handed us `message`: claim its reports (our bulk id) and note it. Returns what to send."""
+        assert self.history is not None
+        now = self.clock.time()
+        bulk: str | None = None
+        if self.reports_on:
+            message, owned = claim_reports(message, bulk_id(self.instance, now), self.notify_url)
+            bulk = bulk_id(self.instance, now) if owned else None
+        headers = header_block(message)[:HEADERS_KEPT] if self.bounces_on else None
+        self.history.note(
+            MessageReceived(
+                message.queue_id, message.message_id, message.mail_from, client_ip, now, message.size,
+                message.recipients, bulk, headers,
+            )
+        )  # fmt: skip
+        return message
+
+    async def attempted(
+        self, queue_id: str, attempt: int, result: AttemptResult, step: NextStep, *, handed_back: bool
+    ) -> None:
+        """After an attempt from the spool. A recipient dead after the app heard 250 needs a bounce: that
+        note is on disk before this returns."""
+        if step.held and not (result.accepted or step.dead):  # an outage, not an attempt
+            return
+        dead = {rcpt: (dead_status(reason), reason) for rcpt, reason in step.dead.items()}
+        deferred = {rcpt: result.transient.get(rcpt, step.last_reply) for rcpt in step.retry}
+        await self._attempted(
+            Attempted(
+                queue_id, self.clock.time(), attempt, result.accepted, result.infobip_ids, deferred, dead,
+                bounce=not handed_back,
+            )
+        )  # fmt: skip
+
+    async def relayed(self, message: Prepared, result: DeliveryResult | None, reply: Reply) -> None:
+        """Pass-through: the app waited for Infobip's verdict; only recipients refused inside a 250 bounce."""
+        assert self.history is not None
+        if result is None or not result.final.ok:
+            why = f"refused; the app was told {reply}"
+            dead = {rcpt: (FAILED, why) for rcpt in message.recipients}
+            change = Attempted(message.queue_id, self.clock.time(), 1, dead=dead, bounce=False)
+        else:
+            infobip_id = queued_id(result.final)
+            refused = {rcpt: (FAILED, str(r)) for rcpt, r in result.refused.items()}
+            ids = (infobip_id,) if infobip_id else ()
+            change = Attempted(message.queue_id, self.clock.time(), 1, result.accepted, ids, dead=refused, bounce=True)
+        await self._attempted(change)
+
+    async def _attempted(self, change: Attempted) -> None:
+        assert self.history is not None
+        written = self.history.note(change)
+        for rcpt, (status, reason) in change.dead.items():
+            log.info(
+                "message_outcome", queue_id=change.queue_id, recipient=rcpt, status=status, infobip_id=None,
+                detail=reason, bounce=change.bounce and self.bounces_on,
+            )  # fmt: skip
+        if change.dead and change.bounce and self.bounces_on:
+            await written
+
+    # reports
+
+    async def _pending(self, since: float) -> list[str]:
+        assert self.history is not None and self.store is not None
+        return await self.history.call(self.store.pending_bulk_ids, since)
+
+    async def apply(self, reports: list[Report], source: str) -> None:
+        """Reports (pulled or pushed) into the history: one transaction, then the logs and metrics."""
+        assert self.history is not None and self.store is not None
+        applied = await self.history.call(self.store.apply_reports, reports, source, self.clock.time(), self.bounces_on)
+        self.metrics.reports.labels("pending").inc(applied.pending)
+        self.metrics.reports.labels("duplicate").inc(applied.duplicates)
+        self.metrics.reports.labels("unknown").inc(applied.unknown)
+        if applied.unknown:
+            log.warning("reports_unmatched", source=source, count=applied.unknown)
+        for outcome in applied.outcomes:
+            self.metrics.reports.labels(outcome.status).inc()
+            if outcome.seconds is not None:
+                self.metrics.outcome_seconds.observe(max(0.0, outcome.seconds))
+            log.info(
+                "message_outcome", queue_id=outcome.queue_id, recipient=outcome.address, status=outcome.status,
+                infobip_id=outcome.infobip_id, detail=outcome.detail, source=source, bounce=outcome.bounce,
+            )  # fmt: skip
+
+    async def lookup(self, query: str, limit: int = 50) -> list[MessageTrace]:
+        assert self.history is not None and self.store is not None
+        return await self.history.call(self.store.lookup, query, limit)
+
+    async def messages(self, query: str) -> list[dict[str, Any]]:
+        """GET /messages?q=: the same lookup as `relay trace --json`."""
+        return [as_json(trace) for trace in await self.lookup(query)]
+
+    async def _prune(self) -> None:
+        assert self.history is not None and self.store is not None
+        while True:
+            before = self.clock.time() - self.settings.reports.history_days * 86400
+            try:
+                if removed := await self.history.call(self.store.prune, before):
+                    log.info("history_pruned", messages=removed)
+            except Exception as exc:
+                log.error("history_prune_failed", error_type=type(exc).__name__, error=str(exc))
+            await asyncio.sleep(PRUNE_EVERY)

@@ -1,0 +1,84 @@
+"""The history for async code: every store call on one thread of its own, in the order made.
+
+The data path only notes what happened (`note`, no waiting); notes collect while the previous batch is
+being written, so 10,000 messages cost a few hundred transactions, not 20,000. A caller that must know
+a note is on disk (a dead letter that calls for a bounce) awaits the future `note` returns. One thread
+rather than asyncio.to_thread's pool: one SQLite connection, and writes never overtake each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import structlog
+
+from relay.outcomes.history import Change, HistoryStore
+
+log = structlog.get_logger("relay.outcomes")
+T = TypeVar("T")
+
+
+class History:
+    def __init__(self, store: HistoryStore, *, bounces_on: bool, on_error: Callable[[], None]) -> None:
+        self.store = store
+        self.bounces_on = bounces_on
+        self._on_error = on_error
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="relay-history")
+        self._batch: list[Change] = []
+        self._waiters: list[asyncio.Future[bool]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="history-writer")
+
+    def note(self, change: Change) -> asyncio.Future[bool]:
+        """Queue a change; the future says True once it is on disk (False if the write failed)."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._batch.append(change)
+        self._waiters.append(done)
+        self._wake.set()
+        return done
+
+    async def flush(self) -> None:
+        """Wait until everything noted so far is written."""
+        if self._waiters:
+            await asyncio.shield(self._waiters[-1])
+
+    async def call(self, function: Callable[..., T], *args: object) -> T:
+        """Run a store method on the history's thread, after everything noted before it."""
+        await self.flush()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(function, *args))
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, waiters = self._batch, self._waiters
+            self._batch, self._waiters = [], []
+            if not batch:
+                continue
+            loop = asyncio.get_running_loop()
+            try:
+                await loop.run_in_executor(self._executor, self.store.write, batch, self.bounces_on)
+                ok = True
+            except Exception as exc:  # a full disk, say: the relay goes on; trace will miss these
+                self._on_error()
+                log.error("history_write_failed", changes=len(batch), error_type=type(exc).__name__, error=str(exc))
+                ok = False
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(ok)
+
+    async def close(self) -> None:
+        """Write what is noted, then close the store on its own thread."""
+        if self._task is not None:
+            await self.flush()
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,164 @@
+"""The stand-in's delivery reports endpoint: `GET /email/1/reports` over HTTPS, as seed 004 describes.
+
+Every message the stand-in accepts gets one report per recipient: DELIVERED, except for any address at
+`bounce.example` (UNDELIVERABLE, a permanent error). A report is handed out once, then it is gone, and
+a request without `bulkId` or `messageId` gets everyone's reports, as Infobip's does: which is why the
+relay never sends one (tests assert on `requests`). `push()` POSTs the waiting reports to the message's
+X-IB-Notify-Url instead, as Infobip does when that header is set. Error names are our guess: the seeds
+give only NO_ERROR.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import trustme
+from aiohttp import web
+
+from relay.core.headers import find_field, parse_header_fields
+
+BOUNCE_DOMAIN = "bounce.example"  # every recipient here bounces (documented in the README's demo)
+DELIVERED = {"groupId": 3, "groupName": "DELIVERED", "id": 5, "name": "DELIVERED_TO_HANDSET",
+             "description": "Message delivered to handset"}  # fmt: skip
+UNDELIVERABLE = {"groupId": 2, "groupName": "UNDELIVERABLE", "id": 9, "name": "UNDELIVERABLE_NOT_DELIVERED",
+                 "description": "Message sent not delivered"}  # fmt: skip
+NO_ERROR = {"groupId": 0, "groupName": "OK", "id": 0, "name": "NO_ERROR", "description": "No Error", "permanent": False}
+NO_MAILBOX = {"groupId": 1, "groupName": "HANDSET_ERRORS", "id": 5001, "name": "EC_MAILBOX_DOES_NOT_EXIST",
+              "description": "The recipient's mailbox does not exist", "permanent": True}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ReportsRequest:
+    method: str
+    path: str
+    query: dict[str, str]
+    authorized: bool
+
+
+@dataclass
+class ReportsBehaviour:
+    rate_limited: int = 0  # the next N requests get 429
+    retry_after: int = 1  # seconds, in the 429's Retry-After
+    failing: int = 0  # the next N requests get 500
+    holding: bool = False  # reports exist but are not handed out yet (Infobip still delivering)
+
+
+@dataclass
+class _Waiting:
+    report: dict[str, Any]
+    notify_url: str | None
+    pushed: bool = False
+
+
+@dataclass
+class ReportsEndpoint:
+    ca: trustme.CA
+    api_key: str = "demo-api-key"
+    behaviour: ReportsBehaviour = field(default_factory=ReportsBehaviour)
+    requests: list[ReportsRequest] = field(default_factory=list)
+    waiting: list[_Waiting] = field(default_factory=list)
+    port: int = 0
+    _runner: web.AppRunner | None = None
+    _arrived: asyncio.Condition | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ca.issue_cert("localhost", "127.0.0.1").configure_cert(tls)
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port, ssl_context=tls).start()
+        self.port = int(self._runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def sent(self, message_id: str, data: bytes, recipients: list[str]) -> None:
+        """The stand-in accepted a message: its reports are waiting now."""
+        fields = parse_header_fields(data)
+        bulk, notify = find_field(fields, "X-IB-Bulk-Id"), find_field(fields, "X-IB-Notify-Url")
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000+0000")
+        for rcpt in recipients:
+            bounces = rcpt.lower().endswith("@" + BOUNCE_DOMAIN)
+            report = {
+                "bulkId": bulk.value if bulk else None,
+                "messageId": message_id,
+                "to": rcpt,
+                "sentAt": now,
+                "doneAt": now,
+                "messageCount": 1,
+                "price": {"pricePerMessage": 0, "currency": "UNKNOWN"},
+                "status": UNDELIVERABLE if bounces else DELIVERED,
+                "error": NO_MAILBOX if bounces else NO_ERROR,
+                "channel": "EMAIL",
+            }
+            self.waiting.append(_Waiting(report, notify.value if notify else None))
+
+    async def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[ReportsRequest]:
+        condition = self._condition()
+        async with condition:
+            await asyncio.wait_for(condition.wait_for(lambda: len(self.requests) >= count), timeout)
+        return self.requests
+
+    def _condition(self) -> asyncio.Condition:
+        if self._arrived is None:
+            self._arrived = asyncio.Condition()
+        return self._arrived
+
+    async def push(self, *, keep: bool = False) -> int:
+        """POST each waiting report to its message's notify URL, as Infobip pushes them; `keep` leaves a
+        copy to be pulled too (a report seen twice). Returns how many pushes were answered 200."""
+        ok = 0
+        async with aiohttp.ClientSession() as session:
+            for item in [w for w in self.waiting if w.notify_url and not w.pushed]:
+                async with session.post(item.notify_url or "", json={"results": [item.report]}) as response:
+                    ok += response.status == 200
+                item.pushed = True
+                if not keep:
+                    self.waiting.remove(item)
+        return ok
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        record = ReportsRequest(request.method, request.path, dict(request.query), auth == f"App {self.api_key}")
+        condition = self._condition()
+        async with condition:
+            self.requests.append(record)
+            condition.notify_all()
+        if request.method != "GET" or request.path != "/email/1/reports":
+            return web.json_response({"requestError": {"serviceException": {"text": "not found"}}}, status=404)
+        if not record.authorized:
+            return web.json_response({"requestError": {"serviceException": {"text": "Unauthorized"}}}, status=401)
+        if self.behaviour.rate_limited > 0:
+            self.behaviour.rate_limited -= 1
+            return web.json_response({}, status=429, headers={"Retry-After": str(self.behaviour.retry_after)})
+        if self.behaviour.failing > 0:
+            self.behaviour.failing -= 1
+            return web.Response(status=500, text="internal error")
+        return web.json_response({"results": self._take(record.query)})
+
+    def _take(self, query: dict[str, str]) -> list[dict[str, Any]]:
+        if self.behaviour.holding:
+            return []
+        limit = int(query.get("limit", "50") or 50)
+        chosen = [
+            w
+            for w in self.waiting
+            if query.get("bulkId", w.report["bulkId"]) == w.report["bulkId"]
+            and query.get("messageId", w.report["messageId"]) == w.report["messageId"]
+        ][:limit]
+        for item in chosen:
+            self.waiting.remove(item)
+        return [json.loads(json.dumps(item.report)) for item in chosen]

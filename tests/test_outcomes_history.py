@@ -1,0 +1,144 @@
+"""The SQLite history through its interface (HistoryStore): statuses, reports counted once, the bounce
+outbox, lookups, pruning, and the file's mode."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+from pathlib import Path
+
+import pytest
+
+from relay.outcomes.decide import Report
+from relay.outcomes.history import Attempted, HistoryStore, MessageReceived
+from relay.outcomes.sqlite import SqliteHistory
+from relay.outcomes.writer import History
+
+T0 = 1_800_000_000.0
+
+
+def received(queue_id: str = "q1", *recipients: str, bulk: str | None = "relay-x-1") -> MessageReceived:
+    rcpts = recipients or ("a@example.org", "b@example.org")
+    return MessageReceived(
+        queue_id, f"<{queue_id}@app>", "app@example.com", "10.0.0.5", T0, 100, rcpts, bulk, b"H: 1\r\n"
+    )
+
+
+def infobip(to: str, group: str, message_id: str = "ib1", error: str = "NO_ERROR") -> Report:
+    permanent = group in ("UNDELIVERABLE", "REJECTED")
+    return Report(message_id, to, group, f"{group}_X", "", error, "", permanent, "", "relay-x-1")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SqliteHistory:
+    return SqliteHistory(tmp_path / "history.sqlite3")
+
+
+def test_the_history_file_and_its_wal_are_private(store: SqliteHistory, tmp_path: Path) -> None:
+    store.write([received()], bounces_on=False)
+    for name in ("history.sqlite3", "history.sqlite3-wal", "history.sqlite3-shm"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+
+
+def test_an_attempt_then_reports_set_each_recipients_status_once(store: HistoryStore) -> None:
+    store.write([received(), Attempted("q1", T0 + 1, 1, ("a@example.org", "b@example.org"), ("ib1",))], True)
+    assert store.pending_bulk_ids(T0) == ["relay-x-1"]
+    applied = store.apply_reports(
+        [infobip("a@example.org", "DELIVERED"), infobip("B@EXAMPLE.ORG", "UNDELIVERABLE")], "pulled", T0 + 30, True
+    )
+    assert [(o.address, o.status, o.seconds, o.bounce) for o in applied.outcomes] == [
+        ("a@example.org", "delivered", 29.0, False),
+        ("B@EXAMPLE.ORG", "bounced", 29.0, True),
+    ]
+    again = store.apply_reports([infobip("b@example.org", "UNDELIVERABLE")], "pushed", T0 + 31, True)
+    assert (again.outcomes, again.duplicates) == ([], 1)
+    assert store.pending_bulk_ids(T0) == []
+    [bounce] = store.due_bounces(T0 + 31, 10)
+    assert [r.address for r in bounce.recipients] == ["B@EXAMPLE.ORG"] and bounce.headers == b"H: 1\r\n"
+    assert store.due_bounces(T0 + 31, 10) == []  # handed out once
+
+
+def test_pending_and_unknown_reports_change_nothing(store: HistoryStore) -> None:
+    store.write([received(), Attempted("q1", T0 + 1, 1, ("a@example.org",), ("ib1",))], True)
+    applied = store.apply_reports(
+        [infobip("a@example.org", "PENDING"), infobip("a@example.org", "DELIVERED", "someone-elses")],
+        "pulled",
+        T0,
+        True,
+    )
+    assert (applied.pending, applied.unknown, applied.outcomes) == (1, 1, [])
+    [trace] = store.lookup("q1", 5)
+    assert trace.recipients[0].status == "sent"
+
+
+def test_recipients_of_one_message_share_one_bounce_until_it_is_handed_out(store: HistoryStore) -> None:
+    store.write([received(), Attempted("q1", T0, 1, ("a@example.org", "b@example.org"), ("ib1",))], True)
+    store.apply_reports([infobip("a@example.org", "UNDELIVERABLE")], "pulled", T0 + 1, True)
+    store.apply_reports([infobip("b@example.org", "REJECTED")], "pulled", T0 + 2, True)
+    [bounce] = store.due_bounces(T0 + 2, 10)
+    assert [r.address for r in bounce.recipients] == ["a@example.org", "b@example.org"]
+
+
+def test_dead_after_250_queues_a_bounce_and_handed_back_does_not(store: HistoryStore) -> None:
+    dead = {"a@example.org": ("failed", "550 5.1.1 No such user")}
+    store.write([received("q1"), Attempted("q1", T0, 1, dead=dead, bounce=True)], True)
+    store.write([received("q2"), Attempted("q2", T0, 1, dead=dead, bounce=False)], True)
+    [bounce] = store.due_bounces(T0, 10)
+    assert bounce.queue_id == "q1" and bounce.recipients[0].dsn_status == "5.1.1"
+    assert [t.recipients[0].status for t in store.lookup("a@example.org", 5)] == ["failed", "failed"]
+
+
+def test_a_failed_bounce_comes_back_when_due_and_a_sent_one_never(store: HistoryStore) -> None:
+    store.write([received(), Attempted("q1", T0, 1, dead={"a@example.org": ("failed", "550 x")}, bounce=True)], True)
+    [bounce] = store.due_bounces(T0, 10)
+    store.bounce_retry(bounce.bounce_id, T0 + 30, "connection refused")
+    assert store.due_bounces(T0 + 29, 10) == []
+    [again] = store.due_bounces(T0 + 30, 10)
+    assert again.attempts == 1
+    store.bounce_done(again.bounce_id, T0 + 31, "sent", "250 ok")
+    assert store.due_bounces(T0 + 10_000, 10) == []
+
+
+def test_a_bounce_being_sent_at_a_crash_is_offered_again(tmp_path: Path) -> None:
+    path = tmp_path / "h.sqlite3"
+    first = SqliteHistory(path)
+    first.write([received(), Attempted("q1", T0, 1, dead={"a@example.org": ("failed", "550 x")}, bounce=True)], True)
+    assert len(first.due_bounces(T0, 10)) == 1  # now 'sending'; the process dies here
+    first.db.close()
+    assert len(SqliteHistory(path).due_bounces(T0, 10)) == 1
+
+
+def test_delay_warnings_once_per_message(store: HistoryStore) -> None:
+    store.write([received("q1"), Attempted("q1", T0 + 5, 1, deferred={"a@example.org": "451 4.3.0 later"})], True)
+    assert store.delayed(T0 + 1, T0 + 3600) == 1
+    assert store.delayed(T0 + 1, T0 + 7200) == 0
+    [warning] = store.due_bounces(T0 + 3600, 10)
+    assert warning.action == "delayed" and {r.address for r in warning.recipients} == {"a@example.org", "b@example.org"}
+
+
+def test_prune_forgets_old_messages_but_keeps_those_with_a_bounce_to_send(store: HistoryStore) -> None:
+    dead = {"a@example.org": ("failed", "550 x")}
+    store.write([received("q1"), received("q2"), Attempted("q2", T0, 1, dead=dead, bounce=True)], True)
+    assert store.prune(T0 + 1) == 1
+    assert [t.queue_id for t in store.lookup("a@example.org", 5)] == ["q2"]
+
+
+def test_meta_keeps_the_first_value(store: HistoryStore) -> None:
+    assert store.meta("instance", "abc") == "abc"
+    assert store.meta("instance", "def") == "abc"
+
+
+async def test_writes_are_batched_in_order_and_a_failed_write_is_reported(tmp_path: Path) -> None:
+    errors: list[int] = []
+    store = SqliteHistory(tmp_path / "h.sqlite3")
+    history = History(store, bounces_on=True, on_error=lambda: errors.append(1))
+    history.start()
+    notes = [history.note(received(f"q{i}")) for i in range(50)]
+    notes.append(history.note(Attempted("q49", T0, 1, ("a@example.org",), ("ib49",))))
+    assert await notes[-1] and all(n.done() for n in notes)
+    [trace] = await history.call(store.lookup, "ib49", 5)
+    assert trace.queue_id == "q49"
+    store.db.execute("PRAGMA query_only = 1")  # every write fails from now on
+    assert await history.note(received("q-late")) is False and errors == [1]
+    await history.close()
+    assert asyncio.get_running_loop().is_running()

@@ -1,0 +1,225 @@
+"""Delivery reports pulled from the stand-in's real HTTPS endpoint into the message history; trace and
+GET /messages over it. Real sockets throughout: SMTP to the relay, SMTP+TLS to the stand-in, HTTPS back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from relay.app import Relay
+from relay.testing.clock import FakeClock
+from relay.testing.standin import InfobipStandIn
+from tests.conftest import StartRelay, message
+from tests.helpers import SENDER, send_one, spooled, until
+
+
+@pytest.fixture
+async def reports(standin: InfobipStandIn) -> AsyncIterator[InfobipStandIn]:
+    await standin.reports.start()
+    yield standin
+
+
+def reports_on(standin: InfobipStandIn, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    settings = {
+        "enabled": True,
+        "base_url": standin.reports.base_url,
+        "api_key": standin.reports.api_key,
+        "ca_file": str(standin.ca_file),
+        "poll_interval": 0.05,
+    }
+    return {"spool": spooled(tmp_path), "reports": {**settings, **extra}}
+
+
+async def messages(relay: Relay, query: str) -> list[dict[str, Any]]:
+    """GET /messages?q= on the ops port, as a program would."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{relay.http.port}/messages", params={"q": query}) as response,
+    ):
+        assert response.status == 200
+        body: dict[str, Any] = await response.json()
+        return list(body["messages"])
+
+
+async def statuses(relay: Relay, query: str) -> dict[str, str]:
+    found = await messages(relay, query)
+    return {r["address"]: r["status"] for m in found for r in m["recipients"]}
+
+
+async def until_status(relay: Relay, query: str, expected: dict[str, str], timeout: float = 10.0) -> None:
+    """Ask GET /messages until the recipients' statuses are `expected` (fails the test on timeout)."""
+    deadline = time.monotonic() + timeout
+    while (latest := await statuses(relay, query)) != expected:
+        assert time.monotonic() < deadline, f"statuses {latest} never became {expected}"
+        await asyncio.sleep(0.02)
+
+
+def queue_id_of(reply: str) -> str:
+    assert reply.startswith("250"), reply
+    return reply.split("Message queued as ")[1] if "Message queued as" in reply else reply.split("Queued as ")[1][:21]
+
+
+async def test_delivered_and_bounced_recipients_of_one_message(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    relay = await start_relay(**reports_on(reports, tmp_path))
+    reply = await send_one(relay.port, SENDER, ["a@example.org", "nobody@bounce.example"], message())
+    assert reply.startswith("250 2.6.0 Message queued as ")
+    infobip_id = reply.rsplit(" ", 1)[1]
+    sent = (await reports.wait_for_messages(1))[0]
+    bulk_line = next(line for line in sent.data.split(b"\r\n") if line.startswith(b"X-IB-Bulk-Id: "))
+    bulk = bulk_line.split(b": ", 1)[1].decode()
+    assert bulk.startswith("relay-")
+
+    await until_status(relay, infobip_id, {"a@example.org": "delivered", "nobody@bounce.example": "bounced"})
+    [found] = await messages(relay, infobip_id)
+    bounced = next(r for r in found["recipients"] if r["status"] == "bounced")
+    assert bounced["infobip_id"] == infobip_id and "EC_MAILBOX_DOES_NOT_EXIST" in bounced["detail"]
+    assert found["sender"] == SENDER and found["bulk_id"] == bulk
+    assert found["message_id"].startswith("<") and found["message_id"].endswith(">")
+    # Every request the relay made carried its own bulk id and its key; none asked for everyone's reports.
+    assert reports.reports.requests
+    for request in reports.reports.requests:
+        assert request.authorized and request.query.get("bulkId") == bulk, request
+    metrics = relay.metrics.registry
+    assert metrics.get_sample_value("relay_reports_total", {"result": "delivered"}) == 1
+    assert metrics.get_sample_value("relay_reports_total", {"result": "bounced"}) == 1
+    assert metrics.get_sample_value("relay_outcome_seconds_count") == 2
+
+
+async def test_reports_of_other_systems_on_the_account_are_never_taken(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """Another system's report (its own bulk id, or none) waits in the account; the app's own bulk id
+    means the app's reports: the relay adds none of its own and never asks for them."""
+    reports.reports.sent("other-system-1", b"X-IB-Bulk-Id: crm-2026\r\n\r\n", ["x@example.org"])
+    reports.reports.sent("other-system-2", b"Subject: no bulk id\r\n\r\n", ["y@example.org"])
+    relay = await start_relay(**reports_on(reports, tmp_path))
+    own = await send_one(relay.port, SENDER, ["a@example.org"], message())
+    apps = await send_one(relay.port, SENDER, ["b@example.org"], message(X_IB_Bulk_Id="app-bulk-7"))
+    await until_status(relay, own.rsplit(" ", 1)[1], {"a@example.org": "delivered"})
+    sent = await reports.wait_for_messages(2)
+    assert sent[1].data.count(b"X-IB-Bulk-Id") == 1  # the app's own, and no second one
+    left = sorted(w.report["messageId"] for w in reports.reports.waiting)
+    assert left == sorted(["other-system-1", "other-system-2", apps.rsplit(" ", 1)[1]])
+    assert {r.query.get("bulkId") for r in reports.reports.requests} == {relay_bulk(sent[0].data)}
+    [app_message] = await messages(relay, apps.rsplit(" ", 1)[1])
+    assert app_message["bulk_id"] is None and app_message["recipients"][0]["status"] == "sent"
+
+
+def relay_bulk(data: bytes) -> str:
+    line = next(line for line in data.split(b"\r\n") if line.startswith(b"X-IB-Bulk-Id: "))
+    return line.split(b": ", 1)[1].decode()
+
+
+async def test_a_429_backs_off_until_retry_after(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    relay = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30))
+    reply = await send_one(relay.port, SENDER, ["a@example.org"], message())
+    registry = relay.metrics.registry
+    await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30)
+    reports.reports.behaviour.rate_limited, reports.reports.behaviour.retry_after = 1, 120
+    clock.advance(30)
+    await reports.reports.wait_for_requests(1)
+    await until(lambda: registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "rate_limited"}) == 1)
+    assert registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 120
+    clock.advance(119.9)  # no poll falls due before Infobip's Retry-After
+    assert len(reports.reports.requests) == 1
+    clock.advance(0.2)
+    await reports.reports.wait_for_requests(2)
+    await until_status(relay, reply.rsplit(" ", 1)[1], {"a@example.org": "delivered"})
+    # back to the configured interval once a poll works
+    await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30)
+
+
+async def test_server_errors_double_the_interval(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    relay = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30))
+    await send_one(relay.port, SENDER, ["a@example.org"], message())
+    registry = relay.metrics.registry
+    await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30)
+    reports.reports.behaviour.failing = 2
+    clock.advance(30)
+    await reports.reports.wait_for_requests(1)
+    await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 60)
+    clock.advance(60)
+    await reports.reports.wait_for_requests(2)
+    await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 120)
+    assert registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "http_error"}) == 2
+
+
+async def test_a_wrong_api_key_is_a_poll_error_and_the_key_is_never_logged(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    relay = await start_relay(**reports_on(reports, tmp_path, api_key="wrong-key-123"))
+    await send_one(relay.port, SENDER, ["a@example.org"], message())
+    await reports.reports.wait_for_requests(1)
+    registry = relay.metrics.registry
+    await until(
+        lambda: (registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "http_error"}) or 0) >= 1
+    )
+    assert not reports.reports.requests[0].authorized
+    assert "wrong-key-123" not in capsys.readouterr().err
+
+
+async def test_trace_finds_a_message_by_each_kind_of_query(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from relay.cli import main
+
+    relay = await start_relay(**reports_on(reports, tmp_path))
+    data = message(Message_ID="<inv-42@erp.example.com>")
+    reply = await send_one(relay.port, SENDER, ["a@example.org", "gone@bounce.example"], data)
+    infobip_id = reply.rsplit(" ", 1)[1]
+    await until_status(relay, infobip_id, {"a@example.org": "delivered", "gone@bounce.example": "bounced"})
+    [found] = await messages(relay, infobip_id)
+    queue_id = found["queue_id"]
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[spool]\npath = "{tmp_path}"\n')
+    for query in (queue_id, infobip_id, "<inv-42@erp.example.com>", "gone@bounce.example", "A@EXAMPLE.ORG"):
+        assert main(["trace", "--config", str(config), "--json", query]) == 0
+        [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]  # not log lines
+        traced = json.loads(line)
+        assert traced["queue_id"] == queue_id and traced["message_id"] == "<inv-42@erp.example.com>"
+        assert {r["address"]: r["status"] for r in traced["recipients"]} == {
+            "a@example.org": "delivered",
+            "gone@bounce.example": "bounced",
+        }
+        assert set(traced["recipients"][0]) >= {"address", "status", "infobip_id", "detail", "at"}
+        assert set(traced) >= {"queue_id", "message_id", "sender", "received_at", "recipients"}
+        assert (await messages(relay, query))[0]["queue_id"] == queue_id
+    assert main(["trace", "--config", str(config), "<inv-42@erp.example.com>"]) == 0
+    words = capsys.readouterr().out
+    assert f"message {queue_id}" in words and "received from 127.0.0.1" in words
+    assert f"attempt 1: Infobip took 2 recipient(s) as {infobip_id}" in words
+    assert "gone@bounce.example: pulled: UNDELIVERABLE" in words and "a@example.org: pulled: DELIVERED" in words
+    assert main(["trace", "--config", str(config), "nothing@example.net"]) == 1
+    assert "no message matches" in capsys.readouterr().err
+
+
+async def test_messages_without_history_or_query(standin: InfobipStandIn, start_relay: StartRelay) -> None:
+    relay = await start_relay()
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{relay.http.port}/messages"
+        async with session.get(url, params={"q": "x"}) as response:
+            assert response.status == 404 and "enable [reports] or [bounces]" in (await response.json())["error"]
+
+
+async def test_trace_without_a_history(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from relay.cli import main
+
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[spool]\npath = "{tmp_path}"\n')
+    assert main(["trace", "--config", str(config), "x"]) == 1
+    assert "no message history at" in capsys.readouterr().err
