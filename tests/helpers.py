@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import time
@@ -15,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog
 
 
@@ -70,3 +72,48 @@ def sample(metrics: str, name: str) -> float:
         if line.startswith(name + " ") or (line.startswith(name + "{") and line.split(" ")[0] == name):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in metrics")
+
+
+def toml_text(sections: dict[str, dict[str, Any]]) -> str:
+    """The one TOML writer of the tests: a table per section, values as TOML scalars or arrays (a string
+    is written as a JSON string, which TOML reads the same)."""
+
+    def value(item: Any) -> str:
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, int | float):
+            return str(item)
+        if isinstance(item, list | tuple):
+            return "[" + ", ".join(value(x) for x in item) + "]"
+        return json.dumps(str(item))
+
+    lines: list[str] = []
+    for name, table in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {value(item)}" for key, item in table.items() if item is not None]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_config(path: Path, standin: InfobipStandIn, *, port: int, **sections: dict[str, Any]) -> Path:
+    """A relay config pointing at the stand-in, listening on `port`, no spool and no HTTP unless a section
+    says otherwise; `sections` update the defaults key by key (a value of None leaves a key out)."""
+    base: dict[str, dict[str, Any]] = {
+        "listen": {"host": "127.0.0.1", "port": port, "hostname": "relay.test", "timeout": 10},
+        "upstream": {
+            "host": "localhost",
+            "port": standin.port,
+            "username": standin.username,
+            "password": standin.password,
+            "ca_file": str(standin.ca_file),
+            "connect_timeout": 5,
+            "command_timeout": 5,
+        },
+        "spool": {"enabled": False},
+        "http": {"enabled": False, "host": "127.0.0.1", "port": 0},
+        "log": {"level": "info"},
+    }
+    for name, table in sections.items():
+        base.setdefault(name, {}).update(table)
+    path.write_text(toml_text(base))
+    return path

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.cli import main as relay_main
 from relay.ops.metrics import relay_version
 from relay.testing.standin import InfobipStandIn
+from tests import helpers
 from tests.conftest import StartRelay, free_port, message
 from tests.helpers import sample, send_one
 from tests.test_ops import RelayProcess, wait_listening
@@ -31,27 +32,13 @@ _NAME = re.compile(r"\b((?:relay|process|python)_[a-zA-Z0-9_]+)")
 
 
 def write_config(path: Path, standin: InfobipStandIn, *, port: int, http_port: int, spool: Path) -> Path:
-    path.write_text(
-        f"""
-[listen]
-host = "127.0.0.1"
-port = {port}
-hostname = "relay.test"
-[upstream]
-host = "localhost"
-port = {standin.port}
-username = "{standin.username}"
-password = "{standin.password}"
-ca_file = "{standin.ca_file}"
-[spool]
-path = "{spool}"
-sync_wait = 2.0
-[http]
-host = "127.0.0.1"
-port = {http_port}
-"""
+    return helpers.write_config(
+        path,
+        standin,
+        port=port,
+        spool={"enabled": True, "path": str(spool), "sync_wait": 2.0},
+        http={"enabled": True, "port": http_port},
     )
-    return path
 
 
 class Running:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from relay.testing.standin import InfobipStandIn
+from tests import helpers
 from tests.conftest import Dialog, free_port, message
 
 SENDER = "billing@erp.example.com"
@@ -20,27 +21,9 @@ PASSWORD = "demo-password"
 
 
 def write_config(path: Path, standin: InfobipStandIn, port: int, extra: str = "") -> Path:
-    path.write_text(
-        f"""
-[listen]
-host = "127.0.0.1"
-port = {port}
-hostname = "relay.test"
-[upstream]
-host = "localhost"
-port = {standin.port}
-username = "{standin.username}"
-password = "{standin.password}"
-ca_file = "{standin.ca_file}"
-[spool]
-enabled = false
-[http]
-enabled = false
-[log]
-level = "debug"
-{extra}
-"""
-    )
+    """Pass-through, debug logs; `extra` is TOML appended as it is (a test's own tables)."""
+    helpers.write_config(path, standin, port=port, log={"level": "debug"})
+    path.write_text(path.read_text() + extra)
     return path
 
 

@@ -30,6 +30,7 @@ from relay.core.prepare import Prepared
 from relay.store.journal import live_index
 from relay.store.spool import EntryState, Spool
 from relay.testing.standin import InfobipStandIn
+from tests import helpers
 from tests.conftest import Dialog, free_port, message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,43 +55,23 @@ def write_config(
     retry_max: float = 2.0,
     drain_timeout: float | None = 4.0,
 ) -> Path:
-    path.write_text(
-        f"""
-[listen]
-host = "127.0.0.1"
-port = {port}
-hostname = "relay.test"
-timeout = 10
-
-[upstream]
-host = "localhost"
-port = {standin.port}
-username = {json.dumps(standin.username)}
-password = {json.dumps(standin.password)}
-ca_file = {json.dumps(str(standin.ca_file))}
-pool_size = {pool_size}
-connect_timeout = 5
-command_timeout = 5
-data_timeout = 10
-
-[spool]
-enabled = true
-path = {json.dumps(str(spool))}
-sync_wait = {sync_wait}
-retry_initial = {retry_initial}
-retry_max = {retry_max}
-{"" if drain_timeout is None else f"drain_timeout = {drain_timeout}"}
-
-[http]
-host = "127.0.0.1"
-port = 0
-
-[log]
-format = "json"
-level = "info"
-"""
+    """A spooled relay process's config: short retries, JSON logs, the ops port on an OS-picked port."""
+    return helpers.write_config(
+        path,
+        standin,
+        port=port,
+        upstream={"pool_size": pool_size, "data_timeout": 10},
+        spool={
+            "enabled": True,
+            "path": str(spool),
+            "sync_wait": sync_wait,
+            "retry_initial": retry_initial,
+            "retry_max": retry_max,
+            "drain_timeout": drain_timeout,
+        },
+        http={"enabled": True},
+        log={"format": "json"},
     )
-    return path
 
 
 def _child_env(**extra: str) -> dict[str, str]:

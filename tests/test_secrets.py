@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from relay.testing.standin import InfobipStandIn
+from tests import helpers
 from tests.conftest import Dialog, free_port, message, record_wire
 
 USERNAME = "ib-user-K7q"
@@ -62,35 +63,16 @@ async def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, s
 def write_config(
     path: Path, standin: InfobipStandIn, *, port: int, http_port: int, spool: bool, password: str | None
 ) -> Path:
-    password_line = f'password = "{password}"' if password is not None else ""
-    path.write_text(
-        f"""
-[listen]
-host = "127.0.0.1"
-port = {port}
-hostname = "relay.test"
-[upstream]
-host = "localhost"
-port = {standin.port}
-username = "{USERNAME}"
-{password_line}
-ca_file = "{standin.ca_file}"
-connect_timeout = 5
-command_timeout = 5
-[spool]
-enabled = {"true" if spool else "false"}
-path = "{path.parent / "spool"}"
-sync_wait = 5
-drain_timeout = 2
-[http]
-enabled = true
-host = "127.0.0.1"
-port = {http_port}
-[log]
-level = "debug"
-"""
+    """Debug logs, the ops port on `http_port`; `password` None leaves the key out (env or file gives it)."""
+    return helpers.write_config(
+        path,
+        standin,
+        port=port,
+        upstream={"username": USERNAME, "password": password},
+        spool={"enabled": spool, "path": str(path.parent / "spool"), "sync_wait": 5, "drain_timeout": 2},
+        http={"enabled": True, "port": http_port},
+        log={"level": "debug"},
     )
-    return path
 
 
 class RelayRun:
