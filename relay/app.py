@@ -10,6 +10,7 @@ from pathlib import Path
 import structlog
 from structlog.contextvars import bound_contextvars
 
+from relay.cluster.node import Replicas
 from relay.config import ConfigError, Settings, load_settings
 from relay.core.alignment import organizational_domain
 from relay.core.first_attempt import client_reply
@@ -47,7 +48,9 @@ class Relay:
             if self.spool is not None
             else None
         )
-        self.handler = RelayHandler(settings, self.deliver_spooled if self.spool else self.deliver_direct, self.metrics)
+        self.replicas = Replicas(settings, self.metrics)  # relay/cluster: shared budget (Redis), hand-off
+        deliver = self.deliver_spooled if self.spool else self.deliver_direct
+        self.handler = RelayHandler(settings, deliver, self.metrics, self.replicas.budget)
         self.sessions = Sessions()
         self.http = HttpServer(self.metrics, self.readiness, self.upstream_status, self.outcomes)
         self._server: asyncio.Server | None = None
@@ -156,6 +159,7 @@ class Relay:
             await self.outcomes.start()
         if self.delivery is not None:
             await self.delivery.start()
+        await self.replicas.start(self.delivery)
         loop = asyncio.get_running_loop()
         listen = self.settings.listen
         self._server = await loop.create_server(
@@ -183,6 +187,7 @@ class Relay:
         self.sessions.close_all(str(SHUTTING_DOWN))
         if self.delivery is not None:
             await self.delivery.stop(deadline - time.monotonic())
+        await self.replicas.stop()
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
         if self.outcomes is not None:
             await self.outcomes.stop()

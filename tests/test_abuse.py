@@ -909,23 +909,6 @@ async def test_garbage_instead_of_a_tls_handshake_closes_only_that_connection(
     assert [m.mail_from for m in standin.messages] == [SENDER, SENDER]
 
 
-async def test_commands_pipelined_after_starttls_are_discarded(
-    standin: InfobipStandIn, start_relay: StartRelay, inbound_tls: tuple[dict[str, Any], ssl.SSLContext]
-) -> None:
-    listen, context = inbound_tls
-    relay = await start_relay(listen={**listen, "auth_required": False})
-    dialog = await session(relay.port)
-    # Plaintext injected behind STARTTLS (CVE-2011-0411 style) must not run inside the TLS session.
-    dialog.writer.write(b"STARTTLS\r\nMAIL FROM:<evil@attacker.example>\r\nRCPT TO:<victim@example.net>\r\n")
-    assert (await dialog.reply()).startswith("220 ")
-    await dialog.writer.start_tls(context, server_hostname="localhost")
-    assert await dialog.send("NOOP") == "250 2.0.0 OK"  # no reply to the injected commands came first
-    assert (await dialog.send("EHLO app.test")).startswith("250-relay.test\n")
-    await normal_message(dialog, standin, "after-injection")
-    await dialog.close()
-    assert [m.rcpt_tos for m in standin.messages] == [[RCPT]]
-
-
 async def test_starttls_inside_tls_is_refused_and_the_session_goes_on(
     standin: InfobipStandIn, start_relay: StartRelay, inbound_tls: tuple[dict[str, Any], ssl.SSLContext]
 ) -> None:

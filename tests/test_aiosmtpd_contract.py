@@ -92,7 +92,8 @@ async def test_the_private_attributes_compat_reads() -> None:
     for attribute in ("self._reader = reader", "self._writer = writer", "self._timeout_handle", "self.envelope ="):
         assert attribute in SOURCE, attribute
     assert "self._timeout_handle: Optional[asyncio.TimerHandle] = None" in SOURCE
-    assert isinstance(asyncio.StreamReader()._buffer, bytearray)  # next_command_waiting looks into it
+    assert isinstance(asyncio.StreamReader()._buffer, bytearray)  # next_command_waiting and buffered look into it
+    assert "self._reader._buffer.clear()" in SOURCE  # after STARTTLS: the cleartext bytes `buffered` counts first
 
 
 def test_the_size_refusals_are_the_only_stock_552s() -> None:
@@ -134,6 +135,7 @@ class Seen:
     sessions: list[Session] = field(default_factory=list)
     parsed: list[str] = field(default_factory=list)
     pipelined: list[bool] = field(default_factory=list)
+    buffered: list[int] = field(default_factory=list)
     servers: list[Probe] = field(default_factory=list)
 
 
@@ -167,6 +169,7 @@ class Probe(CompatSMTP):
 
     async def smtp_NOOP(self, arg: str) -> None:
         self.seen.pipelined.append(compat.next_command_waiting(self))
+        self.seen.buffered.append(compat.buffered(self))
         await super().smtp_NOOP(arg)
 
 
@@ -254,6 +257,16 @@ async def test_next_command_waiting_sees_a_pipelined_line(serve: Any) -> None:
     assert await dialog.send("NOOP") == "250 OK"
     await dialog.close()
     assert served.seen.pipelined == [True, False, False]
+
+
+async def test_buffered_counts_the_bytes_received_behind_the_current_command(serve: Any) -> None:
+    served = await serve()
+    dialog = await opened(served.port)
+    dialog.writer.write(b"NOOP\r\nNOOP\r\nQU")
+    assert await dialog.reply() == await dialog.reply() == "250 OK"
+    assert await dialog.send("IT") == "221 Bye"
+    await dialog.close()
+    assert served.seen.buffered == [len(b"NOOP\r\nQU"), len(b"QU")]
 
 
 async def test_line_length_limit_is_the_stream_limit(serve: Any) -> None:

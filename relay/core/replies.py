@@ -104,6 +104,9 @@ def with_enhanced_code(line: str) -> str:
 # -- inbound: connection, envelope and DATA --
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections to this relay; try again later")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS is already active")
+CLEARTEXT_AFTER_STARTTLS = Reply(
+    554, "5.5.1", "Commands were sent behind STARTTLS, before TLS began; they are not run inside TLS: closing"
+)
 SENDER_MALFORMED = Reply(553, "5.1.7", "Sender address must look like user@example.com")
 RECIPIENT_MALFORMED = Reply(553, "5.1.3", "Recipient address must look like user@example.com")
 NO_RECIPIENT = Reply(503, "5.5.1", "Send RCPT TO first: the message has no recipient")

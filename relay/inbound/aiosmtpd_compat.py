@@ -83,6 +83,12 @@ def next_command_waiting(server: SMTP) -> bool:
     return b"\n" in getattr(server._reader, "_buffer", b"")
 
 
+def buffered(server: SMTP) -> int:
+    """Bytes received and not yet read. In `connection_made` after STARTTLS, these came in clear before the
+    switch, and aiosmtpd is about to throw them away quietly (RFC 3207 4.2); the relay hangs up instead."""
+    return len(getattr(server._reader, "_buffer", b""))
+
+
 def end_transaction(server: SMTP) -> None:
     """After the reply to the end of data: a fresh envelope, as aiosmtpd's own DATA leaves it."""
     server._set_post_data_state()  # type: ignore[no-untyped-call]

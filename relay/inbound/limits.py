@@ -7,6 +7,7 @@ limit of 60 per minute allows a burst of 60 and then one a second.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from relay.config import LimitsSettings
 from relay.core.replies import client_message_rate, client_recipient_rate, message_rate
@@ -47,13 +48,30 @@ class TokenBuckets:
         return min(float(self.capacity), bucket.tokens + refill)
 
 
+class SharedBudget(Protocol):
+    """`messages_per_minute` for a whole cluster of replicas (relay/cluster/budget.py)."""
+
+    async def take(self, capacity: int) -> bool: ...
+
+
 class RateLimits:
     """The [limits] section's rates, checked at MAIL (messages) and RCPT (recipients)."""
 
-    def __init__(self, settings: LimitsSettings) -> None:
+    def __init__(self, settings: LimitsSettings, shared: SharedBudget | None = None) -> None:
         self.client_messages = TokenBuckets(settings.client_messages_per_minute, 60.0)
         self.all_messages = TokenBuckets(settings.messages_per_minute, 60.0)
         self.client_recipients = TokenBuckets(settings.client_recipients_per_hour, 3600.0)
+        self.shared = shared
+
+    async def admit(self, client_ip: str, now: float) -> Refusal | None:
+        """`message`, with `messages_per_minute` taken from the cluster's budget when replicas share one."""
+        if self.shared is None:
+            return self.message(client_ip, now)
+        if not self.client_messages.take(client_ip, now):
+            return Refusal("rate_limit", client_message_rate(client_ip, self.client_messages.capacity))
+        if not await self.shared.take(self.all_messages.capacity):
+            return Refusal("rate_limit", message_rate(self.all_messages.capacity))
+        return None
 
     def message(self, client_ip: str, now: float) -> Refusal | None:
         if not self.client_messages.take(client_ip, now):

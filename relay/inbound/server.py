@@ -24,6 +24,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from relay.config import Settings
 from relay.core.prepare import Prepared, Received, prepare
 from relay.core.replies import (
+    CLEARTEXT_AFTER_STARTTLS,
     DATA_GO_AHEAD,
     DATA_TAKES_NO_ARGUMENT,
     INTERNAL_ERROR,
@@ -40,7 +41,7 @@ from relay.core.replies import (
 from relay.inbound import aiosmtpd_compat as compat
 from relay.inbound.access import Refusal, check_client, check_recipient, check_sender, client_address
 from relay.inbound.aiosmtpd_compat import CompatSMTP
-from relay.inbound.limits import MemoryBudget, RateLimits
+from relay.inbound.limits import MemoryBudget, RateLimits, SharedBudget
 from relay.inbound.upload import Upload
 from relay.ops.logs import log_message
 from relay.ops.metrics import Metrics
@@ -215,9 +216,16 @@ class RelaySMTP(CompatSMTP):
     def connection_made(self, transport: Any) -> None:
         self._sessions.live.add(self)
         before = self.session
+        # After STARTTLS: bytes that came in clear before the switch are an injection (CVE-2011-0411).
+        injected = compat.buffered(self) if isinstance(before, RelaySession) else 0
         super().connection_made(transport)
         if isinstance(before, RelaySession) and isinstance(self.session, RelaySession):
             self.session.client_ip = before.client_ip  # after STARTTLS aiosmtpd starts a new session
+            if injected:
+                log.warning("client_refused", client_ip=before.client_ip, reply=str(CLEARTEXT_AFTER_STARTTLS))
+                self.event_handler.metrics.rejected.labels("starttls_injection").inc()
+                transport.write(str(CLEARTEXT_AFTER_STARTTLS).encode() + b"\r\n")
+                transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         self._sessions.live.discard(self)
@@ -307,16 +315,19 @@ class RelaySMTP(CompatSMTP):
 class RelayHandler:
     """aiosmtpd hooks: check at MAIL and RCPT, prepare and deliver at DATA."""
 
-    def __init__(self, settings: Settings, deliver: Deliver, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, deliver: Deliver, metrics: Metrics, shared_budget: SharedBudget | None = None
+    ) -> None:
         self.deliver = deliver
         self.metrics = metrics
+        self.shared_budget = shared_budget  # replicas: messages_per_minute for the cluster (relay/cluster)
         self.budget = MemoryBudget(settings.limits.memory_budget)
         self.apply(settings)
 
     def apply(self, settings: Settings) -> None:
         """Take a (re)loaded config: new sessions see it; sessions already open keep their limits."""
         self.settings = settings
-        self.limits = RateLimits(settings.limits)
+        self.limits = RateLimits(settings.limits, self.shared_budget)
         self.budget.limit = settings.limits.memory_budget
         self.users = {user.username: user for user in settings.listen.users}
         self.tls_context: ssl.SSLContext | None = None
@@ -376,7 +387,7 @@ class RelayHandler:
     async def handle_MAIL(
         self, server: RelaySMTP, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        refusal = check_sender(address, self.sender_domains(session)) or self.limits.message(
+        refusal = check_sender(address, self.sender_domains(session)) or await self.limits.admit(
             session.client_ip, time.monotonic()
         )
         if refusal is not None:
