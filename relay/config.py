@@ -73,6 +73,8 @@ class ListenSettings(_Section):
     max_recipients: int = Field(INFOBIP_MAX_RECIPIENTS, gt=0)
     max_connections: int = Field(200, gt=0)
     max_line_length: int = Field(1048576, ge=1001)  # legacy apps send unwrapped HTML
+    max_header_fields: int = Field(1000, gt=0)  # fields in one message's header block (a long To: is one)
+    max_header_bytes: int = Field(262144, ge=1000)  # bytes of one message's header block
     timeout: float = Field(300.0, gt=0)  # seconds a client may stay silent (between commands, or in DATA)
     data_timeout: float = Field(900.0, gt=0)  # the whole DATA phase, however steadily the bytes trickle in
     tls_cert_file: Path | None = None  # optional STARTTLS for clients that can do it (PEM)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from relay.config import PolicyRule, PolicySettings
 from relay.core.headers import find_field, parse_header_fields
-from relay.core.prepare import Prepared, Received, header_from_address, is_safe_address, prepare
+from relay.core.prepare import Prepared, Received, from_address, is_safe_address, prepare
 from relay.core.replies import Rejection, Reply
 
 QUEUE_ID = "0190abcdef0123456789a"
@@ -174,24 +174,26 @@ def test_replace_existing_false_keeps_the_apps_header() -> None:
     assert prepared.as_bytes() == b"X-IB-Bulk-Id: 7\r\n" + data
 
 
-def test_replace_existing_true_drops_every_copy_including_folded_lines() -> None:
+def test_replace_existing_true_drops_the_apps_field_including_folded_lines() -> None:
     data = (
-        b"x-ib-tracking-url: https://app/one\r\n"
         b"From: <billing@erp.example.com>\r\n"
-        b"X-IB-Tracking-Url: https://app/two\r\n"
+        b"x-ib-tracking-url: https://app/two\r\n"
         b"\tcontinued\r\n"
         b"Message-ID: <a@b>\r\nDate: x\r\n\r\nX-IB-Tracking-Url: body text stays\r\n"
     )
     rules = [{"headers": {"X-IB-Tracking-Url": "https://policy/url"}, "replace_existing": True}]
     prepared = prepare(received(data), policy(rules=rules))
     assert prepared.prefix == b"X-IB-Tracking-Url: https://policy/url\r\n"
-    assert prepared.dropped == ((0, 36), (69, 117))
+    assert prepared.dropped == ((33, 81),)
     assert prepared.as_bytes() == (
         b"X-IB-Tracking-Url: https://policy/url\r\n"
         b"From: <billing@erp.example.com>\r\n"
         b"Message-ID: <a@b>\r\nDate: x\r\n\r\nX-IB-Tracking-Url: body text stays\r\n"
     )
     assert prepared.size == len(prepared.as_bytes())
+    # Two copies of a header a rule sets: which would Infobip read? Refused (tests/test_header_block.py).
+    with pytest.raises(Rejection):
+        prepare(received(b"X-IB-Tracking-Url: https://app/one\r\n" + data), policy(rules=rules))
 
 
 def test_a_rule_for_message_id_or_date_never_makes_a_second_one() -> None:
@@ -241,11 +243,15 @@ NO_FROM = Reply(550, "5.6.0", "The message has no valid From: header; add one su
         msg("From: "),
         msg("From: Billing Department"),
         msg("From: <billing at erp.example.com>"),
-        b"Subject: x\r\nthis ends the headers\r\nFrom: <billing@erp.example.com>\r\n\r\n",
     ],
 )
 def test_no_parseable_from_is_550_5_6_0(data: bytes) -> None:
     assert rejected(received(data), policy()) == NO_FROM
+
+
+def test_a_line_that_is_not_a_field_is_refused_not_taken_for_the_body() -> None:
+    data = b"Subject: x\r\nthis ends the headers\r\nFrom: <billing@erp.example.com>\r\n\r\n"
+    assert rejected(received(data), policy()).text.startswith("Header line 2 is neither a field")
 
 
 def test_misaligned_is_550_5_7_1_naming_both_domains() -> None:
@@ -290,13 +296,13 @@ def test_off_mode_still_requires_a_from() -> None:
     assert rejected(received(msg("Subject: x")), policy("off")) == NO_FROM
 
 
-def test_the_first_usable_from_address_is_used() -> None:
-    assert header_from_address('"Billing, ERP" <billing@erp.example.com>, other@example.net') == (
-        "billing@erp.example.com"
-    )
-    assert header_from_address("billing@erp.example.com") == "billing@erp.example.com"
-    assert header_from_address("bad address <a b@x>, good@example.com") == "good@example.com"
-    assert header_from_address("") is None
+def test_the_from_address_is_the_one_a_mail_client_shows() -> None:
+    assert from_address('"Billing, ERP" <billing@erp.example.com>') == "billing@erp.example.com"
+    assert from_address("billing@erp.example.com") == "billing@erp.example.com"
+    assert from_address("billing@erp.example.com (Billing)") == "billing@erp.example.com"
+    for several in ('"Billing, ERP" <billing@erp.example.com>, other@example.net', "Team: a@example.com;"):
+        with pytest.raises(Rejection):  # several addresses, or a group: tests/test_header_block.py
+            from_address(several)
 
 
 @pytest.mark.parametrize(
@@ -331,10 +337,13 @@ def test_placeholders_use_the_apps_message_id_and_the_client_ip() -> None:
 
 
 def test_a_hostile_message_id_cannot_add_a_header_line() -> None:
-    data = b"From: <billing@erp.example.com>\r\nDate: x\r\nMessage-ID: <a@b>\nBcc: victim@example.org\x0b\r\n\r\n"
     rules = [{"headers": {"X-IB-Bulk-Id": "{message_id}"}}]
+    # Line breaks and controls never get as far as a placeholder: the header block itself is refused.
+    data = b"From: <billing@erp.example.com>\r\nDate: x\r\nMessage-ID: <a@b>\nBcc: victim@example.org\x0b\r\n\r\n"
+    assert rejected(received(data), policy(rules=rules)).enhanced == "5.6.0"
+    data = "From: <billing@erp.example.com>\r\nDate: x\r\nMessage-ID: <a@b>\u2028Bcc: v@example.org\r\n\r\n".encode()
     prepared = prepare(received(data), policy(rules=rules))
-    assert prepared.prefix == b"X-IB-Bulk-Id: <a@b> Bcc: victim@example.org \r\n"
+    assert prepared.prefix == b"X-IB-Bulk-Id: <a@b>\\u2028Bcc: v@example.org\r\n"  # JSON-escaped: one line
 
 
 def test_a_policy_header_that_cannot_be_folded_is_554() -> None:
@@ -443,4 +452,4 @@ def test_prepare_returns_or_rejects_and_never_injects_a_line(
     if alignment != "rewrite":
         assert prepared.mail_from == mail_from
     from_field = find_field(fields, "From")
-    assert from_field is not None and header_from_address(from_field.value) is not None
+    assert from_field is not None and from_address(from_field.value)

@@ -11,13 +11,29 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from email.utils import format_datetime, getaddresses
+from email.errors import ObsoleteHeaderDefect
+from email.policy import SMTP
+from email.utils import format_datetime
 
-from relay.config import PolicySettings
-from relay.core.alignment import check_alignment, domain_of
-from relay.core.headers import HeaderError, HeaderField, find_field, fold_header, parse_header_fields
+from relay.config import ListenSettings, PolicySettings
+from relay.core.alignment import aligned, check_alignment, domain_of
+from relay.core.headers import HeaderError, HeaderField, find_field, fold_header, read_header_block
 from relay.core.policy import MessageFacts, header_actions
-from relay.core.replies import Rejection, Reply, rewritten_sender_not_allowed, sender_domain_not_allowed
+from relay.core.replies import (
+    FROM_MALFORMED,
+    FROM_NOT_ONE_ADDRESS,
+    NO_FROM,
+    Rejection,
+    Reply,
+    duplicate_policy_header,
+    from_display_name_shows,
+    rewritten_sender_not_allowed,
+    sender_domain_not_allowed,
+    several_from_fields,
+    too_big_with_added_headers,
+)
+
+DEFAULT_LISTEN = ListenSettings()
 
 # What we accept as an address to put in an upstream MAIL/RCPT command: no spaces, brackets or controls.
 _SAFE_ADDRESS_RE = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[A-Za-z0-9.\-\[\]:]+")
@@ -73,25 +89,45 @@ class Prepared:
         return b"".join(self.segments())
 
 
-# The usual From: shapes, "Name <a@b>", "<a@b>" and "a@b", without the email package's parser (which
-# takes a good share of prepare()'s time); anything else (quotes, comments, groups) goes to it.
-_ADDR = r"[^<>\s\"(),;:@\[\]\\]+@[^<>\s\"(),;:@\[\]\\]+"
-_PLAIN_FROM = re.compile(rf"[ \t]*(?:[\w .'-]*<({_ADDR})>|({_ADDR}))[ \t]*")
+# The usual From: shapes, "Name <a@b>", "<a@b>" and "a@b" (a dot-atom address, a name of plain words),
+# read without the email package's parser, which takes a good share of prepare()'s time. Python's email
+# reads them the same (tests/test_header_block.py fuzzes that); anything else goes to it.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_ADDR = rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_PLAIN_FROM = re.compile(rf"[ \t]*(?:(?:[\w'-]+(?:[ .]+[\w'-]+)*[ \t]*)?<({_ADDR})>|({_ADDR}))[ \t]*")
+MAX_FROM_LENGTH = 998  # one line (RFC 5322 2.1.1) holds any one address with a name
+_SHOWN_ADDRESS_RE = re.compile(r"[^\s<>\"'@(),;:]+@([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+)")
 
 
-def header_from_address(value: str) -> str | None:
-    """The first address in a From: value, or None when there is no usable one."""
+def from_address(value: str) -> str:
+    """The one address a From: value names, as a mail client reads it; a Rejection when that is not one clear,
+    usable address: a list or group, syntax readers repair differently (`app@ok.example <ceo@evil.example>`),
+    or a display name that shows an address in another organization."""
+    if len(value) > MAX_FROM_LENGTH:
+        raise Rejection(FROM_MALFORMED, reason="bad_headers")
     plain = _PLAIN_FROM.fullmatch(value)
-    if plain is not None and is_safe_address(address := plain.group(1) or plain.group(2)):
-        return address
-    for _, address in getaddresses([value]):
-        if address and is_safe_address(address):
-            return address
-    return None
+    if plain is not None:
+        return plain.group(1) or plain.group(2)
+    try:
+        header = SMTP.header_factory("From", value)
+    except Exception:  # the email package's parser gives up on some inputs (a TypeError, a HeaderParseError)
+        raise Rejection(FROM_MALFORMED, reason="bad_headers") from None
+    if not any(is_safe_address(address.addr_spec) for address in header.addresses):
+        raise Rejection(NO_FROM, reason="bad_headers")
+    if any(not isinstance(defect, ObsoleteHeaderDefect) for defect in header.defects):
+        raise Rejection(FROM_MALFORMED, reason="bad_headers")
+    if len(header.addresses) > 1 or header.groups[0].display_name is not None:
+        raise Rejection(FROM_NOT_ONE_ADDRESS, reason="bad_headers")
+    [address] = header.addresses
+    for shown in _SHOWN_ADDRESS_RE.findall(address.display_name):
+        if not aligned(shown.lower(), domain_of(address.addr_spec)):
+            raise Rejection(from_display_name_shows(shown.lower()), reason="bad_headers")
+    return str(address.addr_spec)
 
 
-def prepare(message: Received, policy: PolicySettings) -> Prepared:
-    fields = parse_header_fields(message.data)
+def prepare(message: Received, policy: PolicySettings, listen: ListenSettings = DEFAULT_LISTEN) -> Prepared:
+    """`listen` gives the caps: the header block's fields and bytes, and the size of what is sent."""
+    fields = read_header_block(message.data, listen.max_header_fields, listen.max_header_bytes)
     mail_from = _aligned_sender(message, fields, policy)
     new_lines, ours, message_id = _missing_fields(message, fields)
     facts = MessageFacts(
@@ -105,6 +141,8 @@ def prepare(message: Received, policy: PolicySettings) -> Prepared:
     for action in header_actions(policy.rules, facts):
         key = action.name.lower()
         existing = [f for f in fields if f.name.lower() == key]
+        if len(existing) > 1 and key.startswith("x-ib-"):  # which one would Infobip read?
+            raise Rejection(duplicate_policy_header(action.name, len(existing)), reason="bad_headers")
         # A Message-ID or Date we added counts as set: a message never gets two (RFC 5322 3.6).
         if (existing or key in ours) and not action.replace_existing:
             continue
@@ -119,7 +157,7 @@ def prepare(message: Received, policy: PolicySettings) -> Prepared:
             new_lines.append(line)
         if key == "message-id":
             message_id = action.value  # the one that is sent, for logs and the spool
-    return Prepared(
+    prepared = Prepared(
         queue_id=message.queue_id,
         mail_from=mail_from,
         recipients=message.recipients,
@@ -128,17 +166,19 @@ def prepare(message: Received, policy: PolicySettings) -> Prepared:
         original=message.data,
         dropped=tuple(sorted(dropped)),
     )
+    if prepared.size > listen.max_message_size:  # never accept what Infobip must refuse for size
+        raise Rejection(too_big_with_added_headers(listen.max_message_size), reason="too_big")
+    return prepared
 
 
 def _aligned_sender(message: Received, fields: list[HeaderField], policy: PolicySettings) -> str:
     """The envelope sender to send upstream, once the header From: is found and aligned with it."""
-    from_field = find_field(fields, "From")
-    header_from = header_from_address(from_field.value) if from_field else None
-    if header_from is None:
-        raise Rejection(
-            Reply(550, "5.6.0", "The message has no valid From: header; add one such as From: <app@example.com>"),
-            reason="bad_headers",
-        )
+    froms = [f for f in fields if f.name.lower() == "from"]
+    if len(froms) > 1:
+        raise Rejection(several_from_fields(len(froms)), reason="bad_headers")
+    if not froms:
+        raise Rejection(NO_FROM, reason="bad_headers")
+    header_from = from_address(froms[0].value)
     verdict = check_alignment(policy.alignment, message.mail_from, header_from)
     if verdict.misaligned:
         raise Rejection(

@@ -166,6 +166,73 @@ def rewritten_sender_not_allowed(domain: str) -> Reply:
     )
 
 
+# -- prepare: the header block, read as a receiving MTA and a mail client would; what is ambiguous is refused --
+NO_FROM = Reply(550, "5.6.0", "The message has no valid From: header; add one such as From: <app@example.com>")
+BARE_LINE_BREAK_IN_HEADERS = Reply(
+    550, "5.6.0", "The header block has a bare CR or LF; end every header line with CRLF; nothing was sent"
+)
+CONTROL_IN_HEADERS = Reply(
+    550, "5.6.0", "The header block has a control character (only tab is allowed there); nothing was sent"
+)
+FROM_NOT_ONE_ADDRESS = Reply(
+    550,
+    "5.6.0",
+    "The From: header must hold exactly one address (no lists or groups), such as From: App <app@example.com>",
+)
+FROM_MALFORMED = Reply(
+    550,
+    "5.6.0",
+    "The From: header is malformed, so mail programs could read different senders from it;"
+    " use From: App <app@example.com>",
+)
+
+
+def header_block_too_big(limit: int) -> Reply:
+    return Reply(552, "5.3.4", f"The header block is over {limit} bytes, more than this relay reads; nothing was sent")
+
+
+def too_many_header_fields(limit: int) -> Reply:
+    return Reply(
+        552, "5.3.4", f"The message has over {limit} header fields, more than this relay reads; nothing was sent"
+    )
+
+
+def not_a_header_line(number: int) -> Reply:
+    return Reply(
+        550,
+        "5.6.0",
+        f"Header line {number} is neither a field (Name: value) nor a continuation (a space or tab, then text),"
+        " so receivers would read the headers differently; nothing was sent",
+    )
+
+
+def several_from_fields(count: int) -> Reply:
+    return Reply(550, "5.6.0", f"The message has {count} From: fields; it must have exactly one")
+
+
+def from_display_name_shows(domain: str) -> Reply:
+    """`From: app@allowed.example <ceo@evil.example>` and the like: what a reader sees is not who sends."""
+    return Reply(
+        550,
+        "5.7.1",
+        f"The From: display name shows an address at {domain}, which is not the sender's domain;"
+        " give the sender's own address only",
+    )
+
+
+def too_big_with_added_headers(limit: int) -> Reply:
+    """What the relay adds (Message-ID, Date, policy headers) took the message past what Infobip takes."""
+    return Reply(
+        552,
+        "5.3.4",
+        f"Message too big once the relay's headers are added: at most {limit} bytes go on; nothing was sent",
+    )
+
+
+def duplicate_policy_header(name: str, count: int) -> Reply:
+    return Reply(550, "5.6.0", f"The message has {count} {name} fields, a header this relay's policy sets; send one")
+
+
 # -- store and first attempt: what the app is told after we took the message --
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error in the relay; try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "The relay is shutting down; try again shortly")

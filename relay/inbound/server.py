@@ -423,7 +423,7 @@ class RelayHandler:
         envelope.original_content = envelope.content = b""  # the Received holds the only reference
         self.metrics.received.inc()
         try:
-            prepared = prepare(received, self.settings.policy)
+            prepared = prepare(received, self.settings.policy, self.settings.listen)
         except Rejection as rejection:
             log_message(
                 log,
