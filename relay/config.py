@@ -403,25 +403,6 @@ class ClusterSettings(_Section):
         return value
 
 
-class ClusterSettings(_Section):
-    """Replicas sharing state through Redis (relay/cluster): the rate budget, the breakers, the members.
-    Empty `redis_url`: one relay on its own, exactly as without this section."""
-
-    redis_url: SecretStr = SecretStr("")  # redis://[:password@]host:6379/0; may carry a password: never logged
-    node_name: str = ""  # this replica's name among the members; default: the host name (the pod name)
-    key_prefix: str = Field("relay", min_length=1)  # several clusters can share one Redis
-    heartbeat: float = Field(1.0, gt=0)  # seconds between heartbeats; a member silent for 3 of them is gone
-    timeout: float = Field(0.5, gt=0)  # seconds a Redis call may take before the replica falls back to its share
-
-    @field_validator("redis_url", mode="after")
-    @classmethod
-    def _redis_scheme(cls, value: SecretStr) -> SecretStr:
-        url = value.get_secret_value()
-        if url and not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
-        return value
-
-
 class LogSettings(_Section):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
