@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from relay.app import run
+from relay.cluster.handoff_client import run_handoff
 from relay.config import ConfigError, Settings, load_settings
 from relay.core.headers import header_block_end
 from relay.ops import queue_verbs
@@ -78,6 +79,8 @@ def _queue(args: argparse.Namespace, settings: Settings) -> int:
     if not spool.queue.is_dir():
         print(f"relay: no spool at {spool.path} (spool.path)", file=sys.stderr)
         return 1
+    if args.verb == "handoff":  # relay/cluster: scale-in
+        return run_handoff(spool, args.to, settings.listen.hostname, args.timeout)
     return queue_verbs.run(spool, args.verb, args)
 
 
@@ -117,6 +120,9 @@ def _parser() -> argparse.ArgumentParser:
     deleting.add_argument("ids", nargs="*", metavar="ID")
     deleting.add_argument("--all-dead", action="store_true", help="every dead letter (nothing still waiting)")
     verbs.add_parser("requeue", help="move dead-lettered messages back to the queue").add_argument("ids", nargs="+")
+    handoff = verbs.add_parser("handoff", help="send every waiting message to another relay over SMTP (scale-in)")
+    handoff.add_argument("--to", required=True, metavar="HOST:PORT", help="the other relay's SMTP listener")
+    handoff.add_argument("--timeout", type=float, default=240.0, help="seconds to keep trying (default 240)")
     return parser
 
 

@@ -91,7 +91,9 @@ async def test_three_replicas_hold_the_budget_and_fall_back_to_their_share_witho
     refused: list[list[float]] = [[] for _ in ports]
     stop = asyncio.Event()
     loads = [
-        asyncio.create_task(mail_load(port, accepted[n], refused[n], stop)) for n, port in enumerate(ports) for _ in "ab"
+        asyncio.create_task(mail_load(port, accepted[n], refused[n], stop))
+        for n, port in enumerate(ports)
+        for _ in "ab"
     ]
     try:
         # The bucket starts full (a burst of BUDGET); from the first refusal on it admits at its rate.

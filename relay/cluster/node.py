@@ -1,9 +1,10 @@
 """What app.py composes for running beside other replicas: the Redis link and shared budget (only with
-[cluster] redis_url)."""
+[cluster] redis_url) and the hand-off watcher (always with a spool: `relay queue handoff` needs no Redis)."""
 
 from __future__ import annotations
 
 from relay.cluster.budget import SharedBudget
+from relay.cluster.handoff import HandoffService
 from relay.cluster.state import Cluster
 from relay.config import Settings
 from relay.delivery.scheduler import Delivery
@@ -12,8 +13,10 @@ from relay.ops.metrics import Metrics
 
 class Replicas:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.hostname = settings.listen.hostname
         self.cluster: Cluster | None = None
         self.budget: SharedBudget | None = None
+        self.handoff: HandoffService | None = None
         if settings.cluster.redis_url.get_secret_value():
             cluster = self.cluster = Cluster(settings.cluster, settings.limits.messages_per_minute)
             self.budget = SharedBudget(cluster)
@@ -23,7 +26,12 @@ class Replicas:
     async def start(self, delivery: Delivery | None) -> None:
         if self.cluster is not None:
             await self.cluster.start()
+        if delivery is not None:
+            self.handoff = HandoffService(delivery, self.hostname)
+            self.handoff.start()
 
     async def stop(self) -> None:
+        if self.handoff is not None:
+            await self.handoff.stop()
         if self.cluster is not None:
             await self.cluster.stop()
