@@ -3,67 +3,24 @@ GET /messages over it. Real sockets throughout: SMTP to the relay, SMTP+TLS to t
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
-from relay.app import Relay
 from relay.testing.clock import FakeClock
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, message
-from tests.helpers import SENDER, send_one, spooled, until
+from tests.helpers import SENDER, send_one, until
+from tests.outcomes import messages, reports_on, until_status
 
 
 @pytest.fixture
 async def reports(standin: InfobipStandIn) -> AsyncIterator[InfobipStandIn]:
     await standin.reports.start()
     yield standin
-
-
-def reports_on(standin: InfobipStandIn, tmp_path: Path, **extra: Any) -> dict[str, Any]:
-    settings = {
-        "enabled": True,
-        "base_url": standin.reports.base_url,
-        "api_key": standin.reports.api_key,
-        "ca_file": str(standin.ca_file),
-        "poll_interval": 0.05,
-    }
-    return {"spool": spooled(tmp_path), "reports": {**settings, **extra}}
-
-
-async def messages(relay: Relay, query: str) -> list[dict[str, Any]]:
-    """GET /messages?q= on the ops port, as a program would."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"http://127.0.0.1:{relay.http.port}/messages", params={"q": query}) as response,
-    ):
-        assert response.status == 200
-        body: dict[str, Any] = await response.json()
-        return list(body["messages"])
-
-
-async def statuses(relay: Relay, query: str) -> dict[str, str]:
-    found = await messages(relay, query)
-    return {r["address"]: r["status"] for m in found for r in m["recipients"]}
-
-
-async def until_status(relay: Relay, query: str, expected: dict[str, str], timeout: float = 10.0) -> None:
-    """Ask GET /messages until the recipients' statuses are `expected` (fails the test on timeout)."""
-    deadline = time.monotonic() + timeout
-    while (latest := await statuses(relay, query)) != expected:
-        assert time.monotonic() < deadline, f"statuses {latest} never became {expected}"
-        await asyncio.sleep(0.02)
-
-
-def queue_id_of(reply: str) -> str:
-    assert reply.startswith("250"), reply
-    return reply.split("Message queued as ")[1] if "Message queued as" in reply else reply.split("Queued as ")[1][:21]
 
 
 async def test_delivered_and_bounced_recipients_of_one_message(

@@ -5,6 +5,8 @@ sqlite.py    the embedded SQLite store (one file, WAL, mode 0600)
 writer.py    the async side: batched writes on one thread, off the event loop
 decide.py    pure rules: report -> status, DSN status codes, bounce and poll schedules, the bulk id
 metrics.py   the outcome metric families
+dsn.py       pure: the RFC 3464 report, built with the standard library's `email` package
+bounces.py   the durable bounce outbox, sent to the company's mail server
 reports.py   Infobip's delivery reports, pulled with a filter the relay owns (its own bulkId)
 trace.py     `relay trace` and GET /messages: a message's timeline in words or JSON
 service.py   Outcomes: composes the above; the hooks delivery and the app call

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from relay.core.retry import AttemptResult, NextStep
 from relay.core.smtp_client import DeliveryResult, queued_id
 from relay.delivery.clock import Clock, SystemClock
 from relay.ops.metrics import Metrics
+from relay.outcomes.bounces import Bouncer
 from relay.outcomes.decide import FAILED, Report, bulk_id, claim_reports, dead_status, header_block
 from relay.outcomes.history import Attempted, MessageReceived, MessageTrace
 from relay.outcomes.metrics import OutcomeMetrics
@@ -28,6 +30,7 @@ from relay.outcomes.reports import Poller, ReportsClient
 from relay.outcomes.sqlite import SqliteHistory, history_path
 from relay.outcomes.trace import as_json
 from relay.outcomes.writer import History
+from relay.testing.failpoints import crashpoint
 
 log = structlog.get_logger("relay.outcomes")
 PRUNE_EVERY = 3600.0
@@ -50,6 +53,7 @@ class Outcomes:
         self.instance = ""
         self.push_token = ""
         self.poller: Poller | None = None
+        self.bouncer: Bouncer | None = None
         self._client: ReportsClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -72,6 +76,12 @@ class Outcomes:
         self.history.start()
         self.instance = await self.history.call(store.meta, "instance", secrets.token_hex(4))
         self.push_token = await self.history.call(store.meta, "push_token", secrets.token_urlsafe(24))
+        if self.bounces_on:
+            self.bouncer = Bouncer(
+                self.settings.bounces, self.settings.listen.hostname, self.clock, self.metrics,
+                *self._outbox(store),
+            )  # fmt: skip
+            self._tasks.append(asyncio.create_task(self.bouncer.run(), name="bounces"))
         if self.reports_on:
             self._client = ReportsClient(self.settings.reports)
             self.poller = Poller(
@@ -146,8 +156,8 @@ class Outcomes:
                 "message_outcome", queue_id=change.queue_id, recipient=rcpt, status=status, infobip_id=None,
                 detail=reason, bounce=change.bounce and self.bounces_on,
             )  # fmt: skip
-        if change.dead and change.bounce and self.bounces_on:
-            await written
+        if change.dead and change.bounce and self.bouncer is not None and await written:
+            self.bouncer.send_now()
 
     # reports
 
@@ -159,6 +169,9 @@ class Outcomes:
         """Reports (pulled or pushed) into the history: one transaction, then the logs and metrics."""
         assert self.history is not None and self.store is not None
         applied = await self.history.call(self.store.apply_reports, reports, source, self.clock.time(), self.bounces_on)
+        crashpoint("after_report_stored")  # the report is ours alone now (Infobip hands it out once)
+        if self.bouncer is not None and any(outcome.bounce for outcome in applied.outcomes):
+            self.bouncer.send_now()
         self.metrics.reports.labels("pending").inc(applied.pending)
         self.metrics.reports.labels("duplicate").inc(applied.duplicates)
         self.metrics.reports.labels("unknown").inc(applied.unknown)
@@ -176,6 +189,16 @@ class Outcomes:
     async def lookup(self, query: str, limit: int = 50) -> list[MessageTrace]:
         assert self.history is not None and self.store is not None
         return await self.history.call(self.store.lookup, query, limit)
+
+    def _outbox(self, store: SqliteHistory) -> tuple[Callable[..., Awaitable[Any]], ...]:
+        """The store's bounce methods, each run on the history's thread."""
+        assert self.history is not None
+        history = self.history
+
+        def on_thread(method: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+            return lambda *args: history.call(method, *args)
+
+        return tuple(on_thread(m) for m in (store.due_bounces, store.bounce_done, store.bounce_retry, store.delayed))
 
     async def messages(self, query: str) -> list[dict[str, Any]]:
         """GET /messages?q=: the same lookup as `relay trace --json`."""

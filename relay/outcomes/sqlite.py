@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS recipients (
     PRIMARY KEY (queue_id, address));
 CREATE INDEX IF NOT EXISTS recipients_address ON recipients(address);
 CREATE INDEX IF NOT EXISTS recipients_waiting ON recipients(accepted_at) WHERE status = 'sent';
+CREATE INDEX IF NOT EXISTS recipients_queued ON recipients(queue_id) WHERE status = 'queued';
 CREATE TABLE IF NOT EXISTS infobip_ids (infobip_id TEXT PRIMARY KEY, queue_id TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     queue_id TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL, address TEXT, detail TEXT NOT NULL);
@@ -165,8 +166,8 @@ class SqliteHistory:
     def delayed(self, received_before: float, at: float) -> int:
         with self._tx() as db:
             rows = db.execute(
-                "SELECT m.queue_id, r.address, r.detail FROM messages m JOIN recipients r ON r.queue_id = m.queue_id "
-                "WHERE m.warned = 0 AND m.received_at < ? AND r.status = 'queued' ORDER BY m.queue_id",
+                "SELECT m.queue_id, r.address, r.detail FROM recipients r JOIN messages m ON m.queue_id = r.queue_id "
+                "WHERE r.status = 'queued' AND m.warned = 0 AND m.received_at < ? ORDER BY m.queue_id",
                 (received_before,),
             ).fetchall()
             waiting: dict[str, list[dict[str, str | None]]] = {}

@@ -1,0 +1,125 @@
+"""The bounce outbox: bounces the history holds are sent to the company's mail server, durably.
+
+A bounce is queued in the same transaction as the status that calls for it, so a crash loses none;
+it is marked sent only after the server's 250 (a crash in between sends it again: the one case of a
+duplicate, with the same Message-ID). A server that is down or says 4xx gets it again on the schedule
+in relay/outcomes/decide.py (first within a minute); a 5xx, or a sender no server could route (the null
+sender: a bounce of a bounce would loop), is logged and never retried.
+Plain SMTP on the company network, STARTTLS when the server offers it (not verified: opportunistic,
+as Postfix's `smtp_tls_security_level = may`). MAIL FROM:<>, as RFC 3464 wants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiosmtplib
+import structlog
+
+from relay.config import BouncesSettings
+from relay.delivery.clock import Clock, Timer
+from relay.outcomes.decide import bounce_address, next_bounce_attempt
+from relay.outcomes.dsn import build_dsn
+from relay.outcomes.history import BounceJob
+from relay.outcomes.metrics import OutcomeMetrics
+
+log = structlog.get_logger("relay.outcomes")
+CHECK_EVERY = 10.0  # seconds between looks at the outbox when nothing wakes it sooner
+BATCH = 20
+
+
+class Bouncer:
+    def __init__(
+        self,
+        settings: BouncesSettings,
+        hostname: str,
+        clock: Clock,
+        metrics: OutcomeMetrics,
+        due: Callable[[float, int], Awaitable[list[BounceJob]]],
+        done: Callable[[int, float, str, str], Awaitable[object]],
+        retry: Callable[[int, float, str], Awaitable[object]],
+        delayed: Callable[[float, float], Awaitable[int]],
+    ) -> None:
+        self.settings = settings
+        self.hostname = hostname
+        self.clock = clock
+        self.metrics = metrics
+        self._due, self._done, self._retry, self._delayed = due, done, retry, delayed
+        self._wake = asyncio.Event()
+
+    def send_now(self) -> None:
+        """A bounce was queued: look at the outbox now rather than at the next check."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if self.settings.delay_warning > 0:  # Postfix's delay_warning_time: one per message
+                now = self.clock.time()
+                if warned := await self._delayed(now - self.settings.delay_warning, now):
+                    log.info("bounce_delay_warnings_queued", messages=warned)
+            while jobs := await self._due(self.clock.time(), BATCH):
+                for job in jobs:
+                    await self.send(job)
+            timer: Timer = self.clock.call_later(CHECK_EVERY, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                timer.cancel()
+            self._wake.clear()
+
+    async def send(self, job: BounceJob) -> None:
+        now = self.clock.time()
+        fields = {"queue_id": job.queue_id, "action": job.action, "recipients": len(job.recipients)}
+        to = bounce_address(job.sender, self.settings.to)
+        if to is None:  # never a bounce to <>: that is how bounce loops start
+            log.warning("bounce_not_sent", **fields, reason="null or unroutable sender", sender=job.sender)
+            self.metrics.bounces.labels("not_sent").inc()
+            await self._done(job.bounce_id, now, "dropped", f"not sent: no route to sender <{job.sender}>")
+            return
+        data = build_dsn(job, hostname=self.hostname, to=to, now=now)
+        try:
+            reply = await self._deliver(to, data)
+        except aiosmtplib.SMTPResponseException as exc:
+            if 500 <= exc.code < 600:  # the server will not take it: retrying would only repeat that
+                log.error("bounce_refused", **fields, to=to, reply=f"{exc.code} {exc.message}")
+                self.metrics.bounces.labels("dropped").inc()
+                await self._done(job.bounce_id, now, "dropped", f"refused: {exc.code} {exc.message}")
+                return
+            await self._again(job, fields, f"{exc.code} {exc.message}")
+            return
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            await self._again(job, fields, f"{type(exc).__name__}: {exc}")
+            return
+        log.info("bounce_sent", **fields, to=to, server=f"{self.settings.smtp_host}:{self.settings.smtp_port}")
+        self.metrics.bounces.labels("sent").inc()
+        await self._done(job.bounce_id, self.clock.time(), "sent", f"to <{to}>: {reply}")
+
+    async def _deliver(self, to: str, data: bytes) -> str:
+        smtp = aiosmtplib.SMTP(
+            hostname=self.settings.smtp_host,
+            port=self.settings.smtp_port,
+            local_hostname=self.hostname,
+            timeout=self.settings.timeout,
+            start_tls=None,  # when offered
+            validate_certs=False,
+        )
+        try:
+            async with smtp:
+                _, reply = await smtp.sendmail("", [to], data)
+        except aiosmtplib.SMTPRecipientsRefused as exc:  # our one recipient: its own code decides
+            refused = exc.recipients[0]
+            raise aiosmtplib.SMTPResponseException(refused.code, refused.message) from None
+        return reply
+
+    async def _again(self, job: BounceJob, fields: dict[str, object], error: str) -> None:
+        now = self.clock.time()
+        due = next_bounce_attempt(job.attempts + 1, job.created_at, now)
+        if due is None:
+            log.error("bounce_dropped", **fields, reason=f"still failing after {job.attempts + 1} tries: {error}")
+            self.metrics.bounces.labels("dropped").inc()
+            await self._done(job.bounce_id, now, "dropped", f"gave up: {error}")
+            return
+        log.warning("bounce_deferred", **fields, error=error, next_attempt_in=round(due - now, 1))
+        self.metrics.bounces.labels("retried").inc()
+        await self._retry(job.bounce_id, due, error)

@@ -1,0 +1,49 @@
+"""What the outcome tests share: reports settings pointing at the stand-in, and GET /messages."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from relay.app import Relay
+from relay.testing.standin import InfobipStandIn
+from tests.helpers import spooled
+
+
+def reports_on(standin: InfobipStandIn, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    settings = {
+        "enabled": True,
+        "base_url": standin.reports.base_url,
+        "api_key": standin.reports.api_key,
+        "ca_file": str(standin.ca_file),
+        "poll_interval": 0.05,
+    }
+    return {"spool": spooled(tmp_path), "reports": {**settings, **extra}}
+
+
+async def messages(relay: Relay, query: str) -> list[dict[str, Any]]:
+    """GET /messages?q= on the ops port, as a program would."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{relay.http.port}/messages", params={"q": query}) as response,
+    ):
+        assert response.status == 200
+        body: dict[str, Any] = await response.json()
+        return list(body["messages"])
+
+
+async def statuses(relay: Relay, query: str) -> dict[str, str]:
+    found = await messages(relay, query)
+    return {r["address"]: r["status"] for m in found for r in m["recipients"]}
+
+
+async def until_status(relay: Relay, query: str, expected: dict[str, str], timeout: float = 10.0) -> None:
+    """Ask GET /messages until the recipients' statuses are `expected` (fails the test on timeout)."""
+    deadline = time.monotonic() + timeout
+    while (latest := await statuses(relay, query)) != expected:
+        assert time.monotonic() < deadline, f"statuses {latest} never became {expected}"
+        await asyncio.sleep(0.02)

@@ -1,0 +1,225 @@
+"""Bounces over real sockets: the stand-in's HTTPS reports and refusals in, a real SMTP server (the
+company's, here a sink) out; each bounce parsed back with the standard library's `email` package."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from collections.abc import AsyncIterator
+from email.message import EmailMessage, Message
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog.testing
+
+from relay.app import Relay
+from relay.config import BouncesSettings
+from relay.outcomes.bounces import Bouncer
+from relay.outcomes.history import BounceJob, BounceRecipient
+from relay.outcomes.metrics import OutcomeMetrics
+from relay.testing.clock import FakeClock
+from relay.testing.sink import MailSink
+from relay.testing.standin import InfobipStandIn
+from tests.conftest import StartRelay, free_port, message
+from tests.helpers import SENDER, send_one, spooled, until
+from tests.outcomes import messages, reports_on, until_status
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[MailSink]:
+    server = MailSink()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def bounces_to(sink: MailSink, **extra: Any) -> dict[str, Any]:
+    return {"enabled": True, "smtp_host": "127.0.0.1", "smtp_port": sink.port, "timeout": 5, **extra}
+
+
+def parsed(data: bytes) -> EmailMessage:
+    parsed = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(parsed, EmailMessage)
+    return parsed
+
+
+def status_blocks(bounce: EmailMessage) -> list[Message]:
+    """The message/delivery-status part's field blocks: the per-message one, then one per recipient."""
+    [status] = [p for p in bounce.iter_parts() if p.get_content_type() == "message/delivery-status"]
+    blocks = status.get_payload()
+    assert isinstance(blocks, list)
+    return blocks
+
+
+def bounce_count(relay: Relay, result: str) -> float:
+    return relay.metrics.registry.get_sample_value("relay_bounces_total", {"result": result}) or 0.0
+
+
+async def test_a_bounced_report_becomes_one_rfc3464_bounce_to_the_sender(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    await standin.reports.start()
+    relay = await start_relay(**reports_on(standin, tmp_path), bounces=bounces_to(sink))
+    data = message(Message_ID="<inv-42@erp.example.com>", body=b"Secret invoice body.\r\n")
+    recipients = ["a@example.org", "nobody@bounce.example", "gone@bounce.example"]
+    reply = await send_one(relay.port, SENDER, recipients, data)
+    infobip_id = reply.rsplit(" ", 1)[1]
+    [sent] = await sink.wait_for(1)
+    assert sent.mail_from == "" and sent.rcpt_tos == [SENDER]  # MAIL FROM:<>, to the envelope sender
+    bounce = parsed(sent.data)
+    assert bounce.get_content_type() == "multipart/report"
+    assert bounce.get_param("report-type") == "delivery-status"
+    assert bounce["Auto-Submitted"] == "auto-replied" and "MAILER-DAEMON@relay.test" in bounce["From"]
+    words, _, headers = bounce.iter_parts()
+    assert words.get_content_type() == "text/plain" and "nobody@bounce.example" in words.get_content()
+    head, *per_recipient = status_blocks(bounce)
+    assert head["Reporting-MTA"] == "dns; relay.test" and head["Arrival-Date"]
+    assert [b["Final-Recipient"] for b in per_recipient] == [
+        "rfc822; nobody@bounce.example",
+        "rfc822; gone@bounce.example",
+    ]
+    for block in per_recipient:  # both recipients of the message in one report; a@example.org was delivered
+        assert block["Action"] == "failed" and block["Status"] == "5.1.1"
+        assert block["Diagnostic-Code"].startswith("x-infobip; EC_MAILBOX_DOES_NOT_EXIST (")
+    assert headers.get_content_type() == "text/rfc822-headers"
+    original = headers.get_content()
+    assert "Message-ID: <inv-42@erp.example.com>" in original and "X-IB-Bulk-Id: relay-" in original
+    assert "Secret invoice body" not in sent.data.decode()
+    await until(lambda: bounce_count(relay, "sent") == 1)
+    [traced] = await messages(relay, infobip_id)
+    assert any(e["kind"] == "bounce" and "failed report sent" in e["detail"] for e in traced["events"])
+    assert len(sink.messages) == 1
+
+
+async def test_refused_after_250_bounces_and_a_refusal_the_app_heard_does_not(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
+    relay = await start_relay(spool=spooled(tmp_path), bounces=bounces_to(sink))
+    heard = await send_one(relay.port, SENDER, ["nosuch@example.org"], message())
+    assert heard.startswith("550")  # the app was told: no bounce for this one
+    partial = await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
+    assert partial.startswith("250")  # the app heard 250: the refused recipient must come back as a bounce
+    [sent] = await sink.wait_for(1)
+    [head, block] = status_blocks(parsed(sent.data))
+    assert block["Final-Recipient"] == "rfc822; nosuch@example.org" and block["Status"] == "5.1.1"
+    assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 Recipient <nosuch@example.org> unknown"
+    assert head["X-Relay-Queue-ID"] == partial.split("Queued as ")[1][:21]
+    found = await messages(relay, "nosuch@example.org")
+    assert len(found) == 2
+    assert {r["status"] for m in found for r in m["recipients"] if r["address"] == "nosuch@example.org"} == {"failed"}
+    assert len(sink.messages) == 1
+
+
+async def test_expired_in_the_spool_bounces_with_5_4_7(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    standin.behaviour.data_replies.extend(["451 4.3.0 Try again later"] * 3)
+    relay = await start_relay(spool=spooled(tmp_path, max_age=0.01), bounces=bounces_to(sink))
+    reply = await send_one(relay.port, SENDER, ["late@example.org"], message())
+    assert reply.startswith("250")
+    [sent] = await sink.wait_for(1)
+    [_, block] = status_blocks(parsed(sent.data))
+    assert block["Action"] == "failed" and block["Status"] == "5.4.7"
+    assert block["Diagnostic-Code"].startswith("smtp; expired after 1 attempts")
+    await until_status(relay, "late@example.org", {"late@example.org": "expired"})
+
+
+async def test_a_bounce_server_that_is_down_gets_the_bounce_later_once(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 unknown"
+    port = free_port()  # nothing listens there yet: the company's server is down
+    sink = MailSink()
+    relay = await start_relay(clock=clock, spool=spooled(tmp_path), bounces={**bounces_to(sink), "smtp_port": port})
+    with structlog.testing.capture_logs() as logs:
+        await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
+        await until(lambda: bounce_count(relay, "retried") == 1)
+    [deferred] = [e for e in logs if e["event"] == "bounce_deferred"]
+    assert deferred["next_attempt_in"] == 30.0 and "Connect" in deferred["error"]
+    await sink.start(port=port)
+    try:
+        clock.advance(29)
+        assert sink.messages == [] and bounce_count(relay, "retried") == 1
+        clock.advance(1)
+        await sink.wait_for(1)
+        await until(lambda: bounce_count(relay, "sent") == 1)
+        for _ in range(5):  # the outbox is looked at again and again: the bounce is not in it any more
+            clock.advance(3600)
+        await until(lambda: relay.metrics.registry.get_sample_value("relay_bounces_total", {"result": "sent"}) == 1)
+        assert len(sink.messages) == 1 and bounce_count(relay, "retried") == 1
+    finally:
+        await sink.stop()
+
+
+async def test_a_5xx_from_the_bounce_server_is_logged_and_not_retried(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 unknown"
+    sink.refuse.append("550 5.1.1 No such mailbox here")
+    relay = await start_relay(spool=spooled(tmp_path), bounces=bounces_to(sink))
+    with structlog.testing.capture_logs() as logs:
+        await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
+        await until(lambda: bounce_count(relay, "dropped") == 1)
+    [refused] = [e for e in logs if e["event"] == "bounce_refused"]
+    assert refused["reply"] == "550 No such mailbox here" or refused["reply"].startswith("550")
+    assert bounce_count(relay, "retried") == 0 and sink.messages == []
+
+
+async def test_bounces_to_a_fixed_address(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 unknown"
+    relay = await start_relay(spool=spooled(tmp_path), bounces=bounces_to(sink, to="postmaster@erp.example.com"))
+    await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
+    [sent] = await sink.wait_for(1)
+    assert sent.rcpt_tos == ["postmaster@erp.example.com"] and parsed(sent.data)["To"] == "postmaster@erp.example.com"
+
+
+async def test_a_bounce_for_the_null_sender_is_logged_never_sent(sink: MailSink) -> None:
+    """MAIL FROM:<> never reaches the spool through our own listener; a bounce of a bounce would loop anyway."""
+    from prometheus_client import CollectorRegistry
+
+    metrics = OutcomeMetrics(CollectorRegistry())
+    done: list[tuple[int, str, str]] = []
+
+    async def record(bounce_id: int, at: float, outcome: str, detail: str) -> None:
+        done.append((bounce_id, outcome, detail))
+
+    async def nothing(*args: object) -> Any:
+        return []
+
+    settings = BouncesSettings(enabled=True, smtp_host="127.0.0.1", smtp_port=sink.port)
+    bouncer = Bouncer(settings, "relay.test", FakeClock(), metrics, nothing, record, nothing, nothing)
+    rcpt = BounceRecipient("a@example.org", "bounced", "5.1.1", "EC_X (y)", "ib1")
+    with structlog.testing.capture_logs() as logs:
+        await bouncer.send(BounceJob(1, "q1", "<m@x>", "", 0.0, b"", (rcpt,), 0, 0.0))
+    assert done == [(1, "dropped", "not sent: no route to sender <>")] and sink.messages == []
+    assert [e["event"] for e in logs] == ["bounce_not_sent"]
+
+
+async def test_a_delay_warning_once_for_a_message_still_queued(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    standin.behaviour.data_replies.extend(["451 4.3.0 Try again later"] * 50)
+    relay = await start_relay(
+        clock=clock,
+        spool=spooled(tmp_path, retry_initial=60, retry_max=60),
+        bounces=bounces_to(sink, delay_warning="5m"),
+    )
+    await send_one(relay.port, SENDER, ["slow@example.org"], message())
+    clock.advance(290)  # the outbox is looked at every 10 s: not yet 5 minutes
+    assert sink.messages == []
+    clock.advance(20)
+    [sent] = await sink.wait_for(1)
+    bounce = parsed(sent.data)
+    [_, block] = status_blocks(bounce)
+    assert block["Action"] == "delayed" and block["Status"] == "4.4.7"
+    assert "Delayed Mail" in bounce["Subject"] and "451 4.3.0 Try again later" in block["Diagnostic-Code"]
+    for _ in range(3):
+        clock.advance(600)  # one warning per message, however long it stays queued
+    await until(lambda: bounce_count(relay, "sent") == 1)
+    assert len(sink.messages) == 1

@@ -1,0 +1,99 @@
+"""kill -9 between taking a report from Infobip and sending its bounce: a real `relay serve` process,
+the stand-in's HTTPS reports endpoint and a real SMTP server for the bounce."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.cli import main as relay_main
+from relay.testing.sink import MailSink
+from relay.testing.standin import InfobipStandIn
+from tests.conftest import free_port, message
+from tests.helpers import SENDER, send_one, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def serve(config: Path, port: int, log: Path, crash_at: str | None = None) -> asyncio.subprocess.Process:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env |= {"PYTHONUNBUFFERED": "1", **({"RELAY_CRASH_AT": crash_at} if crash_at else {})}
+    with open(log, "ab") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", "serve", "--config", str(config), cwd=ROOT, env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+        )  # fmt: skip
+    deadline = time.monotonic() + 15
+    while True:  # listening: a TCP connect succeeds
+        assert proc.returncode is None, log.read_text()
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            assert time.monotonic() < deadline, log.read_text()
+            await asyncio.sleep(0.02)
+            continue
+        writer.close()
+        return proc
+
+
+async def test_kill_9_between_the_report_and_the_bounce_loses_nothing_and_sends_nothing_twice(
+    standin: InfobipStandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await standin.reports.start()
+    sink = MailSink()
+    await sink.start()
+    port = free_port()
+    spool = tmp_path / "spool"
+    config = write_config(
+        tmp_path / "relay.toml",
+        standin,
+        port=port,
+        spool={"enabled": True, "path": str(spool), "sync_wait": 2.0},
+        reports={
+            "enabled": True,
+            "base_url": standin.reports.base_url,
+            "api_key": standin.reports.api_key,
+            "ca_file": str(standin.ca_file),
+            "poll_interval": 0.1,
+        },
+        bounces={"enabled": True, "smtp_host": "127.0.0.1", "smtp_port": sink.port},
+        log={"format": "json"},
+    )
+    log = tmp_path / "relay.log"
+    first = await serve(config, port, log, crash_at="after_report_stored")
+    second: asyncio.subprocess.Process | None = None
+    try:
+        reply = await send_one(port, SENDER, ["a@example.org", "nobody@bounce.example"], message())
+        assert reply.startswith("250 2.6.0")
+        assert await asyncio.wait_for(first.wait(), 15) == -signal.SIGKILL  # killed right after storing it
+        assert standin.reports.waiting == []  # Infobip handed the reports out: only our history has them now
+        assert sink.messages == []
+        second = await serve(config, port, log)
+        [bounce] = await sink.wait_for(1)
+        assert b"Final-Recipient: rfc822; nobody@bounce.example" in bounce.data
+        second.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(second.wait(), 15) == 0
+        events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        assert [e["event"] for e in events].count("bounce_sent") == 1
+        assert len(sink.messages) == 1
+        assert relay_main(["trace", "--config", str(config), "--json", "nobody@bounce.example"]) == 0
+        traced = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert [r["status"] for r in traced["recipients"]] == ["delivered", "bounced"]
+        assert [e["detail"] for e in traced["events"] if e["kind"] == "bounce"] == [
+            "failed report sent: to <billing@erp.example.com>: 2.0.0 Accepted"
+        ]
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        await sink.stop()
