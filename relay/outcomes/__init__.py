@@ -8,6 +8,7 @@ metrics.py   the outcome metric families
 dsn.py       pure: the RFC 3464 report, built with the standard library's `email` package
 bounces.py   the durable bounce outbox, sent to the company's mail server
 reports.py   Infobip's delivery reports, pulled with a filter the relay owns (its own bulkId)
+push.py      reports pushed by Infobip to X-IB-Notify-Url, on a listener of their own
 trace.py     `relay trace` and GET /messages: a message's timeline in words or JSON
 service.py   Outcomes: composes the above; the hooks delivery and the app call
 """

@@ -26,6 +26,7 @@ from relay.outcomes.bounces import Bouncer
 from relay.outcomes.decide import FAILED, Report, bulk_id, claim_reports, dead_status, header_block
 from relay.outcomes.history import Attempted, MessageReceived, MessageTrace
 from relay.outcomes.metrics import OutcomeMetrics
+from relay.outcomes.push import PushListener
 from relay.outcomes.reports import Poller, ReportsClient
 from relay.outcomes.sqlite import SqliteHistory, history_path
 from relay.outcomes.trace import as_json
@@ -54,6 +55,7 @@ class Outcomes:
         self.push_token = ""
         self.poller: Poller | None = None
         self.bouncer: Bouncer | None = None
+        self.push: PushListener | None = None
         self._client: ReportsClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -88,12 +90,17 @@ class Outcomes:
                 self._client, self.settings.reports.poll_interval, self.clock, self.metrics, self._pending, self.apply
             )
             self._tasks.append(asyncio.create_task(self.poller.run(), name="reports-poller"))
+            if self.settings.reports.notify_listen:
+                self.push = PushListener(self.settings.reports.notify_listen, self.push_token, self.apply)
+                await self.push.start()
         self._tasks.append(asyncio.create_task(self._prune(), name="history-prune"))
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.push is not None:
+            await self.push.stop()
         if self._client is not None:
             await self._client.close()
         if self.history is not None:

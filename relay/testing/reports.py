@@ -117,12 +117,14 @@ class ReportsEndpoint:
             self._arrived = asyncio.Condition()
         return self._arrived
 
-    async def push(self, *, keep: bool = False) -> int:
-        """POST each waiting report to its message's notify URL, as Infobip pushes them; `keep` leaves a
-        copy to be pulled too (a report seen twice). Returns how many pushes were answered 200."""
+    async def push(self, *, keep: bool = False, to: str | None = None) -> int:
+        """POST each waiting report (only those for `to`, if given) to its message's notify URL, as Infobip
+        pushes them; `keep` leaves a copy to be pulled too (a report seen twice). Returns how many pushes
+        were answered 200."""
         ok = 0
+        chosen = [w for w in self.waiting if w.notify_url and not w.pushed and to in (None, w.report["to"])]
         async with aiohttp.ClientSession() as session:
-            for item in [w for w in self.waiting if w.notify_url and not w.pushed]:
+            for item in chosen:
                 async with session.post(item.notify_url or "", json={"results": [item.report]}) as response:
                     ok += response.status == 200
                 item.pushed = True

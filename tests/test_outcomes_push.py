@@ -1,0 +1,111 @@
+"""Reports pushed by the stand-in to the relay's own notify listener, beside the pulled ones."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import structlog.testing
+
+from relay.app import Relay
+from relay.testing.clock import FakeClock
+from relay.testing.sink import MailSink
+from relay.testing.standin import InfobipStandIn
+from tests.conftest import StartRelay, free_port, message
+from tests.helpers import SENDER, send_one, until
+from tests.outcomes import reports_on, until_status
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[MailSink]:
+    server = MailSink()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def pushing(standin: InfobipStandIn, tmp_path: Path, port: int, **extra: Any) -> dict[str, Any]:
+    sections = reports_on(standin, tmp_path, notify_url=f"http://127.0.0.1:{port}/infobip", **extra)
+    sections["reports"]["notify_listen"] = f"127.0.0.1:{port}"
+    return sections
+
+
+def reports_total(relay: Relay, result: str) -> float:
+    return relay.metrics.registry.get_sample_value("relay_reports_total", {"result": result}) or 0.0
+
+
+def notify_url(data: bytes) -> str:
+    line = next(line for line in data.split(b"\r\n") if line.startswith(b"X-IB-Notify-Url: "))
+    return line.split(b": ", 1)[1].decode()
+
+
+async def test_a_report_pushed_and_pulled_counts_once(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    await standin.reports.start()
+    clock = FakeClock()
+    port = free_port()
+    bounces = {"enabled": True, "smtp_host": "127.0.0.1", "smtp_port": sink.port}
+    relay = await start_relay(clock=clock, **pushing(standin, tmp_path, port, poll_interval=30), bounces=bounces)
+    reply = await send_one(relay.port, SENDER, ["a@example.org", "x@bounce.example"], message())
+    infobip_id = reply.rsplit(" ", 1)[1]
+    [sent] = await standin.wait_for_messages(1)
+    url = notify_url(sent.data)
+    assert url.startswith(f"http://127.0.0.1:{port}/infobip/") and len(url.rsplit("/", 1)[1]) >= 32
+    assert await standin.reports.push(keep=True, to="x@bounce.example") == 1  # pushed, and still there to pull
+    await until_status(relay, infobip_id, {"a@example.org": "sent", "x@bounce.example": "bounced"})
+    await sink.wait_for(1)
+    clock.advance(30)  # the poll takes both waiting reports: a@ is new, x@ was pushed already
+    await until_status(relay, infobip_id, {"a@example.org": "delivered", "x@bounce.example": "bounced"})
+    await until(lambda: reports_total(relay, "duplicate") == 1)
+    assert (reports_total(relay, "bounced"), reports_total(relay, "delivered")) == (1, 1)
+    assert len(sink.messages) == 1  # one bounce, however often Infobip told us
+    assert standin.reports.waiting == []
+
+
+async def test_only_a_post_with_the_token_is_taken(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    await standin.reports.start()
+    port = free_port()
+    relay = await start_relay(**pushing(standin, tmp_path, port, poll_interval=3600))
+    await send_one(relay.port, SENDER, ["a@example.org"], message())
+    [sent] = await standin.wait_for_messages(1)
+    url = notify_url(sent.data)
+    secret_body = {"results": [{"messageId": "x", "to": "secret-recipient@example.org"}]}
+    with structlog.testing.capture_logs() as logs:
+        async with aiohttp.ClientSession() as session:
+            for method, target in [
+                ("POST", f"http://127.0.0.1:{port}/infobip/wrong-token"),
+                ("GET", url),
+                ("POST", f"http://127.0.0.1:{port}/"),
+            ]:
+                async with session.request(method, target, json=secret_body) as response:
+                    assert response.status == 404
+            async with session.post(url, data=b"not json") as response:
+                assert response.status == 400
+            async with session.post(url, json={"results": []}) as response:
+                assert response.status == 200
+    refused = [e for e in logs if e["event"] == "push_refused"]
+    assert [e["method"] for e in refused] == ["POST", "GET", "POST"]
+    assert "secret-recipient" not in repr(logs)  # never the body
+    assert url.rsplit("/", 1)[1] not in repr(refused)  # nor the token a caller got right
+
+
+async def test_a_notify_url_set_by_a_policy_rule_is_kept_and_its_reports_are_not_ours(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    await standin.reports.start()
+    port = free_port()
+    rule = {"headers": {"X-IB-Notify-Url": "https://crm.example.com/ib"}}
+    relay = await start_relay(**pushing(standin, tmp_path, port), policy={"rules": [rule]})
+    await send_one(relay.port, SENDER, ["a@example.org"], message())
+    [sent] = await standin.wait_for_messages(1)
+    assert notify_url(sent.data) == "https://crm.example.com/ib"
+    assert b"X-IB-Bulk-Id" not in sent.data
+    assert relay.outcomes is not None
+    [traced] = await relay.outcomes.lookup("a@example.org")
+    assert traced.bulk_id is None
