@@ -21,6 +21,7 @@ from relay.ops.doctor import doctor
 from relay.ops.hardening import forbid_core_dumps
 from relay.ops.logs import configure_logging
 from relay.ops.metrics import relay_version
+from relay.outcomes.demo import demo_outcomes
 from relay.outcomes.trace import trace_command
 from relay.store.spool import Spool, SpoolLocked
 from relay.testing.standin import InfobipStandIn, StandInMessage
@@ -57,6 +58,7 @@ async def _demo(settings: Settings) -> None:
     spool_dir = tempfile.TemporaryDirectory(prefix="relay-demo-spool-")
     spool = settings.spool.model_copy(update={"path": Path(spool_dir.name)})
     settings = settings.model_copy(update={"upstream": upstream, "listen": listen, "spool": spool, "http": http})
+    settings, sink = await demo_outcomes(settings, standin)  # reports and bounces: the whole loop
     port = listen.port
     print(
         "\n" + "!" * 78 + "\n"
@@ -70,6 +72,7 @@ async def _demo(settings: Settings) -> None:
     try:
         await run(settings)
     finally:
+        await sink.stop()
         await standin.stop()
         spool_dir.cleanup()
 
