@@ -78,6 +78,7 @@ async def _one_outage(seconds: float, rate: float, workdir: Path) -> dict[str, A
     relay = Relay(settings)
     await relay.start()
     acked: list[str] = []
+    acked_while_down: list[str] = []
     paused_latency: list[float] = []
     down = asyncio.Event()
     stop = asyncio.Event()
@@ -89,13 +90,15 @@ async def _one_outage(seconds: float, rate: float, workdir: Path) -> dict[str, A
             ok, latency = await _send(relay.port, f"<outage-{int(seconds)}-{n}@bench>")
             if ok:
                 acked.append(f"<outage-{int(seconds)}-{n}@bench>")
+                if down.is_set():
+                    acked_while_down.append(acked[-1])
             if down.is_set():
                 paused_latency.append(latency)
             await asyncio.sleep(1 / rate)
 
     loader = asyncio.create_task(load())
     await asyncio.sleep(3)
-    standin.behaviour.down = True
+    standin.go_down()  # open connections drop too: a warm pool must not hide the outage
     down.set()
     await asyncio.sleep(seconds)
     standin.behaviour.down = False
@@ -111,11 +114,15 @@ async def _one_outage(seconds: float, rate: float, workdir: Path) -> dict[str, A
     await relay.stop()
     await standin.stop()
     after = [t for t, _ in arrivals if t >= back]
+    backlog = set(acked_while_down)
+    backlog_done = max((t for t, marker in arrivals if marker in backlog), default=None)
     counts = Counter(marker for _, marker in arrivals)
     return {
         "outage_seconds": seconds,
         "first_delivery_after_return_s": round(min(after) - back, 2) if after else None,
-        "drained_after_return_s": round(drained - back, 2),
+        "backlog": len(backlog),
+        "backlog_delivered_after_return_s": round(backlog_done - back, 2) if backlog_done else None,
+        "queue_empty_after_load_s": round(drained - back - 10, 2),
         "acked": len(acked),
         "delivered": len(counts),
         "lost": len(set(acked) - set(counts)),
@@ -135,7 +142,8 @@ async def run(harness: Harness, results: Results) -> None:
 def summary(results: Results) -> list[str]:
     return [
         f"outage {r['outage_seconds']:.0f} s: first delivery {r['first_delivery_after_return_s']} s after Infobip's "
-        f"return, queue empty after {r['drained_after_return_s']} s; acked {r['acked']}, delivered {r['delivered']}, "
+        f"return, its backlog of {r['backlog']} delivered {r['backlog_delivered_after_return_s']} s after it; "
+        f"acked {r['acked']}, delivered {r['delivered']}, "
         f"lost {r['lost']}, duplicates {r['duplicates']}; app reply while paused p50 {r['reply_while_paused_p50_ms']} "
         f"ms, p99 {r['reply_while_paused_p99_ms']} ms"
         for r in results.get("outage", [])

@@ -194,6 +194,13 @@ class InfobipStandIn:
             timeout=30,
         )
 
+    def go_down(self) -> None:
+        """An outage: every open connection drops and new ones are greeted with 421 until `down` is False."""
+        self.behaviour.down = True
+        for record in self.connections:
+            if record.protocol is not None and record.protocol.transport is not None:
+                record.protocol.transport.abort()
+
     async def stop(self) -> None:
         for record in self.connections:
             if record.protocol is not None and record.protocol.transport is not None:
