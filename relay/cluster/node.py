@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from relay.cluster.breakers import BreakerSync
 from relay.cluster.budget import SharedBudget
 from relay.cluster.handoff import HandoffService
 from relay.cluster.state import Cluster
@@ -17,6 +18,7 @@ class Replicas:
         self.cluster: Cluster | None = None
         self.budget: SharedBudget | None = None
         self.handoff: HandoffService | None = None
+        self.breakers: BreakerSync | None = None
         if settings.cluster.redis_url.get_secret_value():
             cluster = self.cluster = Cluster(settings.cluster, settings.limits.messages_per_minute)
             self.budget = SharedBudget(cluster)
@@ -26,6 +28,9 @@ class Replicas:
     async def start(self, delivery: Delivery | None) -> None:
         if self.cluster is not None:
             await self.cluster.start()
+            if delivery is not None:  # one breaker per profile for all replicas
+                self.breakers = delivery.shared.cluster = BreakerSync(self.cluster, delivery)
+                self.breakers.start()
         if delivery is not None:
             self.handoff = HandoffService(delivery, self.hostname)
             self.handoff.start()
@@ -33,5 +38,7 @@ class Replicas:
     async def stop(self) -> None:
         if self.handoff is not None:
             await self.handoff.stop()
+        if self.breakers is not None:
+            await self.breakers.stop()
         if self.cluster is not None:
             await self.cluster.stop()

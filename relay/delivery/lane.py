@@ -25,7 +25,7 @@ from relay.core.retry import AttemptResult, NextStep, next_step
 from relay.delivery.clock import Clock
 from relay.delivery.handoffs import Handoffs, promote
 from relay.delivery.janitor import Janitor
-from relay.delivery.prober import Prober
+from relay.delivery.prober import BreakerLink, Prober
 from relay.delivery.queue import DeliveryQueue, Handoff, Job
 from relay.delivery.recovery import stored_message
 from relay.delivery.send import count_and_log, send
@@ -51,6 +51,7 @@ class Shared:
     route: Callable[[Job], DeliveryQueue]  # the queue of a job's profile (the default if it is gone)
     write_status: Callable[[str, dict[str, object]], None]
     outcomes: AttemptObserver | None = None  # told of every attempt (relay/outcomes: history, bounces)
+    cluster: BreakerLink | None = None  # replicas: one breaker per profile for them all (relay/cluster)
 
 
 class AttemptObserver(Protocol):
@@ -70,7 +71,13 @@ class Lane:
         self.queue = DeliveryQueue(self.clock, self.breaker)
         self.handoffs = Handoffs(shared.spool, shared.journal, self.queue, shared.metrics)
         self.prober = Prober(
-            lambda: self.pool, self.breaker, self.clock, self.queue.release_held, lambda s: shared.write_status(name, s)
+            lambda: self.pool,
+            self.breaker,
+            self.clock,
+            self.queue.release_held,
+            lambda s: shared.write_status(name, s),
+            link=lambda: shared.cluster,
+            name=name,
         )
         self.tasks: list[asyncio.Task[None]] = []  # the workers
         self.prober_task: asyncio.Task[None] | None = None

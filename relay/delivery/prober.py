@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Protocol
 
 import structlog
 
@@ -17,6 +18,15 @@ from relay.upstream.pool import UpstreamPool
 log = structlog.get_logger("relay.delivery")
 
 
+class BreakerLink(Protocol):
+    """Replicas sharing one breaker per profile (relay/cluster/breakers.py): told when ours opens or
+    closes, and asked before each probe (one replica probes for the cluster)."""
+
+    def changed(self, profile: str, change: Change, error: str) -> None: ...
+
+    async def may_probe(self, profile: str) -> bool: ...
+
+
 class Prober:
     def __init__(
         self,
@@ -25,6 +35,8 @@ class Prober:
         clock: Clock,
         on_closed: Callable[[], None],
         on_status: Callable[[dict[str, object]], None] | None = None,
+        link: Callable[[], BreakerLink | None] = lambda: None,
+        name: str = "",
     ) -> None:
         self._pool = pool
         self.breaker = breaker
@@ -33,6 +45,8 @@ class Prober:
         self._on_status = on_status or (lambda status: None)
         self._poke = asyncio.Event()
         self.paused_since: float | None = None
+        self._link = link  # the cluster's, once it is up (None: this relay alone)
+        self.name = name  # the profile
 
     def opened(self) -> None:
         """The breaker just opened: say so, and start probing."""
@@ -44,7 +58,13 @@ class Prober:
             message="delivery paused until Infobip answers a probe",
         )
         self._on_status(self.status())
+        self._tell(Change.OPENED)
         self._poke.set()
+
+    def _tell(self, change: Change) -> None:
+        link = self._link()
+        if link is not None:
+            link.changed(self.name, change, self.breaker.last_error)
 
     def status(self) -> dict[str, object]:
         """For `relay queue list` and /upstream: is delivery paused, since when, until when, and why."""
@@ -74,6 +94,10 @@ class Prober:
             if not self.breaker.probe_due(self.clock.monotonic()):
                 await self._wait()
                 continue
+            link = self._link()
+            if link is not None and not await link.may_probe(self.name):  # another replica probes for us all
+                self.breaker.probe_failed(self.clock.monotonic(), self.breaker.last_error, self.clock.random())
+                continue
             try:
                 await self._pool().probe()
             except UpstreamError as exc:
@@ -89,6 +113,7 @@ class Prober:
         self.paused_since = None
         log.info("breaker_closed", paused_seconds=paused, message="Infobip is back: delivery resumes")
         self._on_status(self.status())
+        self._tell(Change.CLOSED)
         self._on_closed()
 
     async def _wait(self) -> None:
