@@ -72,6 +72,9 @@ class ListenSettings(_Section):
     max_message_size: int = Field(INFOBIP_MAX_MESSAGE_SIZE, gt=0)
     max_recipients: int = Field(INFOBIP_MAX_RECIPIENTS, gt=0)
     max_connections: int = Field(200, gt=0)
+    # Connections at once from one client address (behind a balancer, the PROXY source): None is a quarter of
+    # max_connections, 0 no cap. One busy or broken app cannot hold every slot.
+    max_connections_per_client: int | None = Field(None, ge=0)
     max_line_length: int = Field(1048576, ge=1001)  # legacy apps send unwrapped HTML
     max_header_fields: int = Field(1000, gt=0)  # fields in one message's header block (a long To: is one)
     max_header_bytes: int = Field(262144, ge=1000)  # bytes of one message's header block
@@ -82,6 +85,7 @@ class ListenSettings(_Section):
     auth_required: bool = False  # clients must AUTH (after STARTTLS) before MAIL
     users: list[ClientUser] = Field(default_factory=list)
     proxy_protocol: bool = False  # behind a load balancer that sends PROXY v1/v2: use its client address
+    trusted_proxies: list[IPNetwork] = Field(default_factory=list)  # the only peers a PROXY header is taken from
 
     @field_validator("tls_cert_file", "tls_key_file", mode="before")
     @classmethod
@@ -113,7 +117,23 @@ class ListenSettings(_Section):
             raise ValueError(f"{value!r} is not a host name: use letters, digits, '.', '-' (at most 253)")
         return value
 
-    @field_validator("allowed_networks", mode="before")
+    @model_validator(mode="after")
+    def _proxies_named(self) -> ListenSettings:
+        if self.proxy_protocol and not self.trusted_proxies:
+            raise ValueError(
+                "proxy_protocol needs trusted_proxies: the load balancers' addresses, the only peers whose PROXY"
+                " header may say who the client is"
+            )
+        return self
+
+    @property
+    def connections_per_client(self) -> int:
+        """The per-address cap in force (0: none)."""
+        if self.max_connections_per_client is not None:
+            return self.max_connections_per_client
+        return max(1, self.max_connections // 4)
+
+    @field_validator("allowed_networks", "trusted_proxies", mode="before")
     @classmethod
     def _strict_networks(cls, value: Any) -> Any:
         # "10.0.0.1/8" is a typo for 10.0.0.0/8; say so rather than guess.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import ssl
 from pathlib import Path
 from typing import Any
@@ -30,3 +32,13 @@ def inbound_tls(tmp_path: Path, users: list[dict[str, Any]] | None = None) -> tu
 def plain(user: str, password: str) -> str:
     """An AUTH PLAIN initial response."""
     return base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+async def closed_after(reader: asyncio.StreamReader) -> bytes:
+    """What the relay still sends before it closes (a reset counts as closed: it may close with our bytes
+    unread); fails if it stays open for 5 s."""
+    received = bytearray()
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            received += chunk
+    return bytes(received)

@@ -116,6 +116,15 @@ MEMORY_BUDGET_FULL = Reply(451, "4.3.2", "The relay holds too much message data 
 LINE_TOO_LONG = Reply(500, "5.5.6", "A message line is longer than this relay accepts; nothing was sent")
 
 
+def too_many_client_connections(client_ip: str, cap: int) -> Reply:
+    return Reply(421, "4.7.0", f"Too many connections from {client_ip} (at most {cap} at once); try again later")
+
+
+def proxy_not_trusted(shown: str) -> Reply:
+    """listen.proxy_protocol is on and the TCP peer is not in listen.trusted_proxies."""
+    return Reply(554, "5.7.1", f"{shown} is not a trusted proxy: this port takes connections from the load balancer")
+
+
 def client_not_allowed(shown: str) -> Reply:
     """`shown`: the client's address as the relay saw it, or "unknown"."""
     return Reply(554, "5.7.1", f"Client address {shown} is not allowed to relay through this server")

@@ -18,6 +18,7 @@ from relay.core.replies import (
     SENDER_MALFORMED,
     Reply,
     client_not_allowed,
+    proxy_not_trusted,
     sender_domain_not_allowed,
     too_many_recipients,
 )
@@ -49,6 +50,14 @@ def check_client(peer: object, allowed: Sequence[IPNetwork]) -> Refusal | None:
     if address is None or not any(address in network for network in allowed):
         shown = str(address) if address is not None else "unknown"
         return Refusal("client_refused", client_not_allowed(shown))
+    return None
+
+
+def check_proxy(peer: object, trusted: Sequence[IPNetwork]) -> Refusal | None:
+    """Behind a balancer: only a trusted proxy may say, in its PROXY header, who the client is."""
+    address = client_address(peer)
+    if address is None or not any(address in network for network in trusted):
+        return Refusal("untrusted_proxy", proxy_not_trusted(str(address) if address is not None else "unknown"))
     return None
 
 

@@ -8,6 +8,7 @@ replies. Reply texts come from relay.core.replies; aiosmtpd's private API only t
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import re
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, AnyStr, cast
 
 import structlog
+from aiosmtpd.proxy_protocol import V2_CMD
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 
 from relay.config import Settings
@@ -36,10 +38,11 @@ from relay.core.replies import (
     Reply,
     recipient_ok,
     sender_ok,
+    too_many_client_connections,
     with_enhanced_code,
 )
 from relay.inbound import aiosmtpd_compat as compat
-from relay.inbound.access import Refusal, check_client, check_recipient, check_sender, client_address
+from relay.inbound.access import Refusal, check_client, check_proxy, check_recipient, check_sender, client_address
 from relay.inbound.aiosmtpd_compat import CompatSMTP
 from relay.inbound.limits import MemoryBudget, RateLimits, SharedBudget
 from relay.inbound.upload import Upload
@@ -75,6 +78,19 @@ class Sessions:
         self.live: set[RelaySMTP] = set()
         self.in_data = 0
         self._changed = asyncio.Event()
+        self.per_client: collections.Counter[str] = collections.Counter()  # connections by client address
+
+    def count_client(self, client_ip: str, cap: int) -> bool:
+        """One more connection from `client_ip`, unless it holds `cap` already (0: no cap)."""
+        if cap and self.per_client[client_ip] >= cap:
+            return False
+        self.per_client[client_ip] += 1
+        return True
+
+    def uncount_client(self, client_ip: str) -> None:
+        self.per_client[client_ip] -= 1
+        if self.per_client[client_ip] <= 0:
+            del self.per_client[client_ip]
 
     def data_started(self) -> None:
         self.in_data += 1
@@ -116,6 +132,7 @@ class RelaySMTP(CompatSMTP):
         self._sessions = sessions
         self._raw_replies = False
         self._unsent: list[bytes] = []
+        self._counted_as: str | None = None  # the client address this connection counts under
         super().__init__(
             handler,
             line_length_limit=listen.max_line_length,  # legacy apps send long unwrapped lines
@@ -204,10 +221,16 @@ class RelaySMTP(CompatSMTP):
         listen = self.event_handler.settings.listen
         peer_ip = str(client_address(self.session.peer))
         self.session.client_ip = peer_ip
-        # Behind a balancer the TCP peer is the balancer: it must be allowed too, then PROXY says who sent.
-        refusal = check_client(self.session.peer, listen.allowed_networks)
+        # Behind a balancer the TCP peer is the balancer: it must be a trusted proxy, then PROXY says who sent
+        # (and that client is checked and counted in handle_PROXY).
+        if listen.proxy_protocol:
+            refusal = check_proxy(self.session.peer, listen.trusted_proxies)
+        else:
+            refusal = check_client(self.session.peer, listen.allowed_networks)
         if refusal is None and len(self._sessions.live) > listen.max_connections:
             refusal = Refusal("too_many_connections", TOO_MANY_CONNECTIONS)
+        if refusal is None and not listen.proxy_protocol:
+            refusal = self.count_client(peer_ip)
         if refusal is not None:
             await self.refuse_connection(refusal, peer_ip)
             return False
@@ -227,8 +250,19 @@ class RelaySMTP(CompatSMTP):
                 transport.write(str(CLEARTEXT_AFTER_STARTTLS).encode() + b"\r\n")
                 transport.close()
 
+    def count_client(self, client_ip: str) -> Refusal | None:
+        """Take one of `client_ip`'s connection slots (listen.connections_per_client), or say no."""
+        cap = self.event_handler.settings.listen.connections_per_client
+        if not self._sessions.count_client(client_ip, cap):
+            return Refusal("too_many_connections", too_many_client_connections(client_ip, cap))
+        self._counted_as = client_ip
+        return None
+
     def connection_lost(self, error: Exception | None) -> None:
         self._sessions.live.discard(self)
+        if self._counted_as is not None:
+            self._sessions.uncount_client(self._counted_as)
+            self._counted_as = None
         super().connection_lost(error)
 
     async def smtp_DATA(self, arg: str) -> None:
@@ -351,16 +385,22 @@ class RelayHandler:
         return AuthResult(success=True, auth_data=user.username)
 
     async def handle_PROXY(self, server: RelaySMTP, session: Any, envelope: Any, proxy_data: Any) -> bool:
-        """Behind a load balancer: the PROXY header's source is the client for every check and log."""
-        source = getattr(proxy_data, "src_addr", None)
-        if not getattr(proxy_data, "valid", False) or source is None:
-            return False
-        peer = (str(source), getattr(proxy_data, "src_port", 0))
-        refusal = check_client(peer, self.settings.listen.allowed_networks)
+        """Behind a load balancer: the PROXY header's source is the client for every check, count and log.
+        A v2 LOCAL header (the balancer's own health check) names no client: its addresses are ignored and
+        the balancer itself is the client."""
+        if getattr(proxy_data, "version", None) == 2 and getattr(proxy_data, "command", None) == V2_CMD.LOCAL:
+            peer = session.peer
+        else:
+            source = getattr(proxy_data, "src_addr", None)
+            if not getattr(proxy_data, "valid", False) or source is None:
+                return False
+            peer = (str(source), getattr(proxy_data, "src_port", 0))
+        client_ip = str(client_address(peer))
+        refusal = check_client(peer, self.settings.listen.allowed_networks) or server.count_client(client_ip)
         if refusal is not None:
-            await server.refuse_connection(refusal, str(client_address(peer)))
+            await server.refuse_connection(refusal, client_ip)
             return False
-        session.client_ip = str(client_address(peer))
+        session.client_ip = client_ip
         return True
 
     def _refused(self, refusal: Refusal) -> str:
