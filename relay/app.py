@@ -183,6 +183,7 @@ class Relay:
         deadline = time.monotonic() + grace
         if self._server is not None:
             self._server.close()
+        self.sessions.stop_accepting()  # open sessions: 421 at their next MAIL
         await self.sessions.wait_until_no_data(deadline)
         self.sessions.close_all(str(SHUTTING_DOWN))
         if self.delivery is not None:

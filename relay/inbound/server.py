@@ -32,6 +32,7 @@ from relay.core.replies import (
     INTERNAL_ERROR,
     MEMORY_BUDGET_FULL,
     NO_RECIPIENT,
+    SHUTTING_DOWN,
     TLS_ALREADY_ACTIVE,
     TOO_MANY_CONNECTIONS,
     Rejection,
@@ -79,6 +80,10 @@ class Sessions:
         self.in_data = 0
         self._changed = asyncio.Event()
         self.per_client: collections.Counter[str] = collections.Counter()  # connections by client address
+        self.stopping = False  # SIGTERM: sessions still open take no new transaction
+
+    def stop_accepting(self) -> None:
+        self.stopping = True
 
     def count_client(self, client_ip: str, cap: int) -> bool:
         """One more connection from `client_ip`, unless it holds `cap` already (0: no cap)."""
@@ -162,6 +167,15 @@ class RelaySMTP(CompatSMTP):
 
     def new_session(self) -> RelaySession:
         return RelaySession(self.loop)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """After SIGTERM a session still open gets 421 at its next MAIL, instead of a transaction the drain
+        would cut short; one already in DATA finishes."""
+        if self._sessions.stopping:
+            assert isinstance(self.session, RelaySession)
+            await self.refuse_connection(Refusal("shutting_down", SHUTTING_DOWN), self.session.client_ip)
+            return
+        await super().smtp_MAIL(arg)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self.session is not None and self.session.ssl is not None:
