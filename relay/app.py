@@ -114,6 +114,8 @@ class Relay:
         return pools
 
     def profile_for(self, message: Prepared, session: SessionInfo) -> str:
+        if session.profile is not None:  # picked at MAIL by the inbound side (limits and rules followed it)
+            return session.profile
         matches = [
             ProfileMatch(p.name, p.sender_domain, p.sender, p.client_network, p.user) for p in self.settings.profiles
         ]

@@ -223,6 +223,7 @@ class ProfileSettings(_Section):
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
     pool_size: int | None = Field(None, gt=0, le=100)
+    messages_per_minute: int = Field(0, ge=0)  # this profile's own rate limit at MAIL (0 = none)
     rules: list[PolicyRule] = Field(default_factory=list)  # added to [policy] rules for this profile's mail
 
     @model_validator(mode="after")

@@ -10,7 +10,7 @@ from typing import Any
 
 from relay.app import Relay
 from relay.testing.standin import InfobipStandIn
-from tests.conftest import StartRelay, message, relay_settings
+from tests.conftest import Dialog, StartRelay, message, relay_settings
 from tests.helpers import queue_files, send_one, spooled, until
 
 HR, BILLING = "payroll@hr.example.com", "billing@erp.example.com"
@@ -21,7 +21,7 @@ def hr_profile(password: str = "hr-secret", **extra: Any) -> dict[str, Any]:
 
 
 def from_(sender: str) -> bytes:
-    return message(From=f"App <{sender}>")
+    return message(sender=sender)
 
 
 async def test_each_profile_sends_as_its_own_account_over_its_own_connections(
@@ -87,3 +87,24 @@ async def test_a_queued_message_whose_profile_is_gone_goes_out_with_the_default(
         assert got.mail_from == HR and got.auth_user == standin.username
     finally:
         await second.stop()
+
+
+async def test_a_profile_adds_its_own_rules_and_keeps_its_own_rate(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    standin.accounts["hr"] = "hr-secret"
+    rule = {"headers": {"X-IB-Tracking-Url": "https://hooks.example.com/hr"}}
+    relay = await start_relay(spool=spooled(tmp_path), profiles=[hr_profile(rules=[rule], messages_per_minute=2)])
+    for n in range(2):
+        assert (await send_one(relay.port, HR, [f"h{n}@example.org"], from_(HR))).startswith("250 2.6.0 ")
+    dialog = await Dialog.open(relay.port)
+    await dialog.hello()
+    third = await dialog.send(f"MAIL FROM:<{HR}>")
+    await dialog.close()
+    assert third.startswith("451 4.7.0 Rate limit: profile hr takes at most 2 messages a minute")
+    assert (await send_one(relay.port, BILLING, ["b@example.org"], from_(BILLING))).startswith("250 2.6.0 ")
+    hr_mail = [m for m in standin.messages if m.mail_from == HR]
+    billing_mail = [m for m in standin.messages if m.mail_from == BILLING]
+    assert len(hr_mail) == 2 and len(billing_mail) == 1
+    assert all(b"\r\nX-IB-Tracking-Url: https://hooks.example.com/hr\r\n" in m.data for m in hr_mail)
+    assert b"X-IB-Tracking-Url" not in billing_mail[0].data

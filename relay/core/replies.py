@@ -146,6 +146,10 @@ def message_rate(limit: int) -> Reply:
     return Reply(451, "4.7.0", f"Rate limit: this relay takes at most {limit} messages a minute; try again later")
 
 
+def profile_rate(profile: str, limit: int) -> Reply:
+    return Reply(451, "4.7.0", f"Rate limit: profile {profile} takes at most {limit} messages a minute; try later")
+
+
 def client_recipient_rate(client_ip: str, limit: int) -> Reply:
     return Reply(451, "4.7.0", f"Rate limit: {client_ip} sent to more than {limit} recipients an hour; try again later")
 

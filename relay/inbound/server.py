@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 
 from relay.config import Settings
 from relay.core.prepare import Prepared, Received, prepare
+from relay.core.profiles import DEFAULT
 from relay.core.replies import (
     CLEARTEXT_AFTER_STARTTLS,
     DATA_GO_AHEAD,
@@ -46,6 +47,7 @@ from relay.inbound import aiosmtpd_compat as compat
 from relay.inbound.access import Refusal, check_client, check_proxy, check_recipient, check_sender, client_address
 from relay.inbound.aiosmtpd_compat import CompatSMTP
 from relay.inbound.limits import MemoryBudget, RateLimits, SharedBudget
+from relay.inbound.profiles import ProfileRules
 from relay.inbound.upload import Upload
 from relay.ops.logs import log_message
 from relay.ops.metrics import Metrics
@@ -65,11 +67,12 @@ def new_queue_id() -> str:
 
 
 class SessionInfo:
-    __slots__ = ("client_ip", "user")
+    __slots__ = ("client_ip", "profile", "user")
 
-    def __init__(self, client_ip: str, user: str | None = None) -> None:
+    def __init__(self, client_ip: str, user: str | None = None, profile: str | None = None) -> None:
         self.client_ip = client_ip
-        self.user = user  # after AUTH: picks the profile (and its allowlist)
+        self.user = user  # after AUTH
+        self.profile = profile  # picked at MAIL (None: not picked yet)
 
 
 class Sessions:
@@ -127,6 +130,7 @@ class RelaySession(Session):
         super().__init__(loop)
         self.client_ip = ""  # the TCP peer, or the PROXY header's source behind a balancer
         self.relay_user: str | None = None  # after AUTH
+        self.profile = DEFAULT  # picked at MAIL: which profile's limits, rules and credentials the message gets
 
 
 class RelaySMTP(CompatSMTP):
@@ -378,6 +382,7 @@ class RelayHandler:
         self.limits = RateLimits(settings.limits, self.shared_budget)
         self.budget.limit = settings.limits.memory_budget
         self.users = {user.username: user for user in settings.listen.users}
+        self.profiles = ProfileRules(settings)
         self.tls_context: ssl.SSLContext | None = None
         listen = settings.listen
         if listen.tls_cert_file is not None and listen.tls_key_file is not None:
@@ -446,6 +451,10 @@ class RelayHandler:
         )
         if refusal is not None:
             return self._refused(refusal)
+        session.profile = self.profiles.select(address, session.client_ip, session.relay_user)
+        refusal = self.profiles.admit(session.profile, time.monotonic())
+        if refusal is not None:
+            return self._refused(refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return str(sender_ok(address))
@@ -477,7 +486,7 @@ class RelayHandler:
         envelope.original_content = envelope.content = b""  # the Received holds the only reference
         self.metrics.received.inc()
         try:
-            prepared = prepare(received, self.settings.policy, self.settings.listen)
+            prepared = prepare(received, self.profiles.policy(session.profile), self.settings.listen)
         except Rejection as rejection:
             log_message(
                 log,
@@ -492,7 +501,7 @@ class RelayHandler:
             )
             return self._refused(Refusal(rejection.reason, rejection.reply))
         del received
-        return str(await self.deliver(prepared, SessionInfo(client_ip, session.relay_user)))
+        return str(await self.deliver(prepared, SessionInfo(client_ip, session.relay_user, session.profile)))
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("session_error", error_type=type(error).__name__)
