@@ -122,12 +122,20 @@ def _matches(value: Enum, pattern: Enum | tuple[Enum, ...] | None) -> bool:
     return pattern is None or value == pattern or (isinstance(pattern, tuple) and value in pattern)
 
 
-def decide(commit: Commit, attempt: Attempt, client: Client) -> Decision:
-    """The table's answer for one combination."""
+def _first_row(commit: Commit, attempt: Attempt, client: Client) -> Decision:
     for (c, a, cl), decision in TABLE:
         if _matches(commit, c) and _matches(attempt, a) and _matches(client, cl):
             return decision
     raise AssertionError(f"no row for {commit}, {attempt}, {client}")  # the row-by-row test covers all
+
+
+# Every combination looked up once: decide() runs several times per message on the hot path.
+_DECISIONS = {(c, a, cl): _first_row(c, a, cl) for c in Commit for a in Attempt for cl in Client}
+
+
+def decide(commit: Commit, attempt: Attempt, client: Client) -> Decision:
+    """The table's answer for one combination."""
+    return _DECISIONS[commit, attempt, client]
 
 
 def attempt_of(result: AttemptResult) -> Attempt:
