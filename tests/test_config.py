@@ -372,3 +372,18 @@ def test_cli_names_the_bad_key(tmp_path: Path) -> None:
     assert done.stderr.splitlines() == [
         "relay: config error: listen.allowed_networks: '10.0.0.1/8' is not a network: 10.0.0.1/8 has host bits set"
     ]
+
+
+def test_check_config_warns_about_empty_credentials(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[listen]\nport = 2525\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert result.returncode == 0
+    assert "upstream.username/password are empty here" in result.stderr

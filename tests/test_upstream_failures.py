@@ -12,9 +12,13 @@ import structlog.testing
 import trustme
 
 from relay.app import Relay
+from relay.config import UpstreamSettings
 from relay.testing.standin import InfobipStandIn
+from relay.upstream.connection import UpstreamConnection
+from relay.upstream.errors import UpstreamError
+from relay.upstream.tls import make_tls_context
 from tests.conftest import Dialog, StartRelay, message, relay_settings
-from tests.helpers import send_one
+from tests.helpers import send_one, until
 
 SENDER = "billing@erp.example.com"
 
@@ -250,3 +254,24 @@ async def test_insecure_skip_verify_is_explicit_and_loud(
     assert (await send_one(relay.port, SENDER, ["a@example.org"], message())).startswith("250 2.6.0 ")
     [warning] = [e for e in logs if e["event"] == "upstream_tls_verification_disabled"]
     assert warning["log_level"] == "warning" and "Never use this in production" in warning["warning"]
+
+
+async def test_an_overlong_reply_line_is_a_failure_not_a_leak() -> None:
+    async def babble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 " + b"x" * 100_000 + b"\r\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(babble, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = UpstreamSettings(host="127.0.0.1", port=port, username="u", password="p", command_timeout=2)
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        for _ in range(5):
+            with pytest.raises(UpstreamError, match="reply line too long"):
+                await UpstreamConnection.open(settings, make_tls_context(settings), "relay.test", 1)
+        await until(lambda: len(os.listdir("/proc/self/fd")) <= before + 1, timeout=2.0)
+    finally:
+        server.close()
+        await server.wait_closed()
