@@ -1,13 +1,20 @@
 """structlog set-up: JSON lines (or console), one event per step of a message's life.
 
-aiosmtpd's own `mail.log` logger writes envelope addresses and command lines at INFO/DEBUG; messages may
-carry PHI, so it is held at ERROR whatever our level is.
+Everything else that writes to stderr goes through the same renderer: stdlib loggers (aiosmtpd's `mail.log`,
+asyncio's TLS errors and "Task exception was never retrieved", aiohttp's), warnings, and exceptions nobody
+caught (main thread, other threads, "Exception ignored in"). With `format = "json"` every line is one JSON
+object, and a traceback is the `exception` field of its line, never lines of its own.
+
+aiosmtpd's `mail.log` writes envelope addresses and command lines (AUTH included) at INFO/DEBUG; messages
+may carry PHI, so it is held at ERROR whatever our level is, and no body is logged at any level.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+from types import TracebackType
 from typing import Any
 
 import structlog
@@ -15,27 +22,69 @@ import structlog
 from relay.config import LogSettings
 from relay.core.message import Envelope
 
+log = structlog.get_logger("relay.ops.logs")
+_handler: logging.Handler | None = None  # ours on the root logger, replaced by a reload
+
 
 def configure_logging(settings: LogSettings) -> None:
-    level = getattr(logging, settings.level.upper())
+    global _handler
+    as_json = settings.format == "json"
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer()
-        if settings.format == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
+    stamped: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    tracebacks: list[structlog.typing.Processor] = (
+        [structlog.processors.format_exc_info] if as_json else []
+    )  # the console prints them itself
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
+        processors=[structlog.contextvars.merge_contextvars, *stamped, *tracebacks, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, settings.level.upper())),
         logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,  # True would ignore a log.level changed by SIGHUP
     )
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tracebacks, renderer],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *stamped],
+        )
+    )
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    _handler = handler
+    root.setLevel(logging.WARNING)  # other libraries' chatter stays out, whatever our level
     logging.getLogger("mail.log").setLevel(logging.ERROR)
+    logging.captureWarnings(True)
+    if as_json:
+        sys.excepthook = _uncaught
+        threading.excepthook = _uncaught_in_thread
+        sys.unraisablehook = _unraisable
+
+
+def _uncaught(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:
+    log.critical("uncaught_exception", exc_info=(kind, error, trace))
+
+
+def _uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    thread = args.thread.name if args.thread is not None else None
+    log.critical("uncaught_exception", thread=thread, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _unraisable(unraisable: Any) -> None:
+    error = unraisable.exc_value
+    log.error(
+        "unraisable_exception",
+        message=unraisable.err_msg or "Exception ignored in",
+        object=repr(unraisable.object),
+        exc_info=(unraisable.exc_type, error, unraisable.exc_traceback) if error is not None else None,
+    )
 
 
 def log_message(
