@@ -70,6 +70,20 @@ class Relay:
         self.metrics.gauge(
             "relay_upstream_credentials_refused", "1 when Infobip refused our credentials last time", self._refused
         )
+        self.metrics.per_profile("relay_profile_upstream_up", "1 when the profile's last connection worked", self._ups)
+        self.metrics.per_profile("relay_profile_breaker_open", "1 while the profile's delivery is paused", self._pauses)
+        self.metrics.per_profile("relay_profile_queued", "Messages waiting, by profile", self._queued)
+
+    def _ups(self) -> dict[str, float]:
+        return {name: 1.0 if pool.status == "ok" else 0.0 for name, pool in self.pools.items()}
+
+    def _pauses(self) -> dict[str, float]:
+        lanes = self.delivery.lanes if self.delivery is not None else {}
+        return {name: 1.0 if lane.breaker.is_open else 0.0 for name, lane in lanes.items()}
+
+    def _queued(self) -> dict[str, float]:
+        lanes = self.delivery.lanes if self.delivery is not None else {}
+        return {name: float(lane.queue.depth) for name, lane in lanes.items()}
 
     def _paused(self) -> float:
         return 1.0 if self.delivery is not None and self.delivery.breaker.is_open else 0.0
@@ -86,12 +100,19 @@ class Relay:
         return 1.0 if self.pool.status == "credentials_refused" else 0.0
 
     def upstream_status(self) -> dict[str, object]:
-        """GET /upstream: what the relay knows of Infobip now (readiness does not depend on it)."""
+        """GET /upstream: what the relay knows of Infobip now, for the default profile and each one
+        (readiness does not depend on it)."""
+        profiles = {name: self._profile_status(name) for name in self.pools}
+        return {**profiles[DEFAULT], "profiles": profiles}
+
+    def _profile_status(self, name: str) -> dict[str, object]:
+        pool = self.pools[name]
+        lane = self.delivery.lanes.get(name) if self.delivery is not None else None
         return {
-            "status": self.pool.status,
-            "since": self.pool.status_since,
-            "last_error": self.pool.last_failure,
-            "delivery": self.delivery.prober.status() if self.delivery is not None else {"paused": False},
+            "status": pool.status,
+            "since": pool.status_since,
+            "last_error": pool.last_failure,
+            "delivery": lane.prober.status() if lane is not None else {"paused": False},
         }
 
     @property

@@ -11,7 +11,7 @@ from typing import Any
 from relay.app import Relay
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, message, relay_settings
-from tests.helpers import queue_files, send_one, spooled, until
+from tests.helpers import get, queue_files, send_one, spooled, until
 
 HR, BILLING = "payroll@hr.example.com", "billing@erp.example.com"
 
@@ -108,3 +108,18 @@ async def test_a_profile_adds_its_own_rules_and_keeps_its_own_rate(
     assert len(hr_mail) == 2 and len(billing_mail) == 1
     assert all(b"\r\nX-IB-Tracking-Url: https://hooks.example.com/hr\r\n" in m.data for m in hr_mail)
     assert b"X-IB-Tracking-Url" not in billing_mail[0].data
+
+
+async def test_each_profile_shows_in_metrics_and_upstream(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    relay = await start_relay(spool=spooled(tmp_path, sync_wait=0.5), profiles=[hr_profile(password="wrong")])
+    assert (await send_one(relay.port, HR, ["h@example.org"], from_(HR))).startswith("250 2.0.0 ")
+    assert (await send_one(relay.port, BILLING, ["b@example.org"], from_(BILLING))).startswith("250 2.6.0 ")
+    _, metrics = await get(relay.http.port, "/metrics")
+    assert 'relay_profile_upstream_up{profile="hr"} 0.0' in metrics
+    assert 'relay_profile_upstream_up{profile="default"} 1.0' in metrics
+    assert 'relay_profile_messages_relayed_total{profile="default"} 1.0' in metrics
+    _, body = await get(relay.http.port, "/upstream")
+    profiles = json.loads(body)["profiles"]
+    assert profiles["hr"]["status"] == "credentials_refused" and profiles["default"]["status"] == "ok"

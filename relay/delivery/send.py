@@ -72,8 +72,10 @@ def count_and_log(
 ) -> None:
     if result.accepted:
         metrics.relayed.inc()
+        metrics.profile_relayed.labels(job.envelope.profile).inc()
     if step.retry:
         metrics.deferred.inc()
+        metrics.profile_deferred.labels(job.envelope.profile).inc()
     if step.dead and not handed_back:
         metrics.dead.inc()
     log.info(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -65,6 +66,15 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
+        self.profile_relayed = Counter(
+            "relay_profile_messages_relayed", "Messages Infobip accepted, by profile", ["profile"], registry=r
+        )
+        self.profile_deferred = Counter(
+            "relay_profile_delivery_deferred",
+            "Attempts that left recipients to retry, by profile",
+            ["profile"],
+            registry=r,
+        )
         self.reloads = Counter(
             "relay_config_reloads", "SIGHUP reloads, by result (success, failure)", ["result"], registry=r
         )
@@ -74,6 +84,10 @@ class Metrics:
             "relay_config_last_reload_successful", "0 while the last reload failed (the old config runs)", registry=r
         )
         self.last_reload_ok.set(1)
+
+    def per_profile(self, name: str, documentation: str, read: Callable[[], Mapping[str, float]]) -> None:
+        """A gauge with a `profile` label, read when scraped (each profile's breaker, upstream, queue)."""
+        self.registry.register(_PerProfile(name, documentation, read))
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A value read when scraped (spool depth, pool size): no bookkeeping on the hot path."""
@@ -141,3 +155,16 @@ def spool_depth(queues: Iterable[_Queue], queue_dir: Path) -> int:
 def oldest_received(queues: Iterable[_Queue], queue_dir: Path) -> float | None:
     """Arrival time (epoch) of the oldest message still waiting, for relay_spool_oldest_age_seconds."""
     return min((job.envelope.received_at for job in waiting_jobs(queues, queue_dir)), default=None)
+
+
+class _PerProfile:
+    """A custom collector: one sample per profile, from `read()` at scrape time."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], Mapping[str, float]]) -> None:
+        self._name, self._documentation, self._read = name, documentation, read
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self._name, self._documentation, labels=["profile"])
+        for profile, value in sorted(self._read().items()):
+            family.add_metric([profile], value)
+        yield family
