@@ -26,6 +26,7 @@ from relay.inbound.server import RelayHandler, RelaySMTP, SessionInfo, Sessions
 from relay.ops.http_server import HttpServer, Readiness
 from relay.ops.logs import configure_logging, message_fields
 from relay.ops.metrics import Metrics, oldest_received, relay_version, spool_depth
+from relay.outcomes.metrics import OutcomeMetrics
 from relay.outcomes.service import Outcomes
 from relay.store.spool import Spool
 from relay.upstream.errors import UpstreamError
@@ -42,7 +43,8 @@ class Relay:
         self.pools = self._pools(settings, {})
         self.spool: Spool | None = Spool(settings.spool.path) if settings.spool.enabled else None
         outcomes_on = settings.reports.enabled or settings.bounces.enabled
-        self.outcomes: Outcomes | None = Outcomes(settings, self.metrics, clock) if outcomes_on else None
+        outcome_metrics = OutcomeMetrics(self.metrics.registry)  # at 0 while off: the alert rules query them
+        self.outcomes: Outcomes | None = Outcomes(settings, outcome_metrics, clock) if outcomes_on else None
         self.delivery: Delivery | None = (
             Delivery(self.spool, self.pools, settings.spool, self.metrics, clock, self.outcomes)
             if self.spool is not None

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from relay.core.headers import fold_header, header_block_end, parse_header_fields
-from relay.core.prepare import Prepared
+from relay.core.message import Prepared
 
 # A recipient's status, as `relay trace` and GET /messages say it.
 QUEUED = "queued"  # the relay has it; Infobip has not taken it yet

@@ -21,7 +21,6 @@ from relay.core.replies import Reply
 from relay.core.retry import AttemptResult, NextStep
 from relay.core.smtp_client import DeliveryResult, queued_id
 from relay.delivery.clock import Clock, SystemClock
-from relay.ops.metrics import Metrics
 from relay.outcomes.bounces import Bouncer
 from relay.outcomes.decide import FAILED, Report, bulk_id, claim_reports, dead_status, header_block
 from relay.outcomes.history import Attempted, MessageReceived, MessageTrace
@@ -44,10 +43,10 @@ def open_store(path: Path) -> SqliteHistory:
 
 
 class Outcomes:
-    def __init__(self, settings: Settings, metrics: Metrics, clock: Clock | None = None) -> None:
+    def __init__(self, settings: Settings, metrics: OutcomeMetrics, clock: Clock | None = None) -> None:
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.metrics = OutcomeMetrics(metrics.registry)
+        self.metrics = metrics
         self.path = history_path(settings)
         self.history: History | None = None
         self.store: SqliteHistory | None = None

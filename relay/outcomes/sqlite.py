@@ -218,7 +218,7 @@ def _received(db: sqlite3.Connection, m: MessageReceived) -> None:
         "INSERT OR IGNORE INTO recipients (queue_id, address, status, at) VALUES (?, ?, 'queued', ?)",
         [(m.queue_id, rcpt, m.received_at) for rcpt in m.recipients],
     )
-    words = f"received from {m.client_ip}: {len(m.recipients)} recipient(s), {m.size} bytes"
+    words = f"from {m.client_ip}: {len(m.recipients)} recipient(s), {m.size} bytes"
     _event(db, m.queue_id, m.received_at, "received", None, words)
 
 
