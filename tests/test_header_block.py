@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from relay.config import ListenSettings, PolicyRule, PolicySettings
 from relay.core.alignment import aligned, domain_of
 from relay.core.headers import parse_header_fields
-from relay.core.prepare import Received, from_address, prepare
+from relay.core.message import Received
+from relay.core.prepare import from_address, prepare
 from relay.core.replies import Rejection
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.core.message import Envelope
-from relay.core.prepare import Prepared
+from relay.core.message import Envelope, Prepared
 from relay.store.journal import DONE, MESSAGE, Journal, live_records, read_records, record_header, segment_paths
 from relay.store.spool import Spool
 from relay.testing.standin import InfobipStandIn

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from relay.core.prepare import Prepared
+from relay.core.message import Prepared
 from relay.outcomes.decide import (
     BOUNCE_LIFETIME,
     BOUNCED,

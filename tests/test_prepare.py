@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from relay.config import PolicyRule, PolicySettings
 from relay.core.headers import find_field, parse_header_fields
-from relay.core.prepare import Prepared, Received, from_address, is_safe_address, prepare
+from relay.core.message import Prepared, Received
+from relay.core.prepare import from_address, is_safe_address, prepare
 from relay.core.replies import Rejection, Reply
 
 QUEUE_ID = "0190abcdef0123456789a"

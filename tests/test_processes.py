@@ -25,8 +25,7 @@ import pytest
 
 from relay.app import Relay
 from relay.cli import main as relay_main
-from relay.core.message import Envelope
-from relay.core.prepare import Prepared
+from relay.core.message import Envelope, Prepared
 from relay.store.journal import live_index
 from relay.store.spool import EntryState, Spool
 from relay.testing.standin import InfobipStandIn

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from relay.cli import main as relay_main
-from relay.core.message import Envelope
-from relay.core.prepare import Prepared
+from relay.core.message import Envelope, Prepared
 from relay.store.spool import EntryState, Spool
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import free_port, message

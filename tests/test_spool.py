@@ -208,8 +208,8 @@ async def test_startup_recovers_what_was_committed_and_drops_what_was_not(
     from datetime import UTC, datetime
 
     from relay.config import PolicySettings
-    from relay.core.message import Envelope
-    from relay.core.prepare import Received, prepare
+    from relay.core.message import Envelope, Received
+    from relay.core.prepare import prepare
 
     spool = Spool(tmp_path)
     spool.create()

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import structlog.testing
 
-from relay.core.message import Envelope
-from relay.core.prepare import Prepared
+from relay.core.message import Envelope, Prepared
 from relay.store.spool import EntryState, Spool
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, message

@@ -10,7 +10,7 @@ import pytest
 import trustme
 
 from relay.config import UpstreamSettings
-from relay.core.prepare import Prepared
+from relay.core.message import Prepared
 from relay.core.replies import Reply
 from relay.core.smtp_client import ServerReply
 from relay.ops.doctor import doctor

@@ -32,8 +32,8 @@ from bench.relayproc import RelayProcess
 
 def build_spool(path: Path, count: int) -> dict[str, Any]:
     from relay.config import PolicySettings
-    from relay.core.message import Envelope
-    from relay.core.prepare import Received, prepare
+    from relay.core.message import Envelope, Received
+    from relay.core.prepare import prepare
     from relay.store.spool import Spool
 
     policy = PolicySettings(rules=[{"headers": {"X-IB-Tracking-Url": "https://hooks.example.com/ib/track"}}])

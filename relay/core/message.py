@@ -1,10 +1,12 @@
-"""The message as every stage after DATA sees it: its envelope (who, to whom, when, how big) and its
-exact outbound bytes. One shape from the inbound session to the journal, queue/ and Infobip."""
+"""The message through the stages: what the inbound session collected (`Received`), the exact envelope and
+bytes to send upstream (`Prepared`), and the envelope the store keeps beside them (`Envelope`)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,3 +41,49 @@ class Envelope:
         fields = json.loads(line)
         fields["recipients"] = tuple(fields["recipients"])
         return cls(**fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A message as the inbound session collected it."""
+
+    queue_id: str
+    client_ip: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes  # as received, dot-unstuffed, CRLF line endings
+    received_at: datetime  # timezone-aware
+    hostname: str  # ours, for a Message-ID we have to add
+    # The allowlist this client is held to (its AUTH user's, else policy.allowed_sender_domains); empty: any.
+    # It must hold for the sender actually sent upstream, which alignment = "rewrite" may change.
+    allowed_sender_domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """The exact envelope and bytes to send upstream."""
+
+    queue_id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    message_id: str
+    prefix: bytes  # new header lines
+    original: bytes
+    dropped: tuple[tuple[int, int], ...] = field(default=())  # byte ranges of `original` left out
+
+    def segments(self) -> Iterator[memoryview]:
+        """The message as a few views over existing buffers: nothing is copied."""
+        yield memoryview(self.prefix)
+        view = memoryview(self.original)
+        pos = 0
+        for start, end in self.dropped:
+            yield view[pos:start]
+            pos = end
+        yield view[pos:]
+
+    @property
+    def size(self) -> int:
+        return len(self.prefix) + len(self.original) - sum(end - start for start, end in self.dropped)
+
+    def as_bytes(self) -> bytes:
+        return b"".join(self.segments())

@@ -8,9 +8,6 @@ with `replace_existing = true` removes.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import datetime
 from email.errors import ObsoleteHeaderDefect
 from email.policy import SMTP
 from email.utils import format_datetime
@@ -18,6 +15,8 @@ from email.utils import format_datetime
 from relay.config import ListenSettings, PolicySettings
 from relay.core.alignment import aligned, check_alignment, domain_of
 from relay.core.headers import HeaderError, HeaderField, find_field, fold_header, read_header_block
+from relay.core.message import Prepared as Prepared  # the stage after this one imports it from here
+from relay.core.message import Received as Received
 from relay.core.policy import MessageFacts, header_actions
 from relay.core.replies import (
     FROM_MALFORMED,
@@ -41,52 +40,6 @@ _SAFE_ADDRESS_RE = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[A-Za-z0-9.\-\[\]:]+")
 
 def is_safe_address(address: str) -> bool:
     return bool(_SAFE_ADDRESS_RE.fullmatch(address))
-
-
-@dataclass(frozen=True, slots=True)
-class Received:
-    """A message as the inbound session collected it."""
-
-    queue_id: str
-    client_ip: str
-    mail_from: str
-    recipients: tuple[str, ...]
-    data: bytes  # as received, dot-unstuffed, CRLF line endings
-    received_at: datetime  # timezone-aware
-    hostname: str  # ours, for a Message-ID we have to add
-    # The allowlist this client is held to (its AUTH user's, else policy.allowed_sender_domains); empty: any.
-    # It must hold for the sender actually sent upstream, which alignment = "rewrite" may change.
-    allowed_sender_domains: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Prepared:
-    """The exact envelope and bytes to send upstream."""
-
-    queue_id: str
-    mail_from: str
-    recipients: tuple[str, ...]
-    message_id: str
-    prefix: bytes  # new header lines
-    original: bytes
-    dropped: tuple[tuple[int, int], ...] = field(default=())  # byte ranges of `original` left out
-
-    def segments(self) -> Iterator[memoryview]:
-        """The message as a few views over existing buffers: nothing is copied."""
-        yield memoryview(self.prefix)
-        view = memoryview(self.original)
-        pos = 0
-        for start, end in self.dropped:
-            yield view[pos:start]
-            pos = end
-        yield view[pos:]
-
-    @property
-    def size(self) -> int:
-        return len(self.prefix) + len(self.original) - sum(end - start for start, end in self.dropped)
-
-    def as_bytes(self) -> bytes:
-        return b"".join(self.segments())
 
 
 # The usual From: shapes, "Name <a@b>", "<a@b>" and "a@b" (a dot-atom address, a name of plain words),

@@ -12,8 +12,7 @@ import functools
 import structlog
 
 from relay.core.first_attempt import Answer, Decision, FirstAttempt, Store, outcome
-from relay.core.message import Envelope
-from relay.core.prepare import Prepared
+from relay.core.message import Envelope, Prepared
 from relay.core.replies import Reply
 from relay.delivery.queue import DeliveryQueue, Handoff, Job
 from relay.ops.metrics import Metrics

@@ -19,7 +19,7 @@ from structlog.contextvars import bound_contextvars
 from relay.config import SpoolSettings
 from relay.core.breaker import Change, CircuitBreaker
 from relay.core.first_attempt import ANSWER_AFTER, WORKER_ACTIONS, Answer, Attempt, Commit, Decision, Store
-from relay.core.prepare import Prepared
+from relay.core.message import Prepared
 from relay.core.replies import INTERNAL_ERROR, Reply
 from relay.core.retry import AttemptResult, NextStep, next_step
 from relay.delivery.clock import Clock

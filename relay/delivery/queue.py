@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 from relay.core.breaker import CircuitBreaker
 from relay.core.first_attempt import FirstAttempt
-from relay.core.message import Envelope
-from relay.core.prepare import Prepared
+from relay.core.message import Envelope, Prepared
 from relay.core.replies import Reply
 from relay.delivery.clock import Clock, Timer
 from relay.store.journal import LiveRecord

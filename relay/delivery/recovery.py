@@ -6,8 +6,7 @@ from collections.abc import Callable
 
 import structlog
 
-from relay.core.message import Envelope
-from relay.core.prepare import Prepared
+from relay.core.message import Envelope, Prepared
 from relay.delivery.queue import DeliveryQueue, Job
 from relay.store.journal import Journal, LiveRecord
 from relay.store.spool import EntryState, Spool

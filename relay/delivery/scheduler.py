@@ -13,8 +13,7 @@ import structlog
 
 from relay.config import SpoolSettings
 from relay.core.breaker import CircuitBreaker
-from relay.core.message import Envelope
-from relay.core.prepare import Prepared
+from relay.core.message import Envelope, Prepared
 from relay.core.profiles import DEFAULT
 from relay.core.replies import Reply
 from relay.delivery.clock import Clock, SystemClock

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import structlog
 
 from relay.core.breaker import Change, CircuitBreaker
-from relay.core.prepare import Prepared
+from relay.core.message import Prepared
 from relay.core.replies import INTERNAL_ERROR
 from relay.core.retry import AttemptResult, NextStep, recipient_batches
 from relay.core.smtp_client import queued_id

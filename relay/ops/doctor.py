@@ -9,7 +9,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from relay.config import Settings
-from relay.core.prepare import Prepared, Received, prepare
+from relay.core.message import Prepared, Received
+from relay.core.prepare import prepare
 from relay.core.smtp_client import queued_id
 from relay.upstream.connection import UpstreamConnection
 from relay.upstream.errors import (

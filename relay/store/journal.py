@@ -36,8 +36,7 @@ from typing import BinaryIO
 
 import structlog
 
-from relay.core.message import Envelope
-from relay.core.prepare import Prepared
+from relay.core.message import Envelope, Prepared
 from relay.store.spool import FILE_MODE, fsync_dir, make_private_dir, write_all_at
 from relay.testing.failpoints import crashpoint
 

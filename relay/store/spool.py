@@ -30,8 +30,7 @@ from pathlib import Path
 
 import structlog
 
-from relay.core.message import Envelope
-from relay.core.prepare import Prepared
+from relay.core.message import Envelope, Prepared
 from relay.testing.failpoints import crashpoint
 
 log = structlog.get_logger("relay.store.spool")

@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from aiosmtplib.auth import auth_login_encode, auth_plain_encode
 
 from relay.config import UpstreamSettings
-from relay.core.prepare import Prepared, is_safe_address
+from relay.core.message import Prepared
+from relay.core.prepare import is_safe_address
 from relay.core.smtp_client import (
     CHUNK,
     DeliveryResult,

@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import structlog
 
 from relay.config import UpstreamSettings
-from relay.core.prepare import Prepared
+from relay.core.message import Prepared
 from relay.core.smtp_client import DeliveryResult
 from relay.ops.metrics import Metrics
 from relay.upstream.connection import UpstreamConnection
