@@ -20,12 +20,12 @@ from relay.core.profiles import DEFAULT, ProfileMatch, select_profile
 from relay.core.replies import SHUTTING_DOWN, Reply
 from relay.core.smtp_client import queued_id
 from relay.delivery.clock import Clock
-from relay.delivery.queue import DeliveryQueue
 from relay.delivery.scheduler import Delivery
 from relay.inbound.server import RelayHandler, RelaySMTP, SessionInfo, Sessions
 from relay.ops.http_server import HttpServer, Readiness
 from relay.ops.logs import configure_logging, message_fields
-from relay.ops.metrics import Metrics, oldest_received, relay_version, spool_depth
+from relay.ops.metrics import Metrics, relay_version
+from relay.ops.status import register_status_metrics, upstream_status
 from relay.outcomes.metrics import OutcomeMetrics
 from relay.outcomes.service import Outcomes
 from relay.store.spool import Spool
@@ -56,66 +56,10 @@ class Relay:
         self.sessions = Sessions()
         self.http = HttpServer(self.metrics, self.readiness, self.upstream_status, self.outcomes)
         self._server: asyncio.Server | None = None
-        self.metrics.gauge("relay_spool_depth", "Messages waiting in the spool", self._spool_depth)
-        self.metrics.gauge("relay_spool_oldest_age_seconds", "Age of the oldest message waiting", self._oldest_age)
-        self.metrics.gauge("relay_upstream_pool_connections", "Upstream connections open", lambda: self.pool.size)
-        self.metrics.gauge("relay_client_connections", "Client connections open", lambda: len(self.sessions.live))
-        if self.spool is not None:
-            self.metrics.spool_disk(self.spool.path)
-        self.metrics.gauge("relay_breaker_open", "1 while delivery is paused by the circuit breaker", self._paused)
-        self.metrics.gauge(
-            "relay_breaker_next_probe_timestamp_seconds",
-            "When the next probe goes while paused (epoch)",
-            self._next_probe,
-        )
-        self.metrics.gauge("relay_upstream_up", "1 when the last connection to Infobip worked", self._upstream_up)
-        self.metrics.gauge(
-            "relay_upstream_credentials_refused", "1 when Infobip refused our credentials last time", self._refused
-        )
-        self.metrics.per_profile("relay_profile_upstream_up", "1 when the profile's last connection worked", self._ups)
-        self.metrics.per_profile("relay_profile_breaker_open", "1 while the profile's delivery is paused", self._pauses)
-        self.metrics.per_profile("relay_profile_queued", "Messages waiting, by profile", self._queued)
-
-    def _ups(self) -> dict[str, float]:
-        return {name: 1.0 if pool.status == "ok" else 0.0 for name, pool in self.pools.items()}
-
-    def _pauses(self) -> dict[str, float]:
-        lanes = self.delivery.lanes if self.delivery is not None else {}
-        return {name: 1.0 if lane.breaker.is_open else 0.0 for name, lane in lanes.items()}
-
-    def _queued(self) -> dict[str, float]:
-        lanes = self.delivery.lanes if self.delivery is not None else {}
-        return {name: float(lane.queue.depth) for name, lane in lanes.items()}
-
-    def _paused(self) -> float:
-        return 1.0 if self.delivery is not None and self.delivery.breaker.is_open else 0.0
-
-    def _next_probe(self) -> float:
-        status = self.delivery.prober.status() if self.delivery is not None else {}
-        at = status.get("next_probe_at")
-        return float(at) if isinstance(at, float | int) else 0.0
-
-    def _upstream_up(self) -> float:
-        return 1.0 if self.pool.status == "ok" else 0.0
-
-    def _refused(self) -> float:
-        return 1.0 if self.pool.status == "credentials_refused" else 0.0
+        register_status_metrics(self)
 
     def upstream_status(self) -> dict[str, object]:
-        """GET /upstream: what the relay knows of Infobip now, for the default profile and each one
-        (readiness does not depend on it)."""
-        profiles = {name: self._profile_status(name) for name in self.pools}
-        return {**profiles[DEFAULT], "profiles": profiles}
-
-    def _profile_status(self, name: str) -> dict[str, object]:
-        pool = self.pools[name]
-        lane = self.delivery.lanes.get(name) if self.delivery is not None else None
-        return {
-            "status": pool.status,
-            "since": pool.status_since,
-            "last_error": pool.last_failure,
-            "delivery": lane.prober.status() if lane is not None else {"paused": False},
-        }
+        return upstream_status(self)
 
     @property
     def pool(self) -> UpstreamPool:
@@ -143,18 +87,6 @@ class Relay:
             ProfileMatch(p.name, p.sender_domain, p.sender, p.client_network, p.user) for p in self.settings.profiles
         ]
         return select_profile(matches, sender=message.mail_from, client_ip=session.client_ip, user=session.user)
-
-    def _spool_depth(self) -> float:
-        if self.delivery is None or self.spool is None:
-            return 0.0
-        return float(spool_depth(self._queues(), self.spool.queue))  # not what `queue delete` removed
-
-    def _queues(self) -> list[DeliveryQueue]:
-        return [lane.queue for lane in self.delivery.lanes.values()] if self.delivery is not None else []
-
-    def _oldest_age(self) -> float:
-        oldest = oldest_received(self._queues(), self.spool.queue) if self.delivery and self.spool else None
-        return max(0.0, self.delivery.clock.time() - oldest) if self.delivery and oldest else 0.0
 
     def readiness(self) -> Readiness:
         """Does this relay accept and store mail? Listening, and the spool writable. Infobip's state is not
