@@ -15,6 +15,7 @@ from relay.app import run
 from relay.cluster.handoff_client import run_handoff
 from relay.config import ConfigError, Settings, load_settings
 from relay.core.headers import header_block_end
+from relay.inbound.auth import print_password_hash
 from relay.ops import queue_verbs
 from relay.ops.config_warnings import config_warnings, effective_config
 from relay.ops.doctor import doctor
@@ -97,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--demo", action="store_true", help="relay to a built-in local stand-in for Infobip (nothing leaves)"
     )
+    commands.add_parser("hash-password", help="print a password's scrypt hash (read from stdin) for password_hash")
     check = commands.add_parser("check-config", help="validate the config, show it (secrets masked), warn")
     check.add_argument("--config", type=Path, help="TOML config file")
     doctor_cmd = commands.add_parser("doctor", help="check each step to Infobip: DNS, TCP, TLS, AUTH, MAIL FROM")
@@ -131,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "hash-password":  # needs no config
+        return print_password_hash()
 
     try:
         settings = load_settings(args.config)

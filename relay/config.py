@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from relay.core.headers import HeaderError, validate_header_name, validate_header_value
+from relay.core.passwords import parse_password_hash
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -51,13 +52,27 @@ class ClientUser(_Section):
     """A client that can AUTH to the relay (over our STARTTLS), limited to its own sender domains."""
 
     username: str
-    password: SecretStr
+    password_hash: SecretStr | None = None  # what `relay hash-password` prints (scrypt); used when set
+    password: SecretStr | None = None  # plain text: still accepted, with a check-config warning
     allowed_sender_domains: list[str] = Field(default_factory=list)  # empty: any the policy allows
 
     @field_validator("allowed_sender_domains")
     @classmethod
     def _lower(cls, value: list[str]) -> list[str]:
         return [d.strip().lower() for d in value]
+
+    @field_validator("password_hash")
+    @classmethod
+    def _a_hash(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_password_hash(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _a_password(self) -> ClientUser:
+        if self.password_hash is None and self.password is None:
+            raise ValueError(f"user {self.username!r}: set password_hash (the output of `relay hash-password`)")
+        return self
 
 
 class ListenSettings(_Section):
@@ -75,6 +90,13 @@ class ListenSettings(_Section):
     # Connections at once from one client address (behind a balancer, the PROXY source): None is a quarter of
     # max_connections, 0 no cap. One busy or broken app cannot hold every slot.
     max_connections_per_client: int | None = Field(None, ge=0)
+    # AUTH guessing: each failure waits longer before its 535 (auth_failure_delay, doubling per recent failure
+    # of that address, at most 16 times); a connection is closed after auth_failures_per_connection; an address
+    # with auth_failures_per_client failures within auth_lockout seconds gets 454 4.7.0 for that long.
+    auth_failure_delay: float = Field(1.0, ge=0)
+    auth_failures_per_connection: int = Field(3, ge=1)
+    auth_failures_per_client: int = Field(10, ge=1)
+    auth_lockout: float = Field(300.0, gt=0)
     max_line_length: int = Field(1048576, ge=1001)  # legacy apps send unwrapped HTML
     max_header_fields: int = Field(1000, gt=0)  # fields in one message's header block (a long To: is one)
     max_header_bytes: int = Field(262144, ge=1000)  # bytes of one message's header block

@@ -843,6 +843,7 @@ def inbound_tls(tmp_path: Path) -> tuple[dict[str, Any], ssl.SSLContext]:
         "tls_key_file": str(key_file),
         "auth_required": True,
         "users": [{"username": "erp", "password": CLIENT_PASSWORD, "allowed_sender_domains": ["erp.example.com"]}],
+        "auth_failure_delay": 0.01,  # tests/test_auth_guessing.py covers the delay
     }
     context = ssl.create_default_context()
     ca.configure_trust(context)

@@ -61,6 +61,7 @@ def test_the_version_is_the_one_pinned() -> None:
         ("connection_lost", ["self", "error"], False),
         ("smtp_DATA", ["self", "arg"], True),
         ("smtp_MAIL", ["self", "arg"], True),  # ours refuses with 421 while stopping, else hands over
+        ("smtp_AUTH", ["self", "arg"], True),  # ours checks what the authenticator kept, after it
         ("smtp_STARTTLS", ["self", "arg"], True),
         ("smtp_EHLO", ["self", "hostname"], True),
         ("smtp_HELO", ["self", "hostname"], True),
@@ -95,6 +96,15 @@ async def test_the_private_attributes_compat_reads() -> None:
     assert "self._timeout_handle: Optional[asyncio.TimerHandle] = None" in SOURCE
     assert isinstance(asyncio.StreamReader()._buffer, bytearray)  # next_command_waiting and buffered look into it
     assert "self._reader._buffer.clear()" in SOURCE  # after STARTTLS: the cleartext bytes `buffered` counts first
+
+
+def test_an_authenticator_result_marked_handled_makes_auth_say_nothing() -> None:
+    # RelayHandler.authenticate keeps the credentials and returns AuthResult(success=False, handled=True), so
+    # aiosmtpd's AUTH answers nothing and RelaySMTP.smtp_AUTH answers after checking them off the event loop.
+    auth = inspect.getsource(SMTP.smtp_AUTH)
+    assert "if auth_result.handled:\n                        status = None" in auth
+    assert "if status is not None:" in auth and "self._authenticate(" in inspect.getsource(SMTP.auth_PLAIN)
+    assert "self._authenticate(" in inspect.getsource(SMTP.auth_LOGIN)
 
 
 def test_the_size_refusals_are_the_only_stock_552s() -> None:

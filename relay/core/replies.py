@@ -116,6 +116,15 @@ MEMORY_BUDGET_FULL = Reply(451, "4.3.2", "The relay holds too much message data 
 LINE_TOO_LONG = Reply(500, "5.5.6", "A message line is longer than this relay accepts; nothing was sent")
 
 
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_TOO_MANY_FAILURES = Reply(421, "4.7.0", "Too many failed logins on this connection; closing it")
+
+
+def auth_locked_out(client_ip: str, seconds: float) -> Reply:
+    return Reply(454, "4.7.0", f"Too many failed logins from {client_ip}; try again in {max(1, round(seconds))} s")
+
+
 def too_many_client_connections(client_ip: str, cap: int) -> Reply:
     return Reply(421, "4.7.0", f"Too many connections from {client_ip} (at most {cap} at once); try again later")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hmac
 import re
 import secrets
 import ssl
@@ -46,6 +45,7 @@ from relay.core.replies import (
 from relay.inbound import aiosmtpd_compat as compat
 from relay.inbound.access import Refusal, check_client, check_proxy, check_recipient, check_sender, client_address
 from relay.inbound.aiosmtpd_compat import CompatSMTP
+from relay.inbound.auth import Authenticator, AuthGuard
 from relay.inbound.limits import MemoryBudget, RateLimits, SharedBudget
 from relay.inbound.profiles import ProfileRules
 from relay.inbound.upload import Upload
@@ -130,6 +130,7 @@ class RelaySession(Session):
         super().__init__(loop)
         self.client_ip = ""  # the TCP peer, or the PROXY header's source behind a balancer
         self.relay_user: str | None = None  # after AUTH
+        self.pending_login: LoginPassword | None = None  # parsed by aiosmtpd's AUTH, for smtp_AUTH to check
         self.profile = DEFAULT  # picked at MAIL: which profile's limits, rules and credentials the message gets
 
 
@@ -142,6 +143,7 @@ class RelaySMTP(CompatSMTP):
         self._raw_replies = False
         self._unsent: list[bytes] = []
         self._counted_as: str | None = None  # the client address this connection counts under
+        self._auth_failures = 0
         super().__init__(
             handler,
             line_length_limit=listen.max_line_length,  # legacy apps send long unwrapped lines
@@ -171,6 +173,17 @@ class RelaySMTP(CompatSMTP):
 
     def new_session(self) -> RelaySession:
         return RelaySession(self.loop)
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        """aiosmtpd's AUTH (TLS required, syntax, challenges), then our check, off the event loop and within the
+        guessing limits (relay/inbound/auth.py)."""
+        assert isinstance(self.session, RelaySession)
+        if await self.event_handler.auth.refused_before(self, self.session):
+            return
+        self.session.pending_login = None
+        await super().smtp_AUTH(arg)
+        if self.session.pending_login is not None:  # else aiosmtpd has answered (no TLS, bad syntax, aborted)
+            self._auth_failures += not await self.event_handler.auth.answer(self, self.session, self._auth_failures)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         """After SIGTERM a session still open gets 421 at its next MAIL, instead of a transaction the drain
@@ -374,6 +387,7 @@ class RelayHandler:
         self.metrics = metrics
         self.shared_budget = shared_budget  # replicas: messages_per_minute for the cluster (relay/cluster)
         self.budget = MemoryBudget(settings.limits.memory_budget)
+        self.auth_guard = AuthGuard(settings.listen)  # kept across reloads: a SIGHUP does not forgive guessing
         self.apply(settings)
 
     def apply(self, settings: Settings) -> None:
@@ -382,6 +396,7 @@ class RelayHandler:
         self.limits = RateLimits(settings.limits, self.shared_budget)
         self.budget.limit = settings.limits.memory_budget
         self.users = {user.username: user for user in settings.listen.users}
+        self.auth = Authenticator(settings.listen, self.metrics, self.auth_guard)
         self.profiles = ProfileRules(settings)
         self.tls_context: ssl.SSLContext | None = None
         listen = settings.listen
@@ -391,17 +406,12 @@ class RelayHandler:
             self.tls_context.load_cert_chain(listen.tls_cert_file, listen.tls_key_file)
 
     def authenticate(self, server: SMTP, session: Any, envelope: Any, mechanism: str, auth_data: Any) -> AuthResult:
-        """AUTH PLAIN/LOGIN against listen.users, in constant time."""
+        """aiosmtpd has parsed AUTH PLAIN/LOGIN: keep the credentials for RelaySMTP.smtp_AUTH, which checks
+        them off the event loop and answers (handled: aiosmtpd says nothing itself)."""
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
-        user = self.users.get(auth_data.login.decode("utf-8", "replace"))
-        expected = user.password.get_secret_value().encode() if user else secrets.token_bytes(16)
-        if user is None or not hmac.compare_digest(auth_data.password, expected):
-            self.metrics.rejected.labels("auth_failed").inc()
-            log.warning("client_auth_failed", client_ip=session.client_ip)
-            return AuthResult(success=False, handled=False)
-        session.relay_user = user.username
-        return AuthResult(success=True, auth_data=user.username)
+        session.pending_login = auth_data
+        return AuthResult(success=False, handled=True)
 
     async def handle_PROXY(self, server: RelaySMTP, session: Any, envelope: Any, proxy_data: Any) -> bool:
         """Behind a load balancer: the PROXY header's source is the client for every check, count and log.

@@ -65,6 +65,12 @@ def config_warnings(settings: Settings) -> list[str]:
         warnings.append("spool.enabled = false: a temporary Infobip failure is answered 451 and apps must retry")
     if settings.listen.max_recipients > 1000:
         warnings.append("listen.max_recipients > 1000: messages are split into several Infobip transactions")
+    warnings += [
+        f"listen.users {user.username!r}: its password is in plain text here; put what `relay hash-password` "
+        "prints in password_hash instead (and remove password), so a leaked config gives away no password"
+        for user in settings.listen.users
+        if user.password is not None
+    ]
     return warnings
 
 
