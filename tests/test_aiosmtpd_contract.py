@@ -331,3 +331,15 @@ async def test_end_transaction_leaves_a_fresh_envelope(serve: Any) -> None:
     assert probe.envelope.rcpt_tos == []
     assert (await dialog.send("MAIL FROM:<c@example.com>")).startswith("250")  # no "nested MAIL"
     await dialog.close()
+
+
+async def test_unread_bytes_are_the_next_the_command_loop_reads(serve: Any) -> None:
+    served = await serve()
+    dialog = await opened(served.port)
+    dialog.writer.write(b"NOOP\r\nNO")
+    assert await dialog.reply() == "250 OK"
+    [server] = served.seen.servers
+    compat.unread(server, b"NOOP\r\n")  # as if read past the end of data and put back
+    assert await dialog.send("OP") == "250 OK"
+    assert await dialog.reply() == "250 OK"
+    await dialog.close()

@@ -86,34 +86,31 @@ def parse_header_fields(data: bytes) -> list[HeaderField]:
     fields: list[HeaderField] = []
     limit = header_block_end(data)
     pos = 0
-    name = ""
-    parts: list[bytes] = []
-    start = 0
+    start = -1  # where the field being read starts; -1 before the first
+    name, colon = "", 0
     while pos < limit:
         eol = data.find(b"\r\n", pos, limit)
-        line_end = limit if eol < 0 else eol + 2
-        line = data[pos : line_end - 2 if eol >= 0 else line_end]
-        if not line:
+        if eol == pos:
             break
-        if line[:1] in (b" ", b"\t") and parts:
-            parts.append(line)
-        elif _FIELD_START_RE.match(line):
-            if parts:
-                fields.append(_field(name, parts, start, pos))
-            head, _, rest = line.partition(b":")
-            name = head.rstrip(b" \t").decode("ascii")
-            parts = [rest]
-            start = pos
+        line_end = limit if eol < 0 else eol + 2
+        # No object per line: a block of many short continuation lines costs no more memory than its fields.
+        if data[pos : pos + 1] in (b" ", b"\t") and start >= 0:
+            pass
+        elif match := _FIELD_START_RE.match(data, pos, limit if eol < 0 else eol):
+            if start >= 0:
+                fields.append(_field(data, name, colon, start, pos))
+            name = data[pos : match.end() - 1].rstrip(b" \t").decode("ascii")
+            start, colon = pos, match.end()
         else:
             break
         pos = line_end
-    if parts:
-        fields.append(_field(name, parts, start, pos))
+    if start >= 0:
+        fields.append(_field(data, name, colon, start, pos))
     return fields
 
 
-def _field(name: str, parts: list[bytes], start: int, end: int) -> HeaderField:
-    value = b"".join(parts).decode("utf-8", errors="replace").strip(" \t")
+def _field(data: bytes, name: str, colon: int, start: int, end: int) -> HeaderField:
+    value = data[colon:end].replace(b"\r\n", b"").decode("utf-8", errors="replace").strip(" \t")
     return HeaderField(name=name, value=value, start=start, end=end)
 
 

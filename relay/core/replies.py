@@ -114,6 +114,19 @@ DATA_TAKES_NO_ARGUMENT = Reply(501, "5.5.4", "Syntax: DATA takes no argument")
 DATA_GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>"  # a go-ahead, not a verdict: no enhanced code (RFC 3463)
 MEMORY_BUDGET_FULL = Reply(451, "4.3.2", "The relay holds too much message data right now; try again shortly")
 LINE_TOO_LONG = Reply(500, "5.5.6", "A message line is longer than this relay accepts; nothing was sent")
+# The end of data is CRLF.CRLF only (SMTP smuggling); a dot line next to a bare LF is refused at once.
+BARE_LF_DOT_LINE = Reply(
+    554,
+    "5.6.0",
+    "Bare LF next to a dot line: end the message with CRLF.CRLF and every line with CRLF;"
+    " nothing was sent; closing the connection",
+)
+DOT_AFTER_BARE_LF = Reply(
+    550,
+    "5.6.0",
+    "A line after a bare LF starts with a dot, which mail servers read in different ways;"
+    " end every line with CRLF; nothing was sent",
+)
 
 
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")

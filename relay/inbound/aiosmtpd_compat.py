@@ -89,6 +89,13 @@ def buffered(server: SMTP) -> int:
     return len(getattr(server._reader, "_buffer", b""))
 
 
+def unread(server: SMTP, data: bytes) -> None:
+    """Put back bytes read past the end of data (DATA is read in large chunks): the client's next commands,
+    pipelined behind the dot, for aiosmtpd's command loop. asyncio's StreamReader cannot unread publicly."""
+    buffer: bytearray = server._reader._buffer  # type: ignore[attr-defined]
+    buffer[0:0] = data
+
+
 def end_transaction(server: SMTP) -> None:
     """After the reply to the end of data: a fresh envelope, as aiosmtpd's own DATA leaves it."""
     server._set_post_data_state()  # type: ignore[no-untyped-call]

@@ -22,7 +22,7 @@ import structlog
 from aiosmtpd.proxy_protocol import V2_CMD
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 
-from relay.config import Settings
+from relay.config import ListenSettings, PolicySettings, Settings
 from relay.core.prepare import Prepared, Received, prepare
 from relay.core.profiles import DEFAULT
 from relay.core.replies import (
@@ -48,7 +48,7 @@ from relay.inbound.aiosmtpd_compat import CompatSMTP
 from relay.inbound.auth import Authenticator, AuthGuard
 from relay.inbound.limits import MemoryBudget, RateLimits, SharedBudget
 from relay.inbound.profiles import ProfileRules
-from relay.inbound.upload import Upload
+from relay.inbound.upload import Upload, prepared_in_a_thread
 from relay.ops.logs import log_message
 from relay.ops.metrics import Metrics
 
@@ -59,6 +59,16 @@ _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _PLAIN_ADDRESS = re.compile(rf"\s*<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)", re.DOTALL)
 
 Deliver = Callable[[Prepared, "SessionInfo"], Awaitable[Reply]]
+
+
+DATA_CHUNK = 65536  # bytes read at a time in DATA: each chunk is scanned at C speed (relay/inbound/upload.py)
+SIZE_HEADROOM = 16384  # kept below listen.max_message_size for the Message-ID, Date and policy headers we add
+
+
+def size_limit(listen: ListenSettings) -> int:
+    """The SIZE we advertise and take in DATA: max_message_size, less room for the headers prepare adds, so that
+    what goes to Infobip stays within max_message_size (prepare refuses it otherwise)."""
+    return listen.max_message_size - min(SIZE_HEADROOM, listen.max_message_size // 10)
 
 
 def new_queue_id() -> str:
@@ -147,7 +157,7 @@ class RelaySMTP(CompatSMTP):
         super().__init__(
             handler,
             line_length_limit=listen.max_line_length,  # legacy apps send long unwrapped lines
-            data_size_limit=listen.max_message_size,
+            data_size_limit=size_limit(listen),
             hostname=listen.hostname,
             ident="ESMTP relay",
             timeout=listen.timeout,
@@ -323,10 +333,13 @@ class RelaySMTP(CompatSMTP):
         return False
 
     async def _data(self) -> None:
-        upload = Upload(self.event_handler.budget, self.event_handler.settings.listen.max_message_size)
+        listen = self.event_handler.settings.listen
+        upload = Upload(self.event_handler.budget, size_limit(listen), listen.max_line_length)
         try:
             if not await self._receive(upload):
-                return  # the client was dropped
+                return  # the client is gone, or was dropped
+            if upload.refusal is None:
+                upload.hold_for_parsing(listen.max_header_bytes)
             if upload.refusal is not None:
                 compat.end_transaction(self)
                 return await self.refuse(upload.refusal)
@@ -344,23 +357,24 @@ class RelaySMTP(CompatSMTP):
             upload.release()
 
     async def _receive(self, upload: Upload) -> bool:
-        """Read to the end of data into `upload`; False when the client took longer than data_timeout."""
+        """Read to the end of data into `upload`, in large chunks so that no client holds the loop; False when
+        the client is gone or dropped: past data_timeout, or told off at once for a bare-LF end of data."""
         assert self.transport is not None and isinstance(self.session, RelaySession)
         listen = self.event_handler.settings.listen
         stream = compat.reader(self)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + listen.data_timeout
         last_progress = loop.time()
-        progress_step = min(1.0, listen.timeout / 4)  # re-arming the timer per line would cost a handle each
-        mid_line = False  # after an over-long fragment, the next read is the rest of that line
-        while True:
-            try:
-                line = await stream.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as overrun:
-                await stream.readexactly(overrun.consumed)
-                upload.line_too_long()
-                mid_line = True
-                continue
+        progress_step = min(1.0, listen.timeout / 4)  # re-arming the timer per chunk would cost a handle each
+        while not upload.ended:
+            chunk = await stream.read(DATA_CHUNK)
+            if not chunk:
+                self.transport.close()
+                return False
+            used = upload.feed(chunk)
+            if used < len(chunk):
+                compat.unread(self, chunk[used:])  # pipelined commands behind the dot
+            await asyncio.sleep(0)  # the stream may hold megabytes already: let other clients in between chunks
             now = loop.time()
             if now - last_progress > progress_step:  # a slow upload making progress is not idle
                 compat.restart_idle_timer(self)
@@ -369,12 +383,11 @@ class RelaySMTP(CompatSMTP):
                 log.warning("data_timeout", client_ip=self.session.client_ip, seconds=listen.data_timeout)
                 self.transport.close()
                 return False
-            if mid_line:
-                mid_line = False
-            elif line == b".\r\n":
-                return True
-            else:
-                upload.add(line)
+        if upload.hang_up and upload.refusal is not None:
+            await self.refuse(upload.refusal)
+            self.transport.close()
+            return False
+        return True
 
 
 class RelayHandler:
@@ -441,7 +454,7 @@ class RelayHandler:
     ) -> list[str]:
         session.host_name = hostname
         listen = self.settings.listen
-        lines = [listen.hostname, f"SIZE {listen.max_message_size}", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"]
+        lines = [listen.hostname, f"SIZE {size_limit(listen)}", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"]
         if self.tls_context is not None and session.ssl is None:
             lines.append("STARTTLS")
         if self.users and session.ssl is not None:
@@ -496,7 +509,7 @@ class RelayHandler:
         envelope.original_content = envelope.content = b""  # the Received holds the only reference
         self.metrics.received.inc()
         try:
-            prepared = prepare(received, self.profiles.policy(session.profile), self.settings.listen)
+            prepared = await self._prepare(received, self.profiles.policy(session.profile))
         except Rejection as rejection:
             log_message(
                 log,
@@ -512,6 +525,13 @@ class RelayHandler:
             return self._refused(Refusal(rejection.reason, rejection.reply))
         del received
         return str(await self.deliver(prepared, SessionInfo(client_ip, session.relay_user, session.profile)))
+
+    async def _prepare(self, received: Received, policy: PolicySettings) -> Prepared:
+        """prepare() on the loop for the usual message; in a thread when its header block is big enough to keep
+        other clients waiting (tests/test_loop_responsive.py). It is pure, so either is the same."""
+        if prepared_in_a_thread(received.data):
+            return await asyncio.to_thread(prepare, received, policy, self.settings.listen)
+        return prepare(received, policy, self.settings.listen)
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("session_error", error_type=type(error).__name__)
