@@ -24,7 +24,7 @@ import json
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -103,7 +103,7 @@ class Spool:
         """Own the spool for this process's life (released when it exits, even by kill -9), or raise
         SpoolLocked. `relay queue` verbs do not take it: they work beside a running relay."""
         self.create()
-        self.tighten()
+        tighten((self.path, self.tmp, self.queue, self.dead, self.journal_dir))
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -125,20 +125,6 @@ class Spool:
         for directory in (self.path, self.tmp, self.queue, self.dead):
             if not directory.is_dir():
                 make_private_dir(directory)
-
-    def tighten(self) -> None:
-        """Start-up: a spool an older relay made (0755 directories) becomes private, and the log says so."""
-        for directory in (self.path, self.tmp, self.queue, self.dead, self.journal_dir):
-            with contextlib.suppress(FileNotFoundError):
-                mode = stat.S_IMODE(directory.stat().st_mode)
-                if not mode & 0o077:
-                    continue
-                try:
-                    os.chmod(directory, DIR_MODE)
-                except OSError as exc:  # not ours (a volume's mount point): say so, but serve
-                    log.error("spool_permissions_open", path=str(directory), mode=f"{mode:o}", error=exc.strerror)
-                    continue
-                log.warning("spool_permissions_tightened", path=str(directory), old=f"{mode:o}", new=f"{DIR_MODE:o}")
 
     # receiving
 
@@ -313,6 +299,21 @@ class Spool:
                     name.endswith(".state") and not os.path.exists(entry.path[: -len(".state")] + ".msg")
                 ):
                     os.unlink(entry.path)
+
+
+def tighten(directories: Iterable[Path]) -> None:
+    """Start-up: a spool an older relay made (0755 directories) becomes private, and the log says so."""
+    for directory in directories:
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(directory.stat().st_mode)
+            if not mode & 0o077:
+                continue
+            try:
+                os.chmod(directory, DIR_MODE)
+            except OSError as exc:  # not ours (a volume's mount point): say so, but serve
+                log.error("spool_permissions_open", path=str(directory), mode=f"{mode:o}", error=exc.strerror)
+                continue
+            log.warning("spool_permissions_tightened", path=str(directory), old=f"{mode:o}", new=f"{DIR_MODE:o}")
 
 
 def write_all_at(fd: int, views: list[memoryview], offset: int) -> int:
