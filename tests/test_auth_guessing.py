@@ -143,6 +143,9 @@ def test_relay_hash_password_prints_a_hash_the_config_takes_and_check_config_war
     assert relay_main(["hash-password"]) == 0
     printed = capsys.readouterr().out
     [line] = printed.splitlines()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))
+    assert relay_main(["hash-password"]) == 1  # an empty password is refused
+    assert capsys.readouterr().err == "relay: an empty password cannot be hashed\n"
     assert parse_password_hash(line).n == 2**15 and "s3cret" not in line
     listen, _ = inbound_tls(
         tmp_path, [{"username": "erp", "password_hash": line}, {"username": "old", "password": "x"}]

@@ -3,9 +3,10 @@
 aiosmtpd documents handlers, `smtp_*` verbs, `push`, `Session` and `Envelope`; the relay also needs a
 few of its internals: a session class of its own, a faster address parser, a check before the greeting,
 its own DATA reader (for the memory budget and the time limits) and so the stream, the idle timer and the
-end of a transaction. `CompatSMTP` renames aiosmtpd's private extension points to methods we own; the
-functions below wrap the private attributes. Nothing else in relay/ touches an underscore name of an
-aiosmtpd object. tests/test_aiosmtpd_contract.py pins each use, so an aiosmtpd upgrade that changes one
+end of a transaction, and what is left in the stream when STARTTLS switches to TLS. `CompatSMTP` renames
+aiosmtpd's private extension points to methods we own; the functions below wrap the private attributes.
+Nothing else in relay/ touches an underscore name of an aiosmtpd object. tests/test_aiosmtpd_contract.py
+pins each use, so an aiosmtpd upgrade that changes one
 fails there, by name, before it can change the relay's behaviour.
 """
 
