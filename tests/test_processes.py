@@ -32,6 +32,10 @@ from relay.testing.standin import InfobipStandIn
 from tests import helpers
 from tests.conftest import Dialog, free_port, message
 
+pytestmark = (
+    pytest.mark.slow
+)  # real relay processes (kill -9, SIGTERM, queue verbs, small spools): tens of seconds in all; .ci/run runs them
+
 ROOT = Path(__file__).resolve().parent.parent
 SENDER = "billing@erp.example.com"
 RECIPIENT = "customer@example.org"

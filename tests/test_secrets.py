@@ -20,6 +20,8 @@ from relay.testing.standin import InfobipStandIn
 from tests import helpers
 from tests.conftest import Dialog, free_port, message, record_wire
 
+pytestmark = pytest.mark.slow  # real relay processes at debug level, scanned for secrets; .ci/run runs them
+
 USERNAME = "ib-user-K7q"
 PASSWORD = "S3cr3t-P@ss-Z9"
 MARKER = "Patient-7731 diagnosis: confidential-marker-Q8Zx"
