@@ -92,7 +92,9 @@ async def test_relay_serve_allows_no_core_dump_and_is_not_dumpable(standin: Info
 
 async def _connect(port: int, process: asyncio.subprocess.Process) -> Dialog:
     for _ in range(750):
-        assert process.returncode is None, "relay exited"
+        if process.returncode is not None:
+            assert process.stderr is not None
+            raise AssertionError(f"relay exited: {(await process.stderr.read()).decode()}")
         try:
             return await Dialog.open(port)
         except OSError:
