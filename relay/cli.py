@@ -105,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     doctor_cmd.add_argument("--config", type=Path, help="TOML config file")
     doctor_cmd.add_argument("--from", dest="sender", help="sender to try in MAIL FROM (a verified domain)")
     doctor_cmd.add_argument("--send-test", metavar="TO", help="also send one real test message to TO")
+    doctor_cmd.add_argument("--profile", help="check only this [[profiles]] name (default: [upstream] and every one)")
     trace = commands.add_parser("trace", help="what happened to a message: attempts, reports, bounces")
     trace.add_argument("--config", type=Path, help="TOML config file (for reports.history_path)")
     trace.add_argument("--json", action="store_true", help="one JSON object per message, one per line")
@@ -159,8 +160,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "doctor":
         domains = settings.policy.allowed_sender_domains
         sender = args.sender or f"postmaster@{domains[0] if domains else settings.listen.hostname}"
-        return asyncio.run(doctor(settings, sender, args.send_test, lambda line: print(line, flush=True)))
+        return _doctor_profiles(settings, sender, args)
     return _serve(args, settings)
+
+
+def _doctor_profiles(settings: Settings, sender: str, args: argparse.Namespace) -> int:
+    """`relay doctor` for [upstream] and every [[profiles]] account in turn, or only `--profile NAME`."""
+    paths = {"default": settings} | {
+        p.name: settings.model_copy(update={"upstream": p.upstream(settings.upstream)}) for p in settings.profiles
+    }
+    if args.profile is not None and args.profile not in paths:
+        print(f"relay doctor: no profile {args.profile!r}; known: {', '.join(paths)}", file=sys.stderr)
+        return 2
+    status = 0
+    for name, profile_settings in paths.items():
+        if args.profile in (None, name):
+            if len(paths) > 1:
+                print(f"-- profile {name}", flush=True)
+            say = lambda line: print(line, flush=True)  # noqa: E731
+            status = max(status, asyncio.run(doctor(profile_settings, sender, args.send_test, say)))
+    return status
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -3,15 +3,17 @@ own connections, and one account's refused password holds only its own mail."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from relay.app import Relay
 from relay.testing.standin import InfobipStandIn
-from tests.conftest import Dialog, StartRelay, message, relay_settings
-from tests.helpers import get, queue_files, send_one, spooled, until
+from tests.conftest import Dialog, StartRelay, free_port, message, relay_settings
+from tests.helpers import get, queue_files, send_one, spooled, until, write_config
 
 HR, BILLING = "payroll@hr.example.com", "billing@erp.example.com"
 
@@ -123,3 +125,39 @@ async def test_each_profile_shows_in_metrics_and_upstream(
     _, body = await get(relay.http.port, "/upstream")
     profiles = json.loads(body)["profiles"]
     assert profiles["hr"]["status"] == "credentials_refused" and profiles["default"]["status"] == "ok"
+
+
+async def test_doctor_checks_every_profile_or_the_one_named(standin: InfobipStandIn, tmp_path: Path) -> None:
+    standin.accounts["hr"] = "hr-secret"
+    config = write_config(tmp_path / "relay.toml", standin, port=free_port())
+    config.write_text(
+        config.read_text()
+        + '\n[[profiles]]\nname = "hr"\nsender_domain = "hr.example.com"\nusername = "hr"\npassword = "wrong"\n'
+    )
+
+    async def doctor(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "relay",
+            "doctor",
+            "--config",
+            str(config),
+            "--from",
+            BILLING,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode is not None
+        return process.returncode, out.decode()
+
+    code, out = await doctor()
+    assert code == 1 and "-- profile default" in out and "-- profile hr" in out
+    assert out.split("-- profile hr")[0].count("  ok    auth") == 1  # the default account logs in
+    assert "FAIL  auth" in out.split("-- profile hr")[1]  # hr's wrong password is named
+    code, out = await doctor("--profile", "default")
+    assert code == 0 and "-- profile hr" not in out
+    code, out = await doctor("--profile", "nope")
+    assert code == 2 and "no profile 'nope'" in out
