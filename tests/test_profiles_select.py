@@ -32,3 +32,35 @@ def test_nothing_fits_means_the_default_profile() -> None:
     assert pick("app@sub.hr.example.com") == DEFAULT  # a domain, not its subdomains
     assert select_profile([], sender="a@b.example", client_ip="x", user=None) == DEFAULT
     assert pick("billing@erp.example.com", "not an address") == "erp"  # erp-lan's network cannot fit
+
+
+def test_a_profile_shadowed_by_an_earlier_one_is_found() -> None:
+    from relay.core.profiles import unreachable
+
+    profiles = [
+        ProfileMatch("erp", sender_domain="erp.example.com"),
+        ProfileMatch("erp-lan", sender_domain="erp.example.com", client_network=ipaddress.ip_network("10.0.0.0/8")),
+        ProfileMatch("hr", sender_domain="hr.example.com"),
+    ]
+    assert unreachable(profiles) == [("erp-lan", "erp")]
+    assert unreachable(list(reversed(profiles))) == []  # the narrower one first: both reachable
+
+
+def test_check_config_warns_about_exposure_and_unreachable_profiles() -> None:
+    from relay.config import Settings
+    from relay.ops.config_warnings import config_warnings
+
+    settings = Settings(
+        http={"host": "0.0.0.0"},
+        policy={"rules": [{"headers": {"X-IB-Callback-Data": '{"id": "{message_id}"}'}}]},
+        profiles=[
+            {"name": "erp", "sender_domain": "erp.example.com", "username": "u", "password": "p"},
+            {"name": "erp-2", "sender_domain": "erp.example.com", "user": "x", "username": "u", "password": "p"},
+        ],
+    )
+    warnings = "\n".join(config_warnings(settings))
+    assert "http.host = 0.0.0.0: /metrics, /upstream and /messages answer anyone" in warnings
+    assert "policy.rules[0]: X-IB-Callback-Data carries {message_id} or {sender}" in warnings
+    assert "profiles 'erp-2': no message can reach it: 'erp' comes first" in warnings
+    quiet = "\n".join(config_warnings(Settings()))
+    assert "http.host" not in quiet and "X-IB-Callback-Data" not in quiet and "no message can reach" not in quiet

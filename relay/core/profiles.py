@@ -42,3 +42,18 @@ def select_profile(profiles: Sequence[ProfileMatch], *, sender: str, client_ip: 
         if profile.fits(sender, client_ip, user):
             return profile.name
     return DEFAULT
+
+
+def unreachable(profiles: Sequence[ProfileMatch]) -> list[tuple[str, str]]:
+    """(profile, earlier profile) pairs where the earlier one matches everything the later one would:
+    first match wins, so the later one never gets a message."""
+    found = []
+    for index, later in enumerate(profiles):
+        for earlier in profiles[:index]:
+            if all(
+                getattr(earlier, key) is None or getattr(earlier, key) == getattr(later, key)
+                for key in ("sender_domain", "sender", "client_network", "user")
+            ):
+                found.append((later.name, earlier.name))
+                break
+    return found

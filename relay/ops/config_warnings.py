@@ -6,6 +6,7 @@ import ipaddress
 import json
 
 from relay.config import IPNetwork, Settings
+from relay.core.profiles import ProfileMatch, unreachable
 
 TRACKING_HEADERS = {"x-ib-tracking-url", "x-ib-notify-url", "x-ib-callback-data", "x-ib-notify-content-type"}
 _PRIVATE = [
@@ -71,7 +72,42 @@ def config_warnings(settings: Settings) -> list[str]:
         for user in settings.listen.users
         if user.password is not None
     ]
+    return warnings + _exposure_warnings(settings)
+
+
+def _exposure_warnings(settings: Settings) -> list[str]:
+    """What an attacker or a mistake could use: an open ops port, client-controlled data in callback
+    data, a profile no message can reach."""
+    warnings = []
+    if settings.http.enabled and not ipaddress.ip_address(_host_address(settings.http.host)).is_loopback:
+        warnings.append(
+            f"http.host = {settings.http.host}: /metrics, /upstream and /messages answer anyone who can reach the "
+            "port (they ignore listen.allowed_networks); restrict it (firewall, NetworkPolicy) or bind to 127.0.0.1"
+        )
+    rules = [(f"policy.rules[{i}]", r) for i, r in enumerate(settings.policy.rules)] + [
+        (f"profiles {p.name!r} rules[{i}]", r) for p in settings.profiles for i, r in enumerate(p.rules)
+    ]
+    for where, rule in rules:
+        value = next((v for k, v in rule.headers.items() if k.lower() == "x-ib-callback-data"), "")
+        if "{message_id}" in value or "{sender}" in value:
+            warnings.append(
+                f"{where}: X-IB-Callback-Data carries {{message_id}} or {{sender}}, which the sending app controls "
+                "(and which may carry personal data): prefer {queue_id}"
+            )
+    matches = [ProfileMatch(p.name, p.sender_domain, p.sender, p.client_network, p.user) for p in settings.profiles]
+    warnings += [
+        f"profiles {name!r}: no message can reach it: {earlier!r} comes first and matches everything it would"
+        for name, earlier in unreachable(matches)
+    ]
     return warnings
+
+
+def _host_address(host: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "127.0.0.1" if host == "localhost" else "0.0.0.0"  # a name: assume it is reachable
+    return host
 
 
 def effective_config(settings: Settings) -> str:
