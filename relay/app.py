@@ -28,6 +28,7 @@ from relay.ops.metrics import Metrics, relay_version
 from relay.ops.status import register_status_metrics, upstream_status
 from relay.outcomes.metrics import OutcomeMetrics
 from relay.outcomes.service import Outcomes
+from relay.store.sealing import sealer_for
 from relay.store.spool import Spool
 from relay.upstream.errors import UpstreamError
 from relay.upstream.pool import UpstreamPool
@@ -41,7 +42,8 @@ class Relay:
         self.running = settings  # what restart_needed_for compares with: the listeners and spool in use
         self.metrics = Metrics()
         self.pools = self._pools(settings, {})
-        self.spool: Spool | None = Spool(settings.spool.path) if settings.spool.enabled else None
+        spool = Spool(settings.spool.path, sealer_for(settings.spool)) if settings.spool.enabled else None
+        self.spool: Spool | None = spool  # sealed at rest with spool.encryption_key_file
         outcomes_on = settings.reports.enabled or settings.bounces.enabled
         outcome_metrics = OutcomeMetrics(self.metrics.registry)  # at 0 while off: the alert rules query them
         self.outcomes: Outcomes | None = Outcomes(settings, outcome_metrics, clock) if outcomes_on else None

@@ -24,6 +24,8 @@ from relay.ops.logs import configure_logging
 from relay.ops.metrics import relay_version
 from relay.outcomes.demo import demo_outcomes
 from relay.outcomes.trace import trace_command
+from relay.store.rekey import check_keys
+from relay.store.sealing import MissingKeyError, new_key, sealer_for
 from relay.store.spool import Spool, SpoolLocked
 from relay.testing.standin import InfobipStandIn, StandInMessage
 
@@ -79,7 +81,7 @@ async def _demo(settings: Settings) -> None:
 
 
 def _queue(args: argparse.Namespace, settings: Settings) -> int:
-    spool = Spool(settings.spool.path)
+    spool = Spool(settings.spool.path, sealer_for(settings.spool))
     if not spool.queue.is_dir():
         print(f"relay: no spool at {spool.path} (spool.path)", file=sys.stderr)
         return 1
@@ -98,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--demo", action="store_true", help="relay to a built-in local stand-in for Infobip (nothing leaves)"
     )
+    commands.add_parser("keygen", help="print a new spool encryption key (one line of base64) for a key file")
     commands.add_parser("hash-password", help="print a password's scrypt hash (read from stdin) for password_hash")
     check = commands.add_parser("check-config", help="validate the config, show it (secrets masked), warn")
     check.add_argument("--config", type=Path, help="TOML config file")
@@ -136,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "hash-password":  # needs no config
         return print_password_hash()
+    if args.command == "keygen":  # needs no config; only the key goes to stdout
+        print(new_key())
+        return 0
 
     try:
         settings = load_settings(args.config)
@@ -185,7 +191,12 @@ def _doctor_profiles(settings: Settings, sender: str, args: argparse.Namespace) 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     forbid_core_dumps()  # the password and messages in memory: no core file, no debugger
     if not args.demo and settings.spool.enabled:
-        spool = Spool(settings.spool.path)
+        spool = Spool(settings.spool.path, sealer_for(settings.spool))
+        try:
+            check_keys(spool)  # records sealed with a key we were not given: stop before anything is created
+        except MissingKeyError as exc:
+            print(f"relay: config error: {exc}", file=sys.stderr)
+            return 2
         try:
             spool.create()
             problem = spool.writable()
@@ -200,6 +211,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             asyncio.run(_demo(settings) if args.demo else run(settings, config=args.config))
     except SpoolLocked as exc:
         print(f"relay: cannot start: {exc}", file=sys.stderr)
+        return 2
+    except MissingKeyError as exc:
+        print(f"relay: config error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. the port is taken: one line, not a traceback
         print(f"relay: cannot start: {exc.strerror or exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -31,6 +32,7 @@ from pydantic_settings import (
 )
 
 from relay.core.headers import HeaderError, validate_header_name, validate_header_value
+from relay.core.keys import parse_key
 from relay.core.passwords import parse_password_hash
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -283,6 +285,55 @@ class SpoolSettings(_Section):
     retry_max: float = Field(3600.0, gt=0)  # longest wait between attempts
     breaker_threshold: int = Field(5, gt=0)  # consecutive connection failures before pausing all delivery
     drain_timeout: float = Field(5.0, ge=0)  # on SIGTERM: seconds to finish sessions and deliveries
+    # Encryption at rest (relay/store/sealing.py): the current key (what `relay keygen` prints) seals every new
+    # record; old_key_files still open records sealed before a rotation, until `relay queue rekey`.
+    encryption_key_file: Path | None = None
+    old_key_files: list[Path] = Field(default_factory=list)
+    _keys: list[bytes] = PrivateAttr(default_factory=list)
+
+    @field_validator("encryption_key_file", mode="before")
+    @classmethod
+    def _no_key_file(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("encryption_key_file")
+    @classmethod
+    def _a_key(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_key_file(value)
+        return value
+
+    @field_validator("old_key_files")
+    @classmethod
+    def _old_keys(cls, value: list[Path]) -> list[Path]:
+        for path in value:
+            read_key_file(path)
+        return value
+
+    @model_validator(mode="after")
+    def _load_keys(self) -> SpoolSettings:
+        if self.old_key_files and self.encryption_key_file is None:
+            raise ValueError("old_key_files needs encryption_key_file: the key new records are sealed with")
+        paths = [self.encryption_key_file, *self.old_key_files] if self.encryption_key_file else []
+        self._keys = [read_key_file(path) for path in paths]
+        return self
+
+    @property
+    def encryption_keys(self) -> list[bytes]:
+        """The current key first, then the old ones; empty: no encryption."""
+        return list(self._keys)
+
+
+def read_key_file(path: Path) -> bytes:
+    """A key file's 32 bytes; the ValueError names the file and what is wrong, never the key."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        return parse_key(text)
+    except ValueError as exc:
+        raise ValueError(f"{str(path)!r} {exc}") from None
 
 
 class PolicyRule(_Section):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from relay.core.message import Envelope, Prepared
-from relay.store.journal import DONE, MESSAGE, Journal, live_records, read_records, record_header, segment_paths
+from relay.store.journal import BAD, DONE, MESSAGE, Journal, live_records, read_records, record_header, segment_paths
 from relay.store.spool import Spool
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, message
@@ -40,8 +40,9 @@ def test_reading_stops_at_the_first_torn_or_corrupt_record() -> None:
     torn = good + record(DONE, b"id2")[:-1]
     assert len(list(read_records(io.BytesIO(torn)))) == 2
     flipped = bytearray(good + record(DONE, b"id2") + record(DONE, b"id3"))
-    flipped[len(good) + 17] ^= 1  # one bit of id2's payload: neither it nor anything after it counts
-    assert len(list(read_records(io.BytesIO(bytes(flipped))))) == 2
+    flipped[len(good) + 17] ^= 1  # one bit of id2's payload: a valid record follows, so damage, not a torn end
+    assert [(k, p) for k, _, p in read_records(io.BytesIO(bytes(flipped)))][2:] == [(BAD, b"ie2"), (DONE, b"id3")]
+    assert len(list(read_records(io.BytesIO(bytes(flipped[: -len(record(DONE, b"id3"))]))))) == 2  # last: torn
     assert list(read_records(io.BytesIO(b"\0" * 64))) == []  # zeros where a crash left no data
 
 

@@ -25,8 +25,10 @@ import pytest
 
 from relay.app import Relay
 from relay.cli import main as relay_main
+from relay.core.keys import parse_key
 from relay.core.message import Envelope, Prepared
 from relay.store.journal import live_index
+from relay.store.sealing import Sealer, new_key
 from relay.store.spool import EntryState, Spool
 from relay.testing.standin import InfobipStandIn
 from tests import helpers
@@ -57,6 +59,7 @@ def write_config(
     retry_initial: float = 0.2,
     retry_max: float = 2.0,
     drain_timeout: float | None = 4.0,
+    key_file: Path | None = None,
 ) -> Path:
     """A spooled relay process's config: short retries, JSON logs, the ops port on an OS-picked port."""
     return helpers.write_config(
@@ -71,6 +74,7 @@ def write_config(
             "retry_initial": retry_initial,
             "retry_max": retry_max,
             "drain_timeout": drain_timeout,
+            "encryption_key_file": key_file,
         },
         http={"enabled": True},
         log={"format": "json"},
@@ -347,17 +351,24 @@ async def run_client(port: int, client: int, size: int, acknowledged: set[str], 
         await dialog.close()
 
 
+@pytest.mark.parametrize("sealed", [False, True], ids=["plain", "encrypted"])  # encrypted: spool.encryption_key_file
 @pytest.mark.parametrize("point", list(CRASH_CASES))
 async def test_kill_9_then_restart_loses_nothing_acknowledged(
-    point: str, standin: InfobipStandIn, spawn: SpawnRelay, tmp_path: Path
+    point: str, sealed: bool, standin: InfobipStandIn, spawn: SpawnRelay, tmp_path: Path
 ) -> None:
     crash_at, pool_size, size, deferrals = CRASH_CASES[point]
+    key_file = tmp_path / "spool.key" if sealed else None
+    if key_file is not None:
+        key_file.write_text(new_key())
+    sealer = Sealer([parse_key(key_file.read_text())]) if key_file is not None else None
     standin.behaviour.data_replies.extend(["451 4.3.0 Try again later"] * deferrals)
     if point == "after_commit":  # Infobip slower than the disk: the kill comes before its verdict is heard
         standin.behaviour.data_delay = 0.3
     port = free_port()
     spool = tmp_path / "spool"
-    config = write_config(tmp_path / "relay.toml", standin, port=port, spool=spool, pool_size=pool_size, sync_wait=0)
+    config = write_config(
+        tmp_path / "relay.toml", standin, port=port, spool=spool, pool_size=pool_size, sync_wait=0, key_file=key_file
+    )
     first = await spawn(config, port, crash_at=crash_at).start()
 
     acknowledged: set[str] = set()
@@ -383,7 +394,7 @@ async def test_kill_9_then_restart_loses_nothing_acknowledged(
         lambda: (
             acknowledged <= set(arrived_ids(standin))
             and not spool_files(spool, "queue")
-            and not live_index(spool / "journal")
+            and not live_index(spool / "journal", sealer=sealer)
         ),  # recovered in place, delivered from there
         15,
         "every acknowledged message upstream, an empty queue/ and nothing live in journal/",
@@ -406,6 +417,7 @@ async def test_kill_9_then_restart_loses_nothing_acknowledged(
     assert not lost, f"acknowledged but never delivered: {sorted(lost)}"
     assert spool_files(spool, "tmp") == [] and spool_files(spool, "dead") == []
     assert spool_files(spool, "journal") == []  # a clean stop leaves no journal: nothing to send twice
+    assert "spool_record_damaged" not in second.log_path.read_text()  # recovery opened every record
     if point == "after_commit":
         # The message committed at the instant of the kill was never acknowledged, yet it is delivered.
         assert unacknowledged_delivered

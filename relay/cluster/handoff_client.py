@@ -174,7 +174,7 @@ def run_handoff(spool: Spool, target: str, hostname: str, timeout: float) -> int
         return 0 if found["left"] == 0 else 1
     try:
         summary = asyncio.run(hand_off_stopped(spool, target, hostname, time.time() + timeout))
-        in_journal = len(live_index(spool.journal_dir))
+        in_journal = len(live_index(spool.journal_dir, sealer=spool.sealer))
     finally:
         spool.unlock()
     print(f"handed off {summary.sent} message(s) to {target}; {len(summary.kept)} still waiting here")

@@ -42,7 +42,7 @@ class Delivery:
         outcomes: AttemptObserver | None = None,
     ) -> None:
         self.spool = spool
-        self.journal = Journal(spool.journal_dir)
+        self.journal = Journal(spool.journal_dir, sealer=spool.sealer)
         self.janitor = Janitor(spool)
         self.clock = clock or SystemClock()
         self._status: dict[str, dict[str, object]] = {}

@@ -278,7 +278,7 @@ def list_queue(spool: Spool, *, dead: bool, as_json: bool, sender: str | None, o
         print(f"{queue_id:<22} unreadable: {why}")
     filtered = f" ({len(shown)} shown)" if len(shown) != len(entries) else ""
     print(f"-- {len(entries) + len(damaged)} message(s) in {'dead/' if dead else 'queue/'} of {spool.path}{filtered}")
-    if not dead and (in_journal := len(live_index(spool.journal_dir))):
+    if not dead and (in_journal := len(live_index(spool.journal_dir, sealer=spool.sealer))):
         print(
             f"-- and {in_journal} in journal/: in their first attempt now, or left by a crash "
             "(the relay moves those to queue/ when it starts)"

@@ -9,14 +9,18 @@ queue/ file, where retries and `relay queue` work on it as before, and is then m
 
     <path>/journal/<seq>.log   records, each a 16-byte header (magic, kind, crc32, length) and a payload:
         M  the JSON envelope line and the exact bytes, as in a queue/ file
+        E  the same, sealed (spool.encryption_key_file): the queue id's length (one byte), the queue id, then
+           the sealed envelope and the sealed bytes (relay/store/sealing.py), bound to that queue id
         D  a queue id that needs no recovery (delivered, handed back to the client, or promoted)
 
 A record is acknowledged only after an fdatasync that followed its write, and that fdatasync made every
 earlier byte of the segment durable too: so in a segment the first torn or invalid record comes after
 every acknowledged one, and reading stops there. Start-up promotes every M record that has no D record
-(`live_records`), then deletes the segments. A segment is deleted once it is not the current one, every
-message in it is done, and every earlier segment is gone (a D record sits in the same segment as its M
-record or a later one).
+(`live_records`), then deletes the segments. A record that fails its check but is followed by a valid one
+cannot be a torn end (nothing is written after a torn end): it is damage, reported and copied to
+<spool>/damaged/, and reading goes on past it. So is a sealed record that does not open. A segment is
+deleted once it is not the current one, every message in it is done, and every earlier segment is gone (a
+D record sits in the same segment as its M record or a later one).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import BinaryIO
 import structlog
 
 from relay.core.message import Envelope, Prepared
+from relay.store.sealing import Sealer, SealError, UnknownKeyError, peek
 from relay.store.spool import FILE_MODE, fsync_dir, make_private_dir, write_all_at
 from relay.testing.failpoints import crashpoint
 
@@ -44,7 +49,8 @@ log = structlog.get_logger("relay.store.journal")
 
 HEADER = struct.Struct(">2sBxIQ")  # magic, kind, pad, crc32 of the payload, payload length
 MAGIC = b"RJ"
-MESSAGE, DONE = ord("M"), ord("D")
+MESSAGE, DONE, SEALED = ord("M"), ord("D"), ord("E")
+BAD = 0  # not a kind on disk: what read_records reports for a damaged record it could step over
 SEGMENT_BYTES = 256 * 1024  # a new segment once the current one is this big
 IDLE_ROTATE = 64 * 1024  # ... or this big with no message in it waiting
 SUFFIX = ".log"
@@ -74,20 +80,71 @@ def _done_records(queue_ids: Iterable[str]) -> list[bytes]:
 
 
 def read_records(handle: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
-    """(kind, offset of the payload, payload) for each valid record, up to the first invalid one."""
+    """(kind, offset of the payload, payload) for each valid record, up to the first invalid one; an
+    invalid record followed by a valid header is damage, not a torn end: (BAD, offset, payload), and on."""
     offset = 0
     while True:
         head = handle.read(HEADER.size)
         if len(head) < HEADER.size:
             return
         magic, kind, crc, length = HEADER.unpack(head)
-        if magic != MAGIC or kind not in (MESSAGE, DONE):
+        if magic != MAGIC or kind not in (MESSAGE, DONE, SEALED):
             return
         payload = handle.read(length)
-        if len(payload) < length or zlib.crc32(payload) != crc:
+        if len(payload) < length:
             return
+        if zlib.crc32(payload) != crc:
+            following = handle.read(HEADER.size)
+            handle.seek(-len(following), os.SEEK_CUR)
+            if len(following) < HEADER.size or following[:2] != MAGIC or following[2] not in (MESSAGE, DONE, SEALED):
+                return
+            kind = BAD
         yield kind, offset + HEADER.size, payload
         offset += HEADER.size + length
+
+
+def message_record(sealer: Sealer | None, envelope: Envelope, message: Prepared) -> list[bytes | memoryview]:
+    """A message's record, header first: M, or with a sealer E, whose payload is the queue id in the clear
+    (it names the record, as it names files in queue/), then the sealed envelope and bytes, bound to it.
+    Sealing happens here, in the writer thread, never on the event loop."""
+    payload: list[bytes | memoryview]
+    if sealer is None:
+        payload = [memoryview(envelope.line()), *message.segments()]
+        return [record_header(MESSAGE, payload), *payload]
+    queue_id = envelope.queue_id.encode()
+    sealed = sealer.seal_message(envelope.queue_id, envelope.line(), list(message.segments()))
+    payload = [bytes([len(queue_id)]) + queue_id, *sealed]
+    return [record_header(SEALED, payload), *payload]
+
+
+def sealed_id(payload: bytes) -> tuple[str, int]:
+    """An E record's queue id and where its sealed part starts."""
+    end = 1 + payload[0]
+    return payload[1:end].decode(errors="replace"), end
+
+
+@dataclass(frozen=True, slots=True)
+class Damaged:
+    """A journal record that did not open or failed its checksum: never delivered, copied aside, reported."""
+
+    segment: str
+    offset: int
+    queue_id: str | None
+    reason: str
+    payload: bytes
+
+
+def _open_record(kind: int, payload: bytes, sealer: Sealer | None) -> Envelope:
+    """The envelope of an M or E record (an E record opened whole, so a damaged body is found now)."""
+    if kind == MESSAGE:
+        return Envelope.from_line(payload[: payload.index(b"\n") + 1])
+    if kind == BAD:
+        raise SealError("checksum mismatch")
+    queue_id, start = sealed_id(payload)
+    if sealer is None:
+        raise UnknownKeyError(peek(payload, start).key_id)
+    line, _ = sealer.open_message(queue_id, payload, start)
+    return Envelope.from_line(line)
 
 
 def split_message(payload: bytes) -> tuple[Envelope, bytes]:
@@ -116,10 +173,16 @@ def _seq(path: Path) -> int:
     return int(path.name[: -len(SUFFIX)])
 
 
-def live_index(directory: Path, ignored: list[tuple[str, int]] | None = None) -> list[LiveRecord]:
+def live_index(
+    directory: Path,
+    ignored: list[tuple[str, int]] | None = None,
+    sealer: Sealer | None = None,
+    damaged: list[Damaged] | None = None,
+) -> list[LiveRecord]:
     """Every committed message not marked done, oldest first, without keeping any bytes. `ignored` gets
     (segment, bytes) for what follows the first invalid record of a segment: a torn end after a crash
-    (never acknowledged), or damage worth a look."""
+    (never acknowledged), or damage worth a look. `damaged` gets the records that did not open (never
+    live). A sealed record without a `sealer` raises UnknownKeyError."""
     done: set[str] = set()
     found: list[LiveRecord] = []
     for path in segment_paths(directory):
@@ -129,26 +192,58 @@ def live_index(directory: Path, ignored: list[tuple[str, int]] | None = None) ->
                 end = offset + len(payload)
                 if kind == DONE:
                     done.add(payload.decode())
-                else:
-                    envelope = Envelope.from_line(payload[: payload.index(b"\n") + 1])
-                    found.append(LiveRecord(envelope, _seq(path), offset, len(payload)))
+                    continue
+                try:
+                    envelope = _open_record(kind, payload, sealer)
+                except UnknownKeyError:
+                    raise
+                except (SealError, ValueError, IndexError) as exc:
+                    queue_id = sealed_id(payload)[0] if kind == SEALED else None
+                    if damaged is not None:
+                        damaged.append(Damaged(path.name, offset, queue_id, str(exc), payload))
+                    continue
+                found.append(LiveRecord(envelope, _seq(path), offset, len(payload)))
             size = os.fstat(handle.fileno()).st_size
         if ignored is not None and size > end:
             ignored.append((path.name, size - end))
     return [record for record in found if record.envelope.queue_id not in done]
 
 
-def read_record(directory: Path, record: LiveRecord) -> bytes:
+def read_record(directory: Path, record: LiveRecord, sealer: Sealer | None = None) -> bytes:
     """The exact bytes to send upstream of a recovered message (in a thread)."""
     with open(directory / f"{record.segment:012d}{SUFFIX}", "rb") as handle:
-        handle.seek(record.offset)
-        return split_message(handle.read(record.length))[1]
+        handle.seek(record.offset - HEADER.size)
+        kind = handle.read(HEADER.size)[2]
+        payload = handle.read(record.length)
+    if kind != SEALED:
+        return split_message(payload)[1]
+    if sealer is None:
+        raise UnknownKeyError(peek(payload, sealed_id(payload)[1]).key_id)
+    return sealer.open_message(record.envelope.queue_id, payload, sealed_id(payload)[1])[1]
 
 
-def live_records(directory: Path, ignored: list[tuple[str, int]] | None = None) -> Iterator[tuple[Envelope, bytes]]:
+def live_records(
+    directory: Path, ignored: list[tuple[str, int]] | None = None, sealer: Sealer | None = None
+) -> Iterator[tuple[Envelope, bytes]]:
     """Every committed message not marked done, with its bytes, one at a time."""
-    for record in live_index(directory, ignored):
-        yield record.envelope, read_record(directory, record)
+    for record in live_index(directory, ignored, sealer):
+        yield record.envelope, read_record(directory, record, sealer)
+
+
+def key_census(directory: Path) -> dict[str, int]:
+    """How many message records each key id sealed ("plain": not sealed; "damaged": unreadable header)."""
+    census: dict[str, int] = {}
+    for path in segment_paths(directory):
+        with open(path, "rb") as handle:
+            for kind, _, payload in read_records(handle):
+                if kind == DONE:
+                    continue
+                name = "plain" if kind == MESSAGE else "damaged"
+                if kind == SEALED:
+                    with contextlib.suppress(SealError, IndexError):
+                        name = peek(payload, sealed_id(payload)[1]).key_id
+                census[name] = census.get(name, 0) + 1
+    return census
 
 
 @dataclass
@@ -176,9 +271,10 @@ class Journal:
     """Appends and done marks come from the event loop; one thread writes and syncs them in batches
     and answers each batch with one callback on the loop."""
 
-    def __init__(self, directory: Path, segment_bytes: int = SEGMENT_BYTES) -> None:
+    def __init__(self, directory: Path, segment_bytes: int = SEGMENT_BYTES, sealer: Sealer | None = None) -> None:
         self.directory = directory
         self.segment_bytes = segment_bytes
+        self.sealer = sealer  # None: records in plaintext (M); else sealed (E) in the writer thread
         self._lock = threading.Lock()  # guards everything below that both sides touch
         # The writer sleeps on `_wakeup` (held while it is idle); whoever finds it idle releases it.
         # Two C-level locks: a threading.Condition costs the event loop several times more per message.
@@ -200,12 +296,15 @@ class Journal:
 
     def recover(self, ignored: list[tuple[str, int]] | None = None) -> list[LiveRecord]:
         """Before `start`: what a previous run committed and did not finish. It stays where it is
-        (recovery needs no free space) and is live again from `start` on, until marked done."""
-        self._recovered = live_index(self.directory, ignored)
+        (recovery needs no free space) and is live again from `start` on, until marked done. A damaged
+        record is reported and copied to <spool>/damaged/ (its segment goes like any other)."""
+        damaged: list[Damaged] = []
+        self._recovered = live_index(self.directory, ignored, self.sealer, damaged)
+        quarantine(self.directory.parent / "damaged", damaged)
         return self._recovered
 
     def read(self, record: LiveRecord) -> bytes:
-        return read_record(self.directory, record)
+        return read_record(self.directory, record, self.sealer)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Keep the old segments from the first one holding a live record on (a done mark sits in its
@@ -351,8 +450,7 @@ class Journal:
                 return
         written: list[_Append] = []
         for item in batch.appends:
-            payload = [memoryview(item.envelope.line()), *item.message.segments()]
-            item.error = self._file.write_parts([record_header(MESSAGE, payload), *payload])
+            item.error = self._file.write_parts(message_record(self.sealer, item.envelope, item.message))
             if item.error is None:
                 written.append(item)
                 crashpoint("before_commit")
@@ -418,6 +516,37 @@ class Journal:
             return exc
         self._broken = False
         return None
+
+
+def quarantine(directory: Path, damaged: list[Damaged]) -> None:
+    """Report each damaged record, and keep a copy for an engineer (the journal segment goes as usual)."""
+    for record in damaged:
+        kept = _copy_aside(directory, record)
+        log.error(
+            "spool_record_damaged",
+            queue_id=record.queue_id,
+            segment=record.segment,
+            offset=record.offset,
+            error=record.reason,
+            kept=kept,
+        )
+
+
+def _copy_aside(directory: Path, record: Damaged) -> str:
+    path = directory / f"{record.segment.removesuffix(SUFFIX)}-{record.offset}.rec"
+    try:
+        if not path.exists():
+            make_private_dir(directory)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+            try:
+                write_all_at(fd, [memoryview(record.payload)], 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fsync_dir(directory)
+    except OSError as exc:
+        return f"not copied: {exc.strerror or exc}"
+    return str(path)
 
 
 class SegmentFiles:

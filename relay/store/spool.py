@@ -10,6 +10,11 @@ its first attempt does not settle it (a retry, a dead letter, a wait), or at sta
     <path>/dead/<id>.msg    dead-lettered (a hard link when only some recipients died)
     <path>/dead/<id>.state  who died and why
     <path>/flush.request    `relay queue flush` asks a running relay to retry now
+    <path>/damaged/         copies of journal records that did not open (reported; never delivered)
+
+With spool.encryption_key_file set, every .msg and .state file (and every journal record) is sealed
+(relay/store/sealing.py): a .msg file is then the sealed envelope followed by the sealed bytes, a .state
+file one sealed JSON object. Files written before encryption was turned on are still read as they are.
 
 Each step is one atomic rename (or link/unlink) after an fsync of the data, so a crash at any instant
 leaves either the old state or the new one. A message is out of the journal only after its rename
@@ -31,6 +36,7 @@ from pathlib import Path
 import structlog
 
 from relay.core.message import Envelope, Prepared
+from relay.store.sealing import DEAD_STATE, HEADER, STATE, Sealer, SealError, is_sealed, peek
 from relay.testing.failpoints import crashpoint
 
 log = structlog.get_logger("relay.store.spool")
@@ -45,6 +51,11 @@ FILE_MODE = 0o600
 
 class SpoolLocked(OSError):
     """Another relay owns this spool: two on one spool would adopt and delete each other's messages."""
+
+
+class DamagedRecord(FileNotFoundError):
+    """A sealed message that does not open (a flipped bit, a swapped file). To delivery it is as good as
+    gone: it is reported here and left where it is for an engineer, and never sent."""
 
 
 @dataclass(slots=True)
@@ -74,7 +85,7 @@ def make_private_dir(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def _write_atomically(path: Path, data: bytes, *, sync_dir: bool) -> None:
+def write_atomically(path: Path, data: bytes, *, sync_dir: bool) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE), "wb") as handle:
         handle.write(data)
@@ -86,8 +97,9 @@ def _write_atomically(path: Path, data: bytes, *, sync_dir: bool) -> None:
 
 
 class Spool:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sealer: Sealer | None = None) -> None:
         self.path = path
+        self.sealer = sealer  # None: records are written in plaintext
         self.tmp = path / "tmp"
         self.queue = path / "queue"
         self.dead = path / "dead"
@@ -101,7 +113,11 @@ class Spool:
 
     def lock(self) -> None:
         """Own the spool for this process's life (released when it exits, even by kill -9), or raise
-        SpoolLocked. `relay queue` verbs do not take it: they work beside a running relay."""
+        SpoolLocked. `relay queue` verbs do not take it: they work beside a running relay. Records sealed
+        with a key we do not hold stop it first (MissingKeyError), before anything is created or changed."""
+        from relay.store.rekey import check_keys  # it reads the journal, whose module builds on this one
+
+        check_keys(self)
         self.create()
         tighten((self.path, self.tmp, self.queue, self.dead, self.journal_dir))
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, FILE_MODE)
@@ -137,10 +153,14 @@ class Spool:
         name = f"{envelope.queue_id}.msg"
         tmp = os.path.join(self.tmp, name)
         head = envelope.line()
+        if self.sealer is None:
+            parts = [memoryview(head), *message.segments()]
+        else:
+            parts = [memoryview(p) for p in self.sealer.seal_message(envelope.queue_id, head, list(message.segments()))]
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
             try:
-                write_all_at(fd, [memoryview(head), *message.segments()], 0)
+                write_all_at(fd, parts, 0)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -172,19 +192,31 @@ class Spool:
     # reading
 
     def read(self, queue_id: str) -> tuple[Envelope, bytes]:
-        with open(self.queue / f"{queue_id}.msg", "rb") as handle:
-            envelope = Envelope.from_line(handle.readline())
-            return envelope, handle.read()
+        """The envelope and exact bytes of a message in queue/; DamagedRecord (reported) if it does not open."""
+        path = self.queue / f"{queue_id}.msg"
+        try:
+            line, body = read_message_file(path, queue_id, self.sealer)
+        except SealError as exc:
+            log.error("spool_record_damaged", queue_id=queue_id, path=str(path), error=str(exc), kept="in place")
+            raise DamagedRecord(f"{path}: {exc}") from None
+        return Envelope.from_line(line), body
 
     def read_envelope(self, queue_id: str, *, dead: bool = False) -> Envelope:
+        """The envelope alone (a sealed body is not decrypted). SealError if it does not open."""
         with open((self.dead if dead else self.queue) / f"{queue_id}.msg", "rb") as handle:
-            return Envelope.from_line(handle.readline())
+            if not is_sealed(handle.peek(HEADER.size)):
+                return Envelope.from_line(handle.readline())
+            head = handle.read(HEADER.size)
+            blob = head + handle.read(peek(head).end - HEADER.size)
+            return Envelope.from_line(_opener(self.sealer).open_envelope(queue_id, blob)[0])
 
     def read_state(self, queue_id: str, *, dead: bool = False) -> EntryState:
         try:
             raw = ((self.dead if dead else self.queue) / f"{queue_id}.state").read_bytes()
         except FileNotFoundError:
             return EntryState()
+        if is_sealed(raw):
+            raw = _opener(self.sealer).open(DEAD_STATE if dead else STATE, queue_id, raw)[0]
         fields = json.loads(raw)
         known = EntryState.__dataclass_fields__
         return EntryState(**{k: v for k, v in fields.items() if k in known})  # a newer version's keys: ignored
@@ -199,7 +231,11 @@ class Spool:
     # changing
 
     def write_state(self, queue_id: str, state: EntryState) -> None:
-        _write_atomically(self.queue / f"{queue_id}.state", json.dumps(asdict(state)).encode(), sync_dir=False)
+        write_atomically(self.queue / f"{queue_id}.state", self._state_bytes(queue_id, state, STATE), sync_dir=False)
+
+    def _state_bytes(self, queue_id: str, state: EntryState, kind: bytes) -> bytes:
+        raw = json.dumps(asdict(state)).encode()
+        return raw if self.sealer is None else b"".join(self.sealer.seal(kind, queue_id, raw))
 
     def remove_many(self, queue_ids: list[str]) -> None:
         """Delivered: plain unlinks on string paths (this runs for every message); .state rarely exists."""
@@ -226,7 +262,7 @@ class Spool:
         state = self.read_state(queue_id, dead=True)
         state.dead.update(reasons)
         state.last_reply = last_reply
-        _write_atomically(self.dead / f"{queue_id}.state", json.dumps(asdict(state)).encode(), sync_dir=True)
+        write_atomically(self.dead / f"{queue_id}.state", self._state_bytes(queue_id, state, DEAD_STATE), sync_dir=True)
 
     def requeue(self, queue_id: str) -> None:
         """Back from dead/ to queue/ for the recipients that died, attempted afresh; recipients still
@@ -266,7 +302,7 @@ class Spool:
         return "ok"
 
     def write_status(self, status: dict[str, object]) -> None:
-        _write_atomically(self.path / STATUS, json.dumps(status).encode(), sync_dir=False)
+        write_atomically(self.path / STATUS, json.dumps(status).encode(), sync_dir=False)
 
     def read_status(self) -> dict[str, object]:
         try:
@@ -328,6 +364,39 @@ def write_all_at(fd: int, views: list[memoryview], offset: int) -> int:
         if written:
             views[0] = views[0][written:]
     return offset
+
+
+def _opener(sealer: Sealer | None) -> Sealer:
+    if sealer is None:
+        raise SealError("sealed, but spool.encryption_key_file is not set")
+    return sealer
+
+
+def read_message_file(path: Path, queue_id: str, sealer: Sealer | None) -> tuple[bytes, bytes]:
+    """(envelope line, exact bytes) of a .msg file, sealed or written before encryption was turned on."""
+    with open(path, "rb") as handle:
+        if not is_sealed(handle.peek(HEADER.size)):
+            return handle.readline(), handle.read()
+        data = handle.read()
+    return _opener(sealer).open_message(queue_id, data)
+
+
+def file_key_id(path: str) -> str | None:
+    """The key id a .msg or .state file is sealed with, "plain", "damaged", or None if it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        head = os.read(fd, HEADER.size)
+    finally:
+        os.close(fd)
+    if not is_sealed(head):
+        return "plain"
+    try:
+        return peek(head).key_id
+    except SealError:
+        return "damaged"
 
 
 def _ids(directory: Path) -> Iterator[str]:

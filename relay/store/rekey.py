@@ -1,0 +1,148 @@
+"""Which keys the spool's records need, the start-up check that they are all configured, and `relay queue
+rekey`, which rewrites everything waiting under the current key so an old key can be retired.
+
+The check reads only each record's header (the key id, see relay/store/sealing.py) and writes nothing, so a
+relay started with a wrong or missing key stops with a config error naming the key id before anything
+under the spool path is created, moved, changed or deleted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relay.core.message import Prepared
+from relay.store import journal
+from relay.store.sealing import DEAD_STATE, STATE, MissingKeyError, Sealer, SealError, is_sealed
+from relay.store.spool import Spool, file_key_id, fsync_dir, read_message_file, write_atomically
+
+NOT_KEYS = ("plain", "damaged")  # census entries that are not key ids
+
+
+def key_census(spool: Spool) -> dict[str, int]:
+    """Records (messages and states in queue/ and dead/, message records in journal/) by the key id that
+    sealed them; "plain" for plaintext ones, "damaged" for a sealed header that does not check."""
+    census = journal.key_census(spool.journal_dir)
+    for directory in (spool.queue, spool.dead):
+        if not directory.is_dir():
+            continue
+        for entry in os.scandir(directory):
+            if entry.name.endswith((".msg", ".state")):
+                name = file_key_id(entry.path)
+                if name is not None:
+                    census[name] = census.get(name, 0) + 1
+    return census
+
+
+def check_keys(spool: Spool) -> None:
+    """MissingKeyError (a config error) naming every key id the spool has records of that the config
+    does not hold."""
+    census = key_census(spool)
+    held = set(spool.sealer.key_ids) if spool.sealer is not None else set()
+    missing = sorted(name for name in census if name not in held and name not in NOT_KEYS)
+    if not missing:
+        return
+    records, ids = sum(census[name] for name in missing), ", ".join(missing)
+    if spool.sealer is None:
+        raise MissingKeyError(
+            f"spool.encryption_key_file: not set, but {spool.path} holds {records} record(s) sealed with key id "
+            f"{ids}; set it (or spool.old_key_files) to the key file(s) with that id. Nothing under the spool "
+            "was changed"
+        )
+    raise MissingKeyError(
+        f"spool.encryption_key_file: {spool.path} holds {records} record(s) sealed with key id {ids}, which is "
+        f"neither the current key ({spool.sealer.current_id}) nor in spool.old_key_files; add the key file with "
+        "that id to spool.old_key_files. Nothing under the spool was changed"
+    )
+
+
+@dataclass
+class Rekeyed:
+    rewritten: int = 0  # files in queue/ and dead/ sealed again under the current key
+    from_journal: int = 0  # messages moved from journal/ into queue/ (so the segments could go)
+    unchanged: int = 0  # already under the current key
+    damaged: list[str] = field(default_factory=list)  # left as they are (and reported)
+
+
+def rekey(spool: Spool) -> Rekeyed:
+    """Everything waiting, under the current key; the caller holds the spool lock (the relay is stopped).
+    Each file is replaced atomically after an fsync, so a crash midway leaves every file readable with the
+    keys configured; running it again finishes the job."""
+    assert spool.sealer is not None, "rekey needs spool.encryption_key_file"
+    result = Rekeyed()
+    _empty_journal(spool, spool.sealer, result)
+    linked = _linked_dead_letters(spool)
+    for directory in (spool.queue, spool.dead):
+        for name in sorted(os.listdir(directory)):
+            if not name.endswith((".msg", ".state")):
+                continue
+            path = directory / name
+            key = file_key_id(str(path))
+            if key is None:
+                continue  # gone since the listing
+            if key == spool.sealer.current_id:
+                result.unchanged += 1
+            elif directory == spool.dead and name in linked:
+                _relink(spool.queue / name, path)  # the queue/ copy was just rewritten: share it again
+                result.rewritten += 1
+            else:
+                try:
+                    _rewrite(spool.sealer, path, dead=directory == spool.dead)
+                except (SealError, ValueError) as exc:
+                    result.damaged.append(f"{path}: {exc}")
+                    continue
+                result.rewritten += 1
+        fsync_dir(directory)
+    return result
+
+
+def _empty_journal(spool: Spool, sealer: Sealer, result: Rekeyed) -> None:
+    """Live journal records become queue/ files under the current key (as start-up would promote them);
+    then no segment is needed. Damaged records are copied to damaged/ and reported first."""
+    damaged: list[journal.Damaged] = []
+    records = journal.live_index(spool.journal_dir, sealer=sealer, damaged=damaged)
+    journal.quarantine(spool.path / "damaged", damaged)
+    result.damaged += [f"journal/{d.segment} at {d.offset}: {d.reason}" for d in damaged]
+    for record in records:
+        envelope = record.envelope
+        if (spool.queue / f"{envelope.queue_id}.msg").exists():
+            continue  # promoted just before a crash: that copy wins, as at start-up
+        data = journal.read_record(spool.journal_dir, record, sealer)
+        message = Prepared(envelope.queue_id, envelope.mail_from, envelope.recipients, envelope.message_id, b"", data)
+        spool.commit(message, envelope)
+        result.from_journal += 1
+    for path in journal.segment_paths(spool.journal_dir):
+        path.unlink()
+    if spool.journal_dir.is_dir():
+        fsync_dir(spool.journal_dir)
+
+
+def _linked_dead_letters(spool: Spool) -> set[str]:
+    """dead/<id>.msg files that are hard links of queue/<id>.msg (some recipients died, others wait)."""
+    linked = set()
+    for name in os.listdir(spool.dead):
+        queued = spool.queue / name
+        if name.endswith(".msg") and queued.exists() and os.path.samefile(spool.dead / name, queued):
+            linked.add(name)
+    return linked
+
+
+def _relink(source: Path, target: Path) -> None:
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.unlink(missing_ok=True)
+    os.link(source, temporary)
+    os.replace(temporary, target)
+
+
+def _rewrite(sealer: Sealer, path: Path, *, dead: bool) -> None:
+    queue_id = path.name.rsplit(".", 1)[0]
+    if path.name.endswith(".msg"):
+        line, body = read_message_file(path, queue_id, sealer)
+        data = b"".join(sealer.seal_message(queue_id, line, [body]))
+    else:
+        kind = DEAD_STATE if dead else STATE
+        raw = path.read_bytes()
+        plain = sealer.open(kind, queue_id, raw)[0] if is_sealed(raw) else raw
+        data = b"".join(sealer.seal(kind, queue_id, plain))
+    write_atomically(path, data, sync_dir=False)
