@@ -325,3 +325,13 @@ def test_round_trip_per_rfc_5321(data: bytes, cut: int, chunk: int) -> None:
     if data:
         assert wire.endswith(b"\r\n.\r\n")
     assert unstuff(wire) == data
+
+
+@given(st.lists(st.sampled_from([b".", b"\r", b"\n", b"a"]), max_size=120).map(b"".join), st.integers(1, 9))
+def test_stuffing_with_bytes_replace_is_the_regex_stuffing_for_any_chunking(body: bytes, chunk: int) -> None:
+    """The C-speed stuffing doubles exactly the dots the former regex doubled: at a line start (at the
+    start, or after LF) and after a bare CR, wherever the pieces are cut."""
+    reference = re.compile(rb"(?m)(?:^|(?<=\r))\.").sub(b"..", body)
+    stuffed = b"".join(stuffed_chunks([memoryview(body)], chunk=chunk))
+    assert stuffed.startswith(reference)
+    assert stuffed[len(reference) :] in (b".\r\n", b"\r\n.\r\n")

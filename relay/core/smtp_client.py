@@ -13,9 +13,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 CHUNK = 256 * 1024  # bytes of body stuffed and written at a time: bounds the extra memory per message
-# A dot at a line start, or after a bare CR: whatever an upstream parser takes for a line break, it
-# never sees <break>.<break> before our real end of data (SMTP smuggling).
-_LINE_START_DOT = re.compile(rb"(?m)(?:^|(?<=\r))\.")
+# stuffed_chunks doubles a dot at a line start, or after a bare CR: whatever an upstream parser takes for
+# a line break, it never sees <break>.<break> before our real end of data (SMTP smuggling).
 _QUEUED_AS = re.compile(r"queued as <?([^\s<>]+)>?", re.IGNORECASE)  # "<>" is no id
 
 
@@ -103,9 +102,10 @@ def stuffed_chunks(segments: Iterable[memoryview], chunk: int = CHUNK) -> Iterat
                 if cut >= 0:
                     end = pos + cut + 1
             piece = bytes(segment[pos:end])
-            out = _LINE_START_DOT.sub(b"..", piece)
-            if not at_line_start and piece.startswith(b"."):
-                out = out[1:]  # the piece starts mid-line: that dot is not at a line start
+            # bytes.replace runs in C (a regex with a lookbehind cost about 1.5 s of CPU per 20 MB).
+            out = piece.replace(b"\r.", b"\r..").replace(b"\n.", b"\n..")
+            if at_line_start and piece.startswith(b"."):
+                out = b"." + out
             yield out
             at_line_start = piece.endswith((b"\n", b"\r"))
             last = piece[-2:] if len(piece) >= 2 else last[-1:] + piece

@@ -263,6 +263,7 @@ class UpstreamConnection:
                 batch, size = [], 0
                 async with asyncio.timeout(self._settings.data_timeout):
                     await self._writer.drain()
+                await asyncio.sleep(0)  # drain() does not yield while the socket takes it all: other clients wait
                 crashpoint("mid_data")
         crashpoint("mid_data")  # a small message: killed before its last bytes went out
         self._writer.write(b"".join(batch))
