@@ -26,8 +26,7 @@ from relay.ops.http_server import HttpServer, Readiness
 from relay.ops.logs import configure_logging, message_fields
 from relay.ops.metrics import Metrics, relay_version
 from relay.ops.status import register_status_metrics, upstream_status
-from relay.outcomes.metrics import OutcomeMetrics
-from relay.outcomes.service import Outcomes
+from relay.outcomes.service import outcomes_for
 from relay.store.sealing import sealer_for
 from relay.store.spool import Spool
 from relay.upstream.errors import UpstreamError
@@ -44,9 +43,7 @@ class Relay:
         self.pools = self._pools(settings, {})
         spool = Spool(settings.spool.path, sealer_for(settings.spool)) if settings.spool.enabled else None
         self.spool: Spool | None = spool  # sealed at rest with spool.encryption_key_file
-        outcomes_on = settings.reports.enabled or settings.bounces.enabled
-        outcome_metrics = OutcomeMetrics(self.metrics.registry)  # at 0 while off: the alert rules query them
-        self.outcomes: Outcomes | None = Outcomes(settings, outcome_metrics, clock) if outcomes_on else None
+        self.outcomes = outcomes_for(settings, self.metrics.registry, clock)  # None while reports, bounces are off
         self.delivery: Delivery | None = (
             Delivery(self.spool, self.pools, settings.spool, self.metrics, clock, self.outcomes)
             if self.spool is not None
@@ -163,6 +160,8 @@ class Relay:
         retired, self.pools = self.pools, self._pools(new, self.pools)
         if self.delivery is not None:
             self.delivery.apply(new.spool, self.pools)
+        if self.outcomes is not None:
+            self.outcomes.apply(new)
         kept = set(map(id, self.pools.values()))
         await asyncio.gather(*(pool.close() for pool in retired.values() if id(pool) not in kept))
         log.info("config_reloaded", restart_needed_for=restart_needed or None)
@@ -250,6 +249,10 @@ RESTART_KEYS = (
     "http.host",
     "http.port",
     "upstream.pool_size",
+    "reports.enabled",
+    "reports.notify_listen",
+    "reports.history_path",
+    "bounces.enabled",
 )
 
 

@@ -223,3 +223,62 @@ async def test_a_delay_warning_once_for_a_message_still_queued(
         clock.advance(600)  # one warning per message, however long it stays queued
     await until(lambda: bounce_count(relay, "sent") == 1)
     assert len(sink.messages) == 1
+
+
+async def test_pass_through_bounces_only_what_was_refused_inside_a_250(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    """Spool off: the app waits for Infobip's verdict. A whole refusal or a deferral was the app's own
+    answer (no bounce); a recipient refused inside a 250 comes back as a bounce."""
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
+    history = {"history_path": str(tmp_path / "history.sqlite3")}
+    relay = await start_relay(spool={"enabled": False}, bounces=bounces_to(sink), reports={**history})
+    assert (await send_one(relay.port, SENDER, ["nosuch@example.org"], message())).startswith("550")
+    standin.behaviour.data_replies.append("451 4.3.0 Try later")
+    assert (await send_one(relay.port, SENDER, ["later@example.org"], message())).startswith("451")
+    standin.behaviour.down = True
+    standin.close_idle_connections()  # Infobip unreachable: the relay's own 4xx
+    assert (await send_one(relay.port, SENDER, ["down@example.org"], message())).startswith("4")
+    standin.behaviour.down = False
+    partial = await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
+    assert partial.startswith("250 2.6.0 Message queued as ")
+    [sent] = await sink.wait_for(1)
+    [_, block] = status_blocks(parsed(sent.data))
+    assert block["Final-Recipient"] == "rfc822; nosuch@example.org" and block["Status"] == "5.1.1"
+    await until_status(relay, "later@example.org", {"later@example.org": "failed"})
+    await until_status(relay, "down@example.org", {"down@example.org": "failed"})
+    found = await messages(relay, "nosuch@example.org")
+    assert sorted(r["status"] for m in found for r in m["recipients"]) == ["failed", "failed", "sent"]
+    [deferred] = await messages(relay, "later@example.org")
+    assert "the app was told 4" in deferred["recipients"][0]["detail"]
+    assert len(sink.messages) == 1
+
+
+async def test_a_4xx_from_the_bounce_server_is_tried_again(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 unknown"
+    sink.refuse.append("451 4.3.0 Mailbox busy, try later")
+    relay = await start_relay(clock=clock, spool=spooled(tmp_path), bounces=bounces_to(sink))
+    await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
+    await until(lambda: bounce_count(relay, "retried") == 1)
+    assert sink.messages == []
+    clock.advance(30)
+    await sink.wait_for(1)
+    await until(lambda: bounce_count(relay, "sent") == 1)
+
+
+async def test_a_reload_changes_where_bounces_go_and_reports_on_waits_for_a_restart(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 unknown"
+    relay = await start_relay(spool=spooled(tmp_path), bounces=bounces_to(sink))
+    bounces = relay.settings.bounces.model_copy(update={"to": "postmaster@erp.example.com"})
+    reports = relay.settings.reports.model_copy(update={"enabled": True})
+    await relay.reload(relay.settings.model_copy(update={"bounces": bounces, "reports": reports}))
+    await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
+    [sent] = await sink.wait_for(1)
+    assert sent.rcpt_tos == ["postmaster@erp.example.com"]  # applied at once
+    [upstream] = await standin.wait_for_messages(1)
+    assert b"X-IB-Bulk-Id" not in upstream.data  # reports.enabled waits for a restart (restart_needed_for says so)

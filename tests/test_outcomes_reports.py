@@ -12,7 +12,7 @@ import pytest
 
 from relay.testing.clock import FakeClock
 from relay.testing.standin import InfobipStandIn
-from tests.conftest import StartRelay, message
+from tests.conftest import StartRelay, free_port, message
 from tests.helpers import SENDER, send_one, until
 from tests.outcomes import messages, reports_on, until_status
 
@@ -180,3 +180,16 @@ async def test_trace_without_a_history(tmp_path: Path, capsys: pytest.CaptureFix
     config.write_text(f'[spool]\npath = "{tmp_path}"\n')
     assert main(["trace", "--config", str(config), "x"]) == 1
     assert "no message history at" in capsys.readouterr().err
+
+
+async def test_an_unreachable_or_garbled_reports_endpoint_is_a_poll_error(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    closed = f"https://localhost:{free_port()}"  # nothing listens there
+    relay = await start_relay(**reports_on(reports, tmp_path, base_url=closed))
+    await send_one(relay.port, SENDER, ["a@example.org"], message())
+    registry = relay.metrics.registry
+    await until(
+        lambda: (registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "connection"}) or 0) >= 1
+    )
+    await until_status(relay, "a@example.org", {"a@example.org": "sent"})  # still waiting for its report

@@ -8,6 +8,7 @@ tested with plain values (tests/test_outcomes_decide.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -165,7 +166,18 @@ def poll_delay(interval: float, failures: int, retry_after: float | None = None)
 def bulk_id(instance: str, now: float) -> str:
     """The relay's own X-IB-Bulk-Id: one per instance and hour, so one request polls an hour of mail
     and the filter can only ever match messages this relay sent."""
-    return f"relay-{instance}-{datetime.fromtimestamp(now, UTC):%Y%m%d%H}"
+    return _bulk_id(instance, int(now // 3600))
+
+
+@functools.lru_cache(maxsize=4)
+def _bulk_id(instance: str, hour: int) -> str:
+    return f"relay-{instance}-{datetime.fromtimestamp(hour * 3600, UTC):%Y%m%d%H}"
+
+
+@functools.lru_cache(maxsize=4)
+def _claim_lines(bulk: str, notify_url: str | None) -> bytes:
+    lines = fold_header(BULK_ID_HEADER, bulk)
+    return lines + fold_header(NOTIFY_URL_HEADER, notify_url) if notify_url else lines
 
 
 def header_block(prepared: Prepared) -> bytes:
@@ -191,7 +203,4 @@ def claim_reports(prepared: Prepared, bulk: str, notify_url: str | None) -> tupl
         names = {f.name.lower() for f in parse_header_fields(header_block(prepared))}
         if {"x-ib-bulk-id", "x-ib-notify-url"} & names:
             return prepared, False
-    lines = fold_header(BULK_ID_HEADER, bulk)
-    if notify_url:
-        lines += fold_header(NOTIFY_URL_HEADER, notify_url)
-    return dataclasses.replace(prepared, prefix=prepared.prefix + lines), True
+    return dataclasses.replace(prepared, prefix=prepared.prefix + _claim_lines(bulk, notify_url)), True

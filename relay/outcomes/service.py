@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry
 
 from relay.config import Settings
 from relay.core.prepare import Prepared
@@ -42,6 +43,13 @@ def open_store(path: Path) -> SqliteHistory:
     return SqliteHistory(path)
 
 
+def outcomes_for(settings: Settings, registry: CollectorRegistry, clock: Clock | None) -> Outcomes | None:
+    """The app's outcomes component, or None while [reports] and [bounces] are both off (then nothing is
+    written). The metric families are registered either way, at 0, so alert rules always find them."""
+    metrics = OutcomeMetrics(registry)
+    return Outcomes(settings, metrics, clock) if settings.reports.enabled or settings.bounces.enabled else None
+
+
 class Outcomes:
     def __init__(self, settings: Settings, metrics: OutcomeMetrics, clock: Clock | None = None) -> None:
         self.settings = settings
@@ -57,14 +65,25 @@ class Outcomes:
         self.push: PushListener | None = None
         self._client: ReportsClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.reports_on = settings.reports.enabled  # turning either on or off needs a restart (RESTART_KEYS)
+        self.bounces_on = settings.bounces.enabled
 
-    @property
-    def reports_on(self) -> bool:
-        return self.settings.reports.enabled
-
-    @property
-    def bounces_on(self) -> bool:
-        return self.settings.bounces.enabled
+    def apply(self, settings: Settings) -> None:
+        """A reloaded config (SIGHUP): the poll interval, the API key, URL and CA, the notify URL, the
+        history's age and every bounce setting apply now; on/off, notify_listen and history_path at restart."""
+        old, self.settings = self.settings, settings
+        if self.poller is not None and self._client is not None:
+            self.poller.interval = settings.reports.poll_interval
+            if (settings.reports.base_url, settings.reports.api_key, settings.reports.ca_file) != (
+                old.reports.base_url,
+                old.reports.api_key,
+                old.reports.ca_file,
+            ):
+                retired, self._client = self._client, ReportsClient(settings.reports)
+                self.poller.client = self._client
+                self._tasks.append(asyncio.ensure_future(retired.close()))
+        if self.bouncer is not None:
+            self.bouncer.settings = settings.bounces
 
     @property
     def notify_url(self) -> str | None:
@@ -86,11 +105,16 @@ class Outcomes:
         if self.reports_on:
             self._client = ReportsClient(self.settings.reports)
             self.poller = Poller(
-                self._client, self.settings.reports.poll_interval, self.clock, self.metrics, self._pending, self.apply
+                self._client,
+                self.settings.reports.poll_interval,
+                self.clock,
+                self.metrics,
+                self._pending,
+                self.take_reports,
             )
             self._tasks.append(asyncio.create_task(self.poller.run(), name="reports-poller"))
             if self.settings.reports.notify_listen:
-                self.push = PushListener(self.settings.reports.notify_listen, self.push_token, self.apply)
+                self.push = PushListener(self.settings.reports.notify_listen, self.push_token, self.take_reports)
                 await self.push.start()
         self._tasks.append(asyncio.create_task(self._prune(), name="history-prune"))
 
@@ -113,8 +137,9 @@ class Outcomes:
         now = self.clock.time()
         bulk: str | None = None
         if self.reports_on:
-            message, owned = claim_reports(message, bulk_id(self.instance, now), self.notify_url)
-            bulk = bulk_id(self.instance, now) if owned else None
+            ours = bulk_id(self.instance, now)
+            message, owned = claim_reports(message, ours, self.notify_url)
+            bulk = ours if owned else None
         headers = header_block(message)[:HEADERS_KEPT] if self.bounces_on else None
         self.history.note(
             MessageReceived(
@@ -156,7 +181,7 @@ class Outcomes:
 
     async def _attempted(self, change: Attempted) -> None:
         assert self.history is not None
-        written = self.history.note(change)
+        written = self.history.note(change, now=bool(change.dead and change.bounce and self.bounces_on))
         for rcpt, (status, reason) in change.dead.items():
             log.info(
                 "message_outcome", queue_id=change.queue_id, recipient=rcpt, status=status, infobip_id=None,
@@ -171,7 +196,7 @@ class Outcomes:
         assert self.history is not None and self.store is not None
         return await self.history.call(self.store.pending_bulk_ids, since)
 
-    async def apply(self, reports: list[Report], source: str) -> None:
+    async def take_reports(self, reports: list[Report], source: str) -> None:
         """Reports (pulled or pushed) into the history: one transaction, then the logs and metrics."""
         assert self.history is not None and self.store is not None
         applied = await self.history.call(self.store.apply_reports, reports, source, self.clock.time(), self.bounces_on)

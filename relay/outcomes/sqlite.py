@@ -75,7 +75,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = FULL")
+    db.execute("PRAGMA synchronous = NORMAL")  # FULL for the transactions that must survive power loss
     db.execute("PRAGMA busy_timeout = 5000")
     db.executescript(SCHEMA)
     db.execute("UPDATE bounces SET state = 'pending' WHERE state = 'sending'")  # a crash mid-send: again
@@ -90,7 +90,10 @@ class SqliteHistory:
         self.db = connect(path, readonly=readonly)
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction. `durable`: on disk (fsync'd) at COMMIT, with everything written before it;
+        otherwise safe from a crash of the process at once, and from power loss at the next durable one."""
+        self.db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")  # not inside a transaction
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
@@ -110,16 +113,19 @@ class SqliteHistory:
     # writes from the data path
 
     def write(self, changes: Sequence[Change], bounces_on: bool) -> None:
-        with self._tx() as db:
-            for change in changes:
-                if isinstance(change, MessageReceived):
-                    _received(db, change)
-                else:
-                    _attempted(db, change, bounces_on)
+        """A batch in as few statements as it takes (each one a hop of the GIL for the event loop)."""
+        received = [c for c in changes if isinstance(c, MessageReceived)]
+        attempts = [c for c in changes if isinstance(c, Attempted)]
+        with self._tx(durable=bounces_on and any(a.dead and a.bounce for a in attempts)) as db:
+            _received(db, received)
+            _accepted(db, attempts)
+            for attempt in attempts:
+                if attempt.deferred or attempt.dead:
+                    _failed(db, attempt, bounces_on)
 
     def apply_reports(self, reports: Sequence[Report], source: str, at: float, bounces_on: bool) -> Applied:
         applied = Applied()
-        with self._tx() as db:
+        with self._tx(durable=True) as db:  # a report is handed out once: it must not be lost now
             for report in reports:
                 _apply_report(db, report, source, at, bounces_on, applied)
         return applied
@@ -146,7 +152,7 @@ class SqliteHistory:
             return [_bounce_job(db, *row) for row in sorted(rows)]
 
     def bounce_done(self, bounce_id: int, at: float, outcome: str, detail: str) -> None:
-        with self._tx() as db:
+        with self._tx(durable=True) as db:  # never sent twice
             db.execute(
                 "UPDATE bounces SET state = ?, done_at = ?, last_error = ? WHERE id = ?",
                 (outcome, at, detail if outcome != "sent" else "", bounce_id),
@@ -208,29 +214,46 @@ def _event(db: sqlite3.Connection, queue_id: str, at: float, kind: str, address:
     db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)", (queue_id, at, kind, address, detail))
 
 
-def _received(db: sqlite3.Connection, m: MessageReceived) -> None:
-    db.execute(
+def _received(db: sqlite3.Connection, received: list[MessageReceived]) -> None:
+    """New messages, their recipients `queued` (their "received" line in trace comes from this row)."""
+    db.executemany(
         "INSERT OR IGNORE INTO messages (queue_id, message_id, sender, client_ip, received_at, size, bulk_id, headers)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (m.queue_id, m.message_id, m.sender, m.client_ip, m.received_at, m.size, m.bulk_id, m.headers),
+        [
+            (m.queue_id, m.message_id, m.sender, m.client_ip, m.received_at, m.size, m.bulk_id, m.headers)
+            for m in received
+        ],
     )
     db.executemany(
         "INSERT OR IGNORE INTO recipients (queue_id, address, status, at) VALUES (?, ?, 'queued', ?)",
-        [(m.queue_id, rcpt, m.received_at) for rcpt in m.recipients],
+        [(m.queue_id, rcpt, m.received_at) for m in received for rcpt in m.recipients],
     )
-    words = f"from {m.client_ip}: {len(m.recipients)} recipient(s), {m.size} bytes"
-    _event(db, m.queue_id, m.received_at, "received", None, words)
 
 
-def _attempted(db: sqlite3.Connection, a: Attempted, bounces_on: bool) -> None:
-    ids = ",".join(a.infobip_ids)
-    if a.accepted:
-        db.executemany(
-            "UPDATE recipients SET status = 'sent', infobip_id = ?, detail = ?, at = ?, accepted_at = ? "
-            "WHERE queue_id = ? AND address = ? AND status = 'queued'",
-            [(ids, f"Infobip took it as {ids}", a.at, a.at, a.queue_id, rcpt) for rcpt in a.accepted],
-        )
-        db.executemany("INSERT OR IGNORE INTO infobip_ids VALUES (?, ?)", [(i, a.queue_id) for i in a.infobip_ids])
+def _accepted(db: sqlite3.Connection, attempts: list[Attempted]) -> None:
+    """Every recipient Infobip took in these attempts: `sent`, with its id. One statement for the batch
+    (a recipient deferred and then taken in the same batch ends `sent` all the same)."""
+    rows = []
+    for a in attempts:
+        ids = ",".join(a.infobip_ids)
+        rows += [(ids, f"Infobip took it as {ids}", a.at, a.at, a.queue_id, rcpt) for rcpt in a.accepted]
+    db.executemany(
+        "UPDATE recipients SET status = 'sent', infobip_id = ?, detail = ?, at = ?, accepted_at = ? "
+        "WHERE queue_id = ? AND address = ? AND status = 'queued'",
+        rows,
+    )
+    db.executemany(
+        "INSERT OR IGNORE INTO infobip_ids VALUES (?, ?)", [(i, a.queue_id) for a in attempts for i in a.infobip_ids]
+    )
+    db.executemany(
+        "INSERT INTO events VALUES (?, ?, 'attempt', NULL, ?)",
+        [(a.queue_id, a.at, _attempt_words(a)) for a in attempts],
+    )
+
+
+def _failed(db: sqlite3.Connection, a: Attempted, bounces_on: bool) -> None:
+    """Deferred recipients keep `queued` with the reply; dead ones end failed or expired, and after a 250
+    are queued for a bounce in this same transaction."""
     db.executemany(
         "UPDATE recipients SET detail = ?, at = ? WHERE queue_id = ? AND address = ? AND status = 'queued'",
         [(reply, a.at, a.queue_id, rcpt) for rcpt, reply in a.deferred.items()],
@@ -247,7 +270,6 @@ def _attempted(db: sqlite3.Connection, a: Attempted, bounces_on: bool) -> None:
             bouncing.append({"address": rcpt, "status": status, "dsn": dsn, "diagnostic": reason, "infobip_id": None})
     if bouncing:
         _queue_bounce(db, a.queue_id, bouncing, a.at)
-    _event(db, a.queue_id, a.at, "attempt", None, _attempt_words(a))
 
 
 def _attempt_words(a: Attempted) -> str:
@@ -381,7 +403,8 @@ def _trace(db: sqlite3.Connection, queue_id: str) -> MessageTrace | None:
             (queue_id,),
         )
     ]
-    events = [
+    words = f"from {row[2]}: {len(recipients)} recipient(s), {row[4]} bytes"
+    events = [Event(row[3], "received", None, words)] + [
         Event(at, kind, address, detail)
         for at, kind, address, detail in db.execute(
             "SELECT at, kind, address, detail FROM events WHERE queue_id = ? ORDER BY at, rowid", (queue_id,)

@@ -62,10 +62,15 @@ class ReportsEndpoint:
     api_key: str = "demo-api-key"
     behaviour: ReportsBehaviour = field(default_factory=ReportsBehaviour)
     requests: list[ReportsRequest] = field(default_factory=list)
-    waiting: list[_Waiting] = field(default_factory=list)
+    _by_bulk: dict[str | None, list[_Waiting]] = field(default_factory=dict)  # a bulk id's reports, oldest first
     port: int = 0
     _runner: web.AppRunner | None = None
     _arrived: asyncio.Condition | None = None
+
+    @property
+    def waiting(self) -> list[_Waiting]:
+        """Every report not handed out yet (pulled, or pushed without `keep`)."""
+        return [item for items in self._by_bulk.values() for item in items]
 
     @property
     def base_url(self) -> str:
@@ -90,10 +95,11 @@ class ReportsEndpoint:
         fields = parse_header_fields(data)
         bulk, notify = find_field(fields, "X-IB-Bulk-Id"), find_field(fields, "X-IB-Notify-Url")
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000+0000")
+        bulk_id = bulk.value if bulk else None
         for rcpt in recipients:
             bounces = rcpt.lower().endswith("@" + BOUNCE_DOMAIN)
-            report = {
-                "bulkId": bulk.value if bulk else None,
+            report: dict[str, Any] = {
+                "bulkId": bulk_id,
                 "messageId": message_id,
                 "to": rcpt,
                 "sentAt": now,
@@ -104,7 +110,7 @@ class ReportsEndpoint:
                 "error": NO_MAILBOX if bounces else NO_ERROR,
                 "channel": "EMAIL",
             }
-            self.waiting.append(_Waiting(report, notify.value if notify else None))
+            self._by_bulk.setdefault(bulk_id, []).append(_Waiting(report, notify.value if notify else None))
 
     async def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[ReportsRequest]:
         condition = self._condition()
@@ -129,7 +135,7 @@ class ReportsEndpoint:
                     ok += response.status == 200
                 item.pushed = True
                 if not keep:
-                    self.waiting.remove(item)
+                    self._by_bulk[item.report["bulkId"]].remove(item)
         return ok
 
     async def _handle(self, request: web.Request) -> web.Response:
@@ -155,12 +161,16 @@ class ReportsEndpoint:
         if self.behaviour.holding:
             return []
         limit = int(query.get("limit", "50") or 50)
-        chosen = [
-            w
-            for w in self.waiting
-            if query.get("bulkId", w.report["bulkId"]) == w.report["bulkId"]
-            and query.get("messageId", w.report["messageId"]) == w.report["messageId"]
-        ][:limit]
-        for item in chosen:
-            self.waiting.remove(item)
-        return [json.loads(json.dumps(item.report)) for item in chosen]
+        buckets = [query["bulkId"]] if "bulkId" in query else list(self._by_bulk)  # no filter: everyone's
+        chosen: list[dict[str, Any]] = []
+        for bulk in buckets:
+            kept: list[_Waiting] = []
+            for item in self._by_bulk.get(bulk, []):
+                wanted = query.get("messageId", item.report["messageId"]) == item.report["messageId"]
+                if wanted and len(chosen) < limit:
+                    chosen.append(item.report)
+                else:
+                    kept.append(item)
+            if bulk in self._by_bulk:
+                self._by_bulk[bulk] = kept
+        return [json.loads(json.dumps(report)) for report in chosen]
