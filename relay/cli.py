@@ -17,9 +17,10 @@ from relay.config import ConfigError, Settings, load_settings
 from relay.core.headers import header_block_end
 from relay.inbound.auth import print_password_hash
 from relay.ops import queue_verbs
-from relay.ops.config_warnings import config_warnings, effective_config
+from relay.ops.config_warnings import config_warnings, effective_config, strict_warnings
 from relay.ops.doctor import doctor
 from relay.ops.hardening import forbid_core_dumps
+from relay.ops.healthcheck import healthcheck
 from relay.ops.logs import configure_logging
 from relay.ops.metrics import relay_version
 from relay.outcomes.demo import demo_outcomes
@@ -104,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("hash-password", help="print a password's scrypt hash (read from stdin) for password_hash")
     check = commands.add_parser("check-config", help="validate the config, show it (secrets masked), warn")
     check.add_argument("--config", type=Path, help="TOML config file")
+    check.add_argument(
+        "--strict",
+        action="store_true",
+        help="also try the spool path, CA file, certificate and credential files; exit 1 on any warning",
+    )
+    health = commands.add_parser("healthcheck", help="ask this relay's /healthz at the configured http port")
+    health.add_argument("--config", type=Path, help="TOML config file")
     doctor_cmd = commands.add_parser("doctor", help="check each step to Infobip: DNS, TCP, TLS, AUTH, MAIL FROM")
     doctor_cmd.add_argument("--config", type=Path, help="TOML config file")
     doctor_cmd.add_argument("--from", dest="sender", help="sender to try in MAIL FROM (a verified domain)")
@@ -157,12 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "trace":
         return trace_command(settings, args.query, as_lines=args.json)
     if args.command == "check-config":
-        print(effective_config(settings))
-        warnings = config_warnings(settings)
-        for warning in warnings:
-            print(f"WARNING: {warning}", file=sys.stderr)
-        print(f"config OK{f' with {len(warnings)} warning(s)' if warnings else ''}", file=sys.stderr)
-        return 0
+        return _check_config(settings, strict=args.strict)
+    if args.command == "healthcheck":
+        status, line = healthcheck(settings)
+        print(f"relay healthcheck: {line}", file=sys.stdout if status == 0 else sys.stderr)
+        return status
     if args.command == "doctor":
         domains = settings.policy.allowed_sender_domains
         sender = args.sender or f"postmaster@{domains[0] if domains else settings.listen.hostname}"
@@ -186,6 +193,19 @@ def _doctor_profiles(settings: Settings, sender: str, args: argparse.Namespace) 
             say = lambda line: print(line, flush=True)  # noqa: E731
             status = max(status, asyncio.run(doctor(profile_settings, sender, args.send_test, say)))
     return status
+
+
+def _check_config(settings: Settings, *, strict: bool) -> int:
+    """0 for a valid config (with warnings unless --strict); --strict: 1 on any warning."""
+    print(effective_config(settings))
+    warnings = config_warnings(settings) + (strict_warnings(settings) if strict else [])
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if strict and warnings:
+        print(f"config NOT OK with --strict: {len(warnings)} warning(s)", file=sys.stderr)
+        return 1
+    print(f"config OK{f' with {len(warnings)} warning(s)' if warnings else ''}", file=sys.stderr)
+    return 0
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:

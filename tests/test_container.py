@@ -50,7 +50,8 @@ def test_image_runs_the_relay_as_a_non_root_user_with_a_healthcheck() -> None:
     ]
     assert image["USER"].split(":")[0] not in ("root", "0")
     assert image["FROM"].split(":")[1][0].isdigit()  # a pinned version, not "latest"
-    assert "/healthz" in image["HEALTHCHECK"] and image["STOPSIGNAL"] == "SIGTERM"
+    assert image["HEALTHCHECK"].endswith('CMD ["relay", "healthcheck", "--config", "/etc/relay/config.toml"]')
+    assert image["STOPSIGNAL"] == "SIGTERM"
     assert "/var/spool/relay" in image["VOLUME"] and set(image["EXPOSE"].split()) == {"2525", "9090"}
 
 
@@ -137,12 +138,13 @@ port = {http_port}
         assert reply.startswith("250 2.6.0 Message queued as "), reply
         assert len(standin.messages) == 1
 
-        # The image's HEALTHCHECK command, against this relay.
+        # The image's HEALTHCHECK command, against this relay (it finds the port in the config).
         health = json.loads(image["HEALTHCHECK"].split("CMD", 1)[1])
-        health[0] = sys.executable
-        health[-1] = health[-1].replace("9090", str(http_port))
-        probe = await asyncio.create_subprocess_exec(*health)
-        assert await asyncio.wait_for(probe.wait(), 10) == 0
+        health[0] = str(Path(sys.executable).parent / "relay")
+        health[health.index("--config") + 1] = str(config)
+        probe = await asyncio.create_subprocess_exec(*health, stdout=asyncio.subprocess.PIPE)
+        assert await asyncio.wait_for(probe.wait(), 20) == 0
+        assert probe.stdout is not None and f":{http_port}/healthz: alive" in (await probe.stdout.read()).decode()
 
         owners = {(tmp_path / "spool" / d).stat().st_uid for d in ("queue", "tmp", "dead")}
         assert owners == {uid}  # created by the non-root user, in the only writable place

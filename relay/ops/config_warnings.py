@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import ssl
+import tempfile
+from pathlib import Path
 
 from relay.config import IPNetwork, Settings
 from relay.core.profiles import ProfileMatch, unreachable
@@ -113,3 +117,49 @@ def _host_address(host: str) -> str:
 def effective_config(settings: Settings) -> str:
     """The config as the relay sees it, secrets masked (SecretStr dumps as '**********')."""
     return json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=False)
+
+
+def strict_warnings(settings: Settings) -> list[str]:
+    """`check-config --strict`: what `serve` would trip over on this machine, tried without changing
+    anything: the spool directory, the CA bundle, the listener's certificate, the credential files."""
+    warnings = []
+    if settings.spool.enabled and (problem := _spool_problem(settings.spool.path)):
+        warnings.append(f"spool.path: {problem}")
+    if settings.upstream.ca_file is not None:
+        try:
+            ssl.create_default_context(cafile=str(settings.upstream.ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            warnings.append(f"upstream.ca_file: {settings.upstream.ca_file} is not a usable PEM CA bundle: {exc}")
+    listen = settings.listen
+    if listen.tls_cert_file is not None and listen.tls_key_file is not None:
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                listen.tls_cert_file, listen.tls_key_file
+            )
+        except (ssl.SSLError, OSError) as exc:
+            warnings.append(f"listen.tls_cert_file/tls_key_file: not a usable certificate and key: {exc}")
+    for name in ("username", "password"):
+        path: Path | None = getattr(settings.upstream, f"{name}_file")
+        if path is not None and not getattr(settings.upstream, name).get_secret_value():
+            warnings.append(f"upstream.{name}_file: {path} is empty")
+    return warnings
+
+
+def _spool_problem(path: Path) -> str | None:
+    """Why `relay serve` could not use `path` as its spool (it creates it, so a missing one is fine when
+    its nearest existing parent is writable), or None."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if existing == path:
+        try:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            return f"cannot write in {path}: {exc.strerror or exc}"
+        return None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot create {path}: {existing} is not writable by this user"
+    return None
