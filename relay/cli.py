@@ -137,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     deleting.add_argument("ids", nargs="*", metavar="ID")
     deleting.add_argument("--all-dead", action="store_true", help="every dead letter (nothing still waiting)")
     verbs.add_parser("requeue", help="move dead-lettered messages back to the queue").add_argument("ids", nargs="+")
+    verbs.add_parser("rekey", help="seal everything waiting under the current key (relay stopped)")
     handoff = verbs.add_parser("handoff", help="send every waiting message to another relay over SMTP (scale-in)")
     handoff.add_argument("--to", required=True, metavar="HOST:PORT", help="the other relay's SMTP listener")
     handoff.add_argument("--timeout", type=float, default=240.0, help="seconds to keep trying (default 240)")

@@ -24,6 +24,7 @@ from relay.config import ConfigError, load_settings
 from relay.core.keys import key_id, parse_key
 from relay.core.message import Envelope, Prepared
 from relay.store.journal import Journal, live_index, read_records, segment_paths
+from relay.store.rekey import key_census
 from relay.store.sealing import BODY, ENVELOPE, STATE, Sealer, SealError, UnknownKeyError, new_key
 from relay.store.spool import EntryState, Spool
 from relay.testing.standin import InfobipStandIn
@@ -367,3 +368,91 @@ async def test_a_missing_or_wrong_key_at_start_up_exits_2_naming_the_key_id_and_
     )
     code, _, err = await cli("serve", "--config", str(config))
     assert code == 2 and "spool.encryption_key_file" in err and not (tmp_path / "nowhere").exists()
+
+
+# rotation
+
+
+async def test_messages_sealed_under_the_old_key_are_delivered_after_rotation(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    old, new = make_key(tmp_path / "old.key"), make_key(tmp_path / "new.key")
+    spool = tmp_path / "spool"
+    standin.behaviour.down = True
+    relay = await start_relay(spool=sealed(spool, old, breaker_threshold=1))
+    for n in range(3):
+        await send_one(relay.port, SENDER, [f"r{n}@example.org"], message(Message_ID=f"<rot{n}@erp.example.com>"))
+    await until(lambda: len(messages_in(spool)) == 3)
+    await relay.stop()
+    assert set(key_census(Spool(spool))) == {key_of(old)}
+
+    standin.behaviour.down = False
+    relay = await start_relay(spool=sealed(spool, new, old_key_files=[str(old)]))
+    await standin.wait_for_messages(3)
+    await send_one(relay.port, SENDER, ["late@example.org"], message())
+    await standin.wait_for_messages(4)
+    assert sorted(m.rcpt_tos[0] for m in standin.messages) == [
+        "late@example.org",
+        "r0@example.org",
+        "r1@example.org",
+        "r2@example.org",
+    ]
+
+
+def spool_under(path: Path, key: Path | None) -> Spool:
+    spool = Spool(path, Sealer([parse_key(key.read_text())]) if key is not None else None)
+    spool.create()
+    return spool
+
+
+async def test_queue_rekey_leaves_nothing_under_the_old_key_and_the_old_key_can_go(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """queue/ with a .state, a dead letter hard-linked with its queue entry, a plaintext file from before
+    encryption, and live journal records (as after a crash): all under the new key after one rekey."""
+    old, new = make_key(tmp_path / "old.key"), make_key(tmp_path / "new.key")
+    path = tmp_path / "spool"
+    before = spool_under(path, None)
+    before.commit(*stored(0, "plain"))
+    spool = spool_under(path, old)
+    for n in (1, 2):
+        spool.commit(*stored(n, "q"))
+    spool.write_state(stored(1)[1].queue_id, EntryState(attempts=1, last_reply="451 later"))
+    spool.dead_letter(stored(2)[1].queue_id, {"pq@example.org": "550 no"}, "550 no")
+    journal = Journal(path / "journal", sealer=spool.sealer)
+    journal.start(asyncio.get_running_loop())
+    await asyncio.gather(*(journal.append(*stored(n, "j")) for n in (3, 4)))
+    await journal.close()
+    assert key_census(spool) == {"plain": 1, key_of(old): 7}
+
+    config = write_config(
+        tmp_path / "rekey.toml",
+        standin,
+        port=free_port(),
+        spool={**spooled(path), "encryption_key_file": str(new), "old_key_files": [str(old)]},
+    )
+    code, out, err = await cli("queue", "--config", str(config), "rekey")
+    assert code == 0, (out, err)
+    assert f"rekeyed to key id {key_of(new)}: 6 file(s) rewritten, 2 message(s) moved from journal/" in out
+    census = key_census(spool)
+    assert census == {key_of(new): census[key_of(new)]}  # nothing plain, nothing under the old key
+    dead_id = stored(2)[1].queue_id
+    assert os.path.samefile(path / "queue" / f"{dead_id}.msg", path / "dead" / f"{dead_id}.msg")  # still one file
+    code, out, err = await cli("queue", "--config", str(config), "rekey")
+    assert code == 0 and "0 file(s) rewritten" in out, (out, err)
+
+    await start_relay(spool=sealed(path, new))  # the old key is gone from the config
+    await standin.wait_for_messages(5)
+    await until(lambda: messages_in(path) == [])
+    assert {m.rcpt_tos[0] for m in standin.messages} == {"pplain@example.org", "pq@example.org", "pj@example.org"}
+
+
+async def test_queue_rekey_refuses_while_a_relay_runs_on_the_spool(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    key = make_key(tmp_path / "spool.key")
+    spool = tmp_path / "spool"
+    await start_relay(spool=sealed(spool, key))
+    config = write_config(tmp_path / "relay.toml", standin, port=free_port(), spool=sealed(spool, key))
+    code, _, err = await cli("queue", "--config", str(config), "rekey")
+    assert code == 1 and "stop it first" in err

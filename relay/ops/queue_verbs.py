@@ -22,7 +22,9 @@ from typing import Any
 
 from relay.core.message import Envelope
 from relay.store.journal import live_index
-from relay.store.spool import FLUSH_REQUEST, LOCK, EntryState, Spool
+from relay.store.rekey import rekey
+from relay.store.sealing import MissingKeyError
+from relay.store.spool import FLUSH_REQUEST, LOCK, EntryState, Spool, SpoolLocked
 
 AUDIT_LOG = "audit.log"
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -302,4 +304,34 @@ def run(spool: Spool, verb: str, options: Any) -> int:
             print("relay: queue delete: give queue ids, or --all-dead", file=sys.stderr)
             return 2
         return delete(spool, options.ids, all_dead=options.all_dead)
+    if verb == "rekey":
+        return rekey_spool(spool)
     return requeue(spool, options.ids)
+
+
+def rekey_spool(spool: Spool) -> int:
+    """`relay queue rekey`: everything waiting sealed again under the current key, on a stopped relay (it
+    rewrites files a running relay reads); then the old key can leave spool.old_key_files."""
+    if spool.sealer is None:
+        print("relay: queue rekey: spool.encryption_key_file is not set", file=sys.stderr)
+        return 2
+    try:
+        spool.lock()
+    except SpoolLocked:
+        print("relay: queue rekey: a relay is running on this spool; stop it first", file=sys.stderr)
+        return 1
+    except MissingKeyError as exc:
+        print(f"relay: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = rekey(spool)
+    finally:
+        spool.unlock()
+    for problem in result.damaged:
+        print(f"relay: queue rekey: left as it is (damaged): {problem}", file=sys.stderr)
+    print(
+        f"rekeyed to key id {spool.sealer.current_id}: {result.rewritten} file(s) rewritten, "
+        f"{result.from_journal} message(s) moved from journal/ to queue/, {result.unchanged} already under it"
+    )
+    audit(spool, "rekey", {}, key_id=spool.sealer.current_id, rewritten=result.rewritten, damaged=len(result.damaged))
+    return 1 if result.damaged else 0
