@@ -312,3 +312,17 @@ async def test_an_unreadable_spool_entry_is_reported_and_left_alone(
     assert event["queue_id"] == "0000000000broken"
     assert (await send_one(relay.port, SENDER, ["a@example.org"], message())).startswith("250 2.6.0 ")
     assert (spool.queue / "0000000000broken.msg").exists()  # for an engineer to look at, not deleted
+
+
+async def test_delivery_attempt_logs_infobips_250_text(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    import structlog.testing
+
+    relay = await start_relay(spool=spooled(tmp_path))
+    with structlog.testing.capture_logs() as logs:
+        await send_one(relay.port, SENDER, ["a@example.org"], message())
+        await until(lambda: any(line["event"] == "delivery_attempt" for line in logs))
+    [attempt] = [line for line in logs if line["event"] == "delivery_attempt"]
+    [got] = standin.messages
+    assert attempt["reply"].startswith("250 2.6.0 ") and got.infobip_id in attempt["reply"]

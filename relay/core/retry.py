@@ -35,6 +35,7 @@ class AttemptResult:
     transient: dict[str, str] = field(default_factory=dict)  # recipient -> reply text
     permanent: dict[str, str] = field(default_factory=dict)
     infobip_ids: tuple[str, ...] = ()
+    accepted_reply: str = ""  # Infobip's 250 text ("250 2.6.0 Message queued as ...") when it took some
     stored: bool = True  # False: the spool write failed, so nothing can be retried from disk
     unreachable: bool = False  # every failure was Infobip not answering at all (connect, TLS, AUTH)
 

@@ -97,9 +97,12 @@ class Lane:
         if self.prober_task is not None:
             self.prober_task.cancel()
 
-    def flush(self) -> None:
-        """Everything waiting is due now; while delivery is paused, that means a probe now."""
-        self.queue.flush()
+    def flush(self, ids: set[str] | None = None) -> None:
+        """Everything waiting (or only `ids`) is due now; while delivery is paused, that means a probe now."""
+        if ids:
+            self.queue.flush_ids(ids)
+        else:
+            self.queue.flush()
         self.prober.probe_now()
 
     async def answer(self, job: Job) -> tuple[Reply, str]:

@@ -79,6 +79,13 @@ class DeliveryQueue:
         self._heap = sorted((0.0, queue_id) for queue_id in self.jobs)
         self.wake(everyone=True)
 
+    def flush_ids(self, ids: set[str]) -> None:
+        """Only these are due now (`relay queue flush ID...` on a running relay)."""
+        for queue_id in ids & self.jobs.keys():
+            self.jobs[queue_id].due = 0.0
+            heapq.heappush(self._heap, (0.0, queue_id))
+        self.wake(everyone=True)
+
     def release_held(self) -> None:
         """Infobip is back: what the outage held is due now, oldest first; 4xx retries keep their time."""
         for job in self.jobs.values():

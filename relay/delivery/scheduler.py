@@ -107,9 +107,9 @@ class Delivery:
         self.journal.start(asyncio.get_running_loop())
         count = await self._load_queue()
         recovered = schedule_journal(self._route_envelope, self.journal, records)
-        if await asyncio.to_thread(self.spool.take_flush_request):  # `relay queue flush` while stopped
-            for lane in self.lanes.values():
-                lane.queue.flush()
+        wanted = await asyncio.to_thread(self.spool.take_flush_request)  # `relay queue flush` while stopped
+        for lane in self.lanes.values() if wanted is not None else ():
+            lane.queue.flush_ids(wanted) if wanted else lane.queue.flush()
         for lane in self.lanes.values():
             if lane.queue.holds_any:  # held by an outage before the restart: one probe, then all at once
                 lane.breaker.hold(self.clock.monotonic(), "messages held by an outage before the restart")
@@ -152,9 +152,10 @@ class Delivery:
     def oldest_received(self) -> float | None:
         return min((t for lane in self.lanes.values() if (t := lane.queue.oldest_received())), default=None)
 
-    def flush(self) -> None:
+    def flush(self, ids: set[str] | None = None) -> None:
+        """Everything waiting (or only `ids`) is due now; while a lane is paused, that means a probe now."""
         for lane in self.lanes.values():
-            lane.flush()
+            lane.flush(ids)
 
     def _route_envelope(self, envelope: Envelope) -> DeliveryQueue:
         if envelope.profile not in self.lanes:
@@ -188,7 +189,9 @@ class Delivery:
         """Pick up `relay queue flush` and `requeue` requests made by another process."""
         while True:
             await asyncio.sleep(POKE_INTERVAL)
-            if await asyncio.to_thread(self.spool.take_flush_request):
-                added = await self._load_queue()
-                self.flush()
-                log.info("spool_flush", added=added, queued=self.depth)
+            ids = await asyncio.to_thread(self.spool.take_flush_request)
+            if ids is None:
+                continue
+            added = await self._load_queue()
+            self.flush(ids)
+            log.info("spool_flush", added=added, queued=self.depth, only=sorted(ids) or None)

@@ -37,6 +37,7 @@ async def send(
     transient: dict[str, str] = {}
     permanent: dict[str, str] = {}
     ids: list[str] = []
+    accepted_reply = ""
     unreachable = True  # until Infobip answers anything, or a connection is lost mid-way
     for batch in recipient_batches(recipients):
         try:
@@ -58,13 +59,16 @@ async def send(
             (transient if reply.transient else permanent)[rcpt] = str(reply)
         if result.final.ok:
             accepted.extend(result.accepted)
+            accepted_reply = str(result.final)
             if infobip_id := queued_id(result.final):
                 ids.append(infobip_id)
         else:
             target = transient if result.final.transient else permanent
             target.update({rcpt: str(result.final) for rcpt in batch if rcpt not in result.refused})
     held = unreachable and bool(transient) and not (accepted or permanent)
-    return AttemptResult(tuple(accepted), transient, permanent, tuple(ids), unreachable=held)
+    return AttemptResult(
+        tuple(accepted), transient, permanent, tuple(ids), unreachable=held, accepted_reply=accepted_reply
+    )
 
 
 def count_and_log(
@@ -84,7 +88,7 @@ def count_and_log(
         infobip_id=",".join(result.infobip_ids) or None,
         attempt=job.attempts,
         outcome="handed_back" if handed_back else _outcome(result, step.retry),
-        reply=step.last_reply or None,
+        reply=step.last_reply or result.accepted_reply or None,
         accepted=len(result.accepted),
         deferred=len(step.retry),
         dead=0 if handed_back else len(step.dead),

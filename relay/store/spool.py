@@ -314,12 +314,15 @@ class Spool:
     def request_flush(self) -> None:
         (self.path / FLUSH_REQUEST).touch(mode=FILE_MODE)
 
-    def take_flush_request(self) -> bool:
+    def take_flush_request(self) -> set[str] | None:
+        """What `relay queue flush` asked for: None (nothing), an empty set (everything), or the ids named."""
+        path = self.path / FLUSH_REQUEST
         try:
-            (self.path / FLUSH_REQUEST).unlink()
+            text = path.read_text(encoding="ascii", errors="replace")
+            path.unlink()
         except FileNotFoundError:
-            return False
-        return True
+            return None
+        return {line.strip() for line in text.splitlines() if line.strip()}
 
     def recover(self) -> None:
         """Start-up: drop what was never acknowledged and state files whose message is gone."""
