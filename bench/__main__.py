@@ -71,7 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default="",
-        help=f"comma-separated phases to run: {','.join(PHASES)} (and on request: outage, small_disk, noop_latency)",
+        help=f"comma-separated phases to run: {','.join(PHASES)} "
+        "(and on request: outage, small_disk, noop_latency, encryption)",
     )
     parser.add_argument("--outage-seconds", type=floats, default=None, help="outage lengths (default 20,180)")
     parser.add_argument("--outage-rate", type=float, default=10.0, help="messages a second during the outage bench")

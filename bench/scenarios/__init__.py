@@ -10,13 +10,26 @@ A new benchmark: a module with `async def run(harness, results)` that starts wha
 from __future__ import annotations
 
 from bench.harness import Scenario
-from bench.scenarios import large, noop_latency, outage, profiling, recipients, small_disk, startup, sweep, throughput
+from bench.scenarios import (
+    encryption,
+    large,
+    noop_latency,
+    outage,
+    profiling,
+    recipients,
+    small_disk,
+    startup,
+    sweep,
+    throughput,
+)
 
 # The phases of `python -m bench`, in the order they run (and are printed).
 PHASES: dict[str, Scenario] = {
     s.name: s for s in (throughput.SCENARIO, sweep.SCENARIO, recipients.SCENARIO, large.SCENARIO, startup.SCENARIO)
 }
 # Run only when named with --only (minutes of wall time each; the edges and hardening issues' checks).
-ON_REQUEST: dict[str, Scenario] = {s.name: s for s in (outage.SCENARIO, small_disk.SCENARIO, noop_latency.SCENARIO)}
+ON_REQUEST: dict[str, Scenario] = {
+    s.name: s for s in (outage.SCENARIO, small_disk.SCENARIO, noop_latency.SCENARIO, encryption.SCENARIO)
+}
 # Runs only with --profile.
 PROFILE = profiling.SCENARIO
