@@ -22,6 +22,7 @@ from relay.core.smtp_client import queued_id
 from relay.delivery.clock import Clock
 from relay.delivery.scheduler import Delivery
 from relay.inbound.server import RelayHandler, RelaySMTP, SessionInfo, Sessions
+from relay.ops import privacy
 from relay.ops.http_server import HttpServer, Readiness
 from relay.ops.logs import configure_logging, message_fields
 from relay.ops.metrics import Metrics, relay_version
@@ -40,6 +41,7 @@ class Relay:
         self.settings = settings
         self.running = settings  # what restart_needed_for compares with: the listeners and spool in use
         self.metrics = Metrics()
+        privacy.configure(settings)  # privacy.redact: addresses in logs as keyed hashes
         self.pools = self._pools(settings, {})
         spool = Spool(settings.spool.path, sealer_for(settings.spool)) if settings.spool.enabled else None
         self.spool: Spool | None = spool  # sealed at rest with spool.encryption_key_file
@@ -157,6 +159,7 @@ class Relay:
         self.settings = new
         self.handler.apply(new)
         configure_logging(new.log)
+        privacy.configure(new)
         retired, self.pools = self.pools, self._pools(new, self.pools)
         if self.delivery is not None:
             self.delivery.apply(new.spool, self.pools)

@@ -16,7 +16,7 @@ from relay.cluster.handoff_client import run_handoff
 from relay.config import ConfigError, Settings, load_settings
 from relay.core.headers import header_block_end
 from relay.inbound.auth import print_password_hash
-from relay.ops import queue_verbs
+from relay.ops import privacy, queue_verbs
 from relay.ops.config_warnings import config_warnings, effective_config, strict_warnings
 from relay.ops.doctor import doctor
 from relay.ops.hardening import forbid_core_dumps
@@ -82,6 +82,7 @@ async def _demo(settings: Settings) -> None:
 
 
 def _queue(args: argparse.Namespace, settings: Settings) -> int:
+    privacy.configure(settings)  # privacy.redact: `queue list` shows addresses as keyed hashes
     spool = Spool(settings.spool.path, sealer_for(settings.spool))
     if not spool.queue.is_dir():
         print(f"relay: no spool at {spool.path} (spool.path)", file=sys.stderr)
@@ -202,6 +203,8 @@ def _check_config(settings: Settings, *, strict: bool) -> int:
     warnings = config_warnings(settings) + (strict_warnings(settings) if strict else [])
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr)
+    for item in settings.hipaa_violations():  # in any mode; with privacy.mode = "hipaa" the config is refused
+        print(f'HIPAA: privacy.mode = "hipaa" would refuse this: {item}', file=sys.stderr)
     if strict and warnings:
         print(f"config NOT OK with --strict: {len(warnings)} warning(s)", file=sys.stderr)
         return 1

@@ -32,7 +32,8 @@ from pydantic_settings import (
 )
 
 from relay.core.headers import HeaderError, validate_header_name, validate_header_value
-from relay.core.keys import parse_key
+from relay.core.hipaa import PrivacyFacts, violations
+from relay.core.keys import derive, parse_key
 from relay.core.passwords import parse_password_hash
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -110,6 +111,7 @@ class ListenSettings(_Section):
     users: list[ClientUser] = Field(default_factory=list)
     proxy_protocol: bool = False  # behind a load balancer that sends PROXY v1/v2: use its client address
     trusted_proxies: list[IPNetwork] = Field(default_factory=list)  # the only peers a PROXY header is taken from
+    require_tls: bool = False  # MAIL before STARTTLS gets 530 5.7.0, except from loopback (a sidecar)
 
     @field_validator("tls_cert_file", "tls_key_file", mode="before")
     @classmethod
@@ -140,6 +142,12 @@ class ListenSettings(_Section):
         if not _HOSTNAME_RE.fullmatch(value):
             raise ValueError(f"{value!r} is not a host name: use letters, digits, '.', '-' (at most 253)")
         return value
+
+    @model_validator(mode="after")
+    def _tls_to_require(self) -> ListenSettings:
+        if self.require_tls and self.tls_cert_file is None:
+            raise ValueError("require_tls needs tls_cert_file and tls_key_file: clients must be able to STARTTLS")
+        return self
 
     @model_validator(mode="after")
     def _proxies_named(self) -> ListenSettings:
@@ -497,6 +505,27 @@ class ClusterSettings(_Section):
         return value
 
 
+class PrivacySettings(_Section):
+    """Protected health information (docs/HIPAA.md): redaction, and the hipaa mode's start-up checks."""
+
+    redact: bool = False  # addresses in logs and listings as keyed hashes; never a Subject
+    redact_key_file: Path | None = None  # the hash's key (`relay keygen`); default: derived from the spool key
+    mode: Literal["standard", "hipaa"] = "standard"  # hipaa: refuse to start unless relay/core/hipaa.py agrees
+    hipaa_upstream_host: str = ""  # the dedicated HIPAA endpoint Infobip gives after onboarding
+
+    @field_validator("redact_key_file", mode="before")
+    @classmethod
+    def _no_key_file(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @field_validator("redact_key_file")
+    @classmethod
+    def _a_key(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_key_file(value)
+        return value
+
+
 class LogSettings(_Section):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -517,6 +546,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     reports: ReportsSettings = Field(default_factory=ReportsSettings)
     bounces: BouncesSettings = Field(default_factory=BouncesSettings)
@@ -529,6 +559,56 @@ class Settings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"profile names must be unique: {names}")
         return value
+
+    @model_validator(mode="after")
+    def _privacy(self) -> Settings:
+        if self.privacy.redact and self.address_hash_key() is None:
+            raise ValueError(
+                "privacy.redact needs privacy.redact_key_file or spool.encryption_key_file: the key of the address"
+                " hash (`relay keygen` prints one)"
+            )
+        if self.privacy.mode == "hipaa" and (found := self.hipaa_violations()):
+            raise ValueError('privacy.mode = "hipaa" refuses to start: ' + "; ".join(found))
+        return self
+
+    def address_hash_key(self) -> bytes | None:
+        """The key of privacy.redact's hash: its own file, else derived from the current spool key."""
+        if self.privacy.redact_key_file is not None:
+            return read_key_file(self.privacy.redact_key_file)
+        keys = self.spool.encryption_keys
+        return derive(keys[0], "address hash") if keys else None
+
+    def hipaa_violations(self) -> list[str]:
+        """What privacy.mode = "hipaa" refuses in this config (check-config warns of it in any mode)."""
+        verified = not self.upstream.insecure_skip_verify
+        upstreams = [("upstream.host", self.upstream.host, verified)]
+        upstreams += [(f"profiles[{p.name}].host", p.host or self.upstream.host, verified) for p in self.profiles]
+        rules = [
+            (f"policy.rules[{i}]", name, value)
+            for i, r in enumerate(self.policy.rules)
+            for name, value in r.headers.items()
+        ]
+        rules += [
+            (f"profiles[{p.name}].rules[{i}]", name, value)
+            for p in self.profiles
+            for i, r in enumerate(p.rules)
+            for name, value in r.headers.items()
+        ]
+        return violations(
+            PrivacyFacts(
+                spool_enabled=self.spool.enabled,
+                spool_encrypted=bool(self.spool.encryption_keys),
+                upstreams=upstreams,
+                hipaa_upstream_host=self.privacy.hipaa_upstream_host,
+                header_rules=rules,
+                redact=self.privacy.redact,
+                require_tls=self.listen.require_tls,
+                listen_host=self.listen.host,
+                http_enabled=self.http.enabled,
+                http_host=self.http.host,
+                history=self.reports.enabled or self.bounces.enabled,
+            )
+        )
 
     @classmethod
     def settings_customise_sources(

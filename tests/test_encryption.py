@@ -23,6 +23,7 @@ from relay.cli import main as relay_main
 from relay.config import ConfigError, load_settings
 from relay.core.keys import key_id, parse_key
 from relay.core.message import Envelope, Prepared
+from relay.core.redaction import AddressHasher
 from relay.store.journal import Journal, live_index, read_records, segment_paths
 from relay.store.rekey import key_census
 from relay.store.sealing import BODY, ENVELOPE, STATE, Sealer, SealError, UnknownKeyError, new_key
@@ -229,7 +230,8 @@ async def test_phi_marker_is_nowhere_under_the_spool_during_an_outage_and_arrive
     standin: InfobipStandIn, tmp_path: Path
 ) -> None:
     """Issue 15's "must show": body, subject and recipients carry a marker; every byte under the spool
-    path is searched while Infobip is down (journal, queue/, .state, dead/); then Infobip comes back."""
+    path (journal, queue/, .state, then dead/), the relay's log and `relay queue list` (privacy.redact on)
+    are searched while Infobip is down; then Infobip comes back."""
     marker = "phi-" + secrets.token_hex(6)
     key = make_key(tmp_path / "spool.key")
     spool = tmp_path / "spool"
@@ -240,7 +242,9 @@ async def test_phi_marker_is_nowhere_under_the_spool_during_an_outage_and_arrive
         port=port,
         spool={**sealed(spool, key), "retry_initial": 0.1, "retry_max": 0.2, "breaker_threshold": 1},
         log={"format": "json"},
+        privacy={"redact": True},
     )
+    hashed_sender = AddressHasher(load_settings(config).address_hash_key() or b"").address(SENDER)
     gone = f"gone.{marker}@example.org"
     standin.behaviour.refuse_recipients[gone] = f"550 5.1.1 <{gone}>: no such user"
     standin.go_down()
@@ -261,11 +265,18 @@ async def test_phi_marker_is_nowhere_under_the_spool_during_an_outage_and_arrive
         on_disk = every_byte(spool)
         for needle in (marker, "Appointment", "your results", SENDER, "example.org"):
             assert needle.encode() not in on_disk, needle
+        listings = [(await cli("queue", "--config", str(config), "list", *flag))[1] for flag in ((), ("--json",))]
+        for shown in listings:
+            assert marker not in shown and SENDER not in shown and hashed_sender in shown, shown
         standin.behaviour.down = False
         await standin.wait_for_messages(3, timeout=15)
         await until(lambda: messages_in(spool) == [] and len(os.listdir(spool / "dead")) == 2)
         assert marker.encode() not in every_byte(spool)  # the dead letter too
     assert sorted(m.data for m in standin.messages) == sorted(sent)  # byte for byte
+    log = (tmp_path / "relay.log").read_text()
+    for needle in (marker, "Appointment", SENDER, "example.org"):
+        assert needle not in log, needle
+    assert hashed_sender in log  # still one sender to follow across lines
 
 
 async def test_a_flipped_bit_in_a_queued_message_is_reported_left_in_place_and_never_delivered(

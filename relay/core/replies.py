@@ -104,6 +104,7 @@ def with_enhanced_code(line: str) -> str:
 # -- inbound: connection, envelope and DATA --
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections to this relay; try again later")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS is already active")
+TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first (listen.require_tls)")
 CLEARTEXT_AFTER_STARTTLS = Reply(
     554, "5.5.1", "Commands were sent behind STARTTLS, before TLS began; they are not run inside TLS: closing"
 )

@@ -23,6 +23,7 @@ from aiosmtpd.proxy_protocol import V2_CMD
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 
 from relay.config import ListenSettings, PolicySettings, Settings
+from relay.core.hipaa import is_loopback
 from relay.core.prepare import Prepared, Received, prepare
 from relay.core.profiles import DEFAULT
 from relay.core.replies import (
@@ -34,6 +35,7 @@ from relay.core.replies import (
     NO_RECIPIENT,
     SHUTTING_DOWN,
     TLS_ALREADY_ACTIVE,
+    TLS_REQUIRED,
     TOO_MANY_CONNECTIONS,
     Rejection,
     Reply,
@@ -469,6 +471,8 @@ class RelayHandler:
     async def handle_MAIL(
         self, server: RelaySMTP, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
+        if self.settings.listen.require_tls and session.ssl is None and not is_loopback(session.client_ip):
+            return self._refused(Refusal("tls_required", TLS_REQUIRED))  # a sidecar on loopback may stay plain
         refusal = check_sender(address, self.sender_domains(session)) or await self.limits.admit(
             session.client_ip, time.monotonic()
         )

@@ -21,6 +21,7 @@ import structlog
 
 from relay.config import LogSettings
 from relay.core.message import Envelope
+from relay.ops import privacy
 
 log = structlog.get_logger("relay.ops.logs")
 _handler: logging.Handler | None = None  # ours on the root logger, replaced by a reload
@@ -39,6 +40,7 @@ def configure_logging(settings: LogSettings) -> None:
     tracebacks: list[structlog.typing.Processor] = (
         [structlog.processors.format_exc_info] if as_json else []
     )  # the console prints them itself
+    tracebacks.append(redact)  # last before rendering: bound fields and tracebacks too
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *stamped, *tracebacks, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, settings.level.upper())),
@@ -64,6 +66,14 @@ def configure_logging(settings: LogSettings) -> None:
         sys.excepthook = _uncaught
         threading.excepthook = _uncaught_in_thread
         sys.unraisablehook = _unraisable
+
+
+def redact(_: Any, __: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    """privacy.redact: every address in every field as its keyed hash, no Subject (relay/core/redaction.py)."""
+    hasher = privacy.hasher()
+    if hasher is None:
+        return event
+    return {key: hasher.value(key, value) for key, value in event.items()}
 
 
 def _uncaught(kind: type[BaseException], error: BaseException, trace: TracebackType | None) -> None:

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from relay.core.message import Envelope
+from relay.ops import privacy
 from relay.store.journal import live_index
 from relay.store.rekey import rekey
 from relay.store.sealing import MissingKeyError
@@ -256,8 +257,12 @@ def list_queue(spool: Spool, *, dead: bool, as_json: bool, sender: str | None, o
     now = time.time()
     entries, damaged = read_entries(spool, dead=dead)
     shown = [e for e in entries if matches(e, sender=sender, older_than=older_than, now=now)]
+    hasher = privacy.hasher()  # privacy.redact: addresses (and Message-IDs) as keyed hashes
     if as_json:
-        print(json.dumps([entry.as_json(now) for entry in shown], indent=2))
+        rows = [entry.as_json(now) for entry in shown]
+        if hasher is not None:
+            rows = [{key: hasher.value(key, value) for key, value in row.items()} for row in rows]
+        print(json.dumps(rows, indent=2))
         for queue_id, why in damaged:
             print(f"relay: {queue_id}: unreadable: {why}", file=sys.stderr)
         return 0
@@ -272,9 +277,14 @@ def list_queue(spool: Spool, *, dead: bool, as_json: bool, sender: str | None, o
         next_try = "-" if dead else ("now" if state.next_attempt <= now else _age(state.next_attempt - now))
         next_try = "paused" if paused else next_try  # nothing goes before a probe succeeds
         reply = " ".join(state.last_reply.split())[:100] or "-"
+        sender, reply = (
+            (entry.envelope.mail_from, reply)
+            if hasher is None
+            else (hasher.address(entry.envelope.mail_from), hasher.text(reply))
+        )
         print(
             f"{entry.queue_id:<22} {_age(now - entry.envelope.received_at):>6} {state.attempts:>5} "
-            f"{len(entry.recipients):>5} {next_try:>8}  {entry.envelope.mail_from[:30]:<30} {reply}"
+            f"{len(entry.recipients):>5} {next_try:>8}  {sender[:30]:<30} {reply}"
         )
     for queue_id, why in damaged:
         print(f"{queue_id:<22} unreadable: {why}")
