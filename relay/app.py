@@ -255,6 +255,7 @@ RESTART_KEYS = (
     "reports.enabled",
     "reports.notify_listen",
     "reports.history_path",
+    "reports.history_url",
     "bounces.enabled",
 )
 

@@ -419,6 +419,9 @@ class ReportsSettings(_Section):
     notify_url: str = ""  # public URL Infobip can POST reports to (push); empty: pull only
     notify_listen: str = ""  # host:port of the push listener (not the ops port)
     history_path: Path | None = None  # default: history.sqlite3 in spool.path
+    # postgresql://user:password@host/db: one history for every replica (relay/outcomes/postgres.py);
+    # empty: SQLite at history_path. A secret (it may carry the password): never logged.
+    history_url: SecretStr = SecretStr("")
     history_days: float = Field(30.0, gt=0)
 
     @field_validator("api_key_file", "ca_file", "history_path", mode="before")
@@ -437,6 +440,10 @@ class ReportsSettings(_Section):
             raise ValueError(f"ca_file {str(self.ca_file)!r} does not exist")
         if not self.base_url.startswith("https://"):
             raise ValueError(f"base_url {self.base_url!r} must start with https:// (the API key goes with it)")
+        if self.history_url.get_secret_value() and not self.history_url.get_secret_value().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError("history_url must start with postgresql:// (it is not shown here: it may hold a password)")
         if bool(self.notify_url) != bool(self.notify_listen):
             raise ValueError("notify_url and notify_listen go together (the public URL and the listener behind it)")
         if self.notify_url and not self.notify_url.startswith(("https://", "http://")):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -24,8 +23,9 @@ from relay.core.smtp_client import DeliveryResult, queued_id
 from relay.delivery.clock import Clock, SystemClock
 from relay.outcomes.bounces import Bouncer
 from relay.outcomes.decide import FAILED, Report, bulk_id, claim_reports, dead_status, header_block
-from relay.outcomes.history import Attempted, MessageReceived, MessageTrace
+from relay.outcomes.history import Attempted, HistoryStore, MessageReceived, MessageTrace
 from relay.outcomes.metrics import OutcomeMetrics
+from relay.outcomes.postgres import PostgresHistory
 from relay.outcomes.push import PushListener
 from relay.outcomes.reports import Poller, ReportsClient
 from relay.outcomes.sqlite import SqliteHistory, history_path
@@ -38,7 +38,11 @@ PRUNE_EVERY = 3600.0
 HEADERS_KEPT = 65536  # bytes of a header block kept for a bounce's text/rfc822-headers part
 
 
-def open_store(path: Path) -> SqliteHistory:
+def open_store(settings: Settings) -> HistoryStore:
+    """PostgreSQL when `history_url` is set (one history for every replica), else the SQLite file."""
+    if url := settings.reports.history_url.get_secret_value():
+        return PostgresHistory(url)
+    path = history_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     return SqliteHistory(path)
 
@@ -57,7 +61,8 @@ class Outcomes:
         self.metrics = metrics
         self.path = history_path(settings)
         self.history: History | None = None
-        self.store: SqliteHistory | None = None
+        self.store: HistoryStore | None = None
+        self.replica = secrets.token_hex(8)  # this process, for the report poller's lease (PostgreSQL)
         self.instance = ""
         self.push_token = ""
         self.poller: Poller | None = None
@@ -91,7 +96,7 @@ class Outcomes:
         return f"{url.rstrip('/')}/{self.push_token}" if url and self.reports_on else None
 
     async def start(self) -> None:
-        self.store = store = await asyncio.to_thread(open_store, self.path)
+        self.store = store = await asyncio.to_thread(open_store, self.settings)
         self.history = History(store, bounces_on=self.bounces_on, on_error=self.metrics.history_errors.inc)
         self.history.start()
         self.instance = await self.history.call(store.meta, "instance", secrets.token_hex(4))
@@ -194,6 +199,10 @@ class Outcomes:
 
     async def _pending(self, since: float) -> list[str]:
         assert self.history is not None and self.store is not None
+        if isinstance(self.store, PostgresHistory):  # replicas share the history: only the lease holder polls
+            lease = max(60.0, 3 * self.settings.reports.poll_interval)
+            if not await self.history.call(self.store.poll_lease, self.replica, lease):
+                return []
         return await self.history.call(self.store.pending_bulk_ids, since)
 
     async def take_reports(self, reports: list[Report], source: str) -> None:
@@ -221,7 +230,7 @@ class Outcomes:
         assert self.history is not None and self.store is not None
         return await self.history.call(self.store.lookup, query, limit)
 
-    def _outbox(self, store: SqliteHistory) -> tuple[Callable[..., Awaitable[Any]], ...]:
+    def _outbox(self, store: HistoryStore) -> tuple[Callable[..., Awaitable[Any]], ...]:
         """The store's bounce methods, each run on the history's thread."""
         assert self.history is not None
         history = self.history

@@ -53,7 +53,10 @@ def in_words(trace: MessageTrace) -> str:
 
 
 def trace_command(settings: Settings, query: str, *, as_lines: bool) -> int:
-    """`relay trace [--json] QUERY`: read-only, beside a running relay (SQLite's WAL lets both)."""
+    """`relay trace [--json] QUERY`: read-only, beside a running relay (SQLite's WAL lets both); with
+    `history_url`, the PostgreSQL history every replica shares."""
+    if url := settings.reports.history_url.get_secret_value():
+        return _print(_postgres_lookup(url, query), query, as_lines=as_lines)
     path = history_path(settings)
     if not path.is_file():
         print(f"relay: no message history at {path} (it is kept while [reports] or [bounces] is on)", file=sys.stderr)
@@ -66,6 +69,29 @@ def trace_command(settings: Settings, query: str, *, as_lines: bool) -> int:
             store.close()
     except sqlite3.Error as exc:
         print(f"relay: cannot read the message history at {path}: {exc}", file=sys.stderr)
+        return 1
+    return _print(found, query, as_lines=as_lines)
+
+
+def _postgres_lookup(url: str, query: str) -> list[MessageTrace] | None:
+    """None when the database cannot be reached or read (said on stderr, without the URL: a secret)."""
+    import psycopg
+
+    from relay.outcomes.postgres import PostgresHistory
+
+    try:
+        store = PostgresHistory(url)
+        try:
+            return store.lookup(query, 50)
+        finally:
+            store.close()
+    except psycopg.Error as exc:
+        print(f"relay: cannot read the message history in PostgreSQL (history_url): {exc}", file=sys.stderr)
+        return None
+
+
+def _print(found: list[MessageTrace] | None, query: str, *, as_lines: bool) -> int:
+    if found is None:
         return 1
     if not found:
         print(f"relay: no message matches {query!r} (queue id, Infobip id, <Message-ID> or address)", file=sys.stderr)

@@ -1,0 +1,174 @@
+"""The PostgreSQL history (`[reports] history_url`) against a real server: every behaviour the SQLite
+history's tests check (imported from tests/test_outcomes_history.py, so they run here with this module's
+`store` fixture), then what only several replicas on one database can show."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from relay.config import Settings
+from relay.outcomes.history import Attempted
+from relay.outcomes.metrics import OutcomeMetrics
+from relay.outcomes.postgres import SENDING_STALE, PostgresHistory
+from relay.outcomes.service import Outcomes
+from relay.outcomes.trace import trace_command
+from relay.outcomes.writer import History
+from tests.cluster_services import PostgresServer, postgres_server
+from tests.test_outcomes_history import (
+    T0,
+    infobip,
+    received,
+    test_a_failed_bounce_comes_back_when_due_and_a_sent_one_never,
+    test_an_attempt_then_reports_set_each_recipients_status_once,
+    test_dead_after_250_queues_a_bounce_and_handed_back_does_not,
+    test_delay_warnings_once_per_message,
+    test_meta_keeps_the_first_value,
+    test_pending_and_unknown_reports_change_nothing,
+    test_prune_forgets_old_messages_but_keeps_those_with_a_bounce_to_send,
+    test_recipients_of_one_message_share_one_bounce_until_it_is_handed_out,
+)
+
+pytestmark = pytest.mark.slow  # a real server: initdb and start take a few seconds
+
+__all__ = [
+    "postgres_server",
+    "test_a_failed_bounce_comes_back_when_due_and_a_sent_one_never",
+    "test_an_attempt_then_reports_set_each_recipients_status_once",
+    "test_dead_after_250_queues_a_bounce_and_handed_back_does_not",
+    "test_delay_warnings_once_per_message",
+    "test_meta_keeps_the_first_value",
+    "test_pending_and_unknown_reports_change_nothing",
+    "test_prune_forgets_old_messages_but_keeps_those_with_a_bounce_to_send",
+    "test_recipients_of_one_message_share_one_bounce_until_it_is_handed_out",
+]
+
+
+@pytest.fixture
+def url(postgres_server: PostgresServer) -> str:
+    return postgres_server.database()
+
+
+@pytest.fixture
+def store(url: str) -> Iterator[PostgresHistory]:
+    history = PostgresHistory(url)
+    yield history
+    history.close()
+
+
+def test_two_replicas_on_one_database_see_each_others_messages(url: str) -> None:
+    a, b = PostgresHistory(url), PostgresHistory(url)
+    a.write([received("qa", "x@example.org"), Attempted("qa", T0, 1, ("x@example.org",), ("ib-a",))], True)
+    b.write([received("qb", "x@example.org")], True)
+    for replica in (a, b):
+        assert sorted(t.queue_id for t in replica.lookup("x@example.org", 5)) == ["qa", "qb"]
+        assert [t.queue_id for t in replica.lookup("ib-a", 5)] == ["qa"]
+    assert a.meta("instance", "from-a") == b.meta("instance", "from-b") == "from-a"
+    a.close()
+    b.close()
+
+
+def test_replicas_starting_at_once_both_create_the_schema(url: str) -> None:
+    opened: list[PostgresHistory] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def replica() -> None:
+        start.wait()
+        try:
+            opened.append(PostgresHistory(url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and len(opened) == 4
+    opened[0].write([received("q1")], False)
+    assert [t.queue_id for t in opened[3].lookup("q1", 5)] == ["q1"]
+    for store in opened:
+        store.close()
+
+
+def test_only_one_replica_holds_the_report_poller_lease(url: str) -> None:
+    a, b = PostgresHistory(url), PostgresHistory(url)
+    assert a.poll_lease("replica-a", 60) and a.poll_lease("replica-a", 60)  # taken, then renewed
+    assert not b.poll_lease("replica-b", 60)
+    assert a.poll_lease("replica-a", -1)  # renewed as already expired: the holder died, say
+    assert b.poll_lease("replica-b", 60) and not a.poll_lease("replica-a", 60)
+    a.close()
+    b.close()
+
+
+def test_a_report_and_a_bounce_go_to_one_replica_only(url: str) -> None:
+    a, b = PostgresHistory(url), PostgresHistory(url)
+    dead = {"a@example.org": ("failed", "550 5.1.1 No such user")}
+    a.write([received("q1"), Attempted("q1", T0, 1, ("b@example.org",), ("ib1",), dead=dead, bounce=True)], True)
+    [bounce] = a.due_bounces(T0, 10)
+    assert b.due_bounces(T0, 10) == []  # claimed by a
+    assert len(b.due_bounces(T0 + SENDING_STALE + 1, 10)) == 1  # a died mid-send: offered again, later
+
+    first = a.apply_reports([infobip("b@example.org", "DELIVERED")], "pushed", T0 + 5, True)
+    second = b.apply_reports([infobip("b@example.org", "DELIVERED")], "pulled", T0 + 6, True)
+    assert (len(first.outcomes), second.duplicates) == (1, 1) and bounce.queue_id == "q1"
+    a.close()
+    b.close()
+
+
+async def test_writes_through_the_history_thread_and_a_failed_write_is_reported(url: str) -> None:
+    errors: list[int] = []
+    store = PostgresHistory(url)
+    history = History(store, bounces_on=True, on_error=lambda: errors.append(1))
+    history.start()
+    notes = [history.note(received(f"q{i}")) for i in range(50)]
+    notes.append(history.note(Attempted("q49", T0, 1, ("a@example.org",), ("ib49",))))
+    assert await notes[-1] and all(n.done() for n in notes)
+    [trace] = await history.call(store.lookup, "ib49", 5)
+    assert trace.queue_id == "q49"
+    await history.call(store.conn.execute, "SET default_transaction_read_only = on")  # every write fails now
+    assert await history.note(received("q-late")) is False and errors == [1]
+    await history.close()
+    assert asyncio.get_running_loop().is_running()
+
+
+def test_the_url_is_a_secret_and_must_be_postgresql() -> None:
+    settings = Settings.model_validate({"reports": {"history_url": "postgresql://relay:s3cret@db/relay"}})
+    assert "s3cret" not in repr(settings.reports) and "s3cret" not in str(settings.reports.history_url)
+    with pytest.raises(ValueError, match="history_url"):
+        Settings.model_validate({"reports": {"history_url": "mysql://db/relay"}})
+
+
+def test_relay_trace_reads_the_shared_history(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    store = PostgresHistory(url)
+    store.write([received("q-elsewhere")], False)  # written by another replica
+    store.close()
+    settings = Settings.model_validate({"reports": {"history_url": url}})
+    assert trace_command(settings, "q-elsewhere", as_lines=True) == 0
+    assert json.loads(capsys.readouterr().out)["queue_id"] == "q-elsewhere"
+
+
+async def test_two_relays_on_one_history_only_one_polls_for_reports(url: str) -> None:
+    settings = Settings.model_validate({"reports": {"enabled": True, "api_key": "k", "history_url": url}})
+    relays = [Outcomes(settings, OutcomeMetrics(CollectorRegistry())) for _ in range(2)]
+    for relay in relays:
+        await relay.start()
+    try:
+        assert isinstance(relays[0].store, PostgresHistory)
+        await relays[1].history.call(  # type: ignore[union-attr]
+            relays[1].store.write,  # type: ignore[union-attr]
+            [received("q1"), Attempted("q1", T0, 1, ("a@example.org",), ("ib1",))],
+            False,
+        )
+        assert relays[0].instance == relays[1].instance  # one bulk id per hour for the cluster
+        assert await relays[0]._pending(T0) == ["relay-x-1"]
+        assert await relays[1]._pending(T0) == []  # the other replica holds the lease
+    finally:
+        for relay in relays:
+            await relay.stop()
