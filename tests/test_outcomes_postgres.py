@@ -9,6 +9,7 @@ import json
 import threading
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -172,3 +173,17 @@ async def test_two_relays_on_one_history_only_one_polls_for_reports(url: str) ->
     finally:
         for relay in relays:
             await relay.stop()
+
+
+def test_a_broken_connection_fails_one_call_and_the_next_reconnects(url: str) -> None:
+    store = PostgresHistory(url)
+    with psycopg.connect(url, autocommit=True) as admin:  # the server restarted, or a proxy dropped us
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'relay-history' AND datname = current_database()"
+        )
+    with pytest.raises(psycopg.OperationalError):
+        store.write([received("q-lost")], False)
+    store.write([received("q1")], False)
+    assert [t.queue_id for t in store.lookup("q1", 5)] == ["q1"]
+    store.close()

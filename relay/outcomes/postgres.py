@@ -95,7 +95,8 @@ class PostgresHistory:
     def _tx(self, *, durable: bool = False) -> Iterator[Conn]:
         """One transaction. Not `durable`: the commit does not wait for the WAL flush (as SQLite's NORMAL,
         safe from our crash, not the server's); durable ones flush it, with everything before them."""
-        if self.conn.closed:  # the server restarted or the connection broke: a fresh one for this call
+        if self.conn.closed:  # the server restarted or the connection broke: the call that found out failed
+            # (history_write_failed, say); this one starts on a fresh connection
             self.conn = self._connect()
         with self.conn.transaction():
             if not durable:
