@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from relay.config import Settings
 from relay.outcomes.history import Attempted
 from relay.outcomes.metrics import OutcomeMetrics
-from relay.outcomes.postgres import SENDING_STALE, PostgresHistory
+from relay.outcomes.postgres import PRUNE_LOCK, SENDING_STALE, PostgresHistory
 from relay.outcomes.service import Outcomes
 from relay.outcomes.trace import trace_command
 from relay.outcomes.writer import History
@@ -187,3 +187,14 @@ def test_a_broken_connection_fails_one_call_and_the_next_reconnects(url: str) ->
     store.write([received("q1")], False)
     assert [t.queue_id for t in store.lookup("q1", 5)] == ["q1"]
     store.close()
+
+
+def test_one_replica_prunes_at_a_time(url: str) -> None:
+    a, b = PostgresHistory(url), PostgresHistory(url)
+    a.write([received("q1"), received("q2")], False)
+    with a.conn.transaction():  # a is pruning: holds the lock
+        a.conn.execute("SELECT pg_advisory_xact_lock(%s)", (PRUNE_LOCK,))
+        assert b.prune(T0 + 1) == 0
+    assert b.prune(T0 + 1) == 2
+    a.close()
+    b.close()

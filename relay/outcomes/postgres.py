@@ -40,6 +40,7 @@ from relay.outcomes.history import (
 from relay.outcomes.sqlite import _attempt_words, _diagnostic
 
 SCHEMA_LOCK = 0x72656C6179  # pg_advisory_xact_lock key ("relay"): replicas starting at once create it in turn
+PRUNE_LOCK = SCHEMA_LOCK + 1
 SENDING_STALE = 600.0  # seconds a bounce may stay claimed ('sending') before another replica offers it again
 # Addresses compare without case (SQLite's COLLATE NOCASE): the unique index and every match use lower().
 SCHEMA = """
@@ -211,8 +212,11 @@ class PostgresHistory:
             return [trace for queue_id in ids if (trace := _trace(db, queue_id)) is not None]
 
     def prune(self, before: float) -> int:
-        """Messages whose bounce is still to go are kept until it has gone."""
+        """Messages whose bounce is still to go are kept until it has gone. Every replica prunes hourly: one
+        at a time does (the others find the lock taken and skip), so their deletes never deadlock."""
         with self._tx() as db:
+            if not _one(db, "SELECT pg_try_advisory_xact_lock(%s)", (PRUNE_LOCK,))[0]:
+                return 0
             db.execute(
                 "CREATE TEMP TABLE gone ON COMMIT DROP AS SELECT queue_id FROM messages WHERE received_at < %s "
                 "AND queue_id NOT IN (SELECT queue_id FROM bounces WHERE state IN ('pending', 'sending'))",
