@@ -398,7 +398,10 @@ async def test_messages_sealed_under_the_old_key_are_delivered_after_rotation(
     assert set(key_census(Spool(spool))) == {key_of(old)}
 
     standin.behaviour.down = False
-    relay = await start_relay(spool=sealed(spool, new, old_key_files=[str(old)]))
+    with structlog.testing.capture_logs() as logs:
+        relay = await start_relay(spool=sealed(spool, new, old_key_files=[str(old)]))
+    [said] = [e for e in logs if e["event"] == "spool_encrypted"]  # the ids it holds, never a key
+    assert (said["key_id"], said["old_key_ids"]) == (key_of(new), [key_of(old)])
     await standin.wait_for_messages(3)
     await send_one(relay.port, SENDER, ["late@example.org"], message())
     await standin.wait_for_messages(4)

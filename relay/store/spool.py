@@ -118,6 +118,8 @@ class Spool:
         from relay.store.rekey import check_keys  # it reads the journal, whose module builds on this one
 
         check_keys(self)
+        if self.sealer is not None:  # the ids, never the keys: which key files this spool needs
+            log.info("spool_encrypted", key_id=self.sealer.current_id, old_key_ids=list(self.sealer.key_ids[1:]))
         self.create()
         tighten((self.path, self.tmp, self.queue, self.dead, self.journal_dir))
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, FILE_MODE)
