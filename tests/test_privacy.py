@@ -5,6 +5,7 @@ The marker test in test_encryption.py searches a real relay's log and `relay que
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,8 +20,9 @@ from relay.core.redaction import AddressHasher
 from relay.store.sealing import new_key
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay
-from tests.helpers import SENDER, toml_text
+from tests.helpers import SENDER, send_one, toml_text
 from tests.inbound_helpers import inbound_tls
+from tests.outcomes import messages, reports_on
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,3 +220,28 @@ def test_require_tls_needs_a_certificate() -> None:
     with pytest.raises(ConfigError) as error:
         load_settings(None, listen={"require_tls": True})
     assert "listen: require_tls needs tls_cert_file" in str(error.value)
+
+
+async def test_get_messages_shows_addresses_as_keyed_hashes_with_redaction_on(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    key = tmp_path / "hash.key"
+    key.write_text(new_key())
+    relay = await start_relay(**reports_on(standin, tmp_path), privacy={"redact": True, "redact_key_file": str(key)})
+    rcpt = "patient.4711@example.org"
+    data = f"From: <{SENDER}>\r\nTo: <{rcpt}>\r\nMessage-ID: <appt-4711@erp.example.com>\r\n\r\nhi\r\n".encode()
+    assert (await send_one(relay.port, SENDER, [rcpt], data)).startswith("250")
+    found: list[dict[str, Any]] = []
+
+    async def looked_up() -> bool:
+        found[:] = await messages(relay, rcpt)  # ops still search by the address itself
+        return bool(found)
+
+    for _ in range(500):
+        if await looked_up():
+            break
+        await asyncio.sleep(0.01)
+    shown = json.dumps(found)
+    hasher = AddressHasher(relay.settings.address_hash_key() or b"")
+    assert rcpt not in shown and SENDER not in shown and "appt-4711" not in shown, shown
+    assert hasher.address(rcpt) in shown and hasher.address(SENDER) in shown

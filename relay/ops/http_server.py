@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from relay.ops import privacy
 from relay.ops.metrics import Metrics
 
 
@@ -70,7 +71,11 @@ class HttpServer:
             return web.json_response({"error": "no message history: enable [reports] or [bounces]"}, status=404)
         if not query:
             return web.json_response({"error": "give q: a queue id, Infobip id, <Message-ID> or address"}, status=400)
-        return web.json_response({"query": query, "messages": await self._history.messages(query)})
+        found = await self._history.messages(query)
+        if (hasher := privacy.hasher()) is not None:  # privacy.redact: addresses as keyed hashes, here too
+            found = [{key: hasher.value(key, value) for key, value in message.items()} for message in found]
+            query = hasher.text(query)
+        return web.json_response({"query": query, "messages": found})
 
     async def _upstream_view(self, request: web.Request) -> web.Response:
         return web.json_response(self._upstream())

@@ -42,6 +42,7 @@ def check_keys(spool: Spool) -> None:
     held = set(spool.sealer.key_ids) if spool.sealer is not None else set()
     missing = sorted(name for name in census if name not in held and name not in NOT_KEYS)
     if not missing:
+        spool.keys_checked = True  # one scan per start: it reads a header of every file
         return
     records, ids = sum(census[name] for name in missing), ", ".join(missing)
     if spool.sealer is None:

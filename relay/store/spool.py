@@ -100,6 +100,7 @@ class Spool:
     def __init__(self, path: Path, sealer: Sealer | None = None) -> None:
         self.path = path
         self.sealer = sealer  # None: records are written in plaintext
+        self.keys_checked = False  # by check_keys (relay serve checks before anything else; lock then needn't)
         self.tmp = path / "tmp"
         self.queue = path / "queue"
         self.dead = path / "dead"
@@ -117,7 +118,8 @@ class Spool:
         with a key we do not hold stop it first (MissingKeyError), before anything is created or changed."""
         from relay.store.rekey import check_keys  # it reads the journal, whose module builds on this one
 
-        check_keys(self)
+        if not self.keys_checked:
+            check_keys(self)
         if self.sealer is not None:  # the ids, never the keys: which key files this spool needs
             log.info("spool_encrypted", key_id=self.sealer.current_id, old_key_ids=list(self.sealer.key_ids[1:]))
         self.create()
