@@ -46,6 +46,8 @@ def add(
 @pytest.fixture
 def spool(tmp_path: Path) -> Spool:
     """Three waiting (two from erp.example.com, one an hour old), one dead, one partly dead."""
+    global NOW
+    NOW = time.time()  # now, not at collection: the suite may run for minutes before this test
     spool = Spool(tmp_path / "spool")
     spool.create()
     add(spool, "1a0000000000000000001", "billing@erp.example.com", age=7200)
