@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import sys
 import tempfile
 from pathlib import Path
@@ -121,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     trace = commands.add_parser("trace", help="what happened to a message: attempts, reports, bounces")
     trace.add_argument("--config", type=Path, help="TOML config file (for reports.history_path)")
     trace.add_argument("--json", action="store_true", help="one JSON object per message, one per line")
+    trace.add_argument("--reveal", action="store_true", help="with privacy.redact: show addresses, not their hashes")
     trace.add_argument("query", help="a queue id, an Infobip id, a <Message-ID> (with its brackets) or an address")
     queue = commands.add_parser("queue", help="inspect and act on the spool (running or stopped relay)")
     queue.add_argument("--config", type=Path, help="TOML config file (for spool.path)")
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "queue":
         return _queue(args, settings)
     if args.command == "trace":
-        return trace_command(settings, args.query, as_lines=args.json)
+        return _trace(settings, args)
     if args.command == "check-config":
         return _check_config(settings, strict=args.strict)
     if args.command == "healthcheck":
@@ -194,6 +196,19 @@ def _doctor_profiles(settings: Settings, sender: str, args: argparse.Namespace) 
                 print(f"-- profile {name}", flush=True)
             say = lambda line: print(line, flush=True)  # noqa: E731
             status = max(status, asyncio.run(doctor(profile_settings, sender, args.send_test, say)))
+    return status
+
+
+def _trace(settings: Settings, args: argparse.Namespace) -> int:
+    """`relay trace`; with privacy.redact its output shows addresses as keyed hashes unless --reveal."""
+    privacy.configure(settings)
+    hasher = None if args.reveal else privacy.hasher()
+    if hasher is None:
+        return trace_command(settings, args.query, as_lines=args.json)
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        status = trace_command(settings, args.query, as_lines=args.json)
+    print(hasher.text(shown.getvalue()), end="")
     return status
 
 

@@ -222,8 +222,8 @@ def test_require_tls_needs_a_certificate() -> None:
     assert "listen: require_tls needs tls_cert_file" in str(error.value)
 
 
-async def test_get_messages_shows_addresses_as_keyed_hashes_with_redaction_on(
-    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+async def test_get_messages_and_relay_trace_show_addresses_as_keyed_hashes_unless_revealed(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key = tmp_path / "hash.key"
     key.write_text(new_key())
@@ -245,3 +245,15 @@ async def test_get_messages_shows_addresses_as_keyed_hashes_with_redaction_on(
     hasher = AddressHasher(relay.settings.address_hash_key() or b"")
     assert rcpt not in shown and SENDER not in shown and "appt-4711" not in shown, shown
     assert hasher.address(rcpt) in shown and hasher.address(SENDER) in shown
+    trace_config = tmp_path / "trace.toml"
+    sections = reports_on(standin, tmp_path)
+    trace_config.write_text(
+        toml_text(
+            {**sections, "privacy": {"redact": True, "redact_key_file": str(key)}, "spool": {"path": str(tmp_path)}}
+        )
+    )
+    for flags, hidden in (((), True), (("--json",), True), (("--reveal",), False)):
+        capsys.readouterr()
+        assert relay_main(["trace", "--config", str(trace_config), *flags, rcpt]) == 0
+        out = capsys.readouterr().out
+        assert (rcpt not in out and hasher.address(rcpt) in out) is hidden, (flags, out)
