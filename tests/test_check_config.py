@@ -13,6 +13,8 @@ import pytest
 
 from relay.cli import main as relay_main
 
+pytestmark = pytest.mark.slow  # CLI runs in new processes: seconds each; .ci/run runs them
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from relay.app import Relay
 from relay.testing.standin import InfobipStandIn
 from tests.cluster_services import RedisServer, redis_server
 from tests.conftest import StartRelay, message
 from tests.helpers import SENDER, send_one, spooled, until
+
+pytestmark = pytest.mark.slow  # several relays and a Redis server: seconds each; .ci/run runs them
 
 __all__ = ["redis_server"]  # the fixture, imported for pytest
 

@@ -16,6 +16,8 @@ from relay.config import ClusterSettings
 from tests.cluster_services import RedisServer, redis_server
 from tests.conftest import Dialog, StartRelay
 
+pytestmark = pytest.mark.slow  # relays sharing a Redis server: seconds each; .ci/run runs them
+
 __all__ = ["redis_server"]  # the fixture, imported for pytest
 
 Replica = tuple[Cluster, SharedBudget]

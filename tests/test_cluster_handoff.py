@@ -15,6 +15,8 @@ from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, message
 from tests.helpers import SENDER, queue_files, send_one, spooled, until
 
+pytestmark = pytest.mark.slow  # several relays, one handing its queue to another: seconds each; .ci/run runs them
+
 
 def queue_config(path: Path, spool: Path) -> Path:
     """Enough config for `relay queue`: where the spool is."""

@@ -12,6 +12,8 @@ import pytest
 
 from relay.config import ConfigError, load_settings
 
+pytestmark = pytest.mark.slow  # CLI runs in new processes: seconds each; .ci/run runs them
+
 
 @pytest.fixture(autouse=True)
 def no_relay_env(monkeypatch: pytest.MonkeyPatch) -> None:

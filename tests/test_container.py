@@ -22,6 +22,8 @@ from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, free_port, message
 from tests.test_ops import wait_listening
 
+pytestmark = pytest.mark.slow  # a relay in a read-only sandbox: seconds each; .ci/run runs them
+
 ROOT = Path(__file__).resolve().parent.parent
 needs_bwrap = pytest.mark.skipif(
     (shutil.which("bwrap") is None or os.geteuid() != 0) and not os.environ.get("RELAY_TEST_REQUIRE_BWRAP"),

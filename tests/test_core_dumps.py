@@ -18,10 +18,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, free_port, message
 from tests.test_container import _traversable
 from tests.test_processes import ROOT, _child_env, write_config
+
+pytestmark = pytest.mark.slow  # a real relay process run as another user: seconds each; .ci/run runs them
 
 NOBODY = 65534
 

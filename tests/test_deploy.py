@@ -25,6 +25,10 @@ from relay.config import load_settings
 from tests.conftest import free_port
 from tests.test_ops import RelayProcess, wait_listening
 
+pytestmark = (
+    pytest.mark.slow
+)  # promtool, systemd-analyze, kubernetes-validate and a relay started by hand: seconds each; .ci/run runs them
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 RULES = DEPLOY / "prometheus" / "relay-rules.yml"

@@ -17,6 +17,8 @@ from tests.conftest import free_port
 from tests.test_metrics import ROOT, Running
 from tests.test_metrics import running as running  # the fixture
 
+pytestmark = pytest.mark.slow  # real relay processes: seconds each; .ci/run runs them
+
 
 async def healthcheck(config: Path, **env: str) -> tuple[int, str, str]:
     base = {k: v for k, v in os.environ.items() if not k.upper().startswith("RELAY_")}

@@ -17,9 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, free_port, message
 from tests.helpers import write_config
+
+pytestmark = pytest.mark.slow  # a real relay process at debug level: seconds each; .ci/run runs them
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY_MARKER = "body-marker-7f3a9c"

@@ -24,6 +24,8 @@ from tests.conftest import StartRelay, free_port, message
 from tests.helpers import sample, send_one
 from tests.test_ops import RelayProcess, wait_listening
 
+pytestmark = pytest.mark.slow  # real relay processes scraped: seconds each; .ci/run runs them
+
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "relay-rules.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "relay-dashboard.json"

@@ -16,6 +16,8 @@ from relay.testing.standin import InfobipStandIn
 from tests import helpers
 from tests.conftest import Dialog, free_port, message
 
+pytestmark = pytest.mark.slow  # real relay processes and CLI runs: seconds each; .ci/run runs them
+
 SENDER = "billing@erp.example.com"
 PASSWORD = "demo-password"
 

@@ -20,6 +20,8 @@ from relay.testing.standin import InfobipStandIn
 from tests.conftest import free_port, message
 from tests.helpers import SENDER, send_one, write_config
 
+pytestmark = pytest.mark.slow  # a real relay process killed with kill -9: seconds each; .ci/run runs them
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
