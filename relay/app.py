@@ -249,6 +249,8 @@ RESTART_KEYS = (
     "listen.port",
     "spool.enabled",
     "spool.path",
+    "spool.encryption_key_file",  # the spool's sealer is made once, at start-up (after its key check)
+    "spool.old_key_files",
     "http.host",
     "http.port",
     "upstream.pool_size",

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import signal
@@ -470,3 +471,21 @@ async def test_queue_rekey_refuses_while_a_relay_runs_on_the_spool(
     config = write_config(tmp_path / "relay.toml", standin, port=free_port(), spool=sealed(spool, key))
     code, _, err = await cli("queue", "--config", str(config), "rekey")
     assert code == 1 and "stop it first" in err
+
+
+async def test_a_new_key_on_reload_waits_for_a_restart_and_says_so(standin: InfobipStandIn, tmp_path: Path) -> None:
+    old, new = make_key(tmp_path / "old.key"), make_key(tmp_path / "new.key")
+    spool, port, log = tmp_path / "spool", free_port(), tmp_path / "relay.log"
+    config = write_config(tmp_path / "relay.toml", standin, port=port, spool=sealed(spool, old), log={"format": "json"})
+    async with relay_process(config, port, log) as proc:
+        write_config(
+            config, standin, port=port, spool=sealed(spool, new, old_key_files=[str(old)]), log={"format": "json"}
+        )
+        proc.send_signal(signal.SIGHUP)
+        await until(lambda: '"config_reloaded"' in log.read_text())
+        [reloaded] = [json.loads(line) for line in log.read_text().splitlines() if '"config_reloaded"' in line]
+        assert reloaded["restart_needed_for"] == ["spool.encryption_key_file", "spool.old_key_files"]
+        standin.behaviour.down = True
+        assert (await send_one(port, SENDER, ["a@example.org"], message())).startswith("250")
+        await until(lambda: len(messages_in(spool)) == 1)
+        assert set(key_census(Spool(spool))) == {key_of(old)}  # still the key it started with
