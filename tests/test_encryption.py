@@ -227,6 +227,7 @@ def test_queue_state_and_dead_files_are_sealed_and_read_back_exactly(tmp_path: P
 # the whole relay
 
 
+@pytest.mark.slow  # relay processes: .ci/run runs them
 async def test_phi_marker_is_nowhere_under_the_spool_during_an_outage_and_arrives_byte_identical(
     standin: InfobipStandIn, tmp_path: Path
 ) -> None:
@@ -348,6 +349,7 @@ async def test_a_damaged_journal_record_is_reported_copied_aside_and_the_others_
     assert len(standin.messages) == 2
 
 
+@pytest.mark.slow  # relay processes: .ci/run runs them
 async def test_a_missing_or_wrong_key_at_start_up_exits_2_naming_the_key_id_and_touches_nothing(
     standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
 ) -> None:
@@ -420,6 +422,7 @@ def spool_under(path: Path, key: Path | None) -> Spool:
     return spool
 
 
+@pytest.mark.slow  # relay processes: .ci/run runs them
 async def test_queue_rekey_leaves_nothing_under_the_old_key_and_the_old_key_can_go(
     standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
 ) -> None:
@@ -462,6 +465,7 @@ async def test_queue_rekey_leaves_nothing_under_the_old_key_and_the_old_key_can_
     assert {m.rcpt_tos[0] for m in standin.messages} == {"pplain@example.org", "pq@example.org", "pj@example.org"}
 
 
+@pytest.mark.slow  # relay processes: .ci/run runs them
 async def test_queue_rekey_refuses_while_a_relay_runs_on_the_spool(
     standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
 ) -> None:
@@ -473,6 +477,7 @@ async def test_queue_rekey_refuses_while_a_relay_runs_on_the_spool(
     assert code == 1 and "stop it first" in err
 
 
+@pytest.mark.slow  # relay processes: .ci/run runs them
 async def test_a_new_key_on_reload_waits_for_a_restart_and_says_so(standin: InfobipStandIn, tmp_path: Path) -> None:
     old, new = make_key(tmp_path / "old.key"), make_key(tmp_path / "new.key")
     spool, port, log = tmp_path / "spool", free_port(), tmp_path / "relay.log"

@@ -151,6 +151,7 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow  # a relay process: .ci/run runs it
 async def test_relay_serve_in_hipaa_mode_exits_2_naming_each_violation_and_touches_no_spool(tmp_path: Path) -> None:
     config = tmp_path / "relay.toml"
     config.write_text(toml_text(hipaa_config(tmp_path, listen={"host": "0.0.0.0"}, policy={})))
