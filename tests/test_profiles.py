@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from relay.app import Relay
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, free_port, message, relay_settings
@@ -127,6 +129,7 @@ async def test_each_profile_shows_in_metrics_and_upstream(
     assert profiles["hr"]["status"] == "credentials_refused" and profiles["default"]["status"] == "ok"
 
 
+@pytest.mark.slow  # relay processes
 async def test_doctor_checks_every_profile_or_the_one_named(standin: InfobipStandIn, tmp_path: Path) -> None:
     standin.accounts["hr"] = "hr-secret"
     config = write_config(tmp_path / "relay.toml", standin, port=free_port())

@@ -185,6 +185,7 @@ def test_an_audit_log_that_cannot_be_written_is_reported(spool: Spool, capsys: p
     assert f"relay: audit log {spool.path / 'audit.log'} not written: Is a directory" in err
 
 
+@pytest.mark.slow  # relay processes
 async def test_flush_one_id_on_a_running_relay_sends_only_it_now_and_is_audited(
     standin: InfobipStandIn,
     spawn: SpawnRelay,  # noqa: F811  # the fixture imported above

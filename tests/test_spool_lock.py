@@ -37,6 +37,7 @@ async def test_a_second_relay_on_the_same_spool_stops_and_touches_nothing(
     assert everything_under(tmp_path) == before
 
 
+@pytest.mark.slow  # relay processes
 async def test_relay_serve_on_a_spool_in_use_exits_2_and_queue_verbs_still_work(
     standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
 ) -> None:
