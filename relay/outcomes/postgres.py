@@ -89,7 +89,10 @@ class PostgresHistory:
         conn = psycopg.connect(self._url, autocommit=True, connect_timeout=10, application_name="relay-history")
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-            conn.execute(SCHEMA)
+            # Only when it is missing: CREATE INDEX IF NOT EXISTS still locks its table, which deadlocked with a
+            # replica already writing (the last table created says the whole schema is there).
+            if _one(conn, "SELECT to_regclass('poller')", ())[0] is None:
+                conn.execute(SCHEMA)
         return conn
 
     @contextlib.contextmanager
