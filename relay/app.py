@@ -14,8 +14,7 @@ from relay.cluster.node import Replicas
 from relay.config import ConfigError, Settings, load_settings
 from relay.core.alignment import organizational_domain
 from relay.core.first_attempt import client_reply
-from relay.core.message import Envelope
-from relay.core.prepare import Prepared
+from relay.core.message import Envelope, Prepared
 from relay.core.profiles import DEFAULT, ProfileMatch, select_profile
 from relay.core.replies import SHUTTING_DOWN, Reply
 from relay.core.smtp_client import queued_id

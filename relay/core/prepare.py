@@ -15,8 +15,7 @@ from email.utils import format_datetime
 from relay.config import ListenSettings, PolicySettings
 from relay.core.alignment import aligned, check_alignment, domain_of
 from relay.core.headers import HeaderError, HeaderField, find_field, fold_header, read_header_block
-from relay.core.message import Prepared as Prepared  # the stage after this one imports it from here
-from relay.core.message import Received as Received
+from relay.core.message import Prepared, Received
 from relay.core.policy import MessageFacts, header_actions
 from relay.core.replies import (
     FROM_MALFORMED,

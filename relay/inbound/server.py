@@ -24,7 +24,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 
 from relay.config import ListenSettings, PolicySettings, Settings
 from relay.core.hipaa import is_loopback
-from relay.core.prepare import Prepared, Received, prepare
+from relay.core.message import Prepared, Received
+from relay.core.prepare import prepare
 from relay.core.profiles import DEFAULT
 from relay.core.replies import (
     CLEARTEXT_AFTER_STARTTLS,

@@ -12,10 +12,13 @@ import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.core.headers import fold_header, header_block_end, parse_header_fields
 from relay.core.message import Prepared
+
+if TYPE_CHECKING:
+    from relay.outcomes.history import Attempted
 
 # A recipient's status, as `relay trace` and GET /messages say it.
 QUEUED = "queued"  # the relay has it; Infobip has not taken it yet
@@ -204,3 +207,24 @@ def claim_reports(prepared: Prepared, bulk: str, notify_url: str | None) -> tupl
         if {"x-ib-bulk-id", "x-ib-notify-url"} & names:
             return prepared, False
     return dataclasses.replace(prepared, prefix=prepared.prefix + _claim_lines(bulk, notify_url)), True
+
+
+def attempt_words(a: Attempted) -> str:
+    """One attempt in plain words, for the history's timeline (both stores write it)."""
+    parts = [f"attempt {a.attempt}:"]
+    if a.accepted:
+        parts.append(f"Infobip took {len(a.accepted)} recipient(s) as {','.join(a.infobip_ids) or '?'};")
+    if a.deferred:
+        parts.append(f"{len(a.deferred)} deferred ({next(iter(a.deferred.values()))});")
+    if a.dead:
+        status, reason = next(iter(a.dead.values()))
+        told = "a bounce follows" if a.bounce else "the app was told at once"
+        parts.append(f"{len(a.dead)} {status} ({reason}); {told};")
+    return " ".join(parts).rstrip(";")
+
+
+def diagnostic(report: Report) -> str:
+    """Infobip's error name and description, for the bounce's Diagnostic-Code."""
+    name = report.error_name if report.error_name and report.error_name != "NO_ERROR" else report.group
+    words = report.error_description or report.status_description
+    return f"{name} ({words})" if words else name

@@ -20,6 +20,8 @@ from relay.outcomes.decide import (
     FINAL,
     QUEUED,
     Report,
+    attempt_words,
+    diagnostic,
     reply_dsn_status,
     report_detail,
     report_dsn_status,
@@ -37,7 +39,6 @@ from relay.outcomes.history import (
     Outcome,
     RecipientTrace,
 )
-from relay.outcomes.sqlite import _attempt_words, _diagnostic
 
 SCHEMA_LOCK = 0x72656C6179  # pg_advisory_xact_lock key ("relay"): replicas starting at once create it in turn
 PRUNE_LOCK = SCHEMA_LOCK + 1
@@ -282,7 +283,7 @@ def _accepted(db: Conn, attempts: list[Attempted]) -> None:
             cur.executemany("INSERT INTO infobip_ids VALUES (%s, %s) ON CONFLICT DO NOTHING", ids_rows)
         cur.executemany(
             "INSERT INTO events (queue_id, at, kind, address, detail) VALUES (%s, %s, 'attempt', NULL, %s)",
-            [(a.queue_id, a.at, _attempt_words(a)) for a in attempts],
+            [(a.queue_id, a.at, attempt_words(a)) for a in attempts],
         )
 
 
@@ -359,7 +360,7 @@ def _apply_report(db: Conn, report: Report, source: str, at: float, bounces_on: 
             "address": report.to,
             "status": BOUNCED,
             "dsn": report_dsn_status(report),
-            "diagnostic": _diagnostic(report),
+            "diagnostic": diagnostic(report),
             "infobip_id": report.message_id,
         }
         _queue_bounce(db, queue_id, [item], at)

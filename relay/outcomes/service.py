@@ -16,7 +16,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from relay.config import Settings
-from relay.core.prepare import Prepared
+from relay.core.message import Prepared
 from relay.core.replies import Reply
 from relay.core.retry import AttemptResult, NextStep
 from relay.core.smtp_client import DeliveryResult, queued_id

@@ -19,6 +19,8 @@ from relay.outcomes.decide import (
     FINAL,
     QUEUED,
     Report,
+    attempt_words,
+    diagnostic,
     reply_dsn_status,
     report_detail,
     report_dsn_status,
@@ -247,7 +249,7 @@ def _accepted(db: sqlite3.Connection, attempts: list[Attempted]) -> None:
     )
     db.executemany(
         "INSERT INTO events VALUES (?, ?, 'attempt', NULL, ?)",
-        [(a.queue_id, a.at, _attempt_words(a)) for a in attempts],
+        [(a.queue_id, a.at, attempt_words(a)) for a in attempts],
     )
 
 
@@ -270,19 +272,6 @@ def _failed(db: sqlite3.Connection, a: Attempted, bounces_on: bool) -> None:
             bouncing.append({"address": rcpt, "status": status, "dsn": dsn, "diagnostic": reason, "infobip_id": None})
     if bouncing:
         _queue_bounce(db, a.queue_id, bouncing, a.at)
-
-
-def _attempt_words(a: Attempted) -> str:
-    parts = [f"attempt {a.attempt}:"]
-    if a.accepted:
-        parts.append(f"Infobip took {len(a.accepted)} recipient(s) as {','.join(a.infobip_ids) or '?'};")
-    if a.deferred:
-        parts.append(f"{len(a.deferred)} deferred ({next(iter(a.deferred.values()))});")
-    if a.dead:
-        status, reason = next(iter(a.dead.values()))
-        told = "a bounce follows" if a.bounce else "the app was told at once"
-        parts.append(f"{len(a.dead)} {status} ({reason}); {told};")
-    return " ".join(parts).rstrip(";")
 
 
 def _queue_bounce(
@@ -333,19 +322,12 @@ def _apply_report(
             "address": report.to,
             "status": BOUNCED,
             "dsn": report_dsn_status(report),
-            "diagnostic": _diagnostic(report),
+            "diagnostic": diagnostic(report),
             "infobip_id": report.message_id,
         }
         _queue_bounce(db, queue_id, [item], at)
     seconds = at - accepted_at if accepted_at is not None else None
     applied.outcomes.append(Outcome(queue_id, report.to, report.message_id, status, detail, seconds, bounce))
-
-
-def _diagnostic(report: Report) -> str:
-    """Infobip's error name and description, for the bounce's Diagnostic-Code."""
-    name = report.error_name if report.error_name and report.error_name != "NO_ERROR" else report.group
-    words = report.error_description or report.status_description
-    return f"{name} ({words})" if words else name
 
 
 def _bounce_job(
