@@ -70,6 +70,18 @@ class Applied:
 
 
 @dataclass(frozen=True, slots=True)
+class Tracked:
+    """One tracking notification Infobip pushed to our X-IB-Tracking-Url (seed 000: "Tracking notifications")."""
+
+    event_id: str  # Infobip's eventId: the same event pushed twice is recorded once
+    infobip_id: str  # messageId
+    address: str  # recipient
+    kind: str  # notificationType: OPENED | CLICKED | UNSUBSCRIBED | COMPLAINED | LATE_BOUNCE
+    at: float  # when we received it
+    detail: str  # e.g. the clicked URL; may be empty
+
+
+@dataclass(frozen=True, slots=True)
 class BounceRecipient:
     address: str
     status: str  # bounced | failed | expired
@@ -134,6 +146,10 @@ class HistoryStore(Protocol):
 
     def apply_reports(self, reports: Sequence[Report], source: str, at: float, bounces_on: bool) -> Applied:
         """Match reports to our recipients; a final one sets the status (once) and may queue a bounce."""
+
+    def record_tracking(self, events: Sequence[Tracked]) -> int:
+        """Add tracking events as `tracking` events of their recipients (once per event id); returns how
+        many matched a recipient of ours. LATE_BOUNCE is recorded, never turned into a second bounce."""
 
     def pending_bulk_ids(self, since: float) -> list[str]:
         """Our bulk ids with recipients still waiting for a final report, accepted after `since`."""
