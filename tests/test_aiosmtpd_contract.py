@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
+import logging
 import re
 import ssl
 from collections.abc import AsyncIterator
@@ -52,7 +53,8 @@ def test_the_version_is_the_one_pinned() -> None:
         ("_create_session", ["self"], False),  # CompatSMTP.new_session
         ("_handle_client", ["self"], True),  # CompatSMTP.admit
         ("_set_post_data_state", ["self"], False),  # end_transaction
-        ("_reset_timeout", ["self", "duration"], False),  # restart_idle_timer
+        ("_reset_timeout", ["self", "duration"], False),  # restart_idle_timer; CompatSMTP's lazy idle timer
+        ("_timeout_cb", ["self"], False),  # what CompatSMTP's idle timer calls when the deadline has passed
         ("_cb_client_connected", ["self", "reader", "writer"], False),  # sets _reader, _writer: reader(), writer()
         ("check_helo_needed", ["self", "helo"], True),  # called by our DATA
         ("check_auth_needed", ["self", "caller_method"], True),
@@ -91,7 +93,13 @@ def test_the_class_attributes_compat_sets_before_the_constructor() -> None:
 
 
 async def test_the_private_attributes_compat_reads() -> None:
-    for attribute in ("self._reader = reader", "self._writer = writer", "self._timeout_handle", "self.envelope ="):
+    for attribute in (
+        "self._reader = reader",
+        "self._writer = writer",
+        "self._timeout_handle",
+        "self.envelope =",
+        "self._timeout_duration = timeout",
+    ):
         assert attribute in SOURCE, attribute
     assert "self._timeout_handle: Optional[asyncio.TimerHandle] = None" in SOURCE
     assert isinstance(asyncio.StreamReader()._buffer, bytearray)  # next_command_waiting and buffered look into it
@@ -317,6 +325,10 @@ async def test_the_reader_writer_and_idle_timer_of_a_live_session(serve: Any) ->
     assert handle.cancelled() and probe._timeout_handle is handle  # connection_lost asserts it is not None
     compat.restart_idle_timer(probe)
     assert not probe._timeout_handle.cancelled()
+    armed = probe._timeout_handle
+    for _ in range(3):  # each command moves the deadline; the one armed timer stays
+        assert (await dialog.send("NOOP")).startswith("250")
+    assert probe._timeout_handle is armed and not armed.cancelled()
     await dialog.close()
 
 
@@ -343,3 +355,18 @@ async def test_unread_bytes_are_the_next_the_command_loop_reads(serve: Any) -> N
     assert await dialog.send("OP") == "250 OK"
     assert await dialog.reply() == "250 OK"
     await dialog.close()
+
+
+def test_command_lines_are_logged_through_the_module_global_compat_replaces(caplog: pytest.LogCaptureFixture) -> None:
+    handle_client = inspect.getsource(SMTP._handle_client)
+    assert "sanitized_log(log.info, '%r >> %r', self.session.peer, line)" in handle_client
+    assert aiosmtpd.smtp.sanitized_log is compat.sanitized_log_when_enabled
+    mail_log = logging.getLogger("mail.log")
+    mail_log.setLevel(logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO, logger="mail.log"):
+            compat.sanitized_log_when_enabled(mail_log.info, "%r >> %r", "peer", b"AUTH PLAIN c2VjcmV0\r\n")
+            compat.sanitized_log_when_enabled(mail_log.debug, "%r", b"not logged at INFO")
+    finally:
+        mail_log.setLevel(logging.ERROR)
+    assert [r.getMessage() for r in caplog.records] == ["'peer' >> b'AUTH PLAIN ********\\r\\n'"]

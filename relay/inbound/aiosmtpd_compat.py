@@ -14,13 +14,32 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+from collections.abc import Callable
 from typing import Any
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, Session
 
 # aiosmtpd's own refusals (as it words them, before with_enhanced_code) that are about the message's size;
 # relay_messages_rejected_total counts these as "size" and every other stock refusal as "protocol".
 STOCK_SIZE_REFUSALS = ("552 Error: message size exceeds", "552 Error: Too much mail data")
+
+
+_stock_sanitized_log = aiosmtpd.smtp.sanitized_log
+
+
+def sanitized_log_when_enabled(func: Callable[..., None], msg: Any, *args: Any, **kwargs: Any) -> None:
+    """aiosmtpd logs every command line through `sanitized_log(log.info, ...)`, which masks AUTH arguments
+    before asking the logger whether it logs at all; `mail.log` is held at ERROR (relay/ops/logs.py), so
+    that was two regex matches per command for nothing. Ask first."""
+    logger = getattr(func, "__self__", None)
+    if isinstance(logger, logging.Logger) and not logger.isEnabledFor(logging.getLevelName(func.__name__.upper())):
+        return
+    _stock_sanitized_log(func, msg, *args, **kwargs)
+
+
+aiosmtpd.smtp.sanitized_log = sanitized_log_when_enabled  # read as a module global by SMTP._handle_client
 
 
 def stock_refusal_reason(line: str) -> str:
@@ -64,6 +83,23 @@ class CompatSMTP(SMTP):
     async def _handle_client(self) -> None:
         if await self.admit():
             await super()._handle_client()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd re-arms its idle timer after every command: a cancelled TimerHandle and a new one each
+        time, which left a pipelining client's message costing five heap entries. Here the deadline moves
+        and the one armed timer, when it fires early, re-arms itself for what is left."""
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._idle_deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self.loop.time() < self._idle_deadline:
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
+        else:
+            self._timeout_cb()  # type: ignore[no-untyped-call]
 
 
 def reader(server: SMTP) -> asyncio.StreamReader:
