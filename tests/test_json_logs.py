@@ -110,6 +110,31 @@ def test_every_line_on_stdout_and_stderr_is_one_json_object_whoever_writes_it() 
     assert all(e["level"] and e["timestamp"] for e in events)
 
 
+RELOADED_LEVEL = """
+import structlog
+from relay.config import LogSettings
+from relay.ops.logs import configure_logging
+
+log = structlog.get_logger("relay.test")
+configure_logging(LogSettings(format="json", level="info"))
+log.info("before", n=1)  # the logger is cached here
+configure_logging(LogSettings(format="json", level="warning"))  # what a SIGHUP does
+log.info("dropped", n=2)
+log.warning("kept", n=3)
+configure_logging(LogSettings(format="json", level="info"))
+log.info("back", n=4)
+"""
+
+
+def test_a_reloaded_level_applies_to_loggers_already_in_use() -> None:
+    done = subprocess.run([sys.executable, "-c", RELOADED_LEVEL], cwd=ROOT, capture_output=True, timeout=60, check=True)
+    assert [(e["event"], e["level"]) for e in json_lines(done.stderr)] == [
+        ("before", "info"),
+        ("kept", "warning"),
+        ("back", "info"),
+    ]
+
+
 async def test_a_relay_at_debug_writes_json_lines_only_and_never_a_body(
     standin: InfobipStandIn, tmp_path: Path
 ) -> None:

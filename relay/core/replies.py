@@ -6,6 +6,7 @@ built-in replies do not; `with_enhanced_code` rewrites them on the way out.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -83,6 +84,7 @@ _DEFAULT_ENHANCED = {
 }
 
 
+@functools.lru_cache(maxsize=1024)  # the same few lines (MAIL's, RCPT's 250) go through it for every message
 def with_enhanced_code(line: str) -> str:
     """Give one reply line an enhanced status code if it lacks one.
 
