@@ -18,6 +18,7 @@ from relay.core.headers import (
     fold_header,
     header_block_end,
     parse_header_fields,
+    read_header_block,
     validate_header_name,
     validate_header_value,
 )
@@ -263,3 +264,20 @@ def test_clean_value_output_has_no_control_characters(value: str) -> None:
     assert len(cleaned) == len(value)
     assert not re.search(r"[\x00-\x1f\x7f]", cleaned)
     validate_header_value("X", cleaned[:100])  # always acceptable to the validator
+
+
+_line_text = st.text(st.sampled_from("ab :\t;<>@.=\u00e9"), max_size=12)
+_field_line = st.builds(lambda n, v: f"{n}:{v}", st.sampled_from(["From", "X-IB-Bulk-Id", "subject", "a"]), _line_text)
+_continuation = st.builds(lambda ws, v: f"{ws}x{v}", st.sampled_from([" ", "\t", "  "]), _line_text)
+_clean_block = st.builds(
+    lambda fields, tail: "\r\n".join(line for first, rest in fields for line in (first, *rest)) + tail,
+    st.lists(st.tuples(_field_line, st.lists(_continuation, max_size=2)), max_size=6),
+    st.sampled_from(["\r\n", "\r\n\r\nbody\r\n", ""]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=_clean_block)
+def test_the_fast_read_of_an_accepted_block_is_the_line_by_line_read(text: str) -> None:
+    data = text.encode("utf-8")
+    assert read_header_block(data, 100, 64 * 1024) == parse_header_fields(data)

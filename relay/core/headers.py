@@ -6,6 +6,7 @@ produce new, validated, folded header lines to put in front of them.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -28,6 +29,9 @@ _FIELD_START_RE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 # or a continuation with text on it: then every reader (MTAs, mail clients, Python's email) splits it alike.
 _BAD_BYTE_RE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
 _BAD_LINE_RE = re.compile(rb"(?:\A|\n)(?!\Z)(?![\x21-\x39\x3b-\x7e]+:|[ \t]+[^ \t\r])")
+# One field of a block that passed both checks above: "Name:", then lines, each continuation starting with
+# whitespace; no bare CR or LF anywhere, so [^\r]* runs to the line's CRLF (or the block's end).
+_CLEAN_FIELD_RE = re.compile(rb"([\x21-\x39\x3b-\x7e]+):([^\r]*(?:\r\n[ \t][^\r]*)*)(?:\r\n|\Z)")
 
 
 class HeaderError(ValueError):
@@ -74,7 +78,15 @@ def read_header_block(data: bytes, max_fields: int, max_bytes: int) -> list[Head
         raise Rejection(not_a_header_line(1), reason="bad_headers")  # a continuation of nothing
     if bad := _BAD_LINE_RE.search(block):
         raise Rejection(not_a_header_line(block.count(b"\n", 0, bad.start() + 1) + 1), reason="bad_headers")
-    return parse_header_fields(block)
+    return [  # what parse_header_fields reads, in one C-speed scan (tests/test_headers.py compares the two)
+        HeaderField(
+            name=match[1].decode("ascii"),
+            value=match[2].replace(b"\r\n", b"").decode("utf-8", errors="replace").strip(" \t"),
+            start=match.start(),
+            end=match.end(),
+        )
+        for match in _CLEAN_FIELD_RE.finditer(block)
+    ]
 
 
 def parse_header_fields(data: bytes) -> list[HeaderField]:
@@ -137,6 +149,7 @@ def clean_value(value: str) -> str:
     return _CONTROL_RE.sub(" ", value.replace("\t", " "))
 
 
+@functools.lru_cache(maxsize=256)  # a policy's fixed headers are folded once, not once per message
 def fold_header(name: str, value: str) -> bytes:
     """One header field as bytes, folded at whitespace so that lines stay short (RFC 5322 2.2.3).
 

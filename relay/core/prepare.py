@@ -14,7 +14,7 @@ from email.utils import format_datetime
 
 from relay.config import ListenSettings, PolicySettings
 from relay.core.alignment import aligned, check_alignment, domain_of
-from relay.core.headers import HeaderError, HeaderField, find_field, fold_header, read_header_block
+from relay.core.headers import HeaderError, HeaderField, fold_header, read_header_block
 from relay.core.message import Prepared, Received
 from relay.core.policy import MessageFacts, header_actions
 from relay.core.replies import (
@@ -80,8 +80,11 @@ def from_address(value: str) -> str:
 def prepare(message: Received, policy: PolicySettings, listen: ListenSettings = DEFAULT_LISTEN) -> Prepared:
     """`listen` gives the caps: the header block's fields and bytes, and the size of what is sent."""
     fields = read_header_block(message.data, listen.max_header_fields, listen.max_header_bytes)
-    mail_from = _aligned_sender(message, fields, policy)
-    new_lines, ours, message_id = _missing_fields(message, fields)
+    by_name: dict[str, list[HeaderField]] = {}
+    for f in fields:
+        by_name.setdefault(f.name.lower(), []).append(f)
+    mail_from = _aligned_sender(message, by_name.get("from", []), policy)
+    new_lines, ours, message_id = _missing_fields(message, by_name)
     facts = MessageFacts(
         queue_id=message.queue_id,
         message_id=message_id,
@@ -92,7 +95,7 @@ def prepare(message: Received, policy: PolicySettings, listen: ListenSettings = 
     dropped: list[tuple[int, int]] = []
     for action in header_actions(policy.rules, facts):
         key = action.name.lower()
-        existing = [f for f in fields if f.name.lower() == key]
+        existing = by_name.get(key, [])
         if len(existing) > 1 and key.startswith("x-ib-"):  # which one would Infobip read?
             raise Rejection(duplicate_policy_header(action.name, len(existing)), reason="bad_headers")
         # A Message-ID or Date we added counts as set: a message never gets two (RFC 5322 3.6).
@@ -123,9 +126,8 @@ def prepare(message: Received, policy: PolicySettings, listen: ListenSettings = 
     return prepared
 
 
-def _aligned_sender(message: Received, fields: list[HeaderField], policy: PolicySettings) -> str:
+def _aligned_sender(message: Received, froms: list[HeaderField], policy: PolicySettings) -> str:
     """The envelope sender to send upstream, once the header From: is found and aligned with it."""
-    froms = [f for f in fields if f.name.lower() == "from"]
     if len(froms) > 1:
         raise Rejection(several_from_fields(len(froms)), reason="bad_headers")
     if not froms:
@@ -156,17 +158,19 @@ def _check_allowlist(message: Received, mail_from: str) -> None:
     raise Rejection(reply, reason="sender")
 
 
-def _missing_fields(message: Received, fields: list[HeaderField]) -> tuple[list[bytes], dict[str, int], str]:
+def _missing_fields(
+    message: Received, by_name: dict[str, list[HeaderField]]
+) -> tuple[list[bytes], dict[str, int], str]:
     """Message-ID and Date when the app left them out (RFC 5322 wants both): the new lines, their index
     by lower-cased name, and the Message-ID that is sent."""
     new_lines: list[bytes] = []
     ours: dict[str, int] = {}
-    id_field = find_field(fields, "Message-ID")
+    id_field = by_name.get("message-id", [None])[0]
     message_id = id_field.value if id_field else f"<{message.queue_id}@{message.hostname}>"
     if id_field is None:
         ours["message-id"] = len(new_lines)
         new_lines.append(fold_header("Message-ID", message_id))
-    if find_field(fields, "Date") is None:
+    if "date" not in by_name:
         ours["date"] = len(new_lines)
         new_lines.append(fold_header("Date", format_datetime(message.received_at)))
     return new_lines, ours, message_id
