@@ -135,6 +135,44 @@ def test_a_reloaded_level_applies_to_loggers_already_in_use() -> None:
     ]
 
 
+BATCHED = """
+import asyncio, sys, threading
+import structlog
+from relay.config import LogSettings
+from relay.ops.logs import configure_logging
+
+class Counting:
+    def __init__(self, out): self.out, self.writes = out, []
+    def write(self, text): self.writes.append(text); return self.out.write(text)
+    def flush(self): self.out.flush()
+
+sys.stderr = counting = Counting(sys.stderr)
+configure_logging(LogSettings(format="json", level="info"))
+log = structlog.get_logger("relay.test")
+
+async def main():
+    for n in range(3):
+        log.info("in_the_loop", n=n)
+    assert counting.writes == [], "written before the iteration ended"
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    print(len(counting.writes), counting.writes[0].count("\\n"), file=sys.__stdout__)
+    thread = threading.Thread(target=lambda: log.info("from_a_thread"))
+    thread.start(); thread.join()
+    print(len(counting.writes), file=sys.__stdout__)
+    log.info("last_before_the_loop_ends")
+
+asyncio.run(main())
+"""
+
+
+def test_the_lines_of_one_loop_iteration_go_out_in_one_write_and_none_is_lost_at_exit() -> None:
+    done = subprocess.run([sys.executable, "-c", BATCHED], cwd=ROOT, capture_output=True, timeout=60, check=True)
+    assert done.stdout.split() == [b"1", b"3", b"2"]  # 3 lines, 1 write; a thread's line at once
+    events = [e["event"] for e in json_lines(done.stderr)]
+    assert events == ["in_the_loop"] * 3 + ["from_a_thread", "last_before_the_loop_ends"]
+
+
 async def test_a_relay_at_debug_writes_json_lines_only_and_never_a_body(
     standin: InfobipStandIn, tmp_path: Path
 ) -> None:

@@ -11,6 +11,8 @@ may carry PHI, so it is held at ERROR whatever our level is, and no body is logg
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import sys
 import threading
@@ -30,6 +32,52 @@ _handler: logging.Handler | None = None  # ours on the root logger, replaced by 
 _processors: list[structlog.typing.Processor] = []
 _threshold = logging.INFO  # log.level, read on every line, so a SIGHUP that changes it applies at once
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "exception": 40, "critical": 50}
+
+
+class LineBatcher:
+    """structlog's logger: the lines of one event-loop iteration go out in one write, at its end.
+
+    A message costs two JSON lines; writing and flushing each was two write(2) calls per message on the
+    hot path. Lines from other threads, or with no loop running (start-up, shutdown), are written at once,
+    after whatever is pending, so order is kept; at exit anything pending is written. The file is the
+    sys.stderr of the moment of writing (loggers are cached, and tests swap sys.stderr).
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+        atexit.register(self.flush)
+
+    def msg(self, message: str) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock:
+            if loop is None:
+                self._pending.append(message)
+            else:
+                if not self._pending:
+                    loop.call_soon(self.flush)
+                self._pending.append(message)
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._pending = self._pending, []
+            if lines:
+                sys.stderr.write("\n".join(lines) + "\n")
+                sys.stderr.flush()
+
+    log = debug = info = warn = warning = error = err = critical = exception = fatal = failure = msg
+
+
+_lines = LineBatcher()
+
+
+def _batcher(*_: Any) -> LineBatcher:
+    return _lines
 
 
 def _below_threshold(_: Any, method: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
@@ -57,7 +105,7 @@ def configure_logging(settings: LogSettings) -> None:
     structlog.configure(
         processors=_processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),  # the level is _below_threshold's
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        logger_factory=_batcher,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
