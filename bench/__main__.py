@@ -71,11 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default="",
-        help=f"comma-separated phases to run: {','.join(PHASES)} "
-        "(and on request: outage, small_disk, noop_latency, encryption)",
+        help=f"comma-separated phases to run: {','.join(PHASES)} (and on request: {', '.join(ON_REQUEST)})",
     )
     parser.add_argument("--outage-seconds", type=floats, default=None, help="outage lengths (default 20,180)")
     parser.add_argument("--outage-rate", type=float, default=10.0, help="messages a second during the outage bench")
+    parser.add_argument(
+        "--profiles-rounds", type=int, default=6, help="interleaved rounds per RTT of the profiles phase (default 6)"
+    )
     parser.add_argument("--skip", default="", help="comma-separated phases to leave out")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in about a minute")
     parser.add_argument(

@@ -70,6 +70,10 @@ class Control:
     async def reset(self) -> None:
         await self._ask("reset")
 
+    async def add_account(self, user: str, password: str) -> None:
+        """Another login the stand-in accepts (one Infobip account per profile)."""
+        await self._ask(f"account {user} {password}")
+
     async def wait_for(
         self, count: int, timeout: float, *, idle_timeout: float | None = None, key: str = "messages"
     ) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 SENDER = "billing@erp.example.com"
-FROM_HEADER = "ERP Billing <billing@erp.example.com>"
 IB_HEADERS = b'X-IB-Tracking-Url: https://hooks.example.com/ib/track\r\nX-IB-Callback-Data: {"app":"bench"}\r\n'
 _FILLER = b"Dear customer, please find attached the invoice for your order. Payment is due within 30 days.\r\n"
 
@@ -46,6 +45,9 @@ class Load:
     tls: Tls | None = None
     ehlo: str = "app.bench.test"
     timeout: float = 120.0
+    # Client i sends as senders[i % len(senders)] (envelope and aligned From): e.g. one sender domain per
+    # profile, so a relay with [[profiles]] matched by sender_domain shares the load among them.
+    senders: tuple[str, ...] = (SENDER,)
 
 
 @dataclass
@@ -65,10 +67,15 @@ def body(size: int) -> bytes:
     return _FILLER * reps
 
 
-def message_bytes(tag: str, recipients: list[str], payload: bytes, *, ib_headers: bool) -> bytes:
+def one_sender_per_domain(count: int) -> tuple[str, ...]:
+    """`count` senders, one per domain (app0.example.com, ...), each as long as the next (same bytes per message)."""
+    return tuple(f"billing@app{i}.example.com" for i in range(count))
+
+
+def message_bytes(tag: str, recipients: list[str], payload: bytes, *, ib_headers: bool, sender: str = SENDER) -> bytes:
     to = recipients[0] if len(recipients) == 1 else "undisclosed-recipients:;"
     head = (
-        f"From: {FROM_HEADER}\r\n"
+        f"From: ERP Billing <{sender}>\r\n"  # aligned with the envelope sender (the bench's policy rejects others)
         f"To: {to}\r\n"
         f"Subject: Invoice {tag}\r\n"
         f"Message-ID: <{tag}@bench.erp.example.com>\r\n"
@@ -161,14 +168,14 @@ async def run_load(load: Load, *, on_warm: Callable[[], object] | None = None) -
     async def client(index: int) -> None:
         nonlocal warm
         recipients = recipient_list(index, load.recipients)
+        sender = load.senders[index % len(load.senders)]
         session: Session | None = None
         try:
             session = await Session.open(load)
             for i in range(load.warmup):  # one recipient: warms the connections, not the recipient path
-                data = message_bytes(
-                    f"w{index}.{i}.{time.time_ns()}", recipients[:1], payload, ib_headers=load.with_ib_headers
-                )
-                code, text = await session.send(SENDER, recipients[:1], data)
+                tag = f"w{index}.{i}.{time.time_ns()}"
+                data = message_bytes(tag, recipients[:1], payload, ib_headers=load.with_ib_headers, sender=sender)
+                code, text = await session.send(sender, recipients[:1], data)
                 if code != 250:
                     raise SmtpError(f"warm-up refused: {text}")
         except Exception as exc:
@@ -183,11 +190,10 @@ async def run_load(load: Load, *, on_warm: Callable[[], object] | None = None) -
             return
         try:
             for i in range(load.messages):
-                data = message_bytes(
-                    f"m{index}.{i}.{time.time_ns()}", recipients, payload, ib_headers=load.with_ib_headers
-                )
+                tag = f"m{index}.{i}.{time.time_ns()}"
+                data = message_bytes(tag, recipients, payload, ib_headers=load.with_ib_headers, sender=sender)
                 started = time.monotonic()
-                code, text = await session.send(SENDER, recipients, data)
+                code, text = await session.send(sender, recipients, data)
                 done = time.monotonic()
                 result.finished = max(result.finished, done)
                 first = text.split("\n")[-1][4:].split(" ", 2)

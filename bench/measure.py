@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.common import MB, RssSampler, label, log, median, percentile
 from bench.harness import Harness, Target
-from bench.load import Load, LoadResult, run_load
+from bench.load import SENDER, Load, LoadResult, run_load
 
 
 async def measure(
@@ -24,6 +24,7 @@ async def measure(
     recipients: int = 1,
     body_size: int = 600,
     deliver_timeout: float = 300.0,
+    senders: tuple[str, ...] = (SENDER,),
 ) -> dict[str, Any]:
     """`clients` sessions each send `warmup` untimed then `messages` timed messages; the figures are
     taken until the stand-in has every accepted message (or recipient)."""
@@ -57,6 +58,7 @@ async def measure(
         with_ib_headers=target.ib_headers,
         tls=target.tls,
         timeout=deliver_timeout,
+        senders=senders,
     )
     with sampler:
         result: LoadResult = await run_load(load, on_warm=on_warm)
@@ -87,6 +89,7 @@ async def measure(
         "upstream_commands": stats["commands"],
         "upstream_pipelined_share": round(stats["pipelined"] / stats["messages"], 3) if stats["messages"] else None,
         "replies": result.replies,
+        "delivered_by_user": _by_user_since(base["by_user"], stats["by_user"]),
         "cpu_use": cpu_use,
         "warmup": warmup,
         "_latencies": result.latencies,
@@ -105,6 +108,16 @@ async def measure(
             out["cpu_system_ms_per_message"] = round(system * per, 3)
     if result.errors:
         out["errors"] = result.errors[:10]
+    return out
+
+
+def _by_user_since(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The stand-in's {AUTH user: {sender domain: messages}} for the timed messages only."""
+    out: dict[str, dict[str, int]] = {}
+    for user, domains in after.items():
+        for domain, count in domains.items():
+            if count - before.get(user, {}).get(domain, 0):
+                out.setdefault(user, {})[domain] = count - before.get(user, {}).get(domain, 0)
     return out
 
 

@@ -97,7 +97,11 @@ def toml_text(settings: dict[str, Any]) -> str:
                     table(f"{name}.{k}", item, array=True)
 
     for name, body in settings.items():
-        table(name, body)
+        if isinstance(body, list):  # a top-level array of tables: [[profiles]]
+            for item in body:
+                table(name, item, array=True)
+        else:
+            table(name, body)
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,10 @@ Prints one JSON line when ready: {"port", "control", "ca_file", "username", "pas
 Control commands (one line each, one JSON line back):
     stats  -> messages, recipients, bytes, first, last (time.monotonic() of acceptances, which on Linux
               is CLOCK_MONOTONIC and so comparable across processes), connections (opened since reset)
+              by_user ({AUTH user: {envelope sender domain: messages}}: did each profile's mail go out
+              as its own account?)
     reset  -> zero the counters
+    account USER PASSWORD -> the stand-in also accepts this login (another Infobip account, for profiles)
 Accepted message bodies are dropped at once so the process does not grow with the run. The bench's side
 of the control port is bench.harness.Control.
 """
@@ -53,6 +56,7 @@ class Counters:
         self.connections_at_reset = len(self.standin.connections)
         self.used_connections: set[int] = set()
         self.pipelined = 0
+        self.by_user: dict[str, dict[str, int]] = {}
 
     def on_message(self, message: StandInMessage) -> None:
         now = time.monotonic()
@@ -63,6 +67,9 @@ class Counters:
         self.last = now
         self.used_connections.add(message.connection)
         self.pipelined += int(message.pipelined)
+        domains = self.by_user.setdefault(message.auth_user or "", {})
+        domain = message.mail_from.rpartition("@")[2]
+        domains[domain] = domains.get(domain, 0) + 1
         self.standin.messages.clear()  # keep nothing: counters are all the bench needs
 
     def stats(self) -> dict[str, Any]:
@@ -77,6 +84,7 @@ class Counters:
             "delivering_idents": sorted(self.used_connections),
             "idle_closed_idents": sorted(IDLE_CLOSED),  # since the process started, not since reset
             "pipelined": self.pipelined,
+            "by_user": {user: dict(domains) for user, domains in self.by_user.items()},
             "commands": _command_counts(self.standin, self.connections_at_reset),
         }
 
@@ -104,6 +112,10 @@ async def main(args: argparse.Namespace) -> None:
                 answer: dict[str, Any] = {"ok": True}
             elif command == "stats":
                 answer = counters.stats()
+            elif command.startswith("account "):
+                _, user, password = command.split(" ", 2)
+                standin.accounts[user] = password
+                answer = {"ok": True}
             else:
                 answer = {"error": f"unknown command {command!r}"}
             writer.write(json.dumps(answer).encode() + b"\n")

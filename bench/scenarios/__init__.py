@@ -15,6 +15,7 @@ from bench.scenarios import (
     large,
     noop_latency,
     outage,
+    profiles,
     profiling,
     recipients,
     small_disk,
@@ -29,7 +30,14 @@ PHASES: dict[str, Scenario] = {
 }
 # Run only when named with --only (minutes of wall time each; the edges and hardening issues' checks).
 ON_REQUEST: dict[str, Scenario] = {
-    s.name: s for s in (outage.SCENARIO, small_disk.SCENARIO, noop_latency.SCENARIO, encryption.SCENARIO)
+    s.name: s
+    for s in (
+        outage.SCENARIO,
+        small_disk.SCENARIO,
+        noop_latency.SCENARIO,
+        encryption.SCENARIO,
+        profiles.SCENARIO,
+    )
 }
 # Runs only with --profile.
 PROFILE = profiling.SCENARIO
