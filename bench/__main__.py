@@ -78,6 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profiles-rounds", type=int, default=6, help="interleaved rounds per RTT of the profiles phase (default 6)"
     )
+    parser.add_argument(
+        "--outcomes-messages", type=int, default=10_000, help="timed messages per config of the outcomes phase"
+    )
+    parser.add_argument("--outcomes-rounds", type=int, default=8, help="interleaved rounds of the outcomes phase")
+    parser.add_argument(
+        "--outcomes-profile", choices=["py-spy", "pyinstrument"], help="run the outcomes phase's relays profiled"
+    )
     parser.add_argument("--skip", default="", help="comma-separated phases to leave out")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in about a minute")
     parser.add_argument(

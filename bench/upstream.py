@@ -2,7 +2,8 @@
 
     python -m bench.upstream [--no-uvloop]
 
-Prints one JSON line when ready: {"port", "control", "ca_file", "username", "password"}.
+Prints one JSON line when ready: {"port", "control", "ca_file", "username", "password", "reports_base_url",
+"reports_api_key"} (the stand-in's HTTPS delivery-reports endpoint, idle unless a relay polls it).
 Control commands (one line each, one JSON line back):
     stats  -> messages, recipients, bytes, first, last (time.monotonic() of acceptances, which on Linux
               is CLOCK_MONOTONIC and so comparable across processes), connections (opened since reset)
@@ -103,6 +104,7 @@ async def main(args: argparse.Namespace) -> None:
     counters = Counters(standin)
     standin.on_message = counters.on_message
     await standin.start("127.0.0.1", args.port)
+    await standin.reports.start()
 
     async def control(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while line := await reader.readline():
@@ -131,6 +133,8 @@ async def main(args: argparse.Namespace) -> None:
                 "ca_file": str(standin.ca_file),
                 "username": standin.username,
                 "password": standin.password,
+                "reports_base_url": standin.reports.base_url,
+                "reports_api_key": standin.reports.api_key,
             }
         ),
         flush=True,

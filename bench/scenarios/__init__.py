@@ -15,6 +15,7 @@ from bench.scenarios import (
     large,
     noop_latency,
     outage,
+    outcomes,
     profiles,
     profiling,
     recipients,
@@ -37,6 +38,7 @@ ON_REQUEST: dict[str, Scenario] = {
         noop_latency.SCENARIO,
         encryption.SCENARIO,
         profiles.SCENARIO,
+        outcomes.SCENARIO,
     )
 }
 # Runs only with --profile.
