@@ -170,10 +170,11 @@ class Relay:
 
     async def deliver_direct(self, message: Prepared, session: SessionInfo) -> Reply:
         """Pass-through (spool disabled): the client waits for Infobip's own verdict."""
-        if self.outcomes is not None:
-            message = self.outcomes.received(message, session.client_ip)  # our X-IB-Bulk-Id, and the history
+        profile = self.profile_for(message, session)
+        if self.outcomes is not None:  # our X-IB-Bulk-Id (the profile's), and the history
+            message = self.outcomes.received(message, session.client_ip, profile)
         with bound_contextvars(queue_id=message.queue_id, client_ip=session.client_ip):
-            return await self._deliver_direct(message, self.pools.get(self.profile_for(message, session), self.pool))
+            return await self._deliver_direct(message, self.pools.get(profile, self.pool))
 
     async def _deliver_direct(self, message: Prepared, pool: UpstreamPool) -> Reply:
         started = time.monotonic()
@@ -212,8 +213,9 @@ class Relay:
     async def deliver_spooled(self, message: Prepared, session: SessionInfo) -> Reply:
         """Commit to disk and attempt at once; the first-attempt table says what the client hears."""
         assert self.delivery is not None
-        if self.outcomes is not None:
-            message = self.outcomes.received(message, session.client_ip)  # our X-IB-Bulk-Id, and the history
+        profile = self.profile_for(message, session)
+        if self.outcomes is not None:  # our X-IB-Bulk-Id (the profile's), and the history
+            message = self.outcomes.received(message, session.client_ip, profile)
         envelope = Envelope(
             queue_id=message.queue_id,
             mail_from=message.mail_from,
@@ -222,7 +224,7 @@ class Relay:
             client_ip=session.client_ip,
             received_at=self.delivery.clock.time(),
             size=message.size,
-            profile=self.profile_for(message, session),
+            profile=profile,
         )
         with bound_contextvars(queue_id=envelope.queue_id, client_ip=envelope.client_ip):
             # Both the commit and the attempt start before any await, so a client hanging up cannot

@@ -257,6 +257,9 @@ class ProfileSettings(_Section):
     pool_size: int | None = Field(None, gt=0, le=100)
     messages_per_minute: int = Field(0, ge=0)  # this profile's own rate limit at MAIL (0 = none)
     rules: list[PolicyRule] = Field(default_factory=list)  # added to [policy] rules for this profile's mail
+    # The Infobip API key its messages' delivery reports are fetched with (its own account); None: [reports]'s.
+    reports_api_key: SecretStr | None = None
+    reports_api_key_file: Path | None = None
 
     @model_validator(mode="after")
     def _checked(self) -> ProfileSettings:
@@ -264,7 +267,7 @@ class ProfileSettings(_Section):
             raise ValueError(f"profile {self.name!r}: set at least one of sender_domain, sender, client_network, user")
         if self.name == "default":
             raise ValueError("profile name 'default' is taken by [upstream]")
-        for name in ("username", "password", "api_key"):
+        for name in ("username", "password", "api_key", "reports_api_key"):
             path: Path | None = getattr(self, f"{name}_file")
             if path is not None:
                 try:

@@ -66,3 +66,33 @@ def test_serve_refuses_reports_without_an_api_key(tmp_path: Path, capsys: pytest
     config.write_text('[upstream]\nusername = "u"\npassword = "p"\n[reports]\nenabled = true\n')
     assert main(["serve", "--config", str(config)]) == 2
     assert "reports.api_key: missing; set RELAY_REPORTS__API_KEY" in capsys.readouterr().err
+
+
+def test_a_profiles_reports_key_comes_from_a_file_or_the_environment_and_is_never_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key_file = tmp_path / "hr-reports-key"
+    key_file.write_text("hr-file-secret\n")
+    config = tmp_path / "relay.toml"
+    profile = '[[profiles]]\nname = "hr"\nsender_domain = "hr.example.com"\n'
+    reports = '[reports]\nenabled = true\napi_key = "main-key"\n'
+    config.write_text(f'{reports}{profile}reports_api_key_file = "{key_file}"\n')
+    [hr] = load_settings(config).profiles
+    assert hr.reports_api_key is not None and hr.reports_api_key.get_secret_value() == "hr-file-secret"
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert "hr-file-secret" not in capsys.readouterr().out
+    # As every profile secret: in the environment, RELAY_PROFILES holds the whole list as JSON.
+    config.write_text(reports)
+    hr_json = '{"name": "hr", "sender_domain": "hr.example.com", "reports_api_key": "hr-env-secret"}'
+    monkeypatch.setenv("RELAY_PROFILES", f"[{hr_json}]")
+    [hr] = load_settings(config).profiles
+    assert hr.reports_api_key is not None and hr.reports_api_key.get_secret_value() == "hr-env-secret"
+    assert main(["check-config", "--config", str(config)]) == 0
+    assert "hr-env-secret" not in capsys.readouterr().out
+
+
+def test_an_unreadable_profile_reports_key_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        profile = '[[profiles]]\nname = "hr"\nsender_domain = "h.example"\n'
+        load(tmp_path, f'{profile}reports_api_key_file = "/nonexistent/k"\n')
+    assert "profiles.0: reports_api_key_file '/nonexistent/k' cannot be read" in str(refused.value)

@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from relay.outcomes.decide import bulk_id, bulk_profile
 from relay.testing.clock import FakeClock
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, free_port, message
@@ -193,3 +194,69 @@ async def test_an_unreachable_or_garbled_reports_endpoint_is_a_poll_error(
         lambda: (registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "connection"}) or 0) >= 1
     )
     await until_status(relay, "a@example.org", {"a@example.org": "sent"})  # still waiting for its report
+
+
+HR_SENDER, OPS_SENDER = "payroll@hr.example.com", "ops@ops.example.com"
+
+
+def two_accounts(reports: InfobipStandIn, hr_reports_key: str = "hr-reports-key") -> list[dict[str, str]]:
+    """hr is an Infobip account of its own (its SMTP user, its reports key); ops shares the main account
+    and has no reports key of its own."""
+    reports.accounts["hr"] = "hr-secret"
+    reports.reports.account_keys["hr"] = "hr-reports-key"
+    hr = {"name": "hr", "sender_domain": "hr.example.com", "username": "hr", "password": "hr-secret"}
+    return [{**hr, "reports_api_key": hr_reports_key}, {"name": "ops", "sender_domain": "ops.example.com"}]
+
+
+async def test_each_profiles_reports_are_fetched_with_its_own_accounts_key(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    relay = await start_relay(**reports_on(reports, tmp_path), profiles=two_accounts(reports))
+    ids = {}
+    for sender in (HR_SENDER, SENDER, OPS_SENDER):
+        ids[sender] = (await send_one(relay.port, sender, ["a@example.org"], message(sender=sender))).rsplit(" ", 1)[1]
+    for infobip_id in ids.values():  # hr's reports are in hr's account only: the main key would never see them
+        await until_status(relay, infobip_id, {"a@example.org": "delivered"})
+    bulks = {m.mail_from: relay_bulk(m.data) for m in await reports.wait_for_messages(3)}
+    assert bulks[HR_SENDER] == bulks[SENDER] + "-hr" and bulks[OPS_SENDER] == bulks[SENDER] + "-ops"
+    assert {m.mail_from: m.auth_user for m in reports.messages}[HR_SENDER] == "hr"
+    used = {(r.query["bulkId"], r.api_key) for r in reports.reports.requests}
+    main_key = reports.reports.api_key
+    assert used == {(bulks[HR_SENDER], "hr-reports-key"), (bulks[SENDER], main_key), (bulks[OPS_SENDER], main_key)}
+    assert all(r.authorized for r in reports.reports.requests)
+
+
+async def test_one_profiles_wrong_reports_key_backs_off_alone(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = FakeClock()
+    profiles = two_accounts(reports, hr_reports_key="wrong-hr-key-123")
+    relay = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30), profiles=profiles)
+    await send_one(relay.port, HR_SENDER, ["h@example.org"], message(sender=HR_SENDER))
+    first = await send_one(relay.port, SENDER, ["a@example.org"], message())
+    registry = relay.metrics.registry
+    await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30)
+    clock.advance(30)
+    await until_status(relay, first.rsplit(" ", 1)[1], {"a@example.org": "delivered"})
+    await until(lambda: registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "http_error"}) == 1)
+    # The main account's key works: the next poll is at the interval, and hr's key sits it out.
+    assert registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30
+    second = await send_one(relay.port, SENDER, ["b@example.org"], message())
+    clock.advance(30)
+    await until_status(relay, second.rsplit(" ", 1)[1], {"b@example.org": "delivered"})
+    hr_requests = [r for r in reports.reports.requests if r.query["bulkId"].endswith("-hr")]
+    assert len(hr_requests) == 1 and not hr_requests[0].authorized  # not again before its doubled interval
+    clock.advance(30)  # 60 s after its failure: hr's key is tried again
+    await reports.reports.wait_for_requests(len(reports.reports.requests) + 1)
+    assert reports.reports.requests[-1].query["bulkId"].endswith("-hr")
+    assert "wrong-hr-key-123" not in capsys.readouterr().err
+
+
+def test_the_bulk_id_names_its_profile() -> None:
+    at = 1795870800.0  # 2026-11-28T13:00:00Z
+    assert bulk_id("ab12cd34", at) == "relay-ab12cd34-2026112813"
+    assert bulk_id("ab12cd34", at, "hr") == "relay-ab12cd34-2026112813-hr"
+    for profile in ("default", "hr", "ops.eu-1", "a_b"):
+        assert bulk_profile(bulk_id("ab12cd34", at, profile)) == profile
+    for foreign in ("crm-2026", "relay-xyz-2026112813-hr", "relay-ab12cd34-20261128-hr", ""):
+        assert bulk_profile(foreign) == "default"

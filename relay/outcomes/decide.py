@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from relay.core.headers import fold_header, header_block_end, parse_header_fields
 from relay.core.message import Prepared
+from relay.core.profiles import DEFAULT as DEFAULT_PROFILE
 
 if TYPE_CHECKING:
-    from relay.outcomes.history import Attempted
+    from relay.outcomes.history import Attempted, Tracked
 
 # A recipient's status, as `relay trace` and GET /messages say it.
 QUEUED = "queued"  # the relay has it; Infobip has not taken it yet
@@ -33,6 +34,7 @@ BOUNCING = frozenset({BOUNCED, FAILED, EXPIRED})
 REPORT_WINDOW = 48 * 3600.0  # Infobip keeps reports (and logs) this long: polling past it finds nothing
 BULK_ID_HEADER = "X-IB-Bulk-Id"
 NOTIFY_URL_HEADER = "X-IB-Notify-Url"
+TRACKING_URL_HEADER = "X-IB-Tracking-Url"  # seed 002's header list; the events: seed 000 "Tracking notifications"
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,21 +168,33 @@ def poll_delay(interval: float, failures: int, retry_after: float | None = None)
     return max(delay, retry_after or 0.0)
 
 
-def bulk_id(instance: str, now: float) -> str:
-    """The relay's own X-IB-Bulk-Id: one per instance and hour, so one request polls an hour of mail
-    and the filter can only ever match messages this relay sent."""
-    return _bulk_id(instance, int(now // 3600))
+def bulk_id(instance: str, now: float, profile: str = DEFAULT_PROFILE) -> str:
+    """The relay's own X-IB-Bulk-Id: one per instance, hour and profile, so one request polls an hour of
+    one account's mail, the filter can only ever match messages this relay sent, and the poller knows
+    from the id alone whose API key fetches it (`bulk_profile`). The default profile's id has no suffix."""
+    return _bulk_id(instance, int(now // 3600), profile)
 
 
-@functools.lru_cache(maxsize=4)
-def _bulk_id(instance: str, hour: int) -> str:
-    return f"relay-{instance}-{datetime.fromtimestamp(hour * 3600, UTC):%Y%m%d%H}"
+@functools.lru_cache(maxsize=64)
+def _bulk_id(instance: str, hour: int, profile: str) -> str:
+    base = f"relay-{instance}-{datetime.fromtimestamp(hour * 3600, UTC):%Y%m%d%H}"
+    return base if profile == DEFAULT_PROFILE else f"{base}-{profile}"
 
 
-@functools.lru_cache(maxsize=4)
-def _claim_lines(bulk: str, notify_url: str | None) -> bytes:
-    lines = fold_header(BULK_ID_HEADER, bulk)
-    return lines + fold_header(NOTIFY_URL_HEADER, notify_url) if notify_url else lines
+_BULK_RE = re.compile(r"relay-[0-9a-f]+-\d{10}(?:-([A-Za-z0-9_.-]+))?")
+
+
+def bulk_profile(bulk: str) -> str:
+    """The profile whose messages carry the relay's bulk id `bulk` (the reverse of `bulk_id`)."""
+    found = _BULK_RE.fullmatch(bulk)
+    return found.group(1) if found and found.group(1) else DEFAULT_PROFILE
+
+
+@functools.lru_cache(maxsize=64)
+def _claim_lines(bulk: str | None, notify_url: str | None, tracking_url: str | None) -> bytes:
+    lines = fold_header(BULK_ID_HEADER, bulk) if bulk else b""
+    lines += fold_header(NOTIFY_URL_HEADER, notify_url) if bulk and notify_url else b""
+    return lines + fold_header(TRACKING_URL_HEADER, tracking_url) if tracking_url else lines
 
 
 def header_block(prepared: Prepared) -> bytes:
@@ -197,16 +211,22 @@ def header_block(prepared: Prepared) -> bytes:
     return b"".join(parts)
 
 
-def claim_reports(prepared: Prepared, bulk: str, notify_url: str | None) -> tuple[Prepared, bool]:
+def claim_reports(
+    prepared: Prepared, bulk: str, notify_url: str | None, tracking_url: str | None = None
+) -> tuple[Prepared, bool]:
     """Add the relay's X-IB-Bulk-Id (and X-IB-Notify-Url when push is on) unless the app or a policy rule
-    set either one: then the reports are theirs and the relay never takes them. Returns the message to
-    send and whether its reports are the relay's."""
-    head = header_block(prepared).lower()
-    if b"x-ib-bulk-id" in head or b"x-ib-notify-url" in head:  # cheap test first; the parser decides
-        names = {f.name.lower() for f in parse_header_fields(header_block(prepared))}
-        if {"x-ib-bulk-id", "x-ib-notify-url"} & names:
-            return prepared, False
-    return dataclasses.replace(prepared, prefix=prepared.prefix + _claim_lines(bulk, notify_url)), True
+    set either one: then the reports are theirs and the relay never takes them. X-IB-Tracking-Url (push
+    on) likewise, on its own: one the app or a rule set keeps its events. Returns the message to send and
+    whether its reports are the relay's."""
+    block = header_block(prepared)
+    head = block.lower()
+    names: set[str] = set()
+    if b"x-ib-bulk-id" in head or b"x-ib-notify-url" in head or b"x-ib-tracking-url" in head:
+        names = {f.name.lower() for f in parse_header_fields(block)}  # the cheap test first; the parser decides
+    owned = not {"x-ib-bulk-id", "x-ib-notify-url"} & names
+    tracking = tracking_url if "x-ib-tracking-url" not in names else None
+    lines = _claim_lines(bulk if owned else None, notify_url, tracking)
+    return (dataclasses.replace(prepared, prefix=prepared.prefix + lines) if lines else prepared), owned
 
 
 def attempt_words(a: Attempted) -> str:
@@ -228,3 +248,26 @@ def diagnostic(report: Report) -> str:
     name = report.error_name if report.error_name and report.error_name != "NO_ERROR" else report.group
     words = report.error_description or report.status_description
     return f"{name} ({words})" if words else name
+
+
+_KIND_RE = re.compile(r"[A-Z][A-Z_]{0,31}")
+
+
+def parse_tracking(payload: Any, at: float) -> tuple[list[Tracked], int]:
+    """Tracking notifications (seed 000: one JSON object per event; a list of them, or `{"results": [...]}`
+    as reports come, is taken too) -> the usable events and how many were not. An event needs its
+    notificationType, eventId (the same event twice is recorded once), messageId and recipient; `url`
+    (a click) is its detail. A type the seeds do not name is kept as it is, for the history."""
+    from relay.outcomes.history import Tracked  # history imports this module
+
+    items = payload.get("results", [payload]) if isinstance(payload, dict) else payload
+    if not isinstance(items, list):
+        return [], 1
+    events: list[Tracked] = []
+    for item in items:
+        fields = item if isinstance(item, dict) else {}
+        kind = _text(fields.get("notificationType")).upper()
+        keys = (_text(fields.get("eventId")), _text(fields.get("messageId")), _text(fields.get("recipient")))
+        if _KIND_RE.fullmatch(kind) and all(keys):
+            events.append(Tracked(*keys, kind=kind, at=at, detail=_text(fields.get("url"))))
+    return events, len(items) - len(events)

@@ -7,6 +7,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 REPORT_RESULTS = ("delivered", "bounced", "pending", "duplicate", "unknown")
 BOUNCE_RESULTS = ("sent", "retried", "dropped", "not_sent")
 POLL_ERRORS = ("rate_limited", "http_error", "connection", "bad_response")
+TRACKING_KINDS = ("opened", "clicked", "unsubscribed", "complained", "late_bounce", "other")
+
+
+def tracking_label(kind: str) -> str:
+    """A notificationType as a metric label: the seeds' five, anything else `other` (the labels stay few)."""
+    label = kind.lower()
+    return label if label in TRACKING_KINDS else "other"
 
 
 class OutcomeMetrics:
@@ -30,6 +37,12 @@ class OutcomeMetrics:
         self.poll_errors = Counter(
             "relay_reports_poll_errors", "Failed polls of Infobip's reports endpoint, by reason", ["reason"], registry=r
         )
+        self.tracking = Counter(
+            "relay_tracking_events",
+            "Tracking events Infobip pushed to the relay's X-IB-Tracking-Url, by kind",
+            ["kind"],
+            registry=r,
+        )
         self.history_errors = Counter("relay_history_write_errors", "History writes that failed", registry=r)
         self.next_poll = Gauge(
             "relay_reports_next_poll_timestamp_seconds", "When the next poll for reports goes (epoch)", registry=r
@@ -40,3 +53,5 @@ class OutcomeMetrics:
             self.bounces.labels(name)
         for name in POLL_ERRORS:
             self.poll_errors.labels(name)
+        for name in TRACKING_KINDS:
+            self.tracking.labels(name)

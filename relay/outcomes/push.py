@@ -1,10 +1,12 @@
-"""Reports pushed by Infobip to the X-IB-Notify-Url the relay put on its own messages.
+"""Reports and tracking events pushed by Infobip to the URLs the relay put on its own messages.
 
 A listener of its own (`reports.notify_listen`), apart from the ops port, which stays on loopback. It
-serves one thing: `POST <any prefix>/<token>` with Infobip's report JSON, where the token is this
-instance's unguessable secret (kept in the history, so it survives restarts). Anything else is 404 and
-logged with method, path and peer, never the body. A report seen both pushed and pulled counts once
-(the history keeps the first final status).
+serves two things: `POST <any prefix>/<token>` with Infobip's report JSON (X-IB-Notify-Url), and
+`POST <any prefix>/<token>/tracking` with a tracking notification (X-IB-Tracking-Url: opened, clicked,
+...), where the token is this instance's unguessable secret (kept in the history, so it survives
+restarts). Anything else is 404 and logged with method, path and peer, never the body. A report seen
+both pushed and pulled counts once (the history keeps the first final status); a tracking event is
+recorded once per eventId.
 """
 
 from __future__ import annotations
@@ -16,18 +18,29 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
-from relay.outcomes.decide import Report, parse_reports
+from relay.outcomes.decide import Report, parse_reports, parse_tracking
+from relay.outcomes.history import Tracked
 
 log = structlog.get_logger("relay.outcomes")
 MAX_BODY = 1024 * 1024
+TRACKING = "tracking"  # the last path segment of the X-IB-Tracking-Url, after the token
 
 
 class PushListener:
-    def __init__(self, listen: str, token: str, apply: Callable[[list[Report], str], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        listen: str,
+        token: str,
+        apply: Callable[[list[Report], str], Awaitable[None]],
+        track: Callable[[list[Tracked]], Awaitable[None]],
+        now: Callable[[], float],
+    ) -> None:
         host, _, port = listen.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
         self._token = token
         self._apply = apply
+        self._track = track
+        self._now = now  # the relay's clock: when a tracking event arrived
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -42,20 +55,28 @@ class PushListener:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def _ours(self, request: web.Request) -> bool:
-        last = request.path.rstrip("/").rpartition("/")[2]
-        return request.method == "POST" and hmac.compare_digest(last.encode(), self._token.encode())
+    def _route(self, request: web.Request) -> str | None:
+        """ "reports" or TRACKING for a POST that carries our token where it belongs; None otherwise."""
+        parts = request.path.rstrip("/").split("/")
+        kind = TRACKING if parts[-1] == TRACKING else "reports"
+        token = parts[-2] if kind == TRACKING and len(parts) > 1 else parts[-1]
+        ours = request.method == "POST" and hmac.compare_digest(token.encode(), self._token.encode())
+        return kind if ours else None
 
     async def _handle(self, request: web.Request) -> web.Response:
-        if not self._ours(request):
+        kind = self._route(request)
+        if kind is None:
             path = request.path.replace(self._token, "<token>")[:100]  # the secret is never logged
             log.warning("push_refused", method=request.method, path=path, peer=request.remote)
             return web.json_response({"error": "not found"}, status=404)
         try:
-            reports, bad = parse_reports(json.loads(await request.read()))
+            payload = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError):
-            log.warning("push_unreadable", peer=request.remote, reason="not JSON")
-            return web.json_response({"error": "expected Infobip's report JSON"}, status=400)
+            log.warning("push_unreadable", peer=request.remote, reason="not JSON", kind=kind)
+            return web.json_response({"error": f"expected Infobip's {kind} JSON"}, status=400)
+        if kind == TRACKING:
+            return await self._tracking(payload, request.remote)
+        reports, bad = parse_reports(payload)
         if bad:
             log.warning("push_unreadable", peer=request.remote, reason=f"{bad} item(s) without messageId and to")
             if not reports:
@@ -63,3 +84,14 @@ class PushListener:
         if reports:
             await self._apply(reports, "pushed")
         return web.json_response({"accepted": len(reports)})
+
+    async def _tracking(self, payload: object, peer: str | None) -> web.Response:
+        events, bad = parse_tracking(payload, self._now())
+        if bad:
+            reason = f"{bad} item(s) without notificationType, eventId, messageId and recipient"
+            log.warning("push_unreadable", peer=peer, reason=reason, kind=TRACKING)
+            if not events:
+                return web.json_response({"error": "expected Infobip's tracking notification JSON"}, status=400)
+        if events:
+            await self._track(events)
+        return web.json_response({"accepted": len(events)})

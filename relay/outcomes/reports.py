@@ -2,9 +2,11 @@
 
 A report is handed out once per account, then it is gone (seed 004). Other systems may share the
 account, so every request carries a filter only the relay's own messages match: the X-IB-Bulk-Id it
-added itself (one per instance and hour; relay/outcomes/decide.py). Messages that carry the app's own
-bulk id are never polled: their reports belong to whoever set it. No request without a filter is ever
-made. Errors and 429 double the interval (Retry-After is respected); a message is polled until its
+added itself (one per instance, hour and profile; relay/outcomes/decide.py). Each bulk id is fetched with
+the API key of the profile whose messages carry it (a profile may be another Infobip account). Messages
+that carry the app's own bulk id are never polled: their reports belong to whoever set it. No request
+without a filter is ever made. Errors and 429 double that key's interval (Retry-After is respected),
+and only that key's: one account's wrong key does not slow the others; a message is polled until its
 recipients have a final status or are 48 h old (Infobip keeps reports that long).
 """
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import structlog
+from pydantic import SecretStr
 
 from relay.config import ReportsSettings
 from relay.delivery.clock import Clock, Timer
@@ -46,27 +49,28 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class ReportsClient:
-    """HTTPS to the reports endpoint: certificates verified (system store plus `ca_file`), the API key
-    in the Authorization header and nowhere else."""
+    """HTTPS to the reports endpoint: certificates verified (system store plus `ca_file`), each request's
+    API key in its Authorization header and nowhere else."""
 
     def __init__(self, settings: ReportsSettings) -> None:
         self.url = settings.base_url.rstrip("/") + REPORTS_PATH
-        self._key = settings.api_key
         self._tls = ssl.create_default_context()
         self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
         if settings.ca_file is not None:
             self._tls.load_verify_locations(cafile=str(settings.ca_file))
         self._session: aiohttp.ClientSession | None = None
 
-    async def fetch(self, bulk_id: str) -> Fetched:
+    async def fetch(self, bulk_id: str, api_key: SecretStr) -> Fetched:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self._tls, limit=2),
                 timeout=aiohttp.ClientTimeout(total=30),
-                headers={"Authorization": f"App {self._key.get_secret_value()}", "Accept": "application/json"},
+                headers={"Accept": "application/json"},
             )
+        query = {"bulkId": bulk_id, "limit": str(PAGE)}
+        auth = {"Authorization": f"App {api_key.get_secret_value()}"}
         try:
-            async with self._session.get(self.url, params={"bulkId": bulk_id, "limit": str(PAGE)}) as response:
+            async with self._session.get(self.url, params=query, headers=auth) as response:
                 if response.status == 429:
                     return Fetched(
                         error="rate_limited",
@@ -93,10 +97,20 @@ class ReportsClient:
 
 Apply = Callable[[list[Report], str], Awaitable[None]]
 Pending = Callable[[float], Awaitable[list[str]]]
+KeyFor = Callable[[str], SecretStr]  # a bulk id -> the API key of the account its messages went out with
+
+
+@dataclass(slots=True)
+class _Backoff:
+    """One API key's (one account's) consecutive failures, and when it may be used again."""
+
+    failures: int = 0
+    due: float = 0.0
 
 
 class Poller:
-    """Polls each of our bulk ids with recipients still waiting, every `poll_interval` seconds."""
+    """Polls each of our bulk ids with recipients still waiting, every `poll_interval` seconds, each with
+    its own account's key; a key that fails backs off alone."""
 
     def __init__(
         self,
@@ -106,6 +120,7 @@ class Poller:
         metrics: OutcomeMetrics,
         pending: Pending,
         apply: Apply,
+        key_for: KeyFor,
     ) -> None:
         self.client = client
         self.interval = interval
@@ -113,16 +128,16 @@ class Poller:
         self.metrics = metrics
         self._pending = pending
         self._apply = apply
+        self._key_for = key_for
         self._wake = asyncio.Event()
-        self.failures = 0
+        self._keys: dict[str, _Backoff] = {}  # by key, in memory only (never logged)
 
     def poll_now(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        retry_after: float | None = None
         while True:
-            delay = poll_delay(self.interval, self.failures, retry_after)
+            delay = self._next_delay()
             self.metrics.next_poll.set(self.clock.time() + delay)
             timer: Timer = self.clock.call_later(delay, self._wake.set)
             try:
@@ -130,21 +145,41 @@ class Poller:
             finally:
                 timer.cancel()
             self._wake.clear()
-            retry_after = await self.poll_once()
+            await self.poll_once()
 
-    async def poll_once(self) -> float | None:
-        """One round over our waiting bulk ids; returns Infobip's Retry-After after a 429."""
-        for bulk in await self._pending(self.clock.time() - REPORT_WINDOW):
-            while True:
-                fetched = await self.client.fetch(bulk)
-                if fetched.error is not None:
-                    self.failures += 1
-                    self.metrics.poll_errors.labels(fetched.error).inc()
-                    log.warning("reports_poll_failed", reason=fetched.error, detail=fetched.detail, bulk_id=bulk)
-                    return fetched.retry_after
-                if fetched.reports:
-                    await self._apply(fetched.reports, "pulled")
-                if not fetched.full:
-                    break
-        self.failures = 0
-        return None
+    def _next_delay(self) -> float:
+        """The interval while any key works (or none was used yet); else until the first backing-off key
+        is due again."""
+        if not self._keys or any(state.failures == 0 for state in self._keys.values()):
+            return self.interval
+        return max(0.0, min(state.due for state in self._keys.values()) - self.clock.time())
+
+    async def poll_once(self) -> None:
+        """One round over our waiting bulk ids, each with its account's key unless that key is backing off."""
+        now = self.clock.time()
+        used: dict[str, _Backoff] = {}
+        for bulk in await self._pending(now - REPORT_WINDOW):
+            key = self._key_for(bulk)
+            state = used.setdefault(key.get_secret_value(), self._keys.get(key.get_secret_value(), _Backoff()))
+            if state.due > now:  # backing off, or failed earlier in this round
+                continue
+            if (failed := await self._fetch_all(bulk, key)) is not None:
+                state.failures += 1
+                state.due = now + poll_delay(self.interval, state.failures, failed.retry_after)
+        for state in used.values():
+            if state.due <= now:  # worked for every bulk id it was used for
+                state.failures = 0
+        self._keys = used
+
+    async def _fetch_all(self, bulk: str, key: SecretStr) -> Fetched | None:
+        """Every waiting report of `bulk`, page by page, into the history; the failed fetch if one fails."""
+        while True:
+            fetched = await self.client.fetch(bulk, key)
+            if fetched.error is not None:
+                self.metrics.poll_errors.labels(fetched.error).inc()
+                log.warning("reports_poll_failed", reason=fetched.error, detail=fetched.detail, bulk_id=bulk)
+                return fetched
+            if fetched.reports:
+                await self._apply(fetched.reports, "pulled")
+            if not fetched.full:
+                return None

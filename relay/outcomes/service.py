@@ -1,4 +1,5 @@
-"""Outcomes: the history, the report poller (and later push and bounces) as one component of the app.
+"""Outcomes: the history, the report poller, the push listener (reports and tracking events) and the
+bounces as one component of the app.
 
 The data path calls three hooks: `received` (the app handed us a message: it gets our bulk id),
 `attempted` (after each delivery attempt from the spool) and `relayed` (pass-through). Nothing here is
@@ -14,19 +15,29 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 
 from relay.config import Settings
 from relay.core.message import Prepared
+from relay.core.profiles import DEFAULT
 from relay.core.replies import Reply
 from relay.core.retry import AttemptResult, NextStep
 from relay.core.smtp_client import DeliveryResult, queued_id
 from relay.delivery.clock import Clock, SystemClock
 from relay.outcomes.bounces import Bouncer
-from relay.outcomes.decide import FAILED, Report, bulk_id, claim_reports, dead_status, header_block
-from relay.outcomes.history import Attempted, HistoryStore, MessageReceived, MessageTrace
-from relay.outcomes.metrics import OutcomeMetrics
+from relay.outcomes.decide import (
+    FAILED,
+    Report,
+    bulk_id,
+    bulk_profile,
+    claim_reports,
+    dead_status,
+    header_block,
+)
+from relay.outcomes.history import Attempted, HistoryStore, MessageReceived, MessageTrace, Tracked
+from relay.outcomes.metrics import OutcomeMetrics, tracking_label
 from relay.outcomes.postgres import PostgresHistory
-from relay.outcomes.push import PushListener
+from relay.outcomes.push import TRACKING, PushListener
 from relay.outcomes.reports import Poller, ReportsClient
 from relay.outcomes.sqlite import SqliteHistory, history_path
 from relay.outcomes.trace import as_json
@@ -74,16 +85,13 @@ class Outcomes:
         self.bounces_on = settings.bounces.enabled
 
     def apply(self, settings: Settings) -> None:
-        """A reloaded config (SIGHUP): the poll interval, the API key, URL and CA, the notify URL, the
-        history's age and every bounce setting apply now; on/off, notify_listen and history_path at restart."""
+        """A reloaded config (SIGHUP): the poll interval, the API keys (each profile's too), URL and CA, the
+        notify URL, the history's age and every bounce setting apply now; on/off, notify_listen and
+        history_path at restart."""
         old, self.settings = self.settings, settings
         if self.poller is not None and self._client is not None:
-            self.poller.interval = settings.reports.poll_interval
-            if (settings.reports.base_url, settings.reports.api_key, settings.reports.ca_file) != (
-                old.reports.base_url,
-                old.reports.api_key,
-                old.reports.ca_file,
-            ):
+            self.poller.interval = settings.reports.poll_interval  # the keys: read per poll (reports_key)
+            if (settings.reports.base_url, settings.reports.ca_file) != (old.reports.base_url, old.reports.ca_file):
                 retired, self._client = self._client, ReportsClient(settings.reports)
                 self.poller.client = self._client
                 self._tasks.append(asyncio.ensure_future(retired.close()))
@@ -94,6 +102,21 @@ class Outcomes:
     def notify_url(self) -> str | None:
         url = self.settings.reports.notify_url
         return f"{url.rstrip('/')}/{self.push_token}" if url and self.reports_on else None
+
+    @property
+    def tracking_url(self) -> str | None:
+        """The same listener and token, on the path that takes tracking events (push.TRACKING)."""
+        url = self.notify_url
+        return f"{url}/{TRACKING}" if url else None
+
+    def reports_key(self, bulk: str) -> SecretStr:
+        """The API key that fetches `bulk`'s reports: its profile's own `reports_api_key`, else [reports]'s
+        (the default profile; a profile without one; one a reload removed)."""
+        name = bulk_profile(bulk)
+        for profile in self.settings.profiles if name != DEFAULT else ():
+            if profile.name == name and profile.reports_api_key is not None:
+                return profile.reports_api_key
+        return self.settings.reports.api_key
 
     async def start(self) -> None:
         self.store = store = await asyncio.to_thread(open_store, self.settings)
@@ -116,10 +139,17 @@ class Outcomes:
                 self.metrics,
                 self._pending,
                 self.take_reports,
+                self.reports_key,
             )
             self._tasks.append(asyncio.create_task(self.poller.run(), name="reports-poller"))
             if self.settings.reports.notify_listen:
-                self.push = PushListener(self.settings.reports.notify_listen, self.push_token, self.take_reports)
+                self.push = PushListener(
+                    self.settings.reports.notify_listen,
+                    self.push_token,
+                    self.take_reports,
+                    self.take_tracking,
+                    self.clock.time,
+                )
                 await self.push.start()
         self._tasks.append(asyncio.create_task(self._prune(), name="history-prune"))
 
@@ -136,14 +166,15 @@ class Outcomes:
 
     # hooks from the data path
 
-    def received(self, message: Prepared, client_ip: str) -> Prepared:
-        """The app handed us `message`: claim its reports (our bulk id) and note it. Returns what to send."""
+    def received(self, message: Prepared, client_ip: str, profile: str = DEFAULT) -> Prepared:
+        """The app handed us `message`, to go out with `profile`: claim its reports (our bulk id for that
+        profile) and its tracking events (push on), and note it. Returns what to send."""
         assert self.history is not None
         now = self.clock.time()
         bulk: str | None = None
         if self.reports_on:
-            ours = bulk_id(self.instance, now)
-            message, owned = claim_reports(message, ours, self.notify_url)
+            ours = bulk_id(self.instance, now, profile)
+            message, owned = claim_reports(message, ours, self.notify_url, self.tracking_url)
             bulk = ours if owned else None
         headers = header_block(message)[:HEADERS_KEPT] if self.bounces_on else None
         self.history.note(
@@ -224,6 +255,21 @@ class Outcomes:
             log.info(
                 "message_outcome", queue_id=outcome.queue_id, recipient=outcome.address, status=outcome.status,
                 infobip_id=outcome.infobip_id, detail=outcome.detail, source=source, bounce=outcome.bounce,
+            )  # fmt: skip
+
+    async def take_tracking(self, events: list[Tracked]) -> None:
+        """Tracking events pushed to our X-IB-Tracking-Url into the history, then one log line each."""
+        assert self.history is not None and self.store is not None
+        await self.history.call(self.store.record_tracking, events)
+        queue_ids: dict[str, str | None] = {}
+        for event in events:
+            if event.infobip_id not in queue_ids:  # for the log line: which of our messages it is about
+                found = await self.history.call(self.store.lookup, event.infobip_id, 1)
+                queue_ids[event.infobip_id] = found[0].queue_id if found else None
+            self.metrics.tracking.labels(tracking_label(event.kind)).inc()
+            log.info(
+                "message_tracking", queue_id=queue_ids[event.infobip_id], infobip_id=event.infobip_id,
+                recipient=event.address, kind=event.kind,
             )  # fmt: skip
 
     async def lookup(self, query: str, limit: int = 50) -> list[MessageTrace]:

@@ -3,9 +3,11 @@
 Every message the stand-in accepts gets one report per recipient: DELIVERED, except for any address at
 `bounce.example` (UNDELIVERABLE, a permanent error). A report is handed out once, then it is gone, and
 a request without `bulkId` or `messageId` gets everyone's reports, as Infobip's does: which is why the
-relay never sends one (tests assert on `requests`). `push()` POSTs the waiting reports to the message's
-X-IB-Notify-Url instead, as Infobip does when that header is set. Error names are our guess: the seeds
-give only NO_ERROR.
+relay never sends one (tests assert on `requests`). Reports belong to the account the message was sent
+with: `api_key` opens the main account's, `account_keys` the other accounts' (the stand-in's extra SMTP
+users, as for per-app profiles). `push()` POSTs the waiting reports to the message's X-IB-Notify-Url
+instead, as Infobip does when that header is set, and `track()` POSTs a tracking notification (seed 000,
+"Tracking notifications") to its X-IB-Tracking-Url. Error names are our guess: the seeds give only NO_ERROR.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +42,8 @@ class ReportsRequest:
     path: str
     query: dict[str, str]
     authorized: bool
+    api_key: str  # as sent in `Authorization: App <key>` ("" without one): which key fetched which bulkId
+    account: str | None  # the account that key opens: None for the main one, else its SMTP user
 
 
 @dataclass
@@ -53,16 +58,30 @@ class ReportsBehaviour:
 class _Waiting:
     report: dict[str, Any]
     notify_url: str | None
+    account: str | None
     pushed: bool = False
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """What `track()` needs of a message: where its events go, and the fields they repeat."""
+
+    tracking_url: str | None
+    bulk_id: str | None
+    sender: str
+    sent_at: int  # epoch milliseconds, as sendDateTime
 
 
 @dataclass
 class ReportsEndpoint:
     ca: trustme.CA
-    api_key: str = "demo-api-key"
+    api_key: str = "demo-api-key"  # the main account's
+    account_keys: dict[str, str] = field(default_factory=dict)  # another account's SMTP user -> its API key
     behaviour: ReportsBehaviour = field(default_factory=ReportsBehaviour)
     requests: list[ReportsRequest] = field(default_factory=list)
-    _by_bulk: dict[str | None, list[_Waiting]] = field(default_factory=dict)  # a bulk id's reports, oldest first
+    # (account, bulk id) -> its reports, oldest first
+    _by_bulk: dict[tuple[str | None, str | None], list[_Waiting]] = field(default_factory=dict)
+    _sent: dict[str, _Sent] = field(default_factory=dict)  # Infobip message id -> for track()
     port: int = 0
     _runner: web.AppRunner | None = None
     _arrived: asyncio.Condition | None = None
@@ -90,12 +109,18 @@ class ReportsEndpoint:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def sent(self, message_id: str, data: bytes, recipients: list[str]) -> None:
-        """The stand-in accepted a message: its reports are waiting now."""
+    def sent(
+        self, message_id: str, data: bytes, recipients: list[str], account: str | None = None, sender: str = ""
+    ) -> None:
+        """The stand-in accepted a message (sent with `account`: None for the main one): its reports wait now."""
         fields = parse_header_fields(data)
         bulk, notify = find_field(fields, "X-IB-Bulk-Id"), find_field(fields, "X-IB-Notify-Url")
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000+0000")
+        tracking = find_field(fields, "X-IB-Tracking-Url")
+        when = datetime.now(UTC)
+        now = when.strftime("%Y-%m-%dT%H:%M:%S.000+0000")
         bulk_id = bulk.value if bulk else None
+        sent_at = int(when.timestamp() * 1000)
+        self._sent[message_id] = _Sent(tracking.value if tracking else None, bulk_id, sender, sent_at)
         for rcpt in recipients:
             bounces = rcpt.lower().endswith("@" + BOUNCE_DOMAIN)
             report: dict[str, Any] = {
@@ -110,7 +135,8 @@ class ReportsEndpoint:
                 "error": NO_MAILBOX if bounces else NO_ERROR,
                 "channel": "EMAIL",
             }
-            self._by_bulk.setdefault(bulk_id, []).append(_Waiting(report, notify.value if notify else None))
+            waiting = _Waiting(report, notify.value if notify else None, account)
+            self._by_bulk.setdefault((account, bulk_id), []).append(waiting)
 
     async def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[ReportsRequest]:
         condition = self._condition()
@@ -135,12 +161,42 @@ class ReportsEndpoint:
                     ok += response.status == 200
                 item.pushed = True
                 if not keep:
-                    self._by_bulk[item.report["bulkId"]].remove(item)
+                    self._by_bulk[item.account, item.report["bulkId"]].remove(item)
         return ok
 
+    async def track(self, message_id: str, recipient: str, kind: str, url: str = "") -> int:
+        """POST one tracking notification (`kind`: OPENED, CLICKED, UNSUBSCRIBED, COMPLAINED, LATE_BOUNCE;
+        `url` for a click) to the message's X-IB-Tracking-Url, shaped as seed 000's examples. Returns the
+        HTTP status (0: the message has no tracking URL, so Infobip would send nothing)."""
+        sent = self._sent[message_id]
+        if sent.tracking_url is None:
+            return 0
+        event: dict[str, Any] = {
+            "notificationType": kind,
+            "eventId": str(uuid.uuid4()),
+            "domain": sent.sender.rpartition("@")[2],
+            "recipient": recipient,
+            "sendDateTime": sent.sent_at,
+            "messageId": message_id,
+            "bulkId": sent.bulk_id,
+            "callbackData": None,
+        }
+        if kind == "CLICKED":
+            event["url"] = url
+        if kind in ("COMPLAINED", "LATE_BOUNCE"):
+            event["sender"] = sent.sender
+        if kind in ("OPENED", "CLICKED", "UNSUBSCRIBED"):
+            event["recipientInfo"] = {"deviceType": "Phone", "os": "iOS 12", "deviceName": "Apple"}
+        async with aiohttp.ClientSession() as session, session.post(sent.tracking_url, json=event) as response:
+            return response.status
+
     async def _handle(self, request: web.Request) -> web.Response:
-        auth = request.headers.get("Authorization", "")
-        record = ReportsRequest(request.method, request.path, dict(request.query), auth == f"App {self.api_key}")
+        key = request.headers.get("Authorization", "").removeprefix("App ")
+        accounts = {self.api_key: None, **{k: user for user, k in self.account_keys.items()}}
+        known = request.headers.get("Authorization", "").startswith("App ") and key in accounts
+        record = ReportsRequest(
+            request.method, request.path, dict(request.query), known, key, accounts.get(key) if known else None
+        )
         condition = self._condition()
         async with condition:
             self.requests.append(record)
@@ -155,13 +211,15 @@ class ReportsEndpoint:
         if self.behaviour.failing > 0:
             self.behaviour.failing -= 1
             return web.Response(status=500, text="internal error")
-        return web.json_response({"results": self._take(record.query)})
+        return web.json_response({"results": self._take(record.query, record.account)})
 
-    def _take(self, query: dict[str, str]) -> list[dict[str, Any]]:
+    def _take(self, query: dict[str, str], account: str | None) -> list[dict[str, Any]]:
+        """The account's waiting reports the filter matches (another account's are never seen)."""
         if self.behaviour.holding:
             return []
         limit = int(query.get("limit", "50") or 50)
-        buckets = [query["bulkId"]] if "bulkId" in query else list(self._by_bulk)  # no filter: everyone's
+        mine = [bucket for bucket in self._by_bulk if bucket[0] == account]
+        buckets = [(account, query["bulkId"])] if "bulkId" in query else mine  # no filter: all the account's
         chosen: list[dict[str, Any]] = []
         for bulk in buckets:
             kept: list[_Waiting] = []

@@ -297,7 +297,8 @@ class InfobipStandIn:
             auth_user=server.record.auth_user,
             pipelined=getattr(server, "pipelined_flight", False),
         )
-        self.reports.sent(message.infobip_id, data, message.rcpt_tos)
+        account = message.auth_user if message.auth_user in self.accounts else None  # whose reports
+        self.reports.sent(message.infobip_id, data, message.rcpt_tos, account, message.mail_from)
         async with self.arrived:
             self.messages.append(message)
             self.arrived.notify_all()
