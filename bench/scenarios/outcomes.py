@@ -35,7 +35,7 @@ CONFIGS = ("reports_off", "reports_on")
 POLL_INTERVAL = 1.0
 
 
-def _relays(harness: Harness, proxy_port: int) -> dict[str, RelayProcess]:
+def relay_pair(harness: Harness, proxy_port: int) -> dict[str, RelayProcess]:
     up = harness.upstream
     reports = {
         "reports": {
@@ -64,7 +64,7 @@ async def run(harness: Harness, results: Results) -> None:
     rounds = max(5, args.outcomes_rounds)
     per_client = max(1, args.outcomes_messages // rounds // args.clients)
     port = await harness.proxy(0.0)
-    relays = _relays(harness, port)
+    relays = relay_pair(harness, port)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
     log(f"== outcomes: reports off against on, {args.clients} clients x {per_client} messages x {rounds} rounds")
     try:
