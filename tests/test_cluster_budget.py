@@ -25,10 +25,12 @@ Replica = tuple[Cluster, SharedBudget]
 
 @pytest.fixture
 async def replicas(redis_server: RedisServer) -> AsyncIterator[Callable[[int], Replica]]:
+    # A generous Redis timeout: on a loaded CI machine 150 calls at once took longer than 0.3 s, and a
+    # replica that falls back admits its share instead of the bucket. A killed Redis refuses at once.
     made: list[Cluster] = []
 
     def make(n: int) -> Replica:
-        settings = ClusterSettings(redis_url=redis_server.url, node_name=f"replica-{n}", heartbeat=0.2, timeout=0.3)
+        settings = ClusterSettings(redis_url=redis_server.url, node_name=f"replica-{n}", heartbeat=0.2, timeout=3.0)
         cluster = Cluster(settings)
         made.append(cluster)
         return cluster, SharedBudget(cluster)
