@@ -164,16 +164,17 @@ class ReportsEndpoint:
                     self._by_bulk[item.account, item.report["bulkId"]].remove(item)
         return ok
 
-    async def track(self, message_id: str, recipient: str, kind: str, url: str = "") -> int:
+    async def track(self, message_id: str, recipient: str, kind: str, url: str = "", event_id: str = "") -> int:
         """POST one tracking notification (`kind`: OPENED, CLICKED, UNSUBSCRIBED, COMPLAINED, LATE_BOUNCE;
-        `url` for a click) to the message's X-IB-Tracking-Url, shaped as seed 000's examples. Returns the
-        HTTP status (0: the message has no tracking URL, so Infobip would send nothing)."""
+        `url` for a click; `event_id` to send one event twice) to the message's X-IB-Tracking-Url, shaped as
+        seed 000's examples. Returns the HTTP status (0: the message has no tracking URL, so Infobip would
+        send nothing)."""
         sent = self._sent[message_id]
         if sent.tracking_url is None:
             return 0
         event: dict[str, Any] = {
             "notificationType": kind,
-            "eventId": str(uuid.uuid4()),
+            "eventId": event_id or str(uuid.uuid4()),
             "domain": sent.sender.rpartition("@")[2],
             "recipient": recipient,
             "sendDateTime": sent.sent_at,
