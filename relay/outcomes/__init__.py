@@ -1,7 +1,10 @@
 """Delivery outcomes: what happened to each recipient after the relay handed a message on.
 
 history.py   the records and the store interface (HistoryStore) the rest depends on
+store.py     the history's tables and every store method, as SQL for both engines
+columns.py   how its sensitive columns are stored and searched
 sqlite.py    the embedded SQLite store (one file, WAL, mode 0600)
+postgres.py  the PostgreSQL store, one history for several replicas
 writer.py    the async side: batched writes on one thread, off the event loop
 decide.py    pure rules: report -> status, DSN status codes, bounce and poll schedules, the bulk id
 metrics.py   the outcome metric families

@@ -1,0 +1,579 @@
+"""The message history as SQL, written once for SQLite (relay/outcomes/sqlite.py) and PostgreSQL
+(relay/outcomes/postgres.py): the tables and every method of HistoryStore live here; each engine supplies
+only what differs (`Dialect`: column types, row locks; `Db`: placeholders, executemany; its connection and
+transactions).
+
+Statements are written with `?` placeholders (PostgreSQL's adapter turns them into `%s`). Sensitive values
+(addresses, Message-IDs, client addresses, header blocks, reply and report texts) go through `Columns`
+(relay/outcomes/columns.py), and rows are found by the search key stored beside them, never by the value.
+Where several replicas share one database, a row about to be changed is locked as it is read
+(`Dialect.lock`), so a report or a bounce is taken by one replica only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from relay.outcomes.columns import ADDRESS, MESSAGE_ID, Columns
+from relay.outcomes.decide import (
+    BOUNCED,
+    FINAL,
+    QUEUED,
+    Report,
+    attempt_words,
+    diagnostic,
+    reply_dsn_status,
+    report_detail,
+    report_dsn_status,
+    report_status,
+)
+from relay.outcomes.history import (
+    Applied,
+    Attempted,
+    BounceJob,
+    BounceRecipient,
+    Change,
+    Event,
+    MessageReceived,
+    MessageTrace,
+    Outcome,
+    RecipientTrace,
+)
+
+SCHEMA_VERSION = "2"  # meta 'schema': the layout below (1: plaintext columns, searched by value)
+SENDING_STALE = 600.0  # seconds a bounce may stay claimed ('sending') before it is offered again (a dead replica)
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE messages (
+    queue_id TEXT PRIMARY KEY, message_key TEXT NOT NULL, message_id {blob} NOT NULL, sender {blob} NOT NULL,
+    client_ip {blob} NOT NULL, received_at {real} NOT NULL, size BIGINT NOT NULL, bulk_id TEXT, headers {blob},
+    warned INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX messages_message_key ON messages(message_key);
+CREATE INDEX messages_received_at ON messages(received_at);
+CREATE TABLE recipients (
+    {seq}, queue_id TEXT NOT NULL, address_key TEXT NOT NULL, address {blob} NOT NULL, status TEXT NOT NULL,
+    infobip_id TEXT, detail {blob}, at {real} NOT NULL, accepted_at {real});
+CREATE UNIQUE INDEX recipients_key ON recipients(queue_id, address_key);
+CREATE INDEX recipients_address ON recipients(address_key);
+CREATE INDEX recipients_waiting ON recipients(accepted_at) WHERE status = 'sent';
+CREATE INDEX recipients_queued ON recipients(queue_id) WHERE status = 'queued';
+CREATE TABLE infobip_ids (infobip_id TEXT PRIMARY KEY, queue_id TEXT NOT NULL);
+CREATE INDEX infobip_ids_queue_id ON infobip_ids(queue_id);
+CREATE TABLE events (
+    {seq}, queue_id TEXT NOT NULL, at {real} NOT NULL, kind TEXT NOT NULL, address {blob}, detail {blob},
+    event_id TEXT);
+CREATE INDEX events_queue_id ON events(queue_id);
+CREATE UNIQUE INDEX events_event_id ON events(event_id) WHERE event_id IS NOT NULL;
+CREATE TABLE bounces (
+    {id}, queue_id TEXT NOT NULL, action TEXT NOT NULL, recipients {blob} NOT NULL, created_at {real} NOT NULL,
+    due {real} NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL DEFAULT 'pending',
+    last_error {blob}, done_at {real}, claimed_at {real});
+CREATE INDEX bounces_due ON bounces(state, due);
+CREATE INDEX bounces_queue_id ON bounces(queue_id);
+CREATE TABLE poller (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires {real} NOT NULL)
+"""
+
+
+class HistoryLayoutError(RuntimeError):
+    """The database holds a history of another layout (an older relay's): it is not read or changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What differs between the engines, as words of SQL."""
+
+    seq: str  # the row-order column `seq`
+    id: str  # the bounce id column `id`
+    real: str
+    blob: str
+    locks: bool  # SELECT ... FOR UPDATE [SKIP LOCKED]: rows other connections may change at the same time
+    table_exists: str  # a row with a non-NULL first column iff the table named by the one ? exists
+
+    def lock(self, of: str = "", *, skip: bool = False) -> str:
+        """Appended to a SELECT whose rows this transaction will change."""
+        if not self.locks:
+            return ""
+        return " FOR UPDATE" + (f" OF {of}" if of else "") + (" SKIP LOCKED" if skip else "")
+
+    def schema(self) -> list[str]:
+        words = {"seq": self.seq, "id": self.id, "real": self.real, "blob": self.blob}
+        return [statement.format(**words) for statement in SCHEMA.split(";")]
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Db:
+    """A connection as the store uses it: `?` statements, executemany, the dialect and the column codec."""
+
+    def __init__(self, dialect: Dialect, cols: Columns) -> None:
+        self.dialect = dialect
+        self.cols = cols
+
+    def run(self, sql: str, args: Sequence[Any] = ()) -> Cursor:
+        raise NotImplementedError
+
+    def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return self.run(sql, args).fetchone()
+
+    def all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        return self.run(sql, args).fetchall()
+
+
+def create_schema(db: Db) -> None:
+    """Create the tables if the database has none (in the caller's transaction); HistoryLayoutError if it
+    holds another layout. Only when missing: CREATE INDEX IF NOT EXISTS still locks its table, which
+    deadlocked a PostgreSQL replica starting beside one already writing."""
+    found = db.one(db.dialect.table_exists, ("meta",))
+    if found is None or found[0] is None:
+        for statement in db.dialect.schema():
+            db.run(statement)
+        db.run("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+    check_layout(db)
+
+
+def check_layout(db: Db) -> None:
+    row = db.one("SELECT value FROM meta WHERE key = 'schema'")
+    if row is None or row[0] != SCHEMA_VERSION:
+        raise HistoryLayoutError(
+            f"the message history has layout {row[0] if row else 1}, not {SCHEMA_VERSION} (an older relay wrote it): "
+            "move the SQLite file aside, or drop the PostgreSQL database's tables; it is not changed here"
+        )
+
+
+def _marks(count: int) -> str:
+    return "(" + ", ".join("?" * count) + ")"
+
+
+class SqlHistory:
+    """HistoryStore over `Db`. A subclass opens the connection and says how a transaction runs."""
+
+    def _tx(self, *, durable: bool = False) -> contextlib.AbstractContextManager[Db]:
+        """One write transaction. `durable`: on disk at COMMIT, with everything written before it;
+        otherwise safe from a crash of the relay at once, and from a crash of the machine (or the server)
+        at the next durable one."""
+        raise NotImplementedError
+
+    def _read(self) -> contextlib.AbstractContextManager[Db]:
+        """One transaction that only reads (a consistent view of the history)."""
+        return self._tx()
+
+    def _prune_turn(self, db: Db) -> bool:
+        """Whether this store prunes now (replicas on one database take turns)."""
+        return True
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def meta(self, key: str, default: str) -> str:
+        with self._tx() as db:
+            db.run("INSERT INTO meta VALUES (?, ?) ON CONFLICT DO NOTHING", (key, default))
+            return str(db.one("SELECT value FROM meta WHERE key = ?", (key,))[0])
+
+    def write(self, changes: Sequence[Change], bounces_on: bool) -> None:
+        """A batch in as few statements as it takes (each one a hop of the GIL for the event loop)."""
+        received = [c for c in changes if isinstance(c, MessageReceived)]
+        attempts = [c for c in changes if isinstance(c, Attempted)]
+        with self._tx(durable=bounces_on and any(a.dead and a.bounce for a in attempts)) as db:
+            _received(db, received)
+            _accepted(db, attempts)
+            for attempt in attempts:
+                if attempt.deferred or attempt.dead:
+                    _failed(db, attempt, bounces_on)
+
+    def apply_reports(self, reports: Sequence[Report], source: str, at: float, bounces_on: bool) -> Applied:
+        applied = Applied()
+        with self._tx(durable=True) as db:  # a report is handed out once: it must not be lost now
+            for report in reports:
+                _apply_report(db, report, source, at, bounces_on, applied)
+        return applied
+
+    def pending_bulk_ids(self, since: float) -> list[str]:
+        with self._read() as db:
+            rows = db.all(
+                "SELECT DISTINCT m.bulk_id FROM recipients r JOIN messages m ON m.queue_id = r.queue_id "
+                "WHERE r.status = 'sent' AND r.accepted_at >= ? AND m.bulk_id IS NOT NULL ORDER BY 1",
+                (since,),
+            )
+        return [row[0] for row in rows]
+
+    # the bounce outbox
+
+    def due_bounces(self, now: float, limit: int) -> list[BounceJob]:
+        """Claimed ('sending') as handed out, so a report for the same message arriving meanwhile starts a new
+        bounce instead of joining one on its way, and another replica skips it (the rows are locked). One
+        claimed by a replica that died is offered again once SENDING_STALE has passed."""
+        with self._tx() as db:
+            rows = db.all(
+                "UPDATE bounces SET state = 'sending', claimed_at = ? WHERE id IN (SELECT id FROM bounces "
+                "WHERE (state = 'pending' AND due <= ?) OR (state = 'sending' AND claimed_at < ?) "
+                f"ORDER BY due LIMIT ?{db.dialect.lock(skip=True)}) "
+                "RETURNING id, queue_id, action, recipients, attempts, created_at",
+                (now, now, now - SENDING_STALE, limit),
+            )
+            return [_bounce_job(db, *row) for row in sorted(rows)]
+
+    def bounce_done(self, bounce_id: int, at: float, outcome: str, detail: str) -> None:
+        with self._tx(durable=True) as db:  # never sent twice
+            row = db.one("SELECT queue_id FROM bounces WHERE id = ?", (bounce_id,))
+            error = db.cols.seal_text("bounces.last_error", row[0], detail) if row and outcome != "sent" else None
+            row = db.one(
+                "UPDATE bounces SET state = ?, done_at = ?, last_error = ? WHERE id = ? "
+                "RETURNING queue_id, action, recipients",
+                (outcome, at, error, bounce_id),
+            )
+            if row is not None:
+                queue_id, action, items = row
+                for item in _bounce_items(db, queue_id, items):
+                    _event(db, queue_id, at, "bounce", item["address"], f"{action} report {outcome}: {detail}")
+
+    def bounce_retry(self, bounce_id: int, due: float, error: str) -> None:
+        with self._tx() as db:
+            row = db.one("SELECT queue_id FROM bounces WHERE id = ?", (bounce_id,))
+            if row is not None:
+                db.run(
+                    "UPDATE bounces SET state = 'pending', due = ?, attempts = attempts + 1, last_error = ? "
+                    "WHERE id = ?",
+                    (due, db.cols.seal_text("bounces.last_error", row[0], error), bounce_id),
+                )
+
+    def delayed(self, received_before: float, at: float) -> int:
+        """A message is marked warned before its warning is queued: a replica doing the same at once skips it."""
+        with self._tx() as db:
+            rows = db.all(
+                "SELECT m.queue_id, r.address, r.detail FROM recipients r JOIN messages m ON m.queue_id = r.queue_id "
+                "WHERE r.status = 'queued' AND m.warned = 0 AND m.received_at < ? ORDER BY m.queue_id, r.seq",
+                (received_before,),
+            )
+            waiting: dict[str, list[dict[str, str | None]]] = {}
+            for queue_id, address, detail in rows:
+                item = {
+                    "address": db.cols.open_text("recipients.address", queue_id, address),
+                    "status": QUEUED,
+                    "dsn": "4.4.7",
+                    "diagnostic": db.cols.open_text("recipients.detail", queue_id, detail),
+                    "infobip_id": None,
+                }
+                waiting.setdefault(queue_id, []).append(item)
+            count = 0
+            for queue_id, items in waiting.items():
+                if db.run("UPDATE messages SET warned = 1 WHERE queue_id = ? AND warned = 0", (queue_id,)).rowcount:
+                    _queue_bounce(db, queue_id, items, at, action="delayed")
+                    count += 1
+            return count
+
+    # reading and housekeeping
+
+    def lookup(self, query: str, limit: int) -> list[MessageTrace]:
+        query = query.strip()
+        with self._read() as db:
+            ids = _find(db, query, limit)
+            if not ids and "@" in query and not query.startswith("<"):
+                ids = _find(db, f"<{query}>", limit)  # a Message-ID typed without its brackets
+            return [trace for queue_id in ids if (trace := _trace(db, queue_id)) is not None]
+
+    def prune(self, before: float) -> int:
+        """Messages whose bounce is still to go are kept until it has gone."""
+        with self._tx() as db:
+            if not self._prune_turn(db):
+                return 0
+            db.run(
+                "CREATE TEMP TABLE gone AS SELECT queue_id FROM messages WHERE received_at < ? AND queue_id NOT IN "
+                "(SELECT queue_id FROM bounces WHERE state IN ('pending', 'sending'))",
+                (before,),
+            )
+            for table in ("recipients", "events", "infobip_ids", "bounces", "messages"):
+                db.run(f"DELETE FROM {table} WHERE queue_id IN (SELECT queue_id FROM gone)")
+            count = int(db.one("SELECT count(*) FROM gone")[0])
+            db.run("DROP TABLE gone")
+            return count
+
+
+def _event(db: Db, queue_id: str, at: float, kind: str, address: str | None, detail: str) -> None:
+    cols = db.cols
+    db.run(
+        "INSERT INTO events (queue_id, at, kind, address, detail) VALUES (?, ?, ?, ?, ?)",
+        (
+            queue_id,
+            at,
+            kind,
+            None if address is None else cols.seal_text("events.address", queue_id, address),
+            cols.seal_text("events.detail", queue_id, detail),
+        ),
+    )
+
+
+def _received(db: Db, received: list[MessageReceived]) -> None:
+    """New messages, their recipients `queued` (their "received" line in trace comes from this row)."""
+    cols = db.cols
+    db.many(
+        "INSERT INTO messages (queue_id, message_key, message_id, sender, client_ip, received_at, size, bulk_id, "
+        "headers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        [
+            (
+                m.queue_id,
+                cols.search(MESSAGE_ID, m.message_id),
+                cols.seal_text("messages.message_id", m.queue_id, m.message_id),
+                cols.seal_text("messages.sender", m.queue_id, m.sender),
+                cols.seal_text("messages.client_ip", m.queue_id, m.client_ip),
+                m.received_at,
+                m.size,
+                m.bulk_id,
+                None if m.headers is None else cols.seal("messages.headers", m.queue_id, m.headers),
+            )
+            for m in received
+        ],
+    )
+    db.many(
+        "INSERT INTO recipients (queue_id, address_key, address, status, at) VALUES (?, ?, ?, 'queued', ?) "
+        "ON CONFLICT DO NOTHING",
+        [
+            (
+                m.queue_id,
+                cols.search(ADDRESS, rcpt),
+                cols.seal_text("recipients.address", m.queue_id, rcpt),
+                m.received_at,
+            )
+            for m in received
+            for rcpt in m.recipients
+        ],
+    )
+
+
+def _accepted(db: Db, attempts: list[Attempted]) -> None:
+    """Every recipient Infobip took in these attempts: `sent`, with its id. One statement for the batch
+    (a recipient deferred and then taken in the same batch ends `sent` all the same)."""
+    cols = db.cols
+    rows = []
+    for a in attempts:
+        ids = ",".join(a.infobip_ids)
+        words = f"Infobip took it as {ids}"
+        rows += [
+            (
+                ids,
+                cols.seal_text("recipients.detail", a.queue_id, words),
+                a.at,
+                a.at,
+                a.queue_id,
+                *cols.searches(ADDRESS, rcpt),
+            )
+            for rcpt in a.accepted
+        ]
+    db.many(
+        "UPDATE recipients SET status = 'sent', infobip_id = ?, detail = ?, at = ?, accepted_at = ? "
+        f"WHERE queue_id = ? AND address_key IN {_marks(cols.width)} AND status = 'queued'",
+        rows,
+    )
+    db.many(
+        "INSERT INTO infobip_ids VALUES (?, ?) ON CONFLICT DO NOTHING",
+        [(i, a.queue_id) for a in attempts for i in a.infobip_ids],
+    )
+    db.many(
+        "INSERT INTO events (queue_id, at, kind, detail) VALUES (?, ?, 'attempt', ?)",
+        [(a.queue_id, a.at, cols.seal_text("events.detail", a.queue_id, attempt_words(a))) for a in attempts],
+    )
+
+
+def _failed(db: Db, a: Attempted, bounces_on: bool) -> None:
+    """Deferred recipients keep `queued` with the reply; dead ones end failed or expired, and after a 250
+    are queued for a bounce in this same transaction."""
+    cols, among = db.cols, f"address_key IN {_marks(db.cols.width)}"
+    db.many(
+        f"UPDATE recipients SET detail = ?, at = ? WHERE queue_id = ? AND {among} AND status = 'queued'",
+        [
+            (cols.seal_text("recipients.detail", a.queue_id, reply), a.at, a.queue_id, *cols.searches(ADDRESS, rcpt))
+            for rcpt, reply in a.deferred.items()
+        ],
+    )
+    bouncing = []
+    for rcpt, (status, reason) in a.dead.items():
+        changed = db.run(
+            f"UPDATE recipients SET status = ?, detail = ?, at = ? WHERE queue_id = ? AND {among} "
+            "AND status IN ('queued', 'sent')",
+            (
+                status,
+                cols.seal_text("recipients.detail", a.queue_id, reason),
+                a.at,
+                a.queue_id,
+                *cols.searches(ADDRESS, rcpt),
+            ),
+        ).rowcount
+        if changed and a.bounce and bounces_on:
+            dsn = reply_dsn_status(reason, status)
+            bouncing.append({"address": rcpt, "status": status, "dsn": dsn, "diagnostic": reason, "infobip_id": None})
+    if bouncing:
+        _queue_bounce(db, a.queue_id, bouncing, a.at)
+
+
+def _bounce_items(db: Db, queue_id: str, stored: bytes) -> list[dict[str, str | None]]:
+    items: list[dict[str, str | None]] = json.loads(db.cols.open_text("bounces.recipients", queue_id, stored))
+    return items
+
+
+def _queue_bounce(db: Db, queue_id: str, items: list[dict[str, str | None]], at: float, action: str = "failed") -> None:
+    """One bounce per message: recipients join a bounce of the message not yet handed to the sender."""
+    row = db.one(
+        "SELECT id, recipients FROM bounces WHERE queue_id = ? AND action = ? AND state = 'pending'"
+        + db.dialect.lock(),
+        (queue_id, action),
+    )
+    if row is not None:
+        items = _bounce_items(db, queue_id, row[1]) + items
+    stored = db.cols.seal_text("bounces.recipients", queue_id, json.dumps(items))
+    if row is None:
+        db.run(
+            "INSERT INTO bounces (queue_id, action, recipients, created_at, due) VALUES (?, ?, ?, ?, ?)",
+            (queue_id, action, stored, at, at),
+        )
+    else:
+        db.run("UPDATE bounces SET recipients = ? WHERE id = ?", (stored, row[0]))
+
+
+def _apply_report(db: Db, report: Report, source: str, at: float, bounces_on: bool, applied: Applied) -> None:
+    """The recipient's row is locked while we decide: the same report pushed to one replica and pulled by
+    another counts once."""
+    keys = tuple(db.cols.searches(ADDRESS, report.to))
+    found = db.one(
+        "SELECT r.queue_id, r.status, r.accepted_at FROM infobip_ids i JOIN recipients r ON r.queue_id = i.queue_id "
+        f"WHERE i.infobip_id = ? AND r.address_key IN {_marks(len(keys))}{db.dialect.lock('r')}",
+        (report.message_id, *keys),
+    )
+    if found is None:
+        applied.unknown += 1
+        return
+    queue_id, current, accepted_at = found
+    status, detail = report_status(report), report_detail(report)
+    if status is None:  # not final (PENDING): noted, nothing changes
+        applied.pending += 1
+        _event(db, queue_id, at, "report", report.to, f"{source}: {detail}")
+        return
+    if current in FINAL:  # seen already (pushed and pulled): counted once
+        applied.duplicates += 1
+        return
+    db.run(
+        f"UPDATE recipients SET status = ?, infobip_id = ?, detail = ?, at = ? "
+        f"WHERE queue_id = ? AND address_key IN {_marks(len(keys))}",
+        (status, report.message_id, db.cols.seal_text("recipients.detail", queue_id, detail), at, queue_id, *keys),
+    )
+    _event(db, queue_id, at, "report", report.to, f"{source}: {detail}")
+    bounce = status == BOUNCED and bounces_on
+    if bounce:
+        item: dict[str, str | None] = {
+            "address": report.to,
+            "status": BOUNCED,
+            "dsn": report_dsn_status(report),
+            "diagnostic": diagnostic(report),
+            "infobip_id": report.message_id,
+        }
+        _queue_bounce(db, queue_id, [item], at)
+    seconds = at - accepted_at if accepted_at is not None else None
+    applied.outcomes.append(Outcome(queue_id, report.to, report.message_id, status, detail, seconds, bounce))
+
+
+def _bounce_job(
+    db: Db, bounce_id: int, queue_id: str, action: str, items: bytes, attempts: int, created: float
+) -> BounceJob:
+    cols = db.cols
+    row = db.one("SELECT message_id, sender, received_at, headers FROM messages WHERE queue_id = ?", (queue_id,))
+    recipients = tuple(
+        BounceRecipient(i["address"] or "", i["status"] or "", i["dsn"] or "", i["diagnostic"] or "", i["infobip_id"])
+        for i in _bounce_items(db, queue_id, items)
+    )
+    return BounceJob(
+        bounce_id=bounce_id,
+        queue_id=queue_id,
+        message_id=cols.open_text("messages.message_id", queue_id, row[0]) if row else "",
+        sender=cols.open_text("messages.sender", queue_id, row[1]) if row else "",
+        received_at=row[2] if row else created,
+        headers=cols.open("messages.headers", queue_id, row[3]) if row and row[3] is not None else b"",
+        recipients=recipients,
+        attempts=attempts,
+        created_at=created,
+        action=action,
+    )
+
+
+def _find(db: Db, query: str, limit: int) -> list[str]:
+    """Queue ids for a query, newest first: a Message-ID has its angle brackets, an address an @."""
+    args: tuple[str, ...]
+    if query.startswith("<"):
+        args = tuple(db.cols.searches(MESSAGE_ID, query))
+        sql = f"SELECT queue_id FROM messages WHERE message_key IN {_marks(len(args))}"
+    elif "@" in query:
+        args = tuple(db.cols.searches(ADDRESS, query))
+        sql = f"SELECT queue_id FROM recipients WHERE address_key IN {_marks(len(args))}"
+    else:
+        sql = "SELECT CAST(? AS TEXT) UNION SELECT queue_id FROM infobip_ids WHERE infobip_id = ?"
+        args = (query, query)
+    rows = db.all(
+        f"SELECT queue_id FROM messages WHERE queue_id IN ({sql}) ORDER BY received_at DESC LIMIT ?", (*args, limit)
+    )
+    return [row[0] for row in rows]
+
+
+def _trace(db: Db, queue_id: str) -> MessageTrace | None:
+    cols = db.cols
+    row = db.one(
+        "SELECT message_id, sender, client_ip, received_at, size, bulk_id FROM messages WHERE queue_id = ?",
+        (queue_id,),
+    )
+    if row is None:
+        return None
+    message_id, sender, client_ip, received_at, size, bulk = row
+    client = cols.open_text("messages.client_ip", queue_id, client_ip)
+    recipients = [
+        RecipientTrace(
+            cols.open_text("recipients.address", queue_id, address),
+            status,
+            infobip_id or None,
+            cols.open_text("recipients.detail", queue_id, detail),
+            at,
+        )
+        for address, status, infobip_id, detail, at in db.all(
+            "SELECT address, status, infobip_id, detail, at FROM recipients WHERE queue_id = ? ORDER BY seq",
+            (queue_id,),
+        )
+    ]
+    words = f"from {client}: {len(recipients)} recipient(s), {size} bytes"
+    events = [Event(received_at, "received", None, words)] + [
+        Event(
+            at,
+            kind,
+            None if address is None else cols.open_text("events.address", queue_id, address),
+            cols.open_text("events.detail", queue_id, detail),
+        )
+        for at, kind, address, detail in db.all(
+            "SELECT at, kind, address, detail FROM events WHERE queue_id = ? ORDER BY at, seq", (queue_id,)
+        )
+    ]
+    return MessageTrace(
+        queue_id,
+        cols.open_text("messages.message_id", queue_id, message_id),
+        cols.open_text("messages.sender", queue_id, sender),
+        client,
+        received_at,
+        size,
+        bulk,
+        recipients,
+        events,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def pyformat(sql: str) -> str:
+    """A `?` statement in psycopg's `%s` placeholders."""
+    return sql.replace("?", "%s")
