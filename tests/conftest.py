@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -15,6 +16,17 @@ from relay.app import Relay
 from relay.config import Settings
 from relay.delivery.clock import Clock
 from relay.testing.standin import InfobipStandIn, _StandInSMTP
+
+# RELAY_TEST_LOOP=uvloop runs every test's event loop (pytest-asyncio's, and asyncio.run in sync tests) on uvloop,
+# the loop `relay serve` picks in production; unset, the standard asyncio loop. Set as the policy, which every
+# pytest-asyncio version reads when it makes a loop.
+TEST_LOOP = os.environ.get("RELAY_TEST_LOOP", "asyncio")
+if TEST_LOOP == "uvloop":
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+elif TEST_LOOP != "asyncio":
+    raise pytest.UsageError(f"RELAY_TEST_LOOP={TEST_LOOP!r}: expected 'asyncio' or 'uvloop'")
 
 
 def relay_settings(standin: InfobipStandIn, **sections: Any) -> Settings:

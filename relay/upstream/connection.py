@@ -83,16 +83,16 @@ class UpstreamConnection:
         implicit = settings.tls == "implicit"
         report = progress or _silent
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(
+            # Not wait_for: on Python 3.11 it returns the connection and drops a cancel that lands as the connect
+            # completes (uvloop connects on loopback within one loop turn; tests/test_doctor.py caught it).
+            async with asyncio.timeout(settings.connect_timeout):
+                reader, writer = await asyncio.open_connection(
                     settings.host,
                     settings.port,
                     ssl=context if implicit else None,
                     server_hostname=settings.host if implicit else None,
                     limit=64 * 1024,
-                ),
-                settings.connect_timeout,
-            )
+                )
         except ssl.SSLError as exc:  # implicit TLS: the handshake is part of connecting
             raise UpstreamTLSError(settings.host, settings.port, _why(exc)) from exc
         except (OSError, TimeoutError) as exc:
