@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from relay.outcomes.decide import Report
-from relay.outcomes.history import Attempted, HistoryStore, MessageReceived
+from relay.outcomes.history import Attempted, HistoryStore, MessageReceived, Tracked
 from relay.outcomes.sqlite import SqliteHistory
 from relay.outcomes.store import HistoryLayoutError
+from relay.outcomes.trace import in_words
 from relay.outcomes.writer import History
 
 T0 = 1_800_000_000.0
@@ -123,6 +124,30 @@ def test_prune_forgets_old_messages_but_keeps_those_with_a_bounce_to_send(store:
     store.write([received("q1"), received("q2"), Attempted("q2", T0, 1, dead=dead, bounce=True)], True)
     assert store.prune(T0 + 1) == 1
     assert [t.queue_id for t in store.lookup("a@example.org", 5)] == ["q2"]
+
+
+def test_tracking_events_are_recorded_once_per_event_id_and_only_for_our_recipients(store: HistoryStore) -> None:
+    store.write([received(), Attempted("q1", T0 + 1, 1, ("a@example.org", "b@example.org"), ("ib1",))], True)
+    events = [
+        Tracked("e1", "ib1", "A@example.org", "OPENED", T0 + 60, ""),
+        Tracked("e2", "ib1", "b@example.org", "CLICKED", T0 + 61, "https://example.com/inv"),
+        Tracked("e1", "ib1", "a@example.org", "OPENED", T0 + 62, ""),  # the same event pushed again
+        Tracked("e3", "someone-elses", "a@example.org", "OPENED", T0 + 63, ""),
+        Tracked("e4", "ib1", "c@example.org", "OPENED", T0 + 64, ""),  # not a recipient of ib1
+        Tracked("e5", "ib1", "b@example.org", "LATE_BOUNCE", T0 + 65, ""),
+    ]
+    assert store.record_tracking(events) == 3
+    assert store.record_tracking(events[:2]) == 0  # a replayed push
+    [trace] = store.lookup("ib1", 5)
+    assert [(e.address, e.detail) for e in trace.events if e.kind == "tracking"] == [
+        ("A@example.org", "OPENED"),
+        ("b@example.org", "CLICKED https://example.com/inv"),
+        ("b@example.org", "LATE_BOUNCE"),
+    ]
+    assert [r.status for r in trace.recipients] == ["sent", "sent"]  # an event is not a status
+    assert store.due_bounces(T0 + 100, 10) == []  # a late bounce is recorded, never turned into a bounce
+    assert "tracking b@example.org: CLICKED https://example.com/inv" in in_words(trace)
+    assert store.lookup("c@example.org", 5) == []  # nothing stored for what did not match
 
 
 def test_meta_keeps_the_first_value(store: HistoryStore) -> None:

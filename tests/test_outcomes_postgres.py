@@ -33,6 +33,7 @@ from tests.test_outcomes_history import (
     test_pending_and_unknown_reports_change_nothing,
     test_prune_forgets_old_messages_but_keeps_those_with_a_bounce_to_send,
     test_recipients_of_one_message_share_one_bounce_until_it_is_handed_out,
+    test_tracking_events_are_recorded_once_per_event_id_and_only_for_our_recipients,
 )
 
 pytestmark = pytest.mark.slow  # a real server: initdb and start take a few seconds
@@ -47,6 +48,7 @@ __all__ = [
     "test_pending_and_unknown_reports_change_nothing",
     "test_prune_forgets_old_messages_but_keeps_those_with_a_bounce_to_send",
     "test_recipients_of_one_message_share_one_bounce_until_it_is_handed_out",
+    "test_tracking_events_are_recorded_once_per_event_id_and_only_for_our_recipients",
 ]
 
 

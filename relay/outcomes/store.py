@@ -43,6 +43,7 @@ from relay.outcomes.history import (
     MessageTrace,
     Outcome,
     RecipientTrace,
+    Tracked,
 )
 
 SCHEMA_VERSION = "2"  # meta 'schema': the layout below (1: plaintext columns, searched by value)
@@ -201,6 +202,11 @@ class SqlHistory:
             for report in reports:
                 _apply_report(db, report, source, at, bounces_on, applied)
         return applied
+
+    def record_tracking(self, events: Sequence[Tracked]) -> int:
+        """Not durable: an event lost to a power cut costs a line of trace, and nothing is sent because of it."""
+        with self._tx() as db:
+            return sum(_track(db, event) for event in events)
 
     def pending_bulk_ids(self, since: float) -> list[str]:
         with self._read() as db:
@@ -482,6 +488,31 @@ def _apply_report(db: Db, report: Report, source: str, at: float, bounces_on: bo
         _queue_bounce(db, queue_id, [item], at)
     seconds = at - accepted_at if accepted_at is not None else None
     applied.outcomes.append(Outcome(queue_id, report.to, report.message_id, status, detail, seconds, bounce))
+
+
+def _track(db: Db, event: Tracked) -> int:
+    """1 if `event` is new and about a recipient of ours: a `tracking` event of that recipient."""
+    keys = db.cols.searches(ADDRESS, event.address)
+    found = db.one(
+        "SELECT r.queue_id FROM infobip_ids i JOIN recipients r ON r.queue_id = i.queue_id "
+        f"WHERE i.infobip_id = ? AND r.address_key IN {_marks(len(keys))}",
+        (event.infobip_id, *keys),
+    )
+    if found is None:
+        return 0
+    queue_id, cols = found[0], db.cols
+    words = f"{event.kind} {event.detail}".rstrip()
+    return db.run(
+        "INSERT INTO events (queue_id, at, kind, address, detail, event_id) VALUES (?, ?, 'tracking', ?, ?, ?) "
+        "ON CONFLICT DO NOTHING",
+        (
+            queue_id,
+            event.at,
+            cols.seal_text("events.address", queue_id, event.address),
+            cols.seal_text("events.detail", queue_id, words),
+            event.event_id or None,
+        ),
+    ).rowcount
 
 
 def _bounce_job(
