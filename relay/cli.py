@@ -89,7 +89,7 @@ def _queue(args: argparse.Namespace, settings: Settings) -> int:
         print(f"relay: no spool at {spool.path} (spool.path)", file=sys.stderr)
         return 1
     if args.verb == "handoff":  # relay/cluster: scale-in
-        return run_handoff(spool, args.to, settings.listen.hostname, args.timeout)
+        return run_handoff(spool, args.to, settings.listen, args.timeout)
     return queue_verbs.run(spool, args.verb, args)
 
 

@@ -4,6 +4,7 @@ relay over SMTP; when Infobip is back each message arrives exactly once (never b
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -11,16 +12,21 @@ import pytest
 
 from relay.app import Relay
 from relay.cli import main as relay_main
+from relay.core.message import Envelope, Prepared
+from relay.inbound.server import new_queue_id
+from relay.store.journal import Journal, segment_paths
+from relay.store.spool import Spool
 from relay.testing.standin import InfobipStandIn
-from tests.conftest import StartRelay, message
+from tests.conftest import StartRelay, free_port, message
 from tests.helpers import SENDER, queue_files, send_one, spooled, until
 
 pytestmark = pytest.mark.slow  # several relays, one handing its queue to another: seconds each; .ci/run runs them
 
 
-def queue_config(path: Path, spool: Path) -> Path:
-    """Enough config for `relay queue`: where the spool is."""
-    path.write_text(f'[listen]\nhostname = "relay.test"\n\n[spool]\npath = "{spool}"\n')
+def queue_config(path: Path, spool: Path, port: int | None = None) -> Path:
+    """Enough config for `relay queue`: where the spool is (and the relay's own listener, if given)."""
+    listen = f'host = "127.0.0.1"\nport = {port}\n' if port is not None else ""
+    path.write_text(f'[listen]\nhostname = "relay.test"\n{listen}\n[spool]\npath = "{spool}"\n')
     return path
 
 
@@ -97,3 +103,77 @@ async def test_what_the_other_relay_refuses_stays_here(
     argv = ["queue", "--config", str(config), "handoff", "--to", f"127.0.0.1:{b.port}", "--timeout", "3"]
     assert await asyncio.to_thread(relay_main, argv) == 1
     assert messages_in(leaving) == 3
+
+
+async def test_a_relay_refuses_to_hand_off_to_itself_and_nothing_moves(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    standin.behaviour.down = True
+    leaving, port = tmp_path / "leaving", free_port()
+    a = await start_relay(
+        listen={"port": port}, spool=spooled(leaving, sync_wait=0.2, breaker_threshold=1)
+    )  # a fixed port: the relay's settings name the listener it uses
+    await queue_during_outage(a, leaving, 3)
+    own = queue_config(tmp_path / "own.toml", leaving, port)
+    bare = queue_config(tmp_path / "bare.toml", leaving)  # the command cannot tell; the running relay can
+
+    def handoff(config: Path, target: str) -> int:
+        return relay_main(["queue", "--config", str(config), "handoff", "--to", target, "--timeout", "10"])
+
+    for config, target in [(own, f"127.0.0.1:{port}"), (own, f"localhost:{port}"), (bare, f"127.0.0.1:{port}")]:
+        assert await asyncio.to_thread(handoff, config, target) == 2, (config.name, target)
+        assert "is this relay's own listener" in capsys.readouterr().err
+    assert await asyncio.to_thread(handoff, own, "no-port-here") == 2
+    assert "is not HOST:PORT" in capsys.readouterr().err
+    assert messages_in(leaving) == 3 and a.delivery is not None and a.delivery.depth == 3  # all still here
+    await a.stop()
+    assert await asyncio.to_thread(handoff, own, f"127.0.0.1:{port}") == 2  # stopped: the command's own check
+    assert messages_in(leaving) == 3 and not standin.messages
+
+
+def journal_entry(n: int) -> tuple[Prepared, Envelope]:
+    """A message as the relay's journal holds it (committed, acknowledged, not yet attempted)."""
+    queue_id, rcpt, message_id = new_queue_id(), f"j{n}@example.org", f"<j{n}@erp.example.com>"
+    data = message(to=rcpt, Message_ID=message_id)
+    envelope = Envelope(queue_id, SENDER, (rcpt,), message_id, "127.0.0.1", time.time(), len(data))
+    return Prepared(queue_id, SENDER, (rcpt,), message_id, b"", data), envelope
+
+
+async def test_a_stopped_relays_journal_goes_too_and_its_dead_letters_stay(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    standin.behaviour.down = True
+    leaving, staying = tmp_path / "leaving", tmp_path / "staying"
+    a = await start_relay(spool=spooled(leaving, sync_wait=0.2, breaker_threshold=1))
+    b = await start_relay(spool=spooled(staying, sync_wait=0.2, breaker_threshold=1))
+    await queue_during_outage(a, leaving, 5)
+    await a.stop()
+    spool = Spool(leaving)
+    dead_id, twice_id = spool.queued_ids()[:2]
+    [dead_rcpt] = spool.read_envelope(dead_id).recipients
+    spool.dead_letter(dead_id, {dead_rcpt: "550 5.1.1 no such user"}, "550 5.1.1 no such user")
+    spool.remove(dead_id)  # its one recipient is dead: only in dead/
+    # What a crash leaves: three messages only in journal/, and one promoted to queue/ just before the crash.
+    journal = Journal(spool.journal_dir)
+    journal.start(asyncio.get_running_loop())
+    await asyncio.gather(*(journal.append(*journal_entry(n)) for n in range(3)))
+    twice = spool.read_envelope(twice_id)
+    _, data = spool.read(twice_id)
+    await journal.append(Prepared(twice_id, SENDER, twice.recipients, twice.message_id, b"", data), twice)
+    await journal.close()  # without marking them done: they stay live, as after kill -9
+
+    config = queue_config(tmp_path / "a.toml", leaving)
+    argv = ["queue", "--config", str(config), "handoff", "--to", f"127.0.0.1:{b.port}"]
+    assert await asyncio.to_thread(relay_main, argv) == 0
+    out = capsys.readouterr().out
+    assert "3 message(s) left in journal/ by a crash moved to queue/ first" in out
+    assert "handed off 7 message(s)" in out and "1 dead letter(s) in dead/ not handed off" in out
+    assert messages_in(leaving) == 0 and segment_paths(spool.journal_dir) == []
+    assert spool.dead_ids() == [dead_id]  # an engineer's to look at (or requeue), as on a single relay
+
+    standin.behaviour.down = False
+    await standin.wait_for_messages(7, timeout=20)
+    await until(lambda: messages_in(staying) == 0)
+    expected = Counter({f"r{n}@example.org": 1 for n in range(5)} | {f"j{n}@example.org": 1 for n in range(3)})
+    del expected[dead_rcpt]
+    assert Counter(m.rcpt_tos[0] for m in standin.messages) == expected

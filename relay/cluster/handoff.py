@@ -14,7 +14,8 @@ import time
 
 import structlog
 
-from relay.cluster.handoff_client import REQUEST, HandoffClient, Summary, result_path, write_json
+from relay.cluster.handoff_client import REQUEST, HandoffClient, Summary, own_listener, result_path, write_json
+from relay.config import ListenSettings
 from relay.delivery.lane import Lane
 from relay.delivery.queue import Job
 from relay.delivery.scheduler import Delivery
@@ -25,9 +26,10 @@ POLL = 0.2  # seconds between looks for a request (the preStop hook waits on it)
 
 
 class HandoffService:
-    def __init__(self, delivery: Delivery, hostname: str) -> None:
+    def __init__(self, delivery: Delivery, listen: ListenSettings) -> None:
         self.delivery = delivery
-        self.hostname = hostname
+        self.listen = listen
+        self.hostname = listen.hostname
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -47,9 +49,21 @@ class HandoffService:
                 request.unlink()
             except (FileNotFoundError, ValueError):
                 continue
-            summary = await self.hand_off(str(asked["to"]), float(asked["deadline"]))
-            result = {**summary.as_dict(), "left": self.delivery.depth}
+            result = await self._answer(str(asked["to"]), float(asked["deadline"]))
             await asyncio.to_thread(write_json, result_path(self.delivery.spool, str(asked["id"])), result)
+
+    async def _answer(self, target: str, deadline: float) -> dict[str, object]:
+        """The result file's contents; an error, before anything moves, for a --to that is this relay
+        itself (the command checks its config too; this is the listener actually in use)."""
+        try:
+            refusal = await asyncio.to_thread(own_listener, target, self.listen)
+        except ValueError as exc:
+            refusal = str(exc)
+        if refusal is not None:
+            log.error("handoff_refused", to=target, reason=refusal)
+            return {"error": refusal}
+        summary = await self.hand_off(target, deadline)
+        return {**summary.as_dict(), "left": self.delivery.depth}
 
     async def hand_off(self, target: str, deadline: float) -> Summary:
         """Until nothing waits here, or `deadline` (epoch seconds): pass after pass over every lane."""

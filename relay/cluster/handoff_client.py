@@ -2,26 +2,38 @@
 original envelope and bytes, to another relay over plain SMTP (that relay's normal durable path: its 250
 is what lets us delete our copy), so the replica's volume can be deleted without losing mail.
 
-A stopped relay's spool: the command holds the spool lock (no relay can start meanwhile) and sends from
-queue/. A running relay's: the command leaves a request in the spool and the relay does it (relay/cluster/
-handoff.py), taking each message out of its lane's queue first, so no message goes both ways.
+A stopped relay's spool: the command holds the spool lock (no relay can start meanwhile), moves what a
+crash left in journal/ to queue/ (as start-up would take it) and sends from queue/. A running relay's: the
+command leaves a request in the spool and the relay does it (relay/cluster/handoff.py), taking each message
+out of its lane's queue first, so no message goes both ways. Dead letters stay: they are not waiting, and
+Infobip refused them for good (`relay queue requeue` first to send one on).
+
+Handing off to this relay itself would take each message back in under a new queue id, again and again
+until the deadline: a --to that is this relay's own listener is refused (exit status 2). One spool has one
+relay (the spool lock), so "the same spool" is the same relay. Not detectable: a load-balanced address that
+routes back to this replica (Kubernetes takes a terminating Pod out of its Service first).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosmtplib
 
-from relay.store.journal import live_index
-from relay.store.spool import EntryState, Spool, SpoolLocked
+from relay.config import ListenSettings
+from relay.core.message import Envelope, Prepared
+from relay.store.journal import Damaged, live_index, quarantine, read_record, segment_paths
+from relay.store.spool import EntryState, Spool, SpoolLocked, fsync_dir
 
 REQUEST = "handoff-request.json"  # in spool.path: {"id": ..., "to": "host:port", "deadline": epoch seconds}
 
@@ -42,6 +54,41 @@ def parse_target(target: str) -> tuple[str, int]:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--to {target!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def _addresses(host: str) -> set[str]:
+    try:
+        return {str(info[4][0]).split("%")[0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except (socket.gaierror, UnicodeError):
+        return set()  # the hand-off's connect will say what is wrong with it
+
+
+def _on_this_host(address: str) -> bool:
+    """An address this machine answers on: loopback, or one a socket can be bound to."""
+    ip = ipaddress.ip_address(address)
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+def own_listener(target: str, listen: ListenSettings) -> str | None:
+    """Why `target` is this relay's own SMTP listener, or None: its port, on listen.host (or, listening on
+    every address, on any address of this host)."""
+    host, port = parse_target(target)
+    if listen.port == 0 or port != listen.port:
+        return None
+    mine = None if listen.host in ("", "0.0.0.0", "::") else _addresses(listen.host)
+    for address in _addresses(host):
+        if (address in mine) if mine is not None else _on_this_host(address):
+            return (
+                f"--to {target} is this relay's own listener ({listen.host}:{listen.port}): hand off to another relay"
+            )
+    return None
 
 
 @dataclass
@@ -156,30 +203,74 @@ async def request_running(spool: Spool, target: str, timeout: float) -> dict[str
     return None
 
 
-def run_handoff(spool: Spool, target: str, hostname: str, timeout: float) -> int:
+def promote_journal(spool: Spool) -> int:
+    """A stopped relay's live journal records (left by a crash) become queue/ entries, as start-up would
+    deliver them, so the hand-off sends them too; then no segment is needed. Returns how many moved. A
+    record whose queue/ copy exists was promoted just before the crash: that copy wins. A crash in here
+    leaves both, which start-up and the next hand-off take the same way. Damaged records go to damaged/."""
+    damaged: list[Damaged] = []
+    records = live_index(spool.journal_dir, sealer=spool.sealer, damaged=damaged)
+    quarantine(spool.path / "damaged", damaged)
+    moved = 0
+    for record in records:
+        envelope: Envelope = record.envelope
+        if (spool.queue / f"{envelope.queue_id}.msg").exists():
+            continue
+        data = read_record(spool.journal_dir, record, spool.sealer)
+        message = Prepared(envelope.queue_id, envelope.mail_from, envelope.recipients, envelope.message_id, b"", data)
+        spool.commit(message, envelope)
+        moved += 1
+    for path in segment_paths(spool.journal_dir):
+        path.unlink()
+    if spool.journal_dir.is_dir():
+        fsync_dir(spool.journal_dir)
+    return moved
+
+
+def run_handoff(spool: Spool, target: str, listen: ListenSettings, timeout: float) -> int:
     """The CLI verb: a stopped relay's spool directly, a running one's through the relay. Exit status 0
-    when nothing is left waiting here, 1 otherwise (the preStop hook's log says what stayed and why)."""
-    parse_target(target)
+    when nothing is left waiting here, 1 otherwise (the preStop hook's log says what stayed and why), 2 for
+    a --to that cannot be right (not HOST:PORT, or this relay itself), before anything is touched."""
+    try:
+        refusal = own_listener(target, listen)
+    except ValueError as exc:
+        refusal = str(exc)
+    if refusal is not None:
+        print(f"relay: {refusal}", file=sys.stderr)
+        return 2
     try:
         spool.lock()
     except SpoolLocked:
-        found = asyncio.run(request_running(spool, target, timeout))
-        if found is None:
-            print(f"relay: the running relay did not answer the hand-off request within {timeout:.0f} s")
-            return 1
-        print(f"handed off {found['sent']} message(s) to {target}; {found['left']} still waiting here")
-        errors = found.get("errors")
-        for queue_id, reply in (errors if isinstance(errors, dict) else {}).items():
-            print(f"{queue_id}: kept: {reply}")
-        return 0 if found["left"] == 0 else 1
+        return _report_running(asyncio.run(request_running(spool, target, timeout)), spool, target, timeout)
     try:
-        summary = asyncio.run(hand_off_stopped(spool, target, hostname, time.time() + timeout))
-        in_journal = len(live_index(spool.journal_dir, sealer=spool.sealer))
+        promoted = promote_journal(spool)
+        summary = asyncio.run(hand_off_stopped(spool, target, listen.hostname, time.time() + timeout))
     finally:
         spool.unlock()
+    if promoted:
+        print(f"{promoted} message(s) left in journal/ by a crash moved to queue/ first")
     print(f"handed off {summary.sent} message(s) to {target}; {len(summary.kept)} still waiting here")
     for queue_id, reply in summary.kept.items():
         print(f"{queue_id}: kept: {reply}")
-    if in_journal:
-        print(f"{in_journal} message(s) in journal/ (left by a crash): start the relay and hand off again")
-    return 0 if not summary.kept and not in_journal else 1
+    _dead_letters(spool)
+    return 0 if not summary.kept else 1
+
+
+def _report_running(found: dict[str, object] | None, spool: Spool, target: str, timeout: float) -> int:
+    if found is None:
+        print(f"relay: the running relay did not answer the hand-off request within {timeout:.0f} s")
+        return 1
+    if "error" in found:  # the running relay's own settings say --to is itself
+        print(f"relay: {found['error']}", file=sys.stderr)
+        return 2
+    print(f"handed off {found['sent']} message(s) to {target}; {found['left']} still waiting here")
+    errors = found.get("errors")
+    for queue_id, reply in (errors if isinstance(errors, dict) else {}).items():
+        print(f"{queue_id}: kept: {reply}")
+    _dead_letters(spool)
+    return 0 if found["left"] == 0 else 1
+
+
+def _dead_letters(spool: Spool) -> None:
+    if dead := len(spool.dead_ids()):
+        print(f"{dead} dead letter(s) in dead/ not handed off (refused for good; `relay queue requeue ID` to retry)")

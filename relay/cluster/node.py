@@ -14,7 +14,7 @@ from relay.ops.metrics import Metrics
 
 class Replicas:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.hostname = settings.listen.hostname
+        self.listen = settings.listen
         self.cluster: Cluster | None = None
         self.budget: SharedBudget | None = None
         self.handoff: HandoffService | None = None
@@ -32,7 +32,7 @@ class Replicas:
                 self.breakers = delivery.shared.cluster = BreakerSync(self.cluster, delivery)
                 self.breakers.start()
         if delivery is not None:
-            self.handoff = HandoffService(delivery, self.hostname)
+            self.handoff = HandoffService(delivery, self.listen)
             self.handoff.start()
 
     async def stop(self) -> None:
