@@ -308,6 +308,7 @@ async def test_an_unreadable_spool_entry_is_reported_and_left_alone(
     (spool.queue / "0000000000broken.msg").write_bytes(b"not json\nFrom: x\r\n\r\nbody\r\n")
     with structlog.testing.capture_logs() as logs:
         relay = await start_relay(spool=spooled(tmp_path))
+        await until(lambda: any(e["event"] == "spool_loaded" for e in logs))  # queue/ is read after listening
     [event] = [e for e in logs if e["event"] == "spool_entry_unreadable"]
     assert event["queue_id"] == "0000000000broken"
     assert (await send_one(relay.port, SENDER, ["a@example.org"], message())).startswith("250 2.6.0 ")

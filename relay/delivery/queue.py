@@ -22,7 +22,7 @@ class Handoff:
     reply: asyncio.Future[Reply]
 
 
-@dataclass
+@dataclass(slots=True)
 class Job:
     """A message the scheduler knows: its envelope, when it is due, and what is left to do."""
 
@@ -53,6 +53,7 @@ class DeliveryQueue:
         self._heap: list[tuple[float, str]] = []
         self._idle: list[asyncio.Future[None]] = []
         self.stopping = False
+        self.unloaded = 0  # listed in queue/ at start-up and not read yet (relay/delivery/recovery.py)
 
     def schedule(self, job: Job) -> None:
         self.jobs[job.queue_id] = job
@@ -104,7 +105,7 @@ class DeliveryQueue:
 
     @property
     def depth(self) -> int:
-        return len(self.jobs) + len(self.busy)
+        return len(self.jobs) + len(self.busy) + self.unloaded
 
     def oldest_received(self) -> float | None:
         """Arrival time of the oldest message waiting (epoch seconds), for the age gauge."""

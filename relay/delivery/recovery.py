@@ -1,18 +1,30 @@
-"""Start-up and `relay queue flush`: what the store holds becomes jobs for the scheduler."""
+"""Start-up and `relay queue flush`: what the store holds becomes jobs for the scheduler.
+
+Start-up lists queue/ (names only) before the relay listens, and reads the entries after: a batch at a
+time in a thread, each batch scheduled as soon as it is read, oldest first (queue ids sort by arrival),
+so a big queue neither delays the first EHLO nor waits to be read in full before its oldest messages
+go out. Until a message is read it is counted as waiting (`DeliveryQueue.unloaded`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 
 import structlog
 
 from relay.core.message import Envelope, Prepared
+from relay.delivery.clock import Clock
 from relay.delivery.queue import DeliveryQueue, Job
 from relay.store.journal import Journal, LiveRecord
-from relay.store.spool import EntryState, Spool
+from relay.store.sealing import UnknownKeyError
+from relay.store.spool import EntryState, Listing, Spool
 
 log = structlog.get_logger("relay.delivery")
 Route = Callable[[Envelope], DeliveryQueue]  # the queue of the message's profile
+Found = list[tuple[Envelope, EntryState]]
+LOAD_BATCH = 500  # queue/ entries read per trip to the loader thread (about 25 ms of reading)
 
 
 def stored_message(envelope: Envelope, data: bytes) -> Prepared:
@@ -20,37 +32,41 @@ def stored_message(envelope: Envelope, data: bytes) -> Prepared:
     return Prepared(envelope.queue_id, envelope.mail_from, envelope.recipients, envelope.message_id, b"", data)
 
 
-def schedule_journal(route: Route, journal: Journal, records: list[LiveRecord]) -> int:
+def schedule_journal(route: Route, journal: Journal, records: list[LiveRecord], queued: AbstractSet[str]) -> int:
     """Start-up: what the journal holds and nobody finished is delivered from where it is (recovery
-    needs no free space). A message also in queue/ (promoted just before the crash) goes from there."""
+    needs no free space). A message also in queue/ (`queued`: promoted just before the crash) goes from there."""
     count = 0
     for record in records:
         queue_id = record.envelope.queue_id
-        queue = route(record.envelope)
-        if queue_id in queue.jobs:
+        if queue_id in queued:
             journal.done(queue_id)
             continue
-        queue.schedule(Job(record.envelope, due=0.0, in_journal=True, record=record))
+        route(record.envelope).schedule(Job(record.envelope, due=0.0, in_journal=True, record=record))
         count += 1
     return count
 
 
-def scan_queue(spool: Spool, skip: set[str]) -> list[tuple[Envelope, EntryState]]:
-    """Read what queue/ holds (in a thread: disk only, no event-loop state)."""
+def read_entries(spool: Spool, ids: Iterable[str], with_state: Callable[[str], bool]) -> Found:
+    """Read these queue/ entries (in a thread: disk only, no event-loop state)."""
     found = []
-    for queue_id in spool.queued_ids():
-        if queue_id in skip:
-            continue
+    for queue_id in ids:
         try:
-            found.append((spool.read_envelope(queue_id), spool.read_state(queue_id)))
+            found.append(spool.read_queued(queue_id, with_state(queue_id)))
         except FileNotFoundError:
             continue  # delivered and removed since the directory was listed
+        except UnknownKeyError as exc:  # the start-up key check reads a sample: left for an engineer
+            log.error("spool_entry_key_missing", queue_id=queue_id, key_id=exc.key_id, kept="in place")
         except Exception as exc:  # unreadable: leave it for an engineer, say so
             log.error("spool_entry_unreadable", queue_id=queue_id, error=f"{type(exc).__name__}: {exc}")
     return found
 
 
-def schedule_found(route: Route, found: list[tuple[Envelope, EntryState]], skip: set[str]) -> int:
+def scan_queue(spool: Spool, skip: set[str]) -> Found:
+    """Read what queue/ holds now (`relay queue flush` and `requeue` on a running relay)."""
+    return read_entries(spool, (i for i in spool.queued_ids() if i not in skip), lambda _: True)
+
+
+def schedule_found(route: Route, found: Found, skip: set[str]) -> int:
     """Schedule every message not known yet; a known one takes its recipients from its .state (e.g.
     `requeue` added dead-lettered recipients back). Returns how many were new."""
     added = 0
@@ -69,3 +85,32 @@ def schedule_found(route: Route, found: list[tuple[Envelope, EntryState]], skip:
         queue.schedule(job)
         added += 1
     return added
+
+
+class QueueLoader:
+    """queue/ as listed at start-up, read and scheduled after the relay listens (see the module's doc)."""
+
+    def __init__(self, spool: Spool, listing: Listing, counted: DeliveryQueue, clock: Clock) -> None:
+        self.spool = spool
+        self.listing = listing
+        self.counted = counted  # the queue whose depth counts what is not read yet (the default lane's)
+        self.clock = clock
+        self.loaded = 0
+        counted.unloaded += len(listing.ids)
+
+    async def run(self, route: Route, skip: Callable[[], set[str]], hold: Callable[[DeliveryQueue], None]) -> None:
+        """Read and schedule every batch; `hold(queue)` for a queue that got a message an outage held
+        before the restart (delivery there waits for one probe, then all go at once)."""
+        started = self.clock.monotonic()
+        ids, with_state = await asyncio.to_thread(sorted, self.listing.ids), self.listing.with_state
+        try:
+            for start in range(0, len(ids), LOAD_BATCH):
+                batch = ids[start : start + LOAD_BATCH]
+                found = await asyncio.to_thread(read_entries, self.spool, batch, with_state.__contains__)
+                self.loaded += schedule_found(route, found, skip())
+                self.counted.unloaded -= len(batch)
+                for queue in {route(envelope) for envelope, state in found if state.held}:
+                    hold(queue)
+        finally:
+            self.counted.unloaded = 0  # read, or stopping (what was not read stays on disk for the next start)
+        log.info("spool_loaded", messages=self.loaded, seconds=round(self.clock.monotonic() - started, 3))

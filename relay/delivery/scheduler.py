@@ -21,7 +21,7 @@ from relay.delivery.janitor import Janitor
 from relay.delivery.lane import AttemptObserver, Lane, Shared
 from relay.delivery.prober import Prober
 from relay.delivery.queue import DeliveryQueue, Job
-from relay.delivery.recovery import scan_queue, schedule_found, schedule_journal
+from relay.delivery.recovery import QueueLoader, scan_queue, schedule_found, schedule_journal
 from relay.ops.metrics import Metrics
 from relay.store.journal import Journal
 from relay.store.spool import Spool
@@ -97,32 +97,52 @@ class Delivery:
     # lifecycle
 
     async def start(self) -> None:
+        """Recover the store and start the lanes; queue/ is only listed here and read after the relay
+        listens (relay/delivery/recovery.py), so start-up time does not grow with the queue."""
         started = self.clock.monotonic()
         self.spool.lock()  # raises SpoolLocked before anything on disk is touched
-        await asyncio.to_thread(self.spool.recover)
+        listing = await asyncio.to_thread(self.spool.recover)
         ignored: list[tuple[str, int]] = []
         records = await asyncio.to_thread(self.journal.recover, ignored)
         for segment, size in ignored:  # after a crash, a torn last record (never acknowledged) is normal
             log.warning("spool_journal_tail_ignored", segment=segment, bytes=size)
         self.journal.start(asyncio.get_running_loop())
-        count = await self._load_queue()
-        recovered = schedule_journal(self._route_envelope, self.journal, records)
+        recovered = schedule_journal(self._route_envelope, self.journal, records, listing.ids)
         wanted = await asyncio.to_thread(self.spool.take_flush_request)  # `relay queue flush` while stopped
-        for lane in self.lanes.values() if wanted is not None else ():
-            lane.queue.flush_ids(wanted) if wanted else lane.queue.flush()
-        for lane in self.lanes.values():
-            if lane.queue.holds_any:  # held by an outage before the restart: one probe, then all at once
-                lane.breaker.hold(self.clock.monotonic(), "messages held by an outage before the restart")
-                lane.prober.opened()
         seconds = round(self.clock.monotonic() - started, 3)
-        log.info("spool_recovered", messages=count, from_journal=recovered, seconds=seconds)
+        log.info("spool_recovered", messages=len(listing.ids), from_journal=recovered, seconds=seconds)
         self._started = True
         for lane in self.lanes.values():
             lane.start()
+        loader = QueueLoader(self.spool, listing, self.queue, self.clock)
         self._helpers = [
-            asyncio.create_task(self._watch(), name="delivery-watch"),
+            asyncio.create_task(self._load(loader, wanted), name="delivery-load"),
             asyncio.create_task(self.janitor.run(), name="delivery-janitor"),
         ]
+
+    async def _load(self, loader: QueueLoader, wanted: set[str] | None) -> None:
+        """queue/ into the lanes; then the flush asked for while stopped, and the watch for the next ones."""
+        held: set[str] = set()
+
+        def hold(queue: DeliveryQueue) -> None:  # held by an outage before the restart: one probe, then all
+            for name, lane in self.lanes.items():
+                if lane.queue is not queue:
+                    continue
+                if name not in held:
+                    held.add(name)
+                    lane.breaker.hold(self.clock.monotonic(), "messages held by an outage before the restart")
+                    lane.prober.opened()
+                elif not lane.breaker.is_open:  # the probe succeeded while later batches were read
+                    queue.release_held()
+
+        await loader.run(self._route_envelope, self._skip, hold)
+        for lane in self.lanes.values() if wanted is not None else ():
+            lane.queue.flush_ids(wanted) if wanted else lane.queue.flush()
+        await self._watch()
+
+    def _skip(self) -> set[str]:
+        """Messages not to schedule from disk: a worker has them, or they are delivered and being removed."""
+        return {queue_id for lane in self.lanes.values() for queue_id in lane.queue.busy} | self.janitor.done
 
     async def stop(self, timeout: float) -> None:
         """Start nothing new; let attempts in flight finish within `timeout` seconds; leave the rest."""
@@ -163,9 +183,8 @@ class Delivery:
         return self.lane(envelope.profile).queue
 
     async def _load_queue(self) -> int:
-        busy = {queue_id for lane in self.lanes.values() for queue_id in lane.queue.busy}
-        found = await asyncio.to_thread(scan_queue, self.spool, busy | self.janitor.done)
-        return schedule_found(self._route_envelope, found, busy | self.janitor.done)
+        found = await asyncio.to_thread(scan_queue, self.spool, self._skip())
+        return schedule_found(self._route_envelope, found, self._skip())
 
     def _status_of(self, profile: str, status: dict[str, object]) -> None:
         """Every lane's pause, in one status file for `relay queue list` (written off the loop)."""

@@ -132,6 +132,9 @@ class _Queue(Protocol):
     @property
     def busy(self) -> set[str]: ...
 
+    @property
+    def unloaded(self) -> int: ...
+
 
 def waiting_jobs(queues: Iterable[_Queue], queue_dir: Path) -> list[_Job]:
     """The scheduler's waiting jobs (every lane's) whose message is still on disk: `relay queue delete`
@@ -147,9 +150,10 @@ def waiting_jobs(queues: Iterable[_Queue], queue_dir: Path) -> list[_Job]:
 
 
 def spool_depth(queues: Iterable[_Queue], queue_dir: Path) -> int:
-    """relay_spool_depth: waiting on disk (or in the journal), plus those a worker has now."""
+    """relay_spool_depth: waiting on disk (or in the journal), plus those a worker has now, plus those
+    start-up has listed and not read yet."""
     queues = list(queues)
-    return len(waiting_jobs(queues, queue_dir)) + sum(len(queue.busy) for queue in queues)
+    return len(waiting_jobs(queues, queue_dir)) + sum(len(queue.busy) + queue.unloaded for queue in queues)
 
 
 def oldest_received(queues: Iterable[_Queue], queue_dir: Path) -> float | None:

@@ -1,9 +1,10 @@
 """Which keys the spool's records need, the start-up check that they are all configured, and `relay queue
 rekey`, which rewrites everything waiting under the current key so an old key can be retired.
 
-The check reads only each record's header (the key id, see relay/store/sealing.py) and writes nothing, so a
-relay started with a wrong or missing key stops with a config error naming the key id before anything
-under the spool path is created, moved, changed or deleted.
+The check reads only record headers (the key id, see relay/store/sealing.py): every journal record's and a
+sample of queue/ and dead/ (key_sample). It writes nothing, so a relay started with a wrong or missing key
+stops with a config error naming the key id before anything under the spool path is created, moved, changed
+or deleted.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from relay.store.sealing import DEAD_STATE, STATE, MissingKeyError, Sealer, Seal
 from relay.store.spool import Spool, file_key_id, fsync_dir, read_message_file, write_atomically
 
 NOT_KEYS = ("plain", "damaged")  # census entries that are not key ids
+KEY_SAMPLE = 64  # .msg (and .state) files per directory whose key id start-up checks
 
 
 def key_census(spool: Spool) -> dict[str, int]:
@@ -35,26 +37,48 @@ def key_census(spool: Spool) -> dict[str, int]:
     return census
 
 
+def key_sample(spool: Spool, per_kind: int = KEY_SAMPLE) -> dict[str, int]:
+    """key_census for start-up: every journal record (recovery reads them all anyway), but of queue/ and
+    dead/ only about `per_kind` .msg and as many .state files, spread over the directory listing, with the
+    oldest and the newest (ids sort by arrival). A key still needed seals a run of messages that the sample
+    meets unless it is a small share of them; a message the sample missed that no configured key opens is
+    reported when start-up reads it (spool_entry_key_missing) and left in place."""
+    census = journal.key_census(spool.journal_dir)
+    for directory in (spool.queue, spool.dead):
+        if not directory.is_dir():
+            continue
+        names = os.listdir(directory)
+        for suffix in (".msg", ".state"):
+            found = [name for name in names if name.endswith(suffix)]
+            if not found:
+                continue
+            for name in {*found[:: max(1, len(found) // per_kind)], min(found), max(found)}:
+                key = file_key_id(os.path.join(directory, name))
+                if key is not None:
+                    census[key] = census.get(key, 0) + 1
+    return census
+
+
 def check_keys(spool: Spool) -> None:
     """MissingKeyError (a config error) naming every key id the spool has records of that the config
-    does not hold."""
-    census = key_census(spool)
+    does not hold (by key_sample: start-up must not read every file before it listens)."""
+    census = key_sample(spool)
     held = set(spool.sealer.key_ids) if spool.sealer is not None else set()
     missing = sorted(name for name in census if name not in held and name not in NOT_KEYS)
     if not missing:
-        spool.keys_checked = True  # one scan per start: it reads a header of every file
+        spool.keys_checked = True  # one check per start
         return
     records, ids = sum(census[name] for name in missing), ", ".join(missing)
     if spool.sealer is None:
         raise MissingKeyError(
-            f"spool.encryption_key_file: not set, but {spool.path} holds {records} record(s) sealed with key id "
-            f"{ids}; set it (or spool.old_key_files) to the key file(s) with that id. Nothing under the spool "
-            "was changed"
+            f"spool.encryption_key_file: not set, but {spool.path} holds record(s) sealed with key id {ids} "
+            f"({records} of those checked); set it (or spool.old_key_files) to the key file(s) with that id. "
+            "Nothing under the spool was changed"
         )
     raise MissingKeyError(
-        f"spool.encryption_key_file: {spool.path} holds {records} record(s) sealed with key id {ids}, which is "
-        f"neither the current key ({spool.sealer.current_id}) nor in spool.old_key_files; add the key file with "
-        "that id to spool.old_key_files. Nothing under the spool was changed"
+        f"spool.encryption_key_file: {spool.path} holds record(s) sealed with key id {ids} ({records} of those "
+        f"checked), which is neither the current key ({spool.sealer.current_id}) nor in spool.old_key_files; add "
+        "the key file with that id to spool.old_key_files. Nothing under the spool was changed"
     )
 
 

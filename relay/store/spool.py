@@ -47,6 +47,7 @@ STATUS = "status.json"  # what the running relay says about delivery (paused unt
 # Messages hold recipient addresses and bodies: only the relay's own user may read them, whatever the umask.
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+ENVELOPE_READ = 4096  # what start-up reads of a .msg file first: the envelope line is nearly always in it
 
 
 class SpoolLocked(OSError):
@@ -105,6 +106,7 @@ class Spool:
         self.queue = path / "queue"
         self.dead = path / "dead"
         self.journal_dir = path / "journal"  # relay/store/journal.py owns what is inside
+        self._queue_str = str(self.queue)
         self._queue_dir_fd: int | None = None
         self._lock_fd: int | None = None
         self._renames_lock = threading.Lock()
@@ -219,11 +221,16 @@ class Spool:
             raw = ((self.dead if dead else self.queue) / f"{queue_id}.state").read_bytes()
         except FileNotFoundError:
             return EntryState()
-        if is_sealed(raw):
-            raw = _opener(self.sealer).open(DEAD_STATE if dead else STATE, queue_id, raw)[0]
-        fields = json.loads(raw)
-        known = EntryState.__dataclass_fields__
-        return EntryState(**{k: v for k, v in fields.items() if k in known})  # a newer version's keys: ignored
+        return parse_state(self.sealer, queue_id, raw, DEAD_STATE if dead else STATE)
+
+    def read_queued(self, queue_id: str, has_state: bool) -> tuple[Envelope, EntryState]:
+        """Start-up's read of one queue/ entry: the envelope alone (a sealed body is not decrypted) and the
+        .state only when the listing saw one. Plain os calls on string paths: start-up makes one of these
+        per queued message, in a thread beside the listening relay. FileNotFoundError if it is gone."""
+        base = os.path.join(self._queue_str, queue_id)
+        envelope = Envelope.from_line(envelope_line(base + ".msg", queue_id, self.sealer))
+        raw = _read_if_there(base + ".state") if has_state else None  # gone since the listing: None too
+        return envelope, EntryState() if raw is None else parse_state(self.sealer, queue_id, raw, STATE)
 
     def queued_ids(self) -> list[str]:
         """Committed messages in arrival order (queue ids sort by time)."""
@@ -328,20 +335,40 @@ class Spool:
             return None
         return {line.strip() for line in text.splitlines() if line.strip()}
 
-    def recover(self) -> None:
-        """Start-up: drop what was never acknowledged and state files whose message is gone."""
+    def recover(self) -> Listing:
+        """Start-up: drop what was never acknowledged and state files whose message is gone; return what
+        queue/ holds (the same directory pass: start-up reads nothing more before it listens)."""
         self.create()
         for leftover in self.tmp.iterdir():
             if leftover.is_dir():  # not ours: leave it, but do not fail start-up over it
                 continue
             leftover.unlink()
-        for directory in (self.queue, self.dead):
-            for entry in os.scandir(directory):
-                name = entry.name
-                if name.endswith(".tmp") or (
-                    name.endswith(".state") and not os.path.exists(entry.path[: -len(".state")] + ".msg")
-                ):
-                    os.unlink(entry.path)
+        tidy(self.dead)
+        return tidy(self.queue)
+
+
+def tidy(directory: Path) -> Listing:
+    """Start-up, for queue/ or dead/: .tmp files and orphan .state files go; the rest is listed."""
+    names = os.listdir(directory)  # names only: no stat, no DirEntry per file
+    listing = Listing({name[: -len(".msg")] for name in names if name.endswith(".msg")}, set())
+    for name in names:
+        if name.endswith(".tmp"):
+            os.unlink(os.path.join(directory, name))
+        elif name.endswith(".state"):
+            queue_id = name[: -len(".state")]  # an orphan by the listing is checked once more
+            if queue_id in listing.ids or os.path.exists(os.path.join(directory, queue_id + ".msg")):
+                listing.with_state.add(queue_id)
+            else:
+                os.unlink(os.path.join(directory, name))
+    return listing
+
+
+@dataclass(slots=True)
+class Listing:
+    """queue/ at start-up: the message ids, and which of them have a .state file."""
+
+    ids: set[str]
+    with_state: set[str]
 
 
 def tighten(directories: Iterable[Path]) -> None:
@@ -391,7 +418,7 @@ def read_message_file(path: Path, queue_id: str, sealer: Sealer | None) -> tuple
 def file_key_id(path: str) -> str | None:
     """The key id a .msg or .state file is sealed with, "plain", "damaged", or None if it is gone."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # something that is not a file (a FIFO) must not hang
     except FileNotFoundError:
         return None
     try:
@@ -404,6 +431,46 @@ def file_key_id(path: str) -> str | None:
         return peek(head).key_id
     except SealError:
         return "damaged"
+
+
+def parse_state(sealer: Sealer | None, queue_id: str, raw: bytes, kind: bytes) -> EntryState:
+    if is_sealed(raw):
+        raw = _opener(sealer).open(kind, queue_id, raw)[0]
+    fields = json.loads(raw)
+    known = EntryState.__dataclass_fields__
+    return EntryState(**{k: v for k, v in fields.items() if k in known})  # a newer version's keys: ignored
+
+
+def _read_if_there(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+def envelope_line(path: str, queue_id: str, sealer: Sealer | None) -> bytes:
+    """The envelope line of a .msg file, by plain os calls; of a sealed one only the envelope is read."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = _read_until(fd, b"", HEADER.size)
+        if is_sealed(head):
+            return _opener(sealer).open_envelope(queue_id, _read_until(fd, head, peek(head).end))[0]
+        while b"\n" not in head and (more := os.read(fd, ENVELOPE_READ)):
+            head += more
+        return head[: head.find(b"\n") + 1] or head
+    finally:
+        os.close(fd)
+
+
+def _read_until(fd: int, data: bytes, size: int) -> bytes:
+    """`data` (what was read of fd so far) extended to `size` bytes, or to the end of the file."""
+    while len(data) < size:
+        more = os.read(fd, max(size - len(data), ENVELOPE_READ))
+        if not more:
+            break
+        data += more
+    return data
 
 
 def _ids(directory: Path) -> Iterator[str]:
