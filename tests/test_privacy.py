@@ -81,7 +81,7 @@ def test_each_hipaa_rule_names_what_breaks_it() -> None:
     assert violations(compliant()) == []
     cases: dict[str, dict[str, Any]] = {
         "spool.encryption_key_file": {"spool_encrypted": False},
-        "message history": {"history": True},
+        "message history": {"history": True, "spool_enabled": False, "spool_encrypted": False},
         "privacy.hipaa_upstream_host is not set": {"hipaa_upstream_host": "", "upstreams": []},
         "is not privacy.hipaa_upstream_host": {"upstreams": [("upstream.host", "smtp-api.infobip.com", True)]},
         "insecure_skip_verify": {"upstreams": [("upstream.host", "hipaa.example.infobip.com", False)]},
@@ -99,6 +99,10 @@ def test_each_hipaa_rule_names_what_breaks_it() -> None:
         assert len(found) == 1 and expected in found[0], (expected, found)
     assert violations(PrivacyFacts(**{**fields, "listen_host": "0.0.0.0", "require_tls": True})) == []
     assert violations(PrivacyFacts(**{**fields, "spool_enabled": False, "spool_encrypted": False})) == []
+    assert violations(PrivacyFacts(**{**fields, "history": True})) == []  # sealed with the spool's key
+    assert violations(PrivacyFacts(**{**fields, "history": True, "spool_encrypted": False})) == [
+        "spool.encryption_key_file is not set: queued messages and the message history would be stored in the clear"
+    ]  # one line for the one setting that fixes both
 
 
 def hipaa_config(tmp_path: Path, **changes: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -118,6 +122,8 @@ def hipaa_config(tmp_path: Path, **changes: dict[str, Any]) -> dict[str, dict[st
 
 def test_hipaa_mode_accepts_a_compliant_config_and_refuses_each_violation_by_name(tmp_path: Path) -> None:
     assert Settings(**hipaa_config(tmp_path)).privacy.mode == "hipaa"
+    history = {"reports": {"enabled": True, "api_key": "k"}, "bounces": {"enabled": True, "smtp_host": "127.0.0.1"}}
+    assert Settings(**hipaa_config(tmp_path, **history)).reports.enabled  # the history is sealed with the spool key
     with pytest.raises(ConfigError) as refused:
         load_settings(
             None,

@@ -28,7 +28,7 @@ class PrivacyFacts:
     listen_host: str
     http_enabled: bool
     http_host: str
-    history: bool  # reports or bounces keep a message history (not sealed yet)
+    history: bool  # reports or bounces keep a message history (sealed with the spool key when there is one)
 
 
 def is_loopback(host: str) -> bool:
@@ -42,10 +42,10 @@ def is_loopback(host: str) -> bool:
 
 def violations(facts: PrivacyFacts) -> list[str]:
     found: list[str] = []
-    if facts.spool_enabled and not facts.spool_encrypted:
-        found.append("spool.encryption_key_file is not set: queued messages would be stored in the clear")
-    if facts.spool_enabled and facts.history:
-        found.append("reports/bounces keep a message history with addresses that is not encrypted at rest yet")
+    kept = (("queued messages", facts.spool_enabled), ("the message history", facts.history))
+    in_clear = [what for what, on in kept if on]
+    if in_clear and not facts.spool_encrypted:  # the history is sealed with the spool's key
+        found.append(f"spool.encryption_key_file is not set: {' and '.join(in_clear)} would be stored in the clear")
     found += _upstream(facts)
     for where, name, template in facts.header_rules:
         if name.lower() == CALLBACK_HEADER:

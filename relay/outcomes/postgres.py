@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 
-from relay.outcomes.columns import Columns
-from relay.outcomes.store import SENDING_STALE, Cursor, Db, Dialect, SqlHistory, create_schema, pyformat
+from relay.outcomes.columns import Columns, columns_for
+from relay.outcomes.store import SENDING_STALE, Cursor, Db, Dialect, SqlHistory, check_keys, create_schema, pyformat
 
 __all__ = ["PRUNE_LOCK", "SENDING_STALE", "PostgresHistory"]
 
@@ -51,9 +51,10 @@ class PostgresDb(Db):
 class PostgresHistory(SqlHistory):
     """HistoryStore on PostgreSQL. One connection, used from one thread (relay/outcomes/writer.py)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, keys: Sequence[bytes] = ()) -> None:
+        """`keys`: the spool's (spool.encryption_keys, current first); none: values in the clear."""
         self._url = url  # a secret (it may carry the password): never logged
-        self._cols = Columns()
+        self._cols = columns_for(keys)
         self.conn = self._connect()
 
     def _connect(self) -> Conn:
@@ -64,6 +65,7 @@ class PostgresHistory(SqlHistory):
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 create_schema(self._db)
+                check_keys(self._db)
         except BaseException:
             conn.close()
             raise

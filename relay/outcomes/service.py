@@ -52,10 +52,10 @@ HEADERS_KEPT = 65536  # bytes of a header block kept for a bounce's text/rfc822-
 def open_store(settings: Settings) -> HistoryStore:
     """PostgreSQL when `history_url` is set (one history for every replica), else the SQLite file."""
     if url := settings.reports.history_url.get_secret_value():
-        return PostgresHistory(url)
+        return PostgresHistory(url, settings.spool.encryption_keys)
     path = history_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return SqliteHistory(path)
+    return SqliteHistory(path, settings.spool.encryption_keys)
 
 
 def outcomes_for(settings: Settings, registry: CollectorRegistry, clock: Clock | None) -> Outcomes | None:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import Settings
-from relay.outcomes.columns import Columns
-from relay.outcomes.store import Cursor, Db, Dialect, SqlHistory, check_layout, create_schema
+from relay.outcomes.columns import Columns, columns_for
+from relay.outcomes.store import Cursor, Db, Dialect, SqlHistory, check_keys, check_layout, create_schema
 
 SQLITE = Dialect(
     seq="seq INTEGER PRIMARY KEY",
@@ -62,10 +62,11 @@ class SqliteDb(Db):
 class SqliteHistory(SqlHistory):
     """HistoryStore on SQLite. Use from one thread at a time (relay/outcomes/writer.py sees to it)."""
 
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+    def __init__(self, path: Path, keys: Sequence[bytes] = (), *, readonly: bool = False) -> None:
+        """`keys`: the spool's (spool.encryption_keys, current first); none: values in the clear."""
         self.path = path
         self.db = connect(path, readonly=readonly)
-        self._db = SqliteDb(self.db, Columns())
+        self._db = SqliteDb(self.db, columns_for(keys))
         try:
             with self._read() if readonly else self._tx() as db:
                 if readonly:
@@ -73,6 +74,7 @@ class SqliteHistory(SqlHistory):
                 else:
                     create_schema(db)
                     db.run("UPDATE bounces SET state = 'pending' WHERE state = 'sending'")  # a crash mid-send: again
+                check_keys(db)
         except BaseException:
             self.db.close()
             raise

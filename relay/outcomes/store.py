@@ -45,6 +45,7 @@ from relay.outcomes.history import (
     RecipientTrace,
     Tracked,
 )
+from relay.store.sealing import MissingKeyError, SealError
 
 SCHEMA_VERSION = "2"  # meta 'schema': the layout below (1: plaintext columns, searched by value)
 SENDING_STALE = 600.0  # seconds a bounce may stay claimed ('sending') before it is offered again (a dead replica)
@@ -80,8 +81,22 @@ CREATE TABLE poller (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires {real}
 """
 
 
+# The columns relay/outcomes/columns.py seals, by table (with the column that names a row), and the search
+# key written beside the first of them.
+SENSITIVE = {
+    "messages": ("queue_id", ("message_id", "sender", "client_ip", "headers")),
+    "recipients": ("seq", ("address", "detail")),
+    "events": ("seq", ("address", "detail")),
+    "bounces": ("id", ("recipients", "last_error")),
+}
+SEARCHED = {"messages": ("message_key", MESSAGE_ID), "recipients": ("address_key", ADDRESS)}
+
+
 class HistoryLayoutError(RuntimeError):
     """The database holds a history of another layout (an older relay's): it is not read or changed."""
+
+
+UNREADABLE = (SealError, MissingKeyError, HistoryLayoutError)  # a history this config cannot read
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +169,18 @@ def check_layout(db: Db) -> None:
             f"the message history has layout {row[0] if row else 1}, not {SCHEMA_VERSION} (an older relay wrote it): "
             "move the SQLite file aside, or drop the PostgreSQL database's tables; it is not changed here"
         )
+
+
+def check_keys(db: Db) -> None:
+    """MissingKeyError (a config error) if the oldest or the newest message's values were sealed with a key
+    that is not configured: a wrong key is named at start, as the spool's are. Two rows, by an index; a
+    value under any other missing key is reported when it is read."""
+    found = [
+        row[0]
+        for order in ("ASC", "DESC")
+        if (row := db.one(f"SELECT sender FROM messages ORDER BY received_at {order} LIMIT 1")) is not None
+    ]
+    db.cols.check(found)
 
 
 def _marks(count: int) -> str:
@@ -292,6 +319,13 @@ class SqlHistory:
                 ids = _find(db, f"<{query}>", limit)  # a Message-ID typed without its brackets
             return [trace for queue_id in ids if (trace := _trace(db, queue_id)) is not None]
 
+    def rekey(self) -> int:
+        """Every value not under the current spool key (an old key's, or one in the clear) sealed again under
+        it, with its search key; returns how many rows were rewritten. One transaction: a damaged value
+        (SealError) leaves everything as it was. Then the old key can leave spool.old_key_files."""
+        with self._tx(durable=True) as db:
+            return sum(_rekey(db, table, row_id, names) for table, (row_id, names) in SENSITIVE.items())
+
     def prune(self, before: float) -> int:
         """Messages whose bounce is still to go are kept until it has gone."""
         with self._tx() as db:
@@ -307,6 +341,26 @@ class SqlHistory:
             count = int(db.one("SELECT count(*) FROM gone")[0])
             db.run("DROP TABLE gone")
             return count
+
+
+def _rekey(db: Db, table: str, row_id: str, names: tuple[str, ...]) -> int:
+    cols, search = db.cols, SEARCHED.get(table)
+    changed = []
+    for rid, queue_id, *values in db.all(f"SELECT {row_id}, queue_id, {', '.join(names)} FROM {table}"):
+        if all(cols.is_current(value) for value in values):
+            continue
+        plain = [
+            None if v is None else cols.open(f"{table}.{n}", queue_id, v) for n, v in zip(names, values, strict=True)
+        ]
+        row: list[bytes | str | None] = [
+            None if p is None else cols.seal(f"{table}.{n}", queue_id, p) for n, p in zip(names, plain, strict=True)
+        ]
+        if search is not None:  # the searched value comes first in `names`
+            row.append(cols.search(search[1], (plain[0] or b"").decode()))
+        changed.append((*row, rid))
+    columns = [*names, *([search[0]] if search else [])]
+    db.many(f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in columns)} WHERE {row_id} = ?", changed)
+    return len(changed)
 
 
 def _event(db: Db, queue_id: str, at: float, kind: str, address: str | None, detail: str) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from relay.config import Settings
 from relay.outcomes.history import MessageTrace
 from relay.outcomes.sqlite import SqliteHistory, history_path
+from relay.outcomes.store import UNREADABLE
 
 _KINDS = {"received": "received", "attempt": "attempt", "report": "report", "tracking": "tracking", "bounce": "bounce"}
 
@@ -56,36 +57,36 @@ def trace_command(settings: Settings, query: str, *, as_lines: bool) -> int:
     """`relay trace [--json] QUERY`: read-only, beside a running relay (SQLite's WAL lets both); with
     `history_url`, the PostgreSQL history every replica shares."""
     if url := settings.reports.history_url.get_secret_value():
-        return _print(_postgres_lookup(url, query), query, as_lines=as_lines)
+        return _print(_postgres_lookup(url, query, settings.spool.encryption_keys), query, as_lines=as_lines)
     path = history_path(settings)
     if not path.is_file():
         print(f"relay: no message history at {path} (it is kept while [reports] or [bounces] is on)", file=sys.stderr)
         return 1
     try:
-        store = SqliteHistory(path, readonly=True)
+        store = SqliteHistory(path, settings.spool.encryption_keys, readonly=True)
         try:
             found = store.lookup(query, 50)
         finally:
             store.close()
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, *UNREADABLE) as exc:  # a wrong spool key, a damaged value, an older layout
         print(f"relay: cannot read the message history at {path}: {exc}", file=sys.stderr)
         return 1
     return _print(found, query, as_lines=as_lines)
 
 
-def _postgres_lookup(url: str, query: str) -> list[MessageTrace] | None:
+def _postgres_lookup(url: str, query: str, keys: list[bytes]) -> list[MessageTrace] | None:
     """None when the database cannot be reached or read (said on stderr, without the URL: a secret)."""
     import psycopg
 
     from relay.outcomes.postgres import PostgresHistory
 
     try:
-        store = PostgresHistory(url)
+        store = PostgresHistory(url, keys)
         try:
             return store.lookup(query, 50)
         finally:
             store.close()
-    except psycopg.Error as exc:
+    except (psycopg.Error, *UNREADABLE) as exc:
         print(f"relay: cannot read the message history in PostgreSQL (history_url): {exc}", file=sys.stderr)
         return None
 
