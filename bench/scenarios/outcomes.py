@@ -12,13 +12,15 @@ is the median of the per-round ratios on/off. Relay CPU per message (user + syst
 messages included) is the steadier measure on a busy machine. The history's size is that of its file (and
 WAL) after the relay stopped, divided by the messages in it.
 
-`--outcomes-profile py-spy` runs both relays under py-spy and prints the frames whose share of the samples
-grew most with reports on (the ratio of that run is not the figure: the profiler costs both).
+`--outcomes-profile py-spy` runs both relays under py-spy (kept in the workdir with --keep) and prints the
+samples per message of each and, in the reports-on relay, those of the outcomes path by hook and by frame
+(the ratio of that run is not the figure: the profiler costs both).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import statistics
 from pathlib import Path
@@ -28,7 +30,6 @@ from bench.common import log
 from bench.harness import Harness, Results, Scenario, Target, Verdict, verdict
 from bench.measure import measure
 from bench.relayproc import RelayProcess
-from bench.scenarios.profiling import summarise_collapsed
 
 TARGET = 0.9
 CONFIGS = ("reports_off", "reports_on")
@@ -87,7 +88,7 @@ async def run(harness: Harness, results: Results) -> None:
     figures = _figures(runs)
     figures |= _history(relays["reports_on"].spool_path / "history.sqlite3")
     if args.outcomes_profile == "py-spy":
-        figures["profile"] = _profile_diff(relays)
+        figures["profile"] = _outcomes_profile(relays, {n: sum(r["delivered"] for r in runs[n]) for n in runs})
     results["outcomes"] = figures
 
 
@@ -134,30 +135,59 @@ def _history(path: Path) -> dict[str, Any]:
     }
 
 
-def _profile_diff(relays: dict[str, RelayProcess]) -> dict[str, Any]:
-    """Inclusive shares of each frame under py-spy, on against off: what reports on adds."""
-    shares: dict[str, dict[str, float]] = {}
+def _outcomes_profile(relays: dict[str, RelayProcess], messages: dict[str, int]) -> dict[str, Any]:
+    """py-spy's samples (wall clock, GIL held) per message in each relay, and in the `reports_on` one those
+    of the outcomes path: every stack with a relay/outcomes frame (the history's thread's too). Grouped by
+    the first such frame (which hook or task) and by the frame at the top of the stack (what it spends on)."""
+    stacks: dict[str, list[tuple[list[str], int]]] = {}
     for name, relay in relays.items():
         path = relay.profile_out
         if path is None or not path.exists():
             return {"error": f"no py-spy output for {name}"}
-        summary = summarise_collapsed(path)
-        shares[name] = {row["frame"]: row["share"] for row in summary["inclusive"]}
-        shares[name + "_self"] = {row["frame"]: row["share"] for row in summary["self"]}
-        log(f"   profile {name}: {path} ({summary['samples']} samples)")
-    grown = sorted(
-        ((frame, share - shares["reports_off"].get(frame, 0.0)) for frame, share in shares["reports_on"].items()),
-        key=lambda item: -item[1],
-    )[:40]
-    own = sorted(shares["reports_on_self"].items(), key=lambda item: -item[1])[:40]
-    for frame, delta in grown:
-        log(f"   incl +{delta:6.1%}  {frame}")
-    for frame, share in own:
-        log(f"   self (on) {share:6.1%}  {frame}")
-    return {
-        "inclusive_grown": [{"frame": f, "delta": round(d, 4)} for f, d in grown],
-        "self_on": [{"frame": f, "share": round(s, 4)} for f, s in own],
+        stacks[name] = _collapsed(path)
+    total = {name: sum(n for _, n in rows) for name, rows in stacks.items()}
+    entries: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    for frames, count in stacks["reports_on"]:
+        first = next((f for f in frames if "relay/outcomes/" in f), None)
+        if first is None:
+            continue
+        first = re.sub(r":\d+\)$", ")", first)  # by function: which hook or task
+        entries[first] = entries.get(first, 0) + count
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + count
+    attributable = sum(entries.values())
+    on_total = max(1, total["reports_on"])
+
+    def top(table: dict[str, int]) -> list[dict[str, Any]]:
+        rows = sorted(table.items(), key=lambda kv: -kv[1])[:20]
+        return [{"frame": f, "samples": n, "share_of_on": round(n / on_total, 4)} for f, n in rows]
+
+    out = {
+        "samples": total,
+        "samples_per_message": {name: round(total[name] / max(1, messages[name]), 3) for name in total},
+        "outcomes_path_samples": attributable,
+        "outcomes_path_share_of_on": round(attributable / on_total, 4),
+        "by_entry": top(entries),
+        "by_leaf": top(leaves),
     }
+    log(
+        f"   py-spy samples {total} ({out['samples_per_message']} per message); the outcomes path: "
+        f"{attributable} samples, {out['outcomes_path_share_of_on']:.1%} of the reports_on relay's"
+    )
+    for kind in ("by_entry", "by_leaf"):
+        for row in out[kind]:
+            log(f"   {kind[3:]:>5} {row['samples']:6d} {row['share_of_on']:6.1%}  {row['frame']}")
+    return out
+
+
+def _collapsed(path: Path) -> list[tuple[list[str], int]]:
+    """py-spy's raw output: (frames outermost first, samples) per stack."""
+    rows = []
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if stack and count.isdigit():
+            rows.append(([f for f in stack.split(";") if not f.startswith("process ")], int(count)))
+    return rows
 
 
 def summary(results: Results) -> list[str]:
