@@ -13,7 +13,7 @@ import pytest
 from relay.outcomes.decide import bulk_id, bulk_profile
 from relay.testing.clock import FakeClock
 from relay.testing.standin import InfobipStandIn
-from tests.conftest import StartRelay, free_port, message
+from tests.conftest import StartRelay, free_port, message, relay_settings
 from tests.helpers import SENDER, send_one, until
 from tests.outcomes import messages, reports_on, until_status
 
@@ -232,7 +232,8 @@ async def test_one_profiles_wrong_reports_key_backs_off_alone(
     clock = FakeClock()
     profiles = two_accounts(reports, hr_reports_key="wrong-hr-key-123")
     relay = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30), profiles=profiles)
-    await send_one(relay.port, HR_SENDER, ["h@example.org"], message(sender=HR_SENDER))
+    hr_reply = await send_one(relay.port, HR_SENDER, ["h@example.org"], message(sender=HR_SENDER))
+    hr_id = hr_reply.rsplit(" ", 1)[1]
     first = await send_one(relay.port, SENDER, ["a@example.org"], message())
     registry = relay.metrics.registry
     await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30)
@@ -249,7 +250,14 @@ async def test_one_profiles_wrong_reports_key_backs_off_alone(
     clock.advance(30)  # 60 s after its failure: hr's key is tried again
     await reports.reports.wait_for_requests(len(reports.reports.requests) + 1)
     assert reports.reports.requests[-1].query["bulkId"].endswith("-hr")
+    await until(lambda: registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "http_error"}) == 2)
     assert "wrong-hr-key-123" not in capsys.readouterr().err
+    # A SIGHUP with the right key: the next try (its interval doubled again, to 120 s) fetches hr's report.
+    fixed = relay_settings(reports, **reports_on(reports, tmp_path, poll_interval=30), profiles=two_accounts(reports))
+    await relay.reload(fixed)
+    clock.advance(120)
+    await until_status(relay, hr_id, {"h@example.org": "delivered"})
+    assert reports.reports.requests[-1].api_key == "hr-reports-key"
 
 
 def test_the_bulk_id_names_its_profile() -> None:

@@ -112,11 +112,9 @@ class Outcomes:
     def reports_key(self, bulk: str) -> SecretStr:
         """The API key that fetches `bulk`'s reports: its profile's own `reports_api_key`, else [reports]'s
         (the default profile; a profile without one; one a reload removed)."""
-        name = bulk_profile(bulk)
-        for profile in self.settings.profiles if name != DEFAULT else ():
-            if profile.name == name and profile.reports_api_key is not None:
-                return profile.reports_api_key
-        return self.settings.reports.api_key
+        name = bulk_profile(bulk)  # "default" is never a [[profiles]] name
+        own = next((profile.reports_api_key for profile in self.settings.profiles if profile.name == name), None)
+        return own if own is not None else self.settings.reports.api_key
 
     async def start(self) -> None:
         self.store = store = await asyncio.to_thread(open_store, self.settings)
@@ -258,17 +256,17 @@ class Outcomes:
             )  # fmt: skip
 
     async def take_tracking(self, events: list[Tracked]) -> None:
-        """Tracking events pushed to our X-IB-Tracking-Url into the history, then one log line each."""
+        """Tracking events pushed to our X-IB-Tracking-Url into the history, one at a time (a push carries
+        one), so each recorded one gets its log line and count, and a repeat or a stranger is said once."""
         assert self.history is not None and self.store is not None
-        await self.history.call(self.store.record_tracking, events)
-        queue_ids: dict[str, str | None] = {}
         for event in events:
-            if event.infobip_id not in queue_ids:  # for the log line: which of our messages it is about
-                found = await self.history.call(self.store.lookup, event.infobip_id, 1)
-                queue_ids[event.infobip_id] = found[0].queue_id if found else None
+            if not await self.history.call(self.store.record_tracking, [event]):
+                log.info("tracking_ignored", infobip_id=event.infobip_id, kind=event.kind, reason="seen, or not ours")
+                continue
+            found = await self.history.call(self.store.lookup, event.infobip_id, 1)  # which message: for the log
             self.metrics.tracking.labels(tracking_label(event.kind)).inc()
             log.info(
-                "message_tracking", queue_id=queue_ids[event.infobip_id], infobip_id=event.infobip_id,
+                "message_tracking", queue_id=found[0].queue_id if found else None, infobip_id=event.infobip_id,
                 recipient=event.address, kind=event.kind,
             )  # fmt: skip
 
