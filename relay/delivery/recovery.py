@@ -66,9 +66,10 @@ def scan_queue(spool: Spool, skip: set[str]) -> Found:
     return read_entries(spool, (i for i in spool.queued_ids() if i not in skip), lambda _: True)
 
 
-def schedule_found(route: Route, found: Found, skip: set[str]) -> int:
+def schedule_found(route: Route, found: Found, skip: set[str], held: set[DeliveryQueue] | None = None) -> int:
     """Schedule every message not known yet; a known one takes its recipients from its .state (e.g.
-    `requeue` added dead-lettered recipients back). Returns how many were new."""
+    `requeue` added dead-lettered recipients back). Returns how many were new; `held` gets the queues
+    that got a message held by an outage."""
     added = 0
     for envelope, state in found:
         queue_id = envelope.queue_id
@@ -84,6 +85,8 @@ def schedule_found(route: Route, found: Found, skip: set[str]) -> int:
         job = Job(envelope, due=state.next_attempt, attempts=state.attempts, recipients=recipients, held=state.held)
         queue.schedule(job)
         added += 1
+        if job.held and held is not None:
+            held.add(queue)
     return added
 
 
@@ -103,14 +106,13 @@ class QueueLoader:
         before the restart (delivery there waits for one probe, then all go at once)."""
         started = self.clock.monotonic()
         ids, with_state = await asyncio.to_thread(sorted, self.listing.ids), self.listing.with_state
-        try:
-            for start in range(0, len(ids), LOAD_BATCH):
-                batch = ids[start : start + LOAD_BATCH]
-                found = await asyncio.to_thread(read_entries, self.spool, batch, with_state.__contains__)
-                self.loaded += schedule_found(route, found, skip())
-                self.counted.unloaded -= len(batch)
-                for queue in {route(envelope) for envelope, state in found if state.held}:
-                    hold(queue)
-        finally:
-            self.counted.unloaded = 0  # read, or stopping (what was not read stays on disk for the next start)
+        for start in range(0, len(ids), LOAD_BATCH):
+            batch = ids[start : start + LOAD_BATCH]
+            found = await asyncio.to_thread(read_entries, self.spool, batch, with_state.__contains__)
+            held: set[DeliveryQueue] = set()
+            self.loaded += schedule_found(route, found, skip(), held)
+            self.counted.unloaded -= len(batch)  # (stopped before: they stay counted, and on disk)
+            for queue in held:
+                hold(queue)
+        self.listing = Listing(set(), set())  # 50,000 ids are worth letting go
         log.info("spool_loaded", messages=self.loaded, seconds=round(self.clock.monotonic() - started, 3))
