@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from relay.core.smtp_client import (
     CHUNK,
+    ReplyReader,
     ReplySyntaxError,
     ServerReply,
     ehlo_extensions,
@@ -104,6 +106,76 @@ def test_multi_line_reply() -> None:
     ]
     assert reply.first_line == "smtp.email-messaging.com"
     assert str(reply) == "250 smtp.email-messaging.com"
+
+
+# --- replies out of bytes as they arrive ----------------------------------------------------------
+
+# A pipelined flight's answers as Infobip words them (seed 002): MAIL, three RCPTs, DATA.
+FLIGHT_REPLIES = (
+    b"250 2.1.0 Sender <sender_address> OK\r\n"
+    b"250 2.1.5 Recipient <recipient_address> OK\r\n"
+    b"550 5.7.1 Recipient <blacklisted_address> not allowed\r\n"
+    b"501 5.1.7 Bad recipient address <invalid_address>\r\n"
+    b"354 End data with <CR><LF>.<CR><LF>\r\n"
+)
+FLIGHT_PARSED = [
+    ServerReply(250, "2.1.0 Sender <sender_address> OK"),
+    ServerReply(250, "2.1.5 Recipient <recipient_address> OK"),
+    ServerReply(550, "5.7.1 Recipient <blacklisted_address> not allowed"),
+    ServerReply(501, "5.1.7 Bad recipient address <invalid_address>"),
+    ServerReply(354, "End data with <CR><LF>.<CR><LF>"),
+]
+
+
+def test_a_flight_answered_in_one_piece_gives_every_reply_in_order() -> None:
+    reader = ReplyReader()
+    assert reader.feed(FLIGHT_REPLIES) == FLIGHT_PARSED
+    assert not reader.pending
+
+
+def test_a_multi_line_reply_is_one_reply_and_nothing_comes_out_before_its_last_line() -> None:
+    reader = ReplyReader()
+    assert reader.feed(b"".join(INFOBIP_EHLO[:-1])) == []
+    assert reader.pending
+    assert reader.feed(INFOBIP_EHLO[-1] + b"220 2.0.0 Ready") == [read_reply(INFOBIP_EHLO)]
+    assert reader.pending  # the half line behind it
+    assert reader.feed(b" to start TLS\r\n") == [ServerReply(220, "2.0.0 Ready to start TLS")]
+    assert not reader.pending
+
+
+@given(cuts=st.lists(st.integers(min_value=0, max_value=len(FLIGHT_REPLIES)), max_size=12))
+def test_pieces_cut_anywhere_give_the_same_replies(cuts: list[int]) -> None:
+    reader = ReplyReader()
+    bounds = [0, *sorted(cuts), len(FLIGHT_REPLIES)]
+    got = [r for a, b in itertools.pairwise(bounds) for r in reader.feed(FLIGHT_REPLIES[a:b])]
+    assert got == FLIGHT_PARSED
+
+
+def test_a_thousand_recipient_replies_in_one_piece() -> None:
+    wire = b"250 2.1.0 OK\r\n" + b"".join(b"250 2.1.5 Recipient <r%d@example.org> OK\r\n" % i for i in range(1000))
+    replies = ReplyReader().feed(wire + b"354 go ahead\r\n")
+    assert len(replies) == 1002 and replies[1000].text == "2.1.5 Recipient <r999@example.org> OK"
+    assert replies[-1] == ServerReply(354, "go ahead")
+
+
+@pytest.mark.parametrize(
+    ("pieces", "why"),
+    [
+        ([b"220 " + b"x" * 70_000 + b"\r\n"], "reply line too long"),  # a whole line, too long
+        ([b"220 " + b"x" * 40_000, b"x" * 40_000], "reply line too long"),  # no end in sight
+        ([b"250-x\r\n" * 1063 + b"250-y\r\n"], "reply too long"),
+        ([b"250 OK\r\nhello\r\n"], "not an SMTP reply"),
+    ],
+)
+def test_what_is_not_a_reply_is_refused(pieces: list[bytes], why: str) -> None:
+    reader = ReplyReader()
+    with pytest.raises(ReplySyntaxError, match=why):
+        for piece in pieces:
+            reader.feed(piece)
+
+
+def test_the_longest_reply_allowed_still_comes_out() -> None:
+    assert ReplyReader().feed(b"250-x\r\n" * 1063 + b"250 y\r\n")[0].text.count("\n") == 1063
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,41 @@ def parse_reply_line(line: bytes) -> tuple[int, bool, str]:
     return int(code_bytes), sep != b"-", stripped[4:].decode("utf-8", errors="replace")
 
 
+class ReplyReader:
+    """Whole replies out of bytes as they arrive, in whatever pieces: a pipelined flight's 1000 replies
+    come out of one `feed` in one pass, instead of an await per line."""
+
+    def __init__(self, max_line: int = 64 * 1024, max_lines: int = 1000 + 64) -> None:
+        self._max_line = max_line
+        self._max_lines = max_lines  # per reply: one per recipient plus slack
+        self._partial = b""  # after the last line feed
+        self._lines: list[str] = []  # the reply being read, until its last line
+        self._code = 0
+
+    @property
+    def pending(self) -> bool:
+        """Bytes received that are not yet part of a whole reply (a line begun, or a reply's first lines)."""
+        return bool(self._partial or self._lines)
+
+    def feed(self, data: bytes) -> list[ServerReply]:
+        """The replies completed by `data`; raises ReplySyntaxError on what is not SMTP."""
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        if len(self._partial) > self._max_line:
+            raise ReplySyntaxError("reply line too long")
+        replies: list[ServerReply] = []
+        for raw in complete:
+            if len(raw) > self._max_line:
+                raise ReplySyntaxError("reply line too long")
+            code, last, text = parse_reply_line(raw)
+            self._lines.append(text)
+            if last:
+                replies.append(ServerReply(code, "\n".join(self._lines)))
+                self._lines = []
+            elif len(self._lines) >= self._max_lines:
+                raise ReplySyntaxError("reply too long")
+        return replies
+
+
 def ehlo_extensions(reply: ServerReply) -> dict[str, str]:
     """EHLO keywords (upper-cased) and their parameters; the first line is the server's name."""
     extensions: dict[str, str] = {}

@@ -9,6 +9,7 @@ credentials are sent, and certificates and host names are always verified.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,13 +26,13 @@ from relay.core.smtp_client import (
     Finished,
     NeedReply,
     OutOfStep,
+    ReplyReader,
     Send,
     SendBody,
     ServerClosing,
     ServerReply,
     Transaction,
     ehlo_extensions,
-    parse_reply_line,
     stuffed_chunks,
 )
 from relay.testing.failpoints import crashpoint
@@ -49,7 +50,7 @@ from relay.upstream.errors import (
 )
 from relay.upstream.tls import describe_certificate, describe_tls_failure
 
-MAX_REPLY_LINES = 1000 + 64  # one per recipient plus slack, per reply read
+READ_SIZE = 64 * 1024  # bytes taken from the stream at a time: a 1000-recipient flight's replies in a read or two
 # What a broken stream raises under us; TimeoutError is an OSError. Each becomes an UpstreamError.
 IO_ERRORS = (OSError, asyncio.IncompleteReadError, ValueError)
 
@@ -68,6 +69,8 @@ class UpstreamConnection:
         self.ident = ident
         self.extensions: dict[str, str] = {}
         self.last_used = time.monotonic()
+        self._replies: collections.deque[ServerReply] = collections.deque()  # read, not yet asked for
+        self._parser = ReplyReader()
         self._needs_rset = False  # the last transaction ended before its body: the server may hold its envelope
 
     @classmethod
@@ -135,7 +138,7 @@ class UpstreamConnection:
             raise self._failed(UpstreamTLSError, f"STARTTLS answered {reply}", reply)
         # Bytes already here came in clear, yet would be read as the server's first words inside TLS
         # (CVE-2011-0411's pattern). Checked with no await before start_tls takes the socket over.
-        if _buffered(self._reader):
+        if _buffered(self._reader) or self._replies or self._parser.pending:
             raise self._failed(UpstreamTLSError, "the server sent more after its 220 to STARTTLS, in clear")
         try:
             async with asyncio.timeout(timeout):  # not wait_for: a task would let more bytes in first
@@ -171,18 +174,16 @@ class UpstreamConnection:
         return error(self._settings.host, self._settings.port, why, server)
 
     async def _read_reply(self, timeout: float) -> ServerReply:
-        lines: list[str] = []
-        async with asyncio.timeout(timeout):  # one timer per reply, not a task per line as wait_for makes
-            for _ in range(MAX_REPLY_LINES):
-                try:
-                    raw = await self._reader.readuntil(b"\n")
-                except asyncio.LimitOverrunError as exc:
-                    raise ValueError("reply line too long") from exc
-                code, last, text = parse_reply_line(raw)
-                lines.append(text)
-                if last:
-                    return ServerReply(code, "\n".join(lines))
-        raise ValueError("reply too long")
+        """The next reply. Replies already read come without an await; else whatever the stream holds is
+        read and parsed at once (no await and no timer per line: a flight's replies often come together)."""
+        if not self._replies:
+            async with asyncio.timeout(timeout):  # at most `timeout` for the next reply, as before
+                while not self._replies:
+                    data = await self._reader.read(READ_SIZE)
+                    if not data:
+                        raise asyncio.IncompleteReadError(b"", None)
+                    self._replies.extend(self._parser.feed(data))
+        return self._replies.popleft()
 
     async def _command(self, line: str, timeout: float) -> ServerReply:
         self._writer.write(line.encode("ascii") + b"\r\n")
