@@ -61,6 +61,24 @@ def test_an_attempt_then_reports_set_each_recipients_status_once(store: HistoryS
     assert store.due_bounces(T0 + 31, 10) == []  # handed out once
 
 
+def test_an_attempt_in_the_batch_of_its_message_or_a_later_one_or_a_message_noted_twice_reads_the_same(
+    store: HistoryStore,
+) -> None:
+    taken = ("b@example.org", "a@example.org")
+    deferred = {"a@example.org": "451 4.3.0 later", "b@example.org": "451 4.3.0 later"}
+    store.write([received("q1"), Attempted("q1", T0 + 1, 1, deferred=deferred)], True)
+    store.write([received("q1"), Attempted("q1", T0 + 2, 2, taken, ("ib1",))], True)  # noted again, say
+    store.write([received("q2"), Attempted("q2", T0 + 2, 1, taken, ("ib2",))], True)
+    store.write([received("q3")], True)
+    store.write([Attempted("q3", T0 + 2, 1, taken, ("ib3",))], True)
+    for queue_id, ib in (("q1", "ib1"), ("q2", "ib2"), ("q3", "ib3")):
+        [trace] = store.lookup(queue_id, 5)
+        assert [(r.address, r.status, r.infobip_id, r.detail, r.at) for r in trace.recipients] == [
+            (rcpt, "sent", ib, f"Infobip took it as {ib}", T0 + 2) for rcpt in ("a@example.org", "b@example.org")
+        ]
+    assert store.pending_bulk_ids(T0 + 2) == ["relay-x-1"]
+
+
 def test_pending_and_unknown_reports_change_nothing(store: HistoryStore) -> None:
     store.write([received(), Attempted("q1", T0 + 1, 1, ("a@example.org",), ("ib1",))], True)
     applied = store.apply_reports(

@@ -26,6 +26,7 @@ from tests.test_outcomes_history import (
     infobip,
     received,
     test_a_failed_bounce_comes_back_when_due_and_a_sent_one_never,
+    test_an_attempt_in_the_batch_of_its_message_or_a_later_one_or_a_message_noted_twice_reads_the_same,
     test_an_attempt_then_reports_set_each_recipients_status_once,
     test_dead_after_250_queues_a_bounce_and_handed_back_does_not,
     test_delay_warnings_once_per_message,
@@ -41,6 +42,7 @@ pytestmark = pytest.mark.slow  # a real server: initdb and start take a few seco
 __all__ = [
     "postgres_server",
     "test_a_failed_bounce_comes_back_when_due_and_a_sent_one_never",
+    "test_an_attempt_in_the_batch_of_its_message_or_a_later_one_or_a_message_noted_twice_reads_the_same",
     "test_an_attempt_then_reports_set_each_recipients_status_once",
     "test_dead_after_250_queues_a_bounce_and_handed_back_does_not",
     "test_delay_warnings_once_per_message",

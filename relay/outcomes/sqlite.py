@@ -26,6 +26,7 @@ SQLITE = Dialect(
     blob="BLOB",
     locks=False,  # one writer at a time: BEGIN IMMEDIATE takes the database's write lock
     table_exists="SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?",
+    without_rowid=" WITHOUT ROWID",
 )
 
 

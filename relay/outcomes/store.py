@@ -24,6 +24,7 @@ from relay.outcomes.decide import (
     BOUNCED,
     FINAL,
     QUEUED,
+    SENT,
     Report,
     attempt_words,
     diagnostic,
@@ -64,7 +65,7 @@ CREATE UNIQUE INDEX recipients_key ON recipients(queue_id, address_key);
 CREATE INDEX recipients_address ON recipients(address_key);
 CREATE INDEX recipients_waiting ON recipients(accepted_at) WHERE status = 'sent';
 CREATE INDEX recipients_queued ON recipients(queue_id) WHERE status = 'queued';
-CREATE TABLE infobip_ids (infobip_id TEXT PRIMARY KEY, queue_id TEXT NOT NULL);
+CREATE TABLE infobip_ids (infobip_id TEXT PRIMARY KEY, queue_id TEXT NOT NULL){without_rowid};
 CREATE INDEX infobip_ids_queue_id ON infobip_ids(queue_id);
 CREATE TABLE events (
     {seq}, queue_id TEXT NOT NULL, at {real} NOT NULL, kind TEXT NOT NULL, address {blob}, detail {blob},
@@ -109,6 +110,7 @@ class Dialect:
     blob: str
     locks: bool  # SELECT ... FOR UPDATE [SKIP LOCKED]: rows other connections may change at the same time
     table_exists: str  # a row with a non-NULL first column iff the table named by the one ? exists
+    without_rowid: str = ""  # SQLite's table that is its primary key's index (one B-tree, not two)
 
     def lock(self, of: str = "", *, skip: bool = False) -> str:
         """Appended to a SELECT whose rows this transaction will change."""
@@ -117,7 +119,13 @@ class Dialect:
         return " FOR UPDATE" + (f" OF {of}" if of else "") + (" SKIP LOCKED" if skip else "")
 
     def schema(self) -> list[str]:
-        words = {"seq": self.seq, "id": self.id, "real": self.real, "blob": self.blob}
+        words = {
+            "seq": self.seq,
+            "id": self.id,
+            "real": self.real,
+            "blob": self.blob,
+            "without_rowid": self.without_rowid,
+        }
         return [statement.format(**words) for statement in SCHEMA.split(";")]
 
 
@@ -213,12 +221,21 @@ class SqlHistory:
             return str(db.one("SELECT value FROM meta WHERE key = ?", (key,))[0])
 
     def write(self, changes: Sequence[Change], bounces_on: bool) -> None:
-        """A batch in as few statements as it takes (each one a hop of the GIL for the event loop)."""
+        """A batch in as few statements as it takes (each one a hop of the GIL for the event loop). A recipient
+        Infobip took in an attempt of the same batch as its message (the usual first attempt) is written
+        `sent` at once, not inserted and then updated."""
         received = [c for c in changes if isinstance(c, MessageReceived)]
         attempts = [c for c in changes if isinstance(c, Attempted)]
+        new = {m.queue_id: frozenset(m.recipients) for m in received}
+        taken: dict[tuple[str, str], Attempted] = {}
+        for a in attempts:
+            if a.accepted and (rcpts := new.get(a.queue_id)) is not None:
+                for rcpt in a.accepted:
+                    if rcpt in rcpts:
+                        taken.setdefault((a.queue_id, rcpt), a)  # the first attempt that took it, as in SQL
         with self._tx(durable=bounces_on and any(a.dead and a.bounce for a in attempts)) as db:
-            _received(db, received)
-            _accepted(db, attempts)
+            _received(db, received, taken)
+            _accepted(db, attempts, taken)
             for attempt in attempts:
                 if attempt.deferred or attempt.dead:
                     _failed(db, attempt, bounces_on)
@@ -377,8 +394,9 @@ def _event(db: Db, queue_id: str, at: float, kind: str, address: str | None, det
     )
 
 
-def _received(db: Db, received: list[MessageReceived]) -> None:
-    """New messages, their recipients `queued` (their "received" line in trace comes from this row)."""
+def _received(db: Db, received: list[MessageReceived], taken: dict[tuple[str, str], Attempted]) -> None:
+    """New messages, their recipients `queued`, or `sent` by an attempt in `taken` (the "received" line in
+    trace comes from the message's row)."""
     cols = db.cols
     db.many(
         "INSERT INTO messages (queue_id, message_key, message_id, sender, client_ip, received_at, size, bulk_id, "
@@ -398,45 +416,39 @@ def _received(db: Db, received: list[MessageReceived]) -> None:
             for m in received
         ],
     )
-    db.many(
-        "INSERT INTO recipients (queue_id, address_key, address, status, at) VALUES (?, ?, ?, 'queued', ?) "
-        "ON CONFLICT DO NOTHING",
-        [
-            (
-                m.queue_id,
-                cols.search(ADDRESS, rcpt),
-                cols.seal_text("recipients.address", m.queue_id, rcpt),
-                m.received_at,
+    rows = []
+    for m in received:
+        for rcpt in m.recipients:
+            row = (m.queue_id, cols.search(ADDRESS, rcpt), cols.seal_text("recipients.address", m.queue_id, rcpt))
+            a = taken.get((m.queue_id, rcpt))
+            rows.append(
+                (*row, QUEUED, None, m.received_at, None)
+                if a is None
+                else (*row, SENT, ",".join(a.infobip_ids), a.at, a.at)
             )
-            for m in received
-            for rcpt in m.recipients
-        ],
+    db.many(  # the message noted twice (the row is there): as _accepted's UPDATE would do, else nothing
+        "INSERT INTO recipients (queue_id, address_key, address, status, infobip_id, at, accepted_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (queue_id, address_key) DO UPDATE SET status = 'sent', "
+        "infobip_id = excluded.infobip_id, detail = NULL, at = excluded.at, accepted_at = excluded.accepted_at "
+        "WHERE recipients.status = 'queued' AND excluded.status = 'sent'",
+        rows,
     )
 
 
-def _accepted(db: Db, attempts: list[Attempted]) -> None:
-    """Every recipient Infobip took in these attempts: `sent`, with its id. One statement for the batch
-    (a recipient deferred and then taken in the same batch ends `sent` all the same)."""
+def _accepted(db: Db, attempts: list[Attempted], taken: dict[tuple[str, str], Attempted]) -> None:
+    """Every other recipient Infobip took in these attempts: `sent`, with its id (the detail, "Infobip took it
+    as <id>", is said by _trace: nothing to store). One statement for the batch (a recipient deferred and then
+    taken in the same batch ends `sent` all the same)."""
     cols = db.cols
-    rows = []
-    for a in attempts:
-        ids = ",".join(a.infobip_ids)
-        words = f"Infobip took it as {ids}"
-        rows += [
-            (
-                ids,
-                cols.seal_text("recipients.detail", a.queue_id, words),
-                a.at,
-                a.at,
-                a.queue_id,
-                *cols.searches(ADDRESS, rcpt),
-            )
-            for rcpt in a.accepted
-        ]
     db.many(
-        "UPDATE recipients SET status = 'sent', infobip_id = ?, detail = ?, at = ?, accepted_at = ? "
+        "UPDATE recipients SET status = 'sent', infobip_id = ?, detail = NULL, at = ?, accepted_at = ? "
         f"WHERE queue_id = ? AND address_key IN {_marks(cols.width)} AND status = 'queued'",
-        rows,
+        [
+            (",".join(a.infobip_ids), a.at, a.at, a.queue_id, *cols.searches(ADDRESS, rcpt))
+            for a in attempts
+            for rcpt in a.accepted
+            if (a.queue_id, rcpt) not in taken
+        ],
     )
     db.many(
         "INSERT INTO infobip_ids VALUES (?, ?) ON CONFLICT DO NOTHING",
@@ -592,6 +604,11 @@ def _bounce_job(
     )
 
 
+def _words(status: str, infobip_id: str | None) -> str:
+    """A recipient's detail where none is stored: Infobip took it (and nothing has been said since)."""
+    return f"Infobip took it as {infobip_id}" if status == SENT and infobip_id else ""
+
+
 def _find(db: Db, query: str, limit: int) -> list[str]:
     """Queue ids for a query, newest first: a Message-ID has its angle brackets, an address an @."""
     args: tuple[str, ...]
@@ -625,7 +642,7 @@ def _trace(db: Db, queue_id: str) -> MessageTrace | None:
             cols.open_text("recipients.address", queue_id, address),
             status,
             infobip_id or None,
-            cols.open_text("recipients.detail", queue_id, detail),
+            cols.open_text("recipients.detail", queue_id, detail) if detail is not None else _words(status, infobip_id),
             at,
         )
         for address, status, infobip_id, detail, at in db.all(

@@ -1,9 +1,9 @@
 """The history for async code: every store call on one thread of its own, in the order made.
 
-The data path only notes what happened (`note`, no waiting); notes gather for up to 50 ms, and while
-the previous batch is being written, so 10,000 messages cost a few hundred transactions and thread hops,
-not 20,000. A caller that must know
-a note is on disk (a dead letter that calls for a bounce) awaits the future `note` returns. One thread
+The data path only notes what happened (`note`, no waiting: a list append); notes gather for up to 50 ms,
+and while the previous batch is being written, so 10,000 messages cost a few hundred transactions and
+thread hops, not 20,000. A caller that must know a note is on disk (a dead letter that calls for a bounce)
+awaits the future `note` returns: one per batch, shared by its notes, not one per message. One thread
 rather than asyncio.to_thread's pool: one SQLite connection, and writes never overtake each other.
 """
 
@@ -33,7 +33,8 @@ class History:
         self._on_error = on_error
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="relay-history")
         self._batch: list[Change] = []
-        self._waiters: list[asyncio.Future[bool]] = []
+        self._done: asyncio.Future[bool] | None = None  # the batch being gathered: True once it is written
+        self._last: asyncio.Future[bool] | None = None  # the latest batch, gathered or being written
         self._wake = asyncio.Event()
         self._now = asyncio.Event()  # someone waits for the write: no gathering
         self._task: asyncio.Task[None] | None = None
@@ -44,9 +45,9 @@ class History:
     def note(self, change: Change, *, now: bool = False) -> asyncio.Future[bool]:
         """Queue a change; the future says True once it is on disk (False if the write failed). It is
         written within GATHER seconds, together with the others; `now` if someone waits for it."""
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if (done := self._done) is None:
+            done = self._done = self._last = asyncio.get_running_loop().create_future()
         self._batch.append(change)
-        self._waiters.append(done)
         self._wake.set()
         if now or len(self._batch) >= BATCH:
             self._now.set()
@@ -54,9 +55,9 @@ class History:
 
     async def flush(self) -> None:
         """Wait until everything noted so far is written."""
-        if self._waiters:
+        if self._last is not None and not self._last.done():
             self._now.set()
-            await asyncio.shield(self._waiters[-1])
+            await asyncio.shield(self._last)
 
     async def call(self, function: Callable[..., T], *args: object) -> T:
         """Run a store method on the history's thread, after everything noted before it."""
@@ -70,9 +71,9 @@ class History:
                 await asyncio.wait_for(self._now.wait(), GATHER)
             self._wake.clear()
             self._now.clear()
-            batch, waiters = self._batch, self._waiters
-            self._batch, self._waiters = [], []
-            if not batch:
+            batch, done = self._batch, self._done
+            self._batch, self._done = [], None
+            if not batch or done is None:
                 continue
             loop = asyncio.get_running_loop()
             try:
@@ -82,9 +83,8 @@ class History:
                 self._on_error()
                 log.error("history_write_failed", changes=len(batch), error_type=type(exc).__name__, error=str(exc))
                 ok = False
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(ok)
+            if not done.done():
+                done.set_result(ok)
 
     async def close(self) -> None:
         """Write what is noted, then close the store on its own thread."""
