@@ -17,10 +17,10 @@ from relay.config import Settings
 from relay.delivery.clock import Clock
 from relay.testing.standin import InfobipStandIn, _StandInSMTP
 
-# RELAY_TEST_LOOP=uvloop runs every test's event loop (pytest-asyncio's, and asyncio.run in sync tests) on uvloop,
-# the loop `relay serve` picks in production; unset, the standard asyncio loop. Set as the policy, which every
-# pytest-asyncio version reads when it makes a loop.
-TEST_LOOP = os.environ.get("RELAY_TEST_LOOP", "asyncio")
+# Every test's event loop (pytest-asyncio's, and asyncio.run in sync tests) is uvloop, the loop `relay serve` runs
+# on; RELAY_TEST_LOOP=asyncio runs them on asyncio's own, the loop of RELAY_EVENT_LOOP=asyncio. Set as the policy,
+# which every pytest-asyncio version reads when it makes a loop.
+TEST_LOOP = os.environ.get("RELAY_TEST_LOOP", "uvloop")
 if TEST_LOOP == "uvloop":
     import uvloop
 

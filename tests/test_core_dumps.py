@@ -67,9 +67,8 @@ async def test_relay_serve_allows_no_core_dump_and_is_not_dumpable(standin: Info
                 *(sys.executable, "-m", "relay", "serve", "--config", str(config)),
                 cwd=ROOT,
                 env=_child_env(),
-                user=uid,
-                group=uid,
-                extra_groups=[],
+                # user=uid, group=uid, extra_groups=[] as uvloop takes them (its subprocess_exec has no such kwargs)
+                preexec_fn=lambda: (os.setgroups([]), os.setgid(uid), os.setuid(uid)),
                 stderr=asyncio.subprocess.PIPE,
             )
         try:
