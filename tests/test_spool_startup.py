@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def stored(n: int) -> tuple[Prepared, Envelope]:
     data = message(to=rcpts[0], Message_ID=f"<q{n}@erp.example.com>")
     return (
         Prepared(queue_id, SENDER, rcpts, f"<q{n}@erp.example.com>", b"", data),
-        Envelope(queue_id, SENDER, rcpts, f"<q{n}@erp.example.com>", "127.0.0.1", 1.0, len(data)),
+        Envelope(queue_id, SENDER, rcpts, f"<q{n}@erp.example.com>", "127.0.0.1", time.time(), len(data)),
     )
 
 
@@ -163,3 +164,36 @@ def test_the_start_up_key_check_always_reads_the_oldest_and_newest_queued_messag
     with pytest.raises(MissingKeyError, match=key_id(old)):
         check_keys(Spool(tmp_path, Sealer([current])))
     check_keys(Spool(tmp_path, Sealer([current, old])))  # with the old key as well: no error
+
+
+@pytest.mark.slow  # two relays and an SMTP hand-off of 520 messages
+async def test_a_handoff_asked_for_while_the_queue_is_read_waits_for_the_rest_of_it(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """`relay queue handoff` (a replica scaled down just after it started) hands off what is not read yet too."""
+    from relay.cli import main as relay_main
+
+    standin.behaviour.down = True  # both relays keep what they have
+    leaving, staying = tmp_path / "leaving", tmp_path / "staying"
+    ids = queue_up(leaving, LOAD_BATCH + 20)
+    hold = Hold(leaving, ids[LOAD_BATCH])
+    try:
+        await start_relay(spool=spooled(leaving, sync_wait=0.2, breaker_threshold=1))
+        b = await start_relay(spool=spooled(staying, sync_wait=0.2, breaker_threshold=1))
+        config = tmp_path / "a.toml"
+        config.write_text(f'[listen]\nhostname = "relay.test"\n\n[spool]\npath = "{leaving}"\n')
+        argv = ["queue", "--config", str(config), "handoff", "--to", f"127.0.0.1:{b.port}", "--timeout", "120"]
+        command = asyncio.ensure_future(asyncio.to_thread(relay_main, argv))
+        await until(lambda: queued(leaving) == len(ids) - LOAD_BATCH, timeout=60)  # what was read went over
+        assert not command.done()  # ... and the rest is waited for
+        await hold.release()
+        assert await command == 0
+    finally:
+        await hold.release()
+    assert queued(leaving) == 0
+    assert b.delivery is not None
+    await until(lambda: b.delivery is not None and b.delivery.depth == len(ids))  # each one there, once
+
+
+def queued(spool: Path) -> int:
+    return sum(name.endswith(".msg") for name in os.listdir(spool / "queue"))

@@ -83,7 +83,7 @@ class HandoffService:
         return summary
 
     def _in_flight(self) -> bool:
-        return any(lane.queue.busy or lane.queue.jobs for lane in self.delivery.lanes.values())
+        return any(lane.queue.busy or lane.queue.jobs or lane.queue.unloaded for lane in self.delivery.lanes.values())
 
     async def _pass(self, client: HandoffClient, summary: Summary) -> int:
         sent = 0
