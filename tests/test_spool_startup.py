@@ -20,6 +20,7 @@ import structlog
 from relay.core.keys import key_id, parse_key
 from relay.core.message import Envelope, Prepared
 from relay.delivery.recovery import LOAD_BATCH, read_entries
+from relay.store.journal import Journal, live_index
 from relay.store.rekey import check_keys
 from relay.store.sealing import MissingKeyError, Sealer, new_key
 from relay.store.spool import EntryState, Spool
@@ -197,3 +198,28 @@ async def test_a_handoff_asked_for_while_the_queue_is_read_waits_for_the_rest_of
 
 def queued(spool: Path) -> int:
     return sum(name.endswith(".msg") for name in os.listdir(spool / "queue"))
+
+
+@pytest.mark.parametrize("queue_copy", ["readable", "damaged"])
+async def test_a_message_promoted_just_before_a_crash_goes_once_from_queue_or_else_from_the_journal(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, queue_copy: str
+) -> None:
+    """In queue/ and still live in the journal: the queue/ copy wins once it is read; one that does not
+    read is left for an engineer and the journal's copy is delivered."""
+    [queue_id] = queue_up(tmp_path, 1)
+    journal = Journal(tmp_path / "journal")
+    journal.start(asyncio.get_running_loop())
+    await journal.append(*stored(0))
+    await journal.close()
+    if queue_copy == "damaged":
+        (tmp_path / "queue" / f"{queue_id}.msg").write_bytes(b"not json\r\n")
+    with structlog.testing.capture_logs() as logs:
+        await start_relay(spool=spooled(tmp_path))
+        await standin.wait_for_messages(1)
+        await until(lambda: not live_index(tmp_path / "journal"))
+        await until(lambda: any(e["event"] == "spool_loaded" for e in logs))
+    assert [m.rcpt_tos for m in standin.messages] == [["q0@example.org"]]
+    unreadable = [e["queue_id"] for e in logs if e["event"] == "spool_entry_unreadable"]
+    assert unreadable == ([queue_id] if queue_copy == "damaged" else [])
+    if queue_copy == "damaged":
+        assert queued(tmp_path) == 1  # kept where it is

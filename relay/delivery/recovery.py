@@ -9,13 +9,13 @@ go out. Until a message is read it is counted as waiting (`DeliveryQueue.unloade
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 
 import structlog
 
 from relay.core.message import Envelope, Prepared
-from relay.delivery.clock import Clock
 from relay.delivery.queue import DeliveryQueue, Job
 from relay.store.journal import Journal, LiveRecord
 from relay.store.sealing import UnknownKeyError
@@ -32,18 +32,17 @@ def stored_message(envelope: Envelope, data: bytes) -> Prepared:
     return Prepared(envelope.queue_id, envelope.mail_from, envelope.recipients, envelope.message_id, b"", data)
 
 
-def schedule_journal(route: Route, journal: Journal, records: list[LiveRecord], queued: AbstractSet[str]) -> int:
+def schedule_journal(route: Route, records: list[LiveRecord], queued: AbstractSet[str]) -> dict[str, LiveRecord]:
     """Start-up: what the journal holds and nobody finished is delivered from where it is (recovery
-    needs no free space). A message also in queue/ (`queued`: promoted just before the crash) goes from there."""
-    count = 0
+    needs no free space). A message also in queue/ (`queued`: promoted just before the crash) is returned,
+    not scheduled: it goes from queue/ once that copy is read, and from the journal if it does not read."""
+    in_queue: dict[str, LiveRecord] = {}
     for record in records:
-        queue_id = record.envelope.queue_id
-        if queue_id in queued:
-            journal.done(queue_id)
-            continue
-        route(record.envelope).schedule(Job(record.envelope, due=0.0, in_journal=True, record=record))
-        count += 1
-    return count
+        if record.envelope.queue_id in queued:
+            in_queue[record.envelope.queue_id] = record
+        else:
+            route(record.envelope).schedule(Job(record.envelope, due=0.0, in_journal=True, record=record))
+    return in_queue
 
 
 def read_entries(spool: Spool, ids: Iterable[str], with_state: Callable[[str], bool]) -> Found:
@@ -93,18 +92,26 @@ def schedule_found(route: Route, found: Found, skip: set[str], held: set[Deliver
 class QueueLoader:
     """queue/ as listed at start-up, read and scheduled after the relay listens (see the module's doc)."""
 
-    def __init__(self, spool: Spool, listing: Listing, counted: DeliveryQueue, clock: Clock) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        journal: Journal,
+        listing: Listing,
+        in_journal: dict[str, LiveRecord],
+        counted: DeliveryQueue,
+    ) -> None:
         self.spool = spool
+        self.journal = journal
         self.listing = listing
+        self.in_journal = in_journal  # from schedule_journal: in queue/ and in the journal
         self.counted = counted  # the queue whose depth counts what is not read yet (the default lane's)
-        self.clock = clock
         self.loaded = 0
         counted.unloaded += len(listing.ids)
 
     async def run(self, route: Route, skip: Callable[[], set[str]], hold: Callable[[DeliveryQueue], None]) -> None:
         """Read and schedule every batch; `hold(queue)` for a queue that got a message an outage held
         before the restart (delivery there waits for one probe, then all go at once)."""
-        started = self.clock.monotonic()
+        started = time.monotonic()  # for the log: real seconds, whatever clock the scheduler runs on
         ids, with_state = await asyncio.to_thread(sorted, self.listing.ids), self.listing.with_state
         for start in range(0, len(ids), LOAD_BATCH):
             batch = ids[start : start + LOAD_BATCH]
@@ -112,7 +119,21 @@ class QueueLoader:
             held: set[DeliveryQueue] = set()
             self.loaded += schedule_found(route, found, skip(), held)
             self.counted.unloaded -= len(batch)  # (stopped before: they stay counted, and on disk)
+            if self.in_journal:
+                self._settle_journal_copies(route, batch, {envelope.queue_id for envelope, _ in found})
             for queue in held:
                 hold(queue)
         self.listing = Listing(set(), set())  # 50,000 ids are worth letting go
-        log.info("spool_loaded", messages=self.loaded, seconds=round(self.clock.monotonic() - started, 3))
+        log.info("spool_loaded", messages=self.loaded, seconds=round(time.monotonic() - started, 3))
+
+    def _settle_journal_copies(self, route: Route, batch: list[str], read: set[str]) -> None:
+        """A message both promoted and still live in the journal (a crash between the two): the queue/
+        copy read, so the journal's is done; it did not read, so the journal's goes instead."""
+        for queue_id in batch:
+            record = self.in_journal.pop(queue_id, None)
+            if record is None:
+                continue
+            if queue_id in read:
+                self.journal.done(queue_id)
+            else:
+                route(record.envelope).schedule(Job(record.envelope, due=0.0, in_journal=True, record=record))

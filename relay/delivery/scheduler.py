@@ -107,14 +107,15 @@ class Delivery:
         for segment, size in ignored:  # after a crash, a torn last record (never acknowledged) is normal
             log.warning("spool_journal_tail_ignored", segment=segment, bytes=size)
         self.journal.start(asyncio.get_running_loop())
-        recovered = schedule_journal(self._route_envelope, self.journal, records, listing.ids)
+        in_both = schedule_journal(self._route_envelope, records, listing.ids)
         wanted = await asyncio.to_thread(self.spool.take_flush_request)  # `relay queue flush` while stopped
         seconds = round(self.clock.monotonic() - started, 3)
+        recovered = len(records) - len(in_both)
         log.info("spool_recovered", messages=len(listing.ids), from_journal=recovered, seconds=seconds)
         self._started = True
         for lane in self.lanes.values():
             lane.start()
-        loader = QueueLoader(self.spool, listing, self.queue, self.clock)
+        loader = QueueLoader(self.spool, self.journal, listing, in_both, self.queue)
         self._helpers = [
             asyncio.create_task(self._load(loader, wanted), name="delivery-load"),
             asyncio.create_task(self.janitor.run(), name="delivery-janitor"),
