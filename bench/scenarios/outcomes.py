@@ -162,7 +162,7 @@ def _outcomes_profile(relays: dict[str, RelayProcess], messages: dict[str, int])
         rows = sorted(table.items(), key=lambda kv: -kv[1])[:20]
         return [{"frame": f, "samples": n, "share_of_on": round(n / on_total, 4)} for f, n in rows]
 
-    out = {
+    out: dict[str, Any] = {
         "samples": total,
         "samples_per_message": {name: round(total[name] / max(1, messages[name]), 3) for name in total},
         "outcomes_path_samples": attributable,
