@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,7 @@ async def test_a_relay_over_a_big_queue_serves_and_delivers_the_oldest_while_the
             await dialog.close()
             assert (await get(relay.http.port, "/readyz"))[0] == 200
 
-            await standin.wait_for_messages(LOAD_BATCH)  # the first batch goes out while the loader waits
+            await standin.wait_for_messages(LOAD_BATCH, timeout=60)  # the first batch goes out while the loader waits
             first = {m.rcpt_tos[0] for m in standin.messages}
             assert first == {f"q{n}@example.org" for n in range(LOAD_BATCH)}  # the oldest, and only those
 
@@ -116,9 +117,8 @@ async def test_a_relay_over_a_big_queue_serves_and_delivers_the_oldest_while_the
     assert (recovered["messages"], loaded["messages"]) == (QUEUED, QUEUED)
 
 
-async def until_async(read: object, wanted: float, timeout: float = 10.0) -> None:
-    """Until the coroutine function `read` returns `wanted` (an HTTP scrape: polled, not timed)."""
-    assert callable(read)
+async def until_async(read: Callable[[], Awaitable[float]], wanted: float, timeout: float = 10.0) -> None:
+    """Until `read()` returns `wanted` (an HTTP scrape: polled, not timed)."""
     deadline = asyncio.get_running_loop().time() + timeout
     while (got := await read()) != wanted:
         if asyncio.get_running_loop().time() > deadline:
@@ -137,7 +137,7 @@ async def test_a_message_held_by_an_outage_before_the_restart_waits_for_one_prob
     with structlog.testing.capture_logs() as logs:
         await start_relay(spool=spooled(tmp_path))
         await standin.wait_for_messages(len(ids), timeout=60)
-        await until(lambda: not os.listdir(tmp_path / "queue"))
+        await until(lambda: not os.listdir(tmp_path / "queue"), timeout=30)
     assert len([e for e in logs if e["event"] == "breaker_opened"]) == 1
     assert sorted(m.rcpt_tos[0] for m in standin.messages) == sorted(f"q{n}@example.org" for n in range(len(ids)))
 
@@ -193,7 +193,7 @@ async def test_a_handoff_asked_for_while_the_queue_is_read_waits_for_the_rest_of
         await hold.release()
     assert queued(leaving) == 0
     assert b.delivery is not None
-    await until(lambda: b.delivery is not None and b.delivery.depth == len(ids))  # each one there, once
+    await until(lambda: b.delivery is not None and b.delivery.depth == len(ids), timeout=30)  # each there, once
 
 
 def queued(spool: Path) -> int:
