@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import time
 from pathlib import Path
@@ -297,6 +298,9 @@ async def run(settings: Settings, stop: asyncio.Event | None = None, config: Pat
 
     loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await relay.start()
+    # What start-up built (modules, settings, compiled patterns: ~87,000 objects) lives as long as the
+    # process; a full collection walking it cost 55-58 ms of CPU, a stall of up to 265 ms on a busy host.
+    gc.freeze()
     try:
         await stop.wait()
     finally:
