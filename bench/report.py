@@ -42,7 +42,7 @@ def new_results(args: argparse.Namespace, workdir: Path) -> Results:
 
 
 def evaluate(results: Results, args: argparse.Namespace) -> list[Verdict]:
-    """Every scenario's targets (issue 6), judged on the figures of this run."""
+    """Every scenario's targets (issues 6 and 18), judged on the figures of this run."""
     return [v for scenario in {**PHASES, **ON_REQUEST}.values() for v in scenario.targets(results, args)]
 
 
@@ -70,7 +70,7 @@ def print_summary(results: Results) -> None:
     for scenario in {**PHASES, **ON_REQUEST}.values():
         for line in scenario.summary(results):
             print(line)
-    print("\nTargets (issue 6)")
+    print("\nTargets")
     for v in results.get("targets", []):
         mark = {True: "MET   ", False: "MISSED", None: "n/a   "}[v["met"]]
         print(f"  [{mark}] {v['target']}\n           {v['figures']}")

@@ -119,22 +119,25 @@ def markdown(results: Results) -> list[str]:
 
 
 def targets(results: Results, args: argparse.Namespace) -> list[Verdict]:
-    """Issue 6: the rate at 0 ms against Postfix and the ceiling, the wire at 20 ms, and the pool holding."""
+    """Issue 18: the rate and CPU at 0 ms against Postfix and the ceiling, the wire and its tail at 20 ms,
+    and the pool holding."""
     tp = results.get("throughput", {})
     verdicts = _zero_ms(tp.get("0", {}))
     twenty = tp.get("20", {})
     for config in ("relay_on", "relay_off"):
         m = twenty.get(config, {})
         if "delivered_per_s" in m:
-            conns = m["upstream_connections"]
+            conns = m["upstream_connections_per_round"]
+            p50, p99 = m.get("latency_p50_ms") or 0.0, m.get("latency_p99_ms") or 0.0
+            tail = round(p99 / p50, 2) if p50 else None
             verdicts.append(
                 verdict(
-                    f"20 ms RTT, pool of {args.pool_size} ({label(config)}): "
-                    ">= 0.9x the ceiling with <= 10 upstream connections",
-                    m.get("vs_ceiling", 0) >= 0.9 and conns <= 10,
+                    f"issue 18: 20 ms RTT, pool of {args.pool_size} ({label(config)}): "
+                    ">= 0.95x the pipelined ceiling on <= 10 upstream connections, p99 under 3x the median",
+                    m.get("vs_ceiling", 0) >= 0.95 and max(conns) <= 10 and tail is not None and tail < 3,
                     f"{m['delivered_per_s']}/s = {m.get('vs_ceiling')}x the ceiling "
-                    f"({twenty.get('ceiling', {}).get('delivered_per_s')}/s), {conns} upstream connections, "
-                    f"RSET {m['upstream_commands'].get('RSET', 0)}, NOOP {m['upstream_commands'].get('NOOP', 0)}",
+                    f"({twenty.get('ceiling', {}).get('delivered_per_s')}/s), upstream connections per round "
+                    f"{conns}, p50 {p50} ms, p99 {p99} ms ({tail}x)",
                 )
             )
     for rtt_key, row in tp.items():
@@ -153,15 +156,25 @@ def _zero_ms(zero: dict[str, Any]) -> list[Verdict]:
     vs_pf = on.get("vs_postfix")
     vs_c = on.get("vs_ceiling")
     pf_text = f"{vs_pf}x Postfix ({pf.get('delivered_per_s')}/s)" if vs_pf else "Postfix not measured"
-    met = (vs_c is not None and vs_c >= 0.4) and (vs_pf is None or vs_pf >= 1.5)
-    return [
+    met = (vs_c is not None and vs_c >= 0.5) and (vs_pf is None or vs_pf >= 2.5)
+    out = [
         verdict(
-            "0 ms RTT, spool on: delivered >= 1.5x Postfix (aim 2x) and >= 0.4x the ceiling",
-            met if vs_pf is not None else (False if vs_c is not None and vs_c < 0.4 else None),
+            "issue 18: 0 ms RTT, spool on: delivered >= 0.5x the ceiling and >= 2.5x Postfix",
+            met if vs_pf is not None else (False if vs_c is not None and vs_c < 0.5 else None),
             f"{on['delivered_per_s']}/s = {pf_text}, {vs_c}x the ceiling "
             f"({zero.get('ceiling', {}).get('delivered_per_s')}/s)",
         )
     ]
+    relay_cpu, postfix_cpu = on.get("cpu_ms_per_message"), pf.get("cpu_ms_per_message")
+    ratio = round(relay_cpu / postfix_cpu, 3) if relay_cpu and postfix_cpu else None
+    out.append(
+        verdict(
+            "issue 18: relay CPU per delivered message (spool on, 0 ms) <= 0.5x Postfix's (all its processes)",
+            None if ratio is None else ratio <= 0.5,
+            f"relay {relay_cpu} ms, Postfix {postfix_cpu} ms per message ({ratio}x)",
+        )
+    )
+    return out
 
 
 def _pool_held(m: dict[str, Any], config: str, rtt_key: str, args: argparse.Namespace) -> Verdict:
