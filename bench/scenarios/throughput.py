@@ -74,8 +74,9 @@ def summary(results: Results) -> list[str]:
                 f"{m.get('cpu_ms_per_message', '-')!s:>10} {m.get('machine_busy', '-')!s:>5}"
             )
         lines.append(
-            "  conns: upstream connections opened in all rounds / most in one round; CPU ms/msg: the relay "
-            "process's user+system CPU per message; busy: share of the machine's cores busy (all processes)"
+            "  conns: upstream connections opened in all rounds / most in one round; CPU ms/msg: user+system CPU per "
+            "message of the relay process, or of every Postfix process; busy: share of the machine's cores "
+            "busy (all processes)"
         )
     return lines
 
