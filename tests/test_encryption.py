@@ -25,6 +25,8 @@ from relay.config import ConfigError, load_settings
 from relay.core.keys import key_id, parse_key
 from relay.core.message import Envelope, Prepared
 from relay.core.redaction import AddressHasher
+from relay.outcomes.history import MessageReceived
+from relay.outcomes.sqlite import SqliteHistory
 from relay.store.journal import Journal, live_index, read_records, segment_paths
 from relay.store.rekey import key_census
 from relay.store.sealing import BODY, ENVELOPE, STATE, Sealer, SealError, UnknownKeyError, new_key
@@ -442,22 +444,33 @@ async def test_queue_rekey_leaves_nothing_under_the_old_key_and_the_old_key_can_
     await asyncio.gather(*(journal.append(*stored(n, "j")) for n in (3, 4)))
     await journal.close()
     assert key_census(spool) == {"plain": 1, key_of(old): 7}
+    history = SqliteHistory(path / "history.sqlite3", [parse_key(old.read_text())])  # bounces on: a history
+    history.write(
+        [MessageReceived("hq", "<h@app>", "h@erp.example.com", "10.0.0.9", 1.0, 9, ("hr@x.org",), None, None)], False
+    )
+    history.close()
 
     config = write_config(
         tmp_path / "rekey.toml",
         standin,
         port=free_port(),
         spool={**spooled(path), "encryption_key_file": str(new), "old_key_files": [str(old)]},
+        bounces={"enabled": True, "smtp_host": "127.0.0.1", "smtp_port": free_port()},
     )
     code, out, err = await cli("queue", "--config", str(config), "rekey")
     assert code == 0, (out, err)
     assert f"rekeyed to key id {key_of(new)}: 6 file(s) rewritten, 2 message(s) moved from journal/" in out
+    assert "message history: 2 row(s) sealed again under the current key" in out
+    history = SqliteHistory(path / "history.sqlite3", [parse_key(new.read_text())])  # the old key is gone
+    [trace] = history.lookup("hr@x.org", 5)
+    assert (trace.queue_id, trace.sender, trace.client_ip) == ("hq", "h@erp.example.com", "10.0.0.9")
+    history.close()
     census = key_census(spool)
     assert census == {key_of(new): census[key_of(new)]}  # nothing plain, nothing under the old key
     dead_id = stored(2)[1].queue_id
     assert os.path.samefile(path / "queue" / f"{dead_id}.msg", path / "dead" / f"{dead_id}.msg")  # still one file
     code, out, err = await cli("queue", "--config", str(config), "rekey")
-    assert code == 0 and "0 file(s) rewritten" in out, (out, err)
+    assert code == 0 and "0 file(s) rewritten" in out and "message history: 0 row(s)" in out, (out, err)
 
     await start_relay(spool=sealed(path, new))  # the old key is gone from the config
     await standin.wait_for_messages(5)

@@ -20,11 +20,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from relay.config import Settings
 from relay.core.message import Envelope
 from relay.ops import privacy
+from relay.outcomes.service import open_store
+from relay.outcomes.sqlite import history_path
+from relay.outcomes.store import HistoryLayoutError
 from relay.store.journal import live_index
 from relay.store.rekey import rekey
-from relay.store.sealing import MissingKeyError
+from relay.store.sealing import MissingKeyError, SealError
 from relay.store.spool import FLUSH_REQUEST, LOCK, EntryState, Spool, SpoolLocked
 
 AUDIT_LOG = "audit.log"
@@ -345,3 +349,26 @@ def rekey_spool(spool: Spool) -> int:
     )
     audit(spool, "rekey", {}, key_id=spool.sealer.current_id, rewritten=result.rewritten, damaged=len(result.damaged))
     return 1 if result.damaged else 0
+
+
+def rekey_history(settings: Settings) -> int:
+    """`relay queue rekey`, second half: the message history's sealed columns (relay/outcomes/store.py)
+    under the current key too, so the old key can leave spool.old_key_files for them as well."""
+    if not (settings.reports.enabled or settings.bounces.enabled or settings.reports.history_url.get_secret_value()):
+        return 0
+    if not settings.reports.history_url.get_secret_value() and not history_path(settings).exists():
+        return 0  # no history written yet: nothing under any key
+    try:
+        store = open_store(settings)
+    except (HistoryLayoutError, MissingKeyError) as exc:
+        print(f"relay: queue rekey: the message history: {exc}", file=sys.stderr)
+        return 1
+    try:
+        rewritten = store.rekey()
+    except SealError as exc:
+        print(f"relay: queue rekey: the message history was left as it is (damaged): {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    print(f"message history: {rewritten} row(s) sealed again under the current key")
+    return 0

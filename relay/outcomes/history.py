@@ -170,6 +170,9 @@ class HistoryStore(Protocol):
     def lookup(self, query: str, limit: int) -> list[MessageTrace]:
         """Messages by queue id, Infobip id, Message-ID (with its angle brackets) or recipient address."""
 
+    def rekey(self) -> int:
+        """Every sealed value not under the current spool key sealed again under it; returns how many rows."""
+
     def prune(self, before: float) -> int:
         """Forget messages received before `before`; returns how many."""
 
