@@ -53,6 +53,7 @@ class Cluster:
         self._heartbeat = self.redis.register_script(HEARTBEAT)
         self._task: asyncio.Task[None] | None = None
         self._said_down = False
+        self._stopping = False
 
     def key(self, *parts: str) -> str:
         return ":".join((self.settings.key_prefix, *parts))
@@ -64,9 +65,14 @@ class Cluster:
 
     async def stop(self) -> None:
         """Leave the members at once (the others' shares grow now, not three heartbeats later)."""
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # A cancel that lands while redis-py is finishing a call can be swallowed (Python 3.11's
+            # wait_for semantics; seen once in .ci/run on uvloop, where stop() then waited forever):
+            # cancel again until the heartbeat is done, and the loop ends on `_stopping` anyway.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1.0)
         if self.up:
             with contextlib.suppress(*Unreachable):
                 await self.redis.zrem(self.key("members"), self.node)
@@ -74,7 +80,7 @@ class Cluster:
             await self.redis.aclose()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.settings.heartbeat)
             await self.beat()
 
