@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,12 +28,11 @@ from tests.conftest import Dialog, free_port, message
 from tests.helpers import toml_text
 from tests.test_processes import (
     _QUEUED_AS,
-    ROOT,
     RelayProcess,
     SpawnRelay,
-    _child_env,
     arrived_ids,
     new_message_id,
+    relay_cli,
     send_one,
     spawn,
     spool_files,
@@ -258,29 +256,6 @@ async def test_kill_9_one_replica_mid_load_loses_nothing_acknowledged_and_the_bu
     assert len(arrived) == len(standin.messages)  # every message upstream is one of the load's
     for relay in relays:
         assert await relay.stop() == 0
-
-
-async def relay_cli(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
-    """`python -m relay ARGS...` as a subprocess, as an engineer runs it: (exit code, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        *args,
-        cwd=ROOT,
-        env=_child_env(),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        pytest.fail(f"relay {' '.join(args)} hung")
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def http_port(relay: RelayProcess) -> int:

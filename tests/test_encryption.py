@@ -34,6 +34,7 @@ from relay.store.spool import EntryState, Spool
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, free_port, message
 from tests.helpers import SENDER, send_one, spooled, until, write_config
+from tests.test_processes import relay_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,26 +84,7 @@ def messages_in(spool: Path) -> list[str]:
 
 async def cli(*args: str, timeout: float = 20.0) -> tuple[int, str, str]:
     """`python -m relay ...` as its own process: (exit status, stdout, stderr)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        *args,
-        cwd=ROOT,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        pytest.fail(f"relay {' '.join(args)} did not finish in {timeout} s")
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await relay_cli(*args, timeout=timeout)
 
 
 @contextlib.asynccontextmanager

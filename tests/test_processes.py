@@ -200,15 +200,12 @@ async def spawn(tmp_path: Path) -> AsyncIterator[SpawnRelay]:
             await relay.close()
 
 
-async def queue_cli(config: Path, *args: str, timeout: float = 15.0) -> tuple[int, str, str]:
-    """`python -m relay queue --config <toml> <args...>` as a subprocess: (exit code, stdout, stderr)."""
+async def relay_cli(*args: str, timeout: float = 60.0) -> tuple[int, str, str]:
+    """`python -m relay ARGS...` as a subprocess, as an engineer runs it: (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "relay",
-        "queue",
-        "--config",
-        str(config),
         *args,
         cwd=ROOT,
         env=_child_env(),
@@ -221,9 +218,14 @@ async def queue_cli(config: Path, *args: str, timeout: float = 15.0) -> tuple[in
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        pytest.fail(f"relay queue {' '.join(args)} hung")
+        pytest.fail(f"relay {' '.join(args)} did not finish in {timeout} s")
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def queue_cli(config: Path, *args: str, timeout: float = 15.0) -> tuple[int, str, str]:
+    """`python -m relay queue --config <toml> <args...>` as a subprocess: (exit code, stdout, stderr)."""
+    return await relay_cli("queue", "--config", str(config), *args, timeout=timeout)
 
 
 def queue_rows(listing: str) -> dict[str, list[str]]:
