@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -246,8 +247,9 @@ class Outcomes:
         self.metrics.reports.labels("unknown").inc(applied.unknown)
         if applied.unknown:
             log.warning("reports_unmatched", source=source, count=applied.unknown)
+        for status, count in Counter(outcome.status for outcome in applied.outcomes).items():
+            self.metrics.reports.labels(status).inc(count)  # a label lookup per status, not per report
         for outcome in applied.outcomes:
-            self.metrics.reports.labels(outcome.status).inc()
             if outcome.seconds is not None:
                 self.metrics.outcome_seconds.observe(max(0.0, outcome.seconds))
             log.info(
