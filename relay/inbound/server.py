@@ -124,7 +124,8 @@ class Sessions:
         while self.in_data > 0 and (remaining := deadline - time.monotonic()) > 0:
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                async with asyncio.timeout(remaining):  # not wait_for: on 3.11 it can swallow a cancel
+                    await self._changed.wait()
 
     def close_all(self, reply: str | Reply) -> None:
         """Say `reply` to every client still connected and hang up, without waiting for them."""

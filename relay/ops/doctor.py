@@ -90,15 +90,15 @@ async def _reach(settings: Settings, say: Callable[[str], None]) -> UpstreamConn
     )
     host, port = upstream.host, upstream.port
     try:
-        addresses = await asyncio.wait_for(
-            asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), upstream.connect_timeout
-        )
+        async with asyncio.timeout(upstream.connect_timeout):
+            addresses = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, TimeoutError) as exc:
         return _failed("dns", f"cannot resolve {host}: {exc}", say, upstream)
     _ok(say, "dns", ", ".join(sorted({str(a[4][0]) for a in addresses})))
     say(f"  ...   {'tcp':<8} connecting (at most {upstream.connect_timeout:g} s)")
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), upstream.connect_timeout)
+        async with asyncio.timeout(upstream.connect_timeout):
+            _, writer = await asyncio.open_connection(host, port)
     except (OSError, TimeoutError) as exc:
         why = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
         return _failed("tcp", UpstreamConnectError(host, port, why).reply.text, say, upstream)

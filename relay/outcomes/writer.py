@@ -68,7 +68,8 @@ class History:
         while True:
             await self._wake.wait()
             with contextlib.suppress(TimeoutError):  # a moment for more notes: one hop, one transaction
-                await asyncio.wait_for(self._now.wait(), GATHER)
+                async with asyncio.timeout(GATHER):  # not wait_for: on 3.11 it can swallow close()'s cancel
+                    await self._now.wait()
             self._wake.clear()
             self._now.clear()
             batch, done = self._batch, self._done

@@ -284,7 +284,8 @@ class UpstreamConnection:
         """Say goodbye politely, but never wait long for the answer."""
         try:
             self._writer.write(b"QUIT\r\n")
-            await asyncio.wait_for(self._reader.read(1024), 2.0)
+            async with asyncio.timeout(2.0):  # not wait_for: on 3.11 it can swallow a cancel
+                await self._reader.read(1024)
         except (OSError, TimeoutError):
             pass
         self.abort()
