@@ -31,9 +31,8 @@ from pathlib import Path
 import aiosmtplib
 
 from relay.config import ListenSettings
-from relay.core.message import Envelope, Prepared
-from relay.store.journal import Damaged, live_index, quarantine, read_record, segment_paths
-from relay.store.spool import EntryState, Spool, SpoolLocked, fsync_dir
+from relay.store.journal import promote_journal
+from relay.store.spool import EntryState, Spool, SpoolLocked
 
 REQUEST = "handoff-request.json"  # in spool.path: {"id": ..., "to": "host:port", "deadline": epoch seconds}
 
@@ -203,30 +202,6 @@ async def request_running(spool: Spool, target: str, timeout: float) -> dict[str
     return None
 
 
-def promote_journal(spool: Spool) -> int:
-    """A stopped relay's live journal records (left by a crash) become queue/ entries, as start-up would
-    deliver them, so the hand-off sends them too; then no segment is needed. Returns how many moved. A
-    record whose queue/ copy exists was promoted just before the crash: that copy wins. A crash in here
-    leaves both, which start-up and the next hand-off take the same way. Damaged records go to damaged/."""
-    damaged: list[Damaged] = []
-    records = live_index(spool.journal_dir, sealer=spool.sealer, damaged=damaged)
-    quarantine(spool.path / "damaged", damaged)
-    moved = 0
-    for record in records:
-        envelope: Envelope = record.envelope
-        if (spool.queue / f"{envelope.queue_id}.msg").exists():
-            continue
-        data = read_record(spool.journal_dir, record, spool.sealer)
-        message = Prepared(envelope.queue_id, envelope.mail_from, envelope.recipients, envelope.message_id, b"", data)
-        spool.commit(message, envelope)
-        moved += 1
-    for path in segment_paths(spool.journal_dir):
-        path.unlink()
-    if spool.journal_dir.is_dir():
-        fsync_dir(spool.journal_dir)
-    return moved
-
-
 def run_handoff(spool: Spool, target: str, listen: ListenSettings, timeout: float) -> int:
     """The CLI verb: a stopped relay's spool directly, a running one's through the relay. Exit status 0
     when nothing is left waiting here, 1 otherwise (the preStop hook's log says what stayed and why), 2 for
@@ -243,7 +218,7 @@ def run_handoff(spool: Spool, target: str, listen: ListenSettings, timeout: floa
     except SpoolLocked:
         return _report_running(asyncio.run(request_running(spool, target, timeout)), spool, target, timeout)
     try:
-        promoted = promote_journal(spool)
+        promoted, _ = promote_journal(spool)  # damaged records are in damaged/, as at start-up
         summary = asyncio.run(hand_off_stopped(spool, target, listen.hostname, time.time() + timeout))
     finally:
         spool.unlock()

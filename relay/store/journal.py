@@ -42,7 +42,7 @@ import structlog
 
 from relay.core.message import Envelope, Prepared
 from relay.store.sealing import Sealer, SealError, UnknownKeyError, peek
-from relay.store.spool import FILE_MODE, fsync_dir, make_private_dir, write_all_at
+from relay.store.spool import FILE_MODE, Spool, fsync_dir, make_private_dir, write_all_at
 from relay.testing.failpoints import crashpoint
 
 log = structlog.get_logger("relay.store.journal")
@@ -624,3 +624,28 @@ class SegmentFiles:
         if gone:
             with contextlib.suppress(OSError):
                 fsync_dir(self.directory)
+
+
+def promote_journal(spool: Spool) -> tuple[int, list[Damaged]]:
+    """A stopped relay's live journal records become queue/ files, as start-up would promote them, so no
+    segment is needed afterwards (`relay queue rekey` and a stopped relay's hand-off). A record whose queue/
+    copy exists was promoted just before a crash: that copy wins, as at start-up; a crash in here leaves
+    both, which the next run takes the same way. Damaged records are copied to damaged/ and returned.
+    Returns how many records moved, and the damaged ones."""
+    damaged: list[Damaged] = []
+    records = live_index(spool.journal_dir, sealer=spool.sealer, damaged=damaged)
+    quarantine(spool.path / "damaged", damaged)
+    moved = 0
+    for record in records:
+        envelope = record.envelope
+        if (spool.queue / f"{envelope.queue_id}.msg").exists():
+            continue
+        data = read_record(spool.journal_dir, record, spool.sealer)
+        message = Prepared(envelope.queue_id, envelope.mail_from, envelope.recipients, envelope.message_id, b"", data)
+        spool.commit(message, envelope)
+        moved += 1
+    for path in segment_paths(spool.journal_dir):
+        path.unlink()
+    if spool.journal_dir.is_dir():
+        fsync_dir(spool.journal_dir)
+    return moved, damaged

@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from relay.core.message import Prepared
 from relay.store import journal
 from relay.store.sealing import DEAD_STATE, STATE, MissingKeyError, Sealer, SealError, is_sealed
 from relay.store.spool import Spool, file_key_id, fsync_dir, read_message_file, write_atomically
@@ -96,7 +95,8 @@ def rekey(spool: Spool) -> Rekeyed:
     keys configured; running it again finishes the job."""
     assert spool.sealer is not None, "rekey needs spool.encryption_key_file"
     result = Rekeyed()
-    _empty_journal(spool, spool.sealer, result)
+    result.from_journal, damaged = journal.promote_journal(spool)  # then no segment is needed
+    result.damaged += [f"journal/{d.segment} at {d.offset}: {d.reason}" for d in damaged]
     linked = _linked_dead_letters(spool)
     for directory in (spool.queue, spool.dead):
         for name in sorted(os.listdir(directory)):
@@ -120,27 +120,6 @@ def rekey(spool: Spool) -> Rekeyed:
                 result.rewritten += 1
         fsync_dir(directory)
     return result
-
-
-def _empty_journal(spool: Spool, sealer: Sealer, result: Rekeyed) -> None:
-    """Live journal records become queue/ files under the current key (as start-up would promote them);
-    then no segment is needed. Damaged records are copied to damaged/ and reported first."""
-    damaged: list[journal.Damaged] = []
-    records = journal.live_index(spool.journal_dir, sealer=sealer, damaged=damaged)
-    journal.quarantine(spool.path / "damaged", damaged)
-    result.damaged += [f"journal/{d.segment} at {d.offset}: {d.reason}" for d in damaged]
-    for record in records:
-        envelope = record.envelope
-        if (spool.queue / f"{envelope.queue_id}.msg").exists():
-            continue  # promoted just before a crash: that copy wins, as at start-up
-        data = journal.read_record(spool.journal_dir, record, sealer)
-        message = Prepared(envelope.queue_id, envelope.mail_from, envelope.recipients, envelope.message_id, b"", data)
-        spool.commit(message, envelope)
-        result.from_journal += 1
-    for path in journal.segment_paths(spool.journal_dir):
-        path.unlink()
-    if spool.journal_dir.is_dir():
-        fsync_dir(spool.journal_dir)
 
 
 def _linked_dead_letters(spool: Spool) -> set[str]:
