@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(BASE_CONFIGS),
         help="what to measure: ceiling,relay_off,relay_on,postfix; a relay config may take experiments, "
         "each after a '+': uvloop (the relay on uvloop), switch=SECONDS (sys.setswitchinterval), "
-        "log=LEVEL (log.level, default info), src=DIR (the relay of another checkout, for an A/B); "
+        "log=LEVEL (log.level, default info), src=DIR (the relay of another checkout, for an A/B), "
+        "sync_wait=SECONDS (spool.sync_wait, default 5: 0 answers once on disk); "
         "e.g. relay_on+uvloop+log=warning",
     )
     parser.add_argument("--no-postfix", action="store_true", help="leave Postfix out")

@@ -142,9 +142,11 @@ class Target:
 def experiments(extra: str) -> dict[str, str]:
     """The experiments after a relay config's '+': 'uvloop+log=warning' -> {'uvloop': '', 'log': 'warning'}."""
     found = dict(item.partition("=")[::2] for item in extra.split("+") if item)
-    unknown = set(found) - {"uvloop", "switch", "log", "src"}
+    unknown = set(found) - {"uvloop", "switch", "log", "src", "sync_wait"}
     if unknown:
-        raise ValueError(f"unknown experiment(s) {sorted(unknown)}: uvloop, switch=SECONDS, log=LEVEL, src=DIR")
+        raise ValueError(
+            f"unknown experiment(s) {sorted(unknown)}: uvloop, switch=SECONDS, log=LEVEL, src=DIR, sync_wait=SECONDS"
+        )
     return found
 
 
@@ -218,6 +220,7 @@ class Harness:
             log_level=exp.get("log", "info"),
             profile=self.args.profile if name.startswith("profile") else None,
             source=Path(exp["src"]).resolve() if "src" in exp else ROOT,
+            overrides={"spool": {"sync_wait": float(exp["sync_wait"])}} if "sync_wait" in exp else None,
         )
         if not (relay.source / "relay" / "__main__.py").is_file():
             raise ValueError(f"src={relay.source}: no relay/ package there")
