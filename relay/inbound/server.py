@@ -378,7 +378,8 @@ class RelaySMTP(CompatSMTP):
             used = upload.feed(chunk)
             if used < len(chunk):
                 compat.unread(self, chunk[used:])  # pipelined commands behind the dot
-            await asyncio.sleep(0)  # the stream may hold megabytes already: let other clients in between chunks
+            if not upload.ended:  # the stream may hold megabytes already: let other clients in between chunks
+                await asyncio.sleep(0)  # (not after the last one: a small message would wait a loop turn for nothing)
             now = loop.time()
             if now - last_progress > progress_step:  # a slow upload making progress is not idle
                 compat.restart_idle_timer(self)
