@@ -4,7 +4,6 @@ outbox, lookups, pruning, and the file's mode."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import stat
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import pytest
 from relay.outcomes.decide import Report
 from relay.outcomes.history import Attempted, HistoryStore, MessageReceived, Tracked
 from relay.outcomes.sqlite import SqliteHistory
-from relay.outcomes.store import HistoryLayoutError
 from relay.outcomes.trace import in_words
 from relay.outcomes.writer import History
 
@@ -171,18 +169,6 @@ def test_tracking_events_are_recorded_once_per_event_id_and_only_for_our_recipie
 def test_meta_keeps_the_first_value(store: HistoryStore) -> None:
     assert store.meta("instance", "abc") == "abc"
     assert store.meta("instance", "def") == "abc"
-
-
-def test_a_history_of_an_older_layout_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
-    path = tmp_path / "h.sqlite3"
-    with sqlite3.connect(path) as old:  # what the relay wrote before the search-key columns
-        old.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    for readonly in (False, True):
-        with pytest.raises(HistoryLayoutError, match="layout 1, not 2"):
-            SqliteHistory(path, readonly=readonly)
-    with sqlite3.connect(path) as old:
-        assert old.execute("SELECT name FROM sqlite_master").fetchall() == [("meta",), ("sqlite_autoindex_meta_1",)]
-        assert old.execute("SELECT * FROM meta").fetchall() == []
 
 
 async def test_writes_are_batched_in_order_and_a_failed_write_is_reported(tmp_path: Path) -> None:

@@ -29,6 +29,8 @@ POSTGRES = Dialect(
     blob="BYTEA",
     locks=True,
     table_exists="SELECT to_regclass(?::text)",
+    row_order="seq",
+    rename_index="ALTER INDEX IF EXISTS {old} RENAME TO {new}",
 )
 
 Conn = psycopg.Connection[tuple[Any, ...]]

@@ -26,6 +26,7 @@ SQLITE = Dialect(
     blob="BLOB",
     locks=False,  # one writer at a time: BEGIN IMMEDIATE takes the database's write lock
     table_exists="SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?",
+    row_order="rowid",
     without_rowid=" WITHOUT ROWID",
 )
 
@@ -44,6 +45,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")  # FULL for the transactions that must survive power loss
     db.execute("PRAGMA busy_timeout = 5000")
+    db.execute("PRAGMA secure_delete = ON")  # deleted rows (pruned, or a converted layout 1's) are zeroed, not freed
     return db
 
 

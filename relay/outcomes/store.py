@@ -46,6 +46,7 @@ from relay.outcomes.history import (
     RecipientTrace,
     Tracked,
 )
+from relay.outcomes.migrate import migrate_layout_1
 from relay.store.sealing import MissingKeyError, SealError
 
 SCHEMA_VERSION = "2"  # meta 'schema': the layout below (1: plaintext columns, searched by value)
@@ -110,7 +111,9 @@ class Dialect:
     blob: str
     locks: bool  # SELECT ... FOR UPDATE [SKIP LOCKED]: rows other connections may change at the same time
     table_exists: str  # a row with a non-NULL first column iff the table named by the one ? exists
+    row_order: str  # what orders a table's rows as written (layout 1's, in relay/outcomes/migrate.py)
     without_rowid: str = ""  # SQLite's table that is its primary key's index (one B-tree, not two)
+    rename_index: str = ""  # renames index {old} to {new}, where a renamed table's indexes keep their names
 
     def lock(self, of: str = "", *, skip: bool = False) -> str:
         """Appended to a SELECT whose rows this transaction will change."""
@@ -159,23 +162,37 @@ class Db:
 
 
 def create_schema(db: Db) -> None:
-    """Create the tables if the database has none (in the caller's transaction); HistoryLayoutError if it
-    holds another layout. Only when missing: CREATE INDEX IF NOT EXISTS still locks its table, which
-    deadlocked a PostgreSQL replica starting beside one already writing."""
+    """Create the tables if the database has none (in the caller's transaction), or convert an older relay's
+    history (layout 1: a meta table with no 'schema' row); HistoryLayoutError if it holds another layout.
+    Only when missing: CREATE INDEX IF NOT EXISTS still locks its table, which deadlocked a PostgreSQL
+    replica starting beside one already writing."""
     found = db.one(db.dialect.table_exists, ("meta",))
     if found is None or found[0] is None:
-        for statement in db.dialect.schema():
-            db.run(statement)
-        db.run("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-    check_layout(db)
+        _create_tables(db)
+    elif db.one("SELECT value FROM meta WHERE key = 'schema'") is None:
+        migrate_layout_1(db, functools.partial(_create_tables, db))
+    else:
+        check_layout(db)
+        return
+    db.run("INSERT INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+
+
+def _create_tables(db: Db) -> None:
+    """Layout 2's tables and indexes, but for a table that exists already (meta and poller, kept by
+    migrate_layout_1: the same in both layouts)."""
+    for statement in db.dialect.schema():
+        words = statement.split()
+        if words[:2] == ["CREATE", "TABLE"] and (row := db.one(db.dialect.table_exists, (words[2],))) and row[0]:
+            continue
+        db.run(statement)
 
 
 def check_layout(db: Db) -> None:
     row = db.one("SELECT value FROM meta WHERE key = 'schema'")
     if row is None or row[0] != SCHEMA_VERSION:
         raise HistoryLayoutError(
-            f"the message history has layout {row[0] if row else 1}, not {SCHEMA_VERSION} (an older relay wrote it): "
-            "move the SQLite file aside, or drop the PostgreSQL database's tables; it is not changed here"
+            f"the message history has layout {row[0] if row else 1}, not {SCHEMA_VERSION} (an older relay wrote it)"
+            + (": start the relay, which converts it, then try again" if row is None else ": it is not changed here")
         )
 
 
