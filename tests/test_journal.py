@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import relay.store.journal
 from relay.core.message import Envelope, Prepared
 from relay.store.journal import BAD, DONE, MESSAGE, Journal, live_records, read_records, record_header, segment_paths
 from relay.store.spool import Spool
@@ -74,6 +75,38 @@ async def test_a_batch_shares_one_sync_and_segments_go_once_nothing_in_them_is_l
     assert [e.queue_id for e, _ in live_records(directory)] == [messages[-1][1].queue_id, f"{99:021d}"]
     await journal.close()
     assert len(segment_paths(directory)) == 2  # two messages still live: kept for the next start
+
+
+async def test_a_done_mark_nobody_waits_for_goes_with_the_next_records_sync_or_alone_soon_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = tmp_path / "journal"
+    syncs: list[int] = []
+    real = os.fdatasync
+
+    def counted(fd: int) -> None:
+        syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(relay.store.journal.os, "fdatasync", counted)
+    monkeypatch.setattr(relay.store.journal, "DONE_DELAY", 1.0)
+    journal = Journal(directory)
+    journal.start(asyncio.get_running_loop())
+    (m1, e1), (m2, e2) = prepared(1), prepared(2)
+    await journal.append(m1, e1)
+    before = len(syncs)
+    journal.done(e1.queue_id)  # delivered: nobody waits for the mark...
+    # A tenth of DONE_DELAY for the writer to sync the mark on its own, which it must not: no event says
+    # "nothing happened", so this one wait is real time (the writer took 3 ms for it before).
+    await asyncio.sleep(0.1)
+    assert len(syncs) == before and [e.queue_id for e, _ in live_records(directory)] == [e1.queue_id]
+    await journal.append(m2, e2)  # ...so it shares this record's sync instead of costing one of its own
+    assert len(syncs) == before + 1
+    assert [e.queue_id for e, _ in live_records(directory)] == [e2.queue_id]  # the mark is on disk
+    journal.done(e2.queue_id)  # nothing follows: written alone, DONE_DELAY later
+    await until(lambda: not list(live_records(directory)), timeout=5)
+    assert len(syncs) == before + 2
+    await journal.close()
 
 
 async def test_close_with_nothing_live_removes_the_segments(tmp_path: Path) -> None:
