@@ -61,6 +61,7 @@ class Bouncer:
             while jobs := await self._due(self.clock.time(), BATCH):
                 for job in jobs:
                     await self.send(job)
+            log.debug("bounce_outbox_checked", at=self.clock.time())  # nothing due now: asleep until the next look
             timer: Timer = self.clock.call_later(CHECK_EVERY, self._wake.set)
             try:
                 await self._wake.wait()
