@@ -270,6 +270,55 @@ class _Batch:
     appends: list[_Append] = field(default_factory=list)
     dones: list[_Done] = field(default_factory=list)
 
+    @property
+    def lazy(self) -> bool:
+        """Only done marks nobody waits for: they may wait DONE_DELAY for records to share a sync with."""
+        return bool(self.dones) and not self.appends and all(d.future is None for d in self.dones)
+
+    @property
+    def awaited(self) -> bool:
+        """Someone on the loop waits for an answer about this batch."""
+        return bool(self.appends) or any(d.future is not None for d in self.dones)
+
+
+def _answer(batch: _Batch) -> None:
+    """On the loop: resolve the futures of a written batch."""
+    items: list[_Append | _Done] = [*batch.appends, *batch.dones]
+    for item in items:
+        if item.future is None or item.future.done():
+            continue
+        if item.error is not None:
+            item.future.set_exception(item.error)
+        else:
+            item.future.set_result(None)
+
+
+class _Bell:
+    """How the loop wakes the journal's writer thread: a C-level lock held while the writer sleeps (a
+    threading.Condition costs the event loop several times more per message). `asleep` is read and set
+    under the journal's lock; whoever rings a sleeping writer releases the bell, once."""
+
+    def __init__(self) -> None:
+        self._bell = threading.Lock()
+        self._bell.acquire()
+        self.asleep = False
+
+    def ring(self) -> None:
+        """Wake the writer if it sleeps (the caller holds the journal's lock)."""
+        if self.asleep:
+            self.asleep = False
+            self._bell.release()
+
+    def sleep(self, timeout: float, lock: threading.Lock) -> bool:
+        """Until rung (True) or `timeout` seconds (False; -1: no limit). `asleep` was set under `lock`."""
+        if self._bell.acquire(timeout=timeout):
+            return True
+        with lock:
+            rung, self.asleep = not self.asleep, False  # rung as the wait ended: its release is on the way
+        if rung:
+            self._bell.acquire()  # taken, so the bell stays a binary semaphore
+        return False
+
 
 class Journal:
     """Appends and done marks come from the event loop; one thread writes and syncs them in batches
@@ -280,11 +329,7 @@ class Journal:
         self.segment_bytes = segment_bytes
         self.sealer = sealer  # None: records in plaintext (M); else sealed (E) in the writer thread
         self._lock = threading.Lock()  # guards everything below that both sides touch
-        # The writer sleeps on `_wakeup` (held while it is idle); whoever finds it idle releases it.
-        # Two C-level locks: a threading.Condition costs the event loop several times more per message.
-        self._wakeup = threading.Lock()
-        self._wakeup.acquire()
-        self._writer_idle = False
+        self._bell = _Bell()  # the writer sleeps on it while there is nothing to write
         self._pending = _Batch()
         self._closing = False
         self._segment_of: dict[str, int] = {}  # queue id -> segment, for messages not done yet
@@ -336,9 +381,7 @@ class Journal:
             return
         with self._lock:
             self._closing = True
-            idle, self._writer_idle = self._writer_idle, False
-        if idle:
-            self._wakeup.release()
+            self._bell.ring()
         await asyncio.to_thread(self._thread.join)
         self._thread = None
         while True:  # the last answers ran; what they wake (done marks) is written here
@@ -348,7 +391,7 @@ class Journal:
             if not (last.appends or last.dones):
                 break
             await asyncio.to_thread(self._write_batch, last)
-            self._answer(last)
+            _answer(last)
         if self._unwritten_dones:  # marks an earlier failure left: one more try (a batch takes them)
             await asyncio.to_thread(self._write_batch, _Batch())
         os.close(self._file.fd)
@@ -368,9 +411,7 @@ class Journal:
         future: asyncio.Future[None] = self._loop.create_future()
         with self._lock:
             self._pending.appends.append(_Append(message, envelope, future))
-            idle, self._writer_idle = self._writer_idle, False
-        if idle:
-            self._wakeup.release()
+            self._bell.ring()
         return future
 
     def done(self, queue_id: str) -> None:
@@ -386,7 +427,6 @@ class Journal:
         return future
 
     def _mark_done(self, queue_id: str, future: asyncio.Future[None] | None) -> None:
-        idle = False
         with self._lock:
             seq = self._segment_of.pop(queue_id, None)
             if seq is not None:
@@ -394,21 +434,9 @@ class Journal:
                 lazy_waiting = any(d.future is None for d in self._pending.dones)
                 self._pending.dones.append(_Done(queue_id, future))
                 if future is not None or not lazy_waiting:  # the first lazy one starts the writer's DONE_DELAY
-                    idle, self._writer_idle = self._writer_idle, False
+                    self._bell.ring()
         if seq is None and future is not None:  # not in the journal (promoted before, or read from queue/)
             future.set_result(None)
-        if idle:
-            self._wakeup.release()
-
-    def _answer(self, batch: _Batch) -> None:
-        items: list[_Append | _Done] = [*batch.appends, *batch.dones]
-        for item in items:
-            if item.future is None or item.future.done():
-                continue
-            if item.error is not None:
-                item.future.set_exception(item.error)
-            else:
-                item.future.set_result(None)
 
     # the writer thread
 
@@ -417,25 +445,17 @@ class Journal:
         while True:
             with self._lock:
                 pending, closing = self._pending, self._closing
-                lazy = bool(pending.dones) and all(d.future is None for d in pending.dones)
-                if pending.appends or closing or overdue or (pending.dones and not lazy):
-                    batch, self._pending = pending, _Batch()
-                else:
-                    batch = _Batch()
-                idle = self._writer_idle = not (batch.appends or batch.dones or closing)
+                lazy = pending.lazy and not (closing or overdue)
+                batch = _Batch() if lazy else pending
+                if not lazy:
+                    self._pending = _Batch()
+                idle = self._bell.asleep = not (batch.appends or batch.dones or closing)
             overdue = False
-            if idle:
-                # Until an append, a done mark someone waits for or close() releases it; with only lazy
-                # done marks waiting, DONE_DELAY at most.
-                if self._wakeup.acquire(timeout=DONE_DELAY if lazy else -1):
+            if idle:  # until an append, a done mark someone waits for or close(); DONE_DELAY at most if lazy
+                if self._bell.sleep(DONE_DELAY if lazy else -1, self._lock):
                     time.sleep(COMMIT_DELAY)
-                    continue
-                with self._lock:
-                    released = not self._writer_idle  # someone took us out of idle as the wait ended
-                    self._writer_idle = False
-                if released:
-                    self._wakeup.acquire()  # their release: the lock stays a binary semaphore
-                overdue = True
+                else:
+                    overdue = True
                 continue
             if batch.appends or batch.dones:
                 try:
@@ -451,8 +471,8 @@ class Journal:
                                 self._live[seq] -= 1
                     self._unwritten_dones += [item.envelope.queue_id for item in batch.appends]
                 assert self._loop is not None
-                if batch.appends or any(d.future is not None for d in batch.dones):  # else nobody to answer
-                    self._loop.call_soon_threadsafe(self._answer, batch)
+                if batch.awaited:
+                    self._loop.call_soon_threadsafe(_answer, batch)
             if closing and not batch.appends and not batch.dones:
                 return
 
