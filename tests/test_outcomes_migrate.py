@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+import relay.outcomes.migrate
+from relay.outcomes.postgres import SENDING_STALE, PostgresHistory
 from relay.outcomes.sqlite import SqliteHistory
 from relay.outcomes.store import HistoryLayoutError
-from tests.cluster_services import postgres_server
+from tests.cluster_services import PostgresServer, postgres_server
 from tests.test_outcomes_history import T0
-from tests.test_outcomes_sealed import K1, Open, Raw, engine
+from tests.test_outcomes_sealed import K1, Open, Raw, engine, postgres_raw
 
 __all__ = ["engine", "postgres_server"]
 
@@ -121,17 +123,29 @@ def write_layout_1(raw: Raw, postgres: bool) -> None:
         "diagnostic": f"no mailbox {MARK}",
         "infobip_id": "ib1",
     }
-    raw(
-        "INSERT INTO bounces (queue_id, action, recipients, created_at, due, state) "
-        "VALUES ('q1', 'failed', ?, ?, ?, 'sending')",
-        (json.dumps([item]), T0 + 30, T0 + 30),
-    )
+    if postgres:  # claimed by a replica when the old relay stopped (PostgreSQL's layout 1 says when)
+        raw(
+            "INSERT INTO bounces (queue_id, action, recipients, created_at, due, state, claimed_at) "
+            "VALUES ('q1', 'failed', ?, ?, ?, 'sending', ?)",
+            (json.dumps([item]), T0 + 30, T0 + 30, T0 + 30),
+        )
+        raw("INSERT INTO poller VALUES ('reports', 'old-replica', ?)", (T0 + 3600,))
+    else:
+        raw(
+            "INSERT INTO bounces (queue_id, action, recipients, created_at, due, state) "
+            "VALUES ('q1', 'failed', ?, ?, ?, 'sending')",
+            (json.dumps([item]), T0 + 30, T0 + 30),
+        )
 
 
 @pytest.mark.parametrize("keys", [(), (K1,)], ids=["plain", "sealed"])
 def test_an_older_relays_history_is_converted_and_nothing_is_lost(
-    engine: tuple[Open, list[Path], Raw], keys: tuple[bytes, ...], request: pytest.FixtureRequest
+    engine: tuple[Open, list[Path], Raw],
+    keys: tuple[bytes, ...],
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(relay.outcomes.migrate, "BATCH", 1)  # every table read a row at a time, in order
     open_store, files, raw = engine
     postgres = "postgres" in request.node.callspec.id
     write_layout_1(raw, postgres)
@@ -152,7 +166,11 @@ def test_an_older_relays_history_is_converted_and_nothing_is_lost(
             ("report", BOUNCED, f"bounced {MARK}"),
         ]
         assert store.pending_bulk_ids(T0) == ["relay-x-1"]  # SENT still waits for its report
-        [bounce] = store.due_bounces(T0 + 31, 10)  # claimed by the relay that stopped: offered again
+        # Claimed when the old relay stopped: on PostgreSQL the claim stands until stale (another replica may be
+        # sending it), SQLite's one relay gives it back at once.
+        if postgres:
+            assert store.due_bounces(T0 + 31, 10) == []
+        [bounce] = store.due_bounces(T0 + 31 + (SENDING_STALE if postgres else 0), 10)
         assert (bounce.sender, bounce.message_id, bounce.headers) == (
             SENDER,
             MESSAGE_ID,
@@ -162,6 +180,9 @@ def test_an_older_relays_history_is_converted_and_nothing_is_lost(
             (BOUNCED, "5.1.1", f"no mailbox {MARK}")
         ]
         assert store.meta("instance", "new-instance") == "old-instance"  # the same bulk ids as before
+        if postgres:  # the old lease is gone: an old replica still running cannot poll reports it cannot store
+            assert raw("SELECT to_regclass('poller')", ()) == [(None,)]
+            assert isinstance(store, PostgresHistory) and store.poll_lease("new-replica", 60)
     finally:
         store.close()
     again = open_store(*keys)  # converted once: the second start finds layout 2
@@ -195,3 +216,14 @@ def test_relay_trace_on_an_unconverted_history_says_to_start_the_relay(tmp_path:
     with pytest.raises(HistoryLayoutError, match=r"layout 1, not 2 .*start the relay, which converts it"):
         SqliteHistory(path, readonly=True)
     assert path.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_relay_trace_on_an_unconverted_postgresql_history_changes_nothing(postgres_server: PostgresServer) -> None:
+    url = postgres_server.database()
+    raw = postgres_raw(url)
+    write_layout_1(raw, postgres=True)
+    with pytest.raises(HistoryLayoutError, match=r"layout 1, not 2 .*start the relay, which converts it"):
+        PostgresHistory(url, readonly=True)
+    assert raw("SELECT address FROM recipients ORDER BY seq", ()) == [(DELIVERED,), (BOUNCED,), (SENT,)]
+    assert raw("SELECT count(*) FROM meta WHERE key = 'schema'", ()) == [(0,)]

@@ -6,7 +6,11 @@ layout 2 stores each as a tagged (and, with a spool key, sealed) value beside a 
 in its outbox, so the relay that opens it for writing converts it: in the caller's transaction (all or
 nothing, and on PostgreSQL under the schema lock, so one replica does it), table by table, a batch of rows
 at a time. The old tables are renamed aside, read in their row order, written through the same codec as
-new rows, then dropped. A bounce claimed ('sending') when the old relay stopped is pending again.
+new rows, then dropped. Layout 1's report poller lease (`poller`) is dropped too: a replica of the old
+relay still running on the converted database then fails to take the lease, rather than fetching reports it
+could no longer store (Infobip hands each out once); its other history writes fail until it is upgraded.
+A bounce claimed ('sending') keeps its claim where layout 1 recorded one (PostgreSQL), so it is offered again
+only once stale; SQLite's single relay gives claims back at start-up anyway.
 """
 
 from __future__ import annotations
@@ -47,11 +51,14 @@ def migrate_layout_1(db: Db, create: Callable[[], None]) -> None:
         db.run(f"ALTER TABLE {table} RENAME TO v1_{table}")
         if db.dialect.rename_index:  # PostgreSQL keeps a renamed table's primary key index under its old name
             db.run(db.dialect.rename_index.format(old=f"{table}_pkey", new=f"v1_{table}_pkey"))
+    db.run("DROP TABLE IF EXISTS poller")
     create()
     cols = db.cols
     for table in present:
         insert, convert = _COPIES[table]
-        for rows in _batches(db, table):
+        if table == "bounces" and "claimed_at" in _columns_of(db, "v1_bounces"):
+            insert, convert = _CLAIMED_BOUNCES
+        for rows in _batches(db, table, _COLUMNS[table] + (("claimed_at",) if convert is _claimed_bounce else ())):
             db.many(insert, [convert(cols, row) for row in rows])
         db.run(f"DROP TABLE v1_{table}")
 
@@ -61,15 +68,22 @@ def _exists(db: Db, table: str) -> bool:
     return found is not None and found[0] is not None
 
 
-def _batches(db: Db, table: str) -> Iterator[list[Row]]:
-    """The old table's rows in the order they were written, BATCH at a time (by position: the table is ours
-    alone inside this transaction)."""
-    columns = ", ".join(_COLUMNS[table])
+def _columns_of(db: Db, table: str) -> set[str]:
+    cursor: Any = db.run(f"SELECT * FROM {table} LIMIT 0")
+    return {column[0] for column in cursor.description}
+
+
+def _batches(db: Db, table: str, columns: Sequence[str]) -> Iterator[list[Row]]:
+    """The old table's rows in the order they were written, BATCH at a time, each batch found by an index
+    from where the last one ended (not OFFSET, which reads every row before it again: quadratic)."""
     order = {"messages": "queue_id", "infobip_ids": "infobip_id", "bounces": "id"}.get(table, db.dialect.row_order)
-    offset = 0
-    while rows := db.all(f"SELECT {columns} FROM v1_{table} ORDER BY {order} LIMIT ? OFFSET ?", (BATCH, offset)):
-        yield rows
-        offset += len(rows)
+    if order == "seq":  # PostgreSQL's layout 1 had no index on its row numbers
+        db.run(f"CREATE INDEX v1_{table}_seq ON v1_{table} (seq)")
+    select = f"SELECT {order}, {', '.join(columns)} FROM v1_{table}"
+    rows = db.all(f"{select} ORDER BY {order} LIMIT ?", (BATCH,))
+    while rows:
+        yield [row[1:] for row in rows]
+        rows = db.all(f"{select} WHERE {order} > ? ORDER BY {order} LIMIT ?", (rows[-1][0], BATCH))
 
 
 def _text(cols: Columns, column: str, queue_id: str, value: str | None) -> bytes | None:
@@ -127,6 +141,15 @@ def _bounce(cols: Columns, row: Row) -> Row:
     )
 
 
+def _claimed_bounce(cols: Columns, row: Row) -> Row:
+    """PostgreSQL's layout 1 recorded when a bounce was claimed: the claim stands (stale after SENDING_STALE)."""
+    *bounce, claimed_at = row
+    copied = list(_bounce(cols, bounce))
+    if claimed_at is not None:
+        copied[6] = bounce[6]  # the state as it was, 'sending' included
+    return (*copied, claimed_at)
+
+
 _COLUMNS = {
     "messages": (
         "queue_id",
@@ -144,6 +167,11 @@ _COLUMNS = {
     "events": ("queue_id", "at", "kind", "address", "detail"),
     "bounces": ("queue_id", "action", "recipients", "created_at", "due", "attempts", "state", "last_error", "done_at"),
 }
+_CLAIMED_BOUNCES = (
+    "INSERT INTO bounces (queue_id, action, recipients, created_at, due, attempts, state, last_error, done_at, "
+    "claimed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    _claimed_bounce,
+)
 _COPIES: dict[str, tuple[str, Callable[[Columns, Row], Row]]] = {
     "messages": (
         "INSERT INTO messages (queue_id, message_key, message_id, sender, client_ip, received_at, size, bulk_id, "

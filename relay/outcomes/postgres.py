@@ -53,10 +53,12 @@ class PostgresDb(Db):
 class PostgresHistory(SqlHistory):
     """HistoryStore on PostgreSQL. One connection, used from one thread (relay/outcomes/writer.py)."""
 
-    def __init__(self, url: str, keys: Sequence[bytes] = ()) -> None:
-        """`keys`: the spool's (spool.encryption_keys, current first); none: values in the clear."""
+    def __init__(self, url: str, keys: Sequence[bytes] = (), *, readonly: bool = False) -> None:
+        """`keys`: the spool's (spool.encryption_keys, current first); none: values in the clear. `readonly`
+        (`relay trace`): an older relay's history is refused, not converted."""
         self._url = url  # a secret (it may carry the password): never logged
         self._cols = columns_for(keys)
+        self._convert = not readonly
         self.conn = self._connect()
 
     def _connect(self) -> Conn:
@@ -66,7 +68,7 @@ class PostgresHistory(SqlHistory):
         try:
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-                create_schema(self._db)
+                create_schema(self._db, convert=self._convert)
                 check_keys(self._db)
         except BaseException:
             conn.close()
@@ -98,9 +100,10 @@ class PostgresHistory(SqlHistory):
         The database's clock decides expiry, so replicas' clocks need not agree."""
         with self._tx() as db:
             row = db.one(
-                "INSERT INTO poller VALUES ('reports', ?, extract(epoch FROM clock_timestamp()) + ?) "
+                "INSERT INTO report_lease VALUES ('reports', ?, extract(epoch FROM clock_timestamp()) + ?) "
                 "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires = excluded.expires "
-                "WHERE poller.holder = excluded.holder OR poller.expires < extract(epoch FROM clock_timestamp()) "
+                "WHERE report_lease.holder = excluded.holder "
+                "OR report_lease.expires < extract(epoch FROM clock_timestamp()) "
                 "RETURNING holder",
                 (holder, seconds),
             )

@@ -79,7 +79,7 @@ CREATE TABLE bounces (
     last_error {blob}, done_at {real}, claimed_at {real});
 CREATE INDEX bounces_due ON bounces(state, due);
 CREATE INDEX bounces_queue_id ON bounces(queue_id);
-CREATE TABLE poller (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires {real} NOT NULL)
+CREATE TABLE report_lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires {real} NOT NULL)
 """
 
 
@@ -161,15 +161,16 @@ class Db:
         return self.run(sql, args).fetchall()
 
 
-def create_schema(db: Db) -> None:
+def create_schema(db: Db, *, convert: bool = True) -> None:
     """Create the tables if the database has none (in the caller's transaction), or convert an older relay's
-    history (layout 1: a meta table with no 'schema' row); HistoryLayoutError if it holds another layout.
+    history (layout 1: a meta table with no 'schema' row) unless not to `convert` (`relay trace`: then, as for
+    any other layout, HistoryLayoutError).
     Only when missing: CREATE INDEX IF NOT EXISTS still locks its table, which deadlocked a PostgreSQL
     replica starting beside one already writing."""
     found = db.one(db.dialect.table_exists, ("meta",))
     if found is None or found[0] is None:
         _create_tables(db)
-    elif db.one("SELECT value FROM meta WHERE key = 'schema'") is None:
+    elif convert and db.one("SELECT value FROM meta WHERE key = 'schema'") is None:
         migrate_layout_1(db, functools.partial(_create_tables, db))
     else:
         check_layout(db)
@@ -178,8 +179,7 @@ def create_schema(db: Db) -> None:
 
 
 def _create_tables(db: Db) -> None:
-    """Layout 2's tables and indexes, but for a table that exists already (meta and poller, kept by
-    migrate_layout_1: the same in both layouts)."""
+    """Layout 2's tables and indexes, but for one that exists already (meta, kept by migrate_layout_1)."""
     for statement in db.dialect.schema():
         words = statement.split()
         if words[:2] == ["CREATE", "TABLE"] and (row := db.one(db.dialect.table_exists, (words[2],))) and row[0]:

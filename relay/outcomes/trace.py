@@ -81,7 +81,7 @@ def _postgres_lookup(url: str, query: str, keys: list[bytes]) -> list[MessageTra
     from relay.outcomes.postgres import PostgresHistory
 
     try:
-        store = PostgresHistory(url, keys)
+        store = PostgresHistory(url, keys, readonly=True)
         try:
             return store.lookup(query, 50)
         finally:
