@@ -27,13 +27,13 @@ from relay.core.message import Envelope, Prepared
 from relay.core.redaction import AddressHasher
 from relay.outcomes.history import MessageReceived
 from relay.outcomes.sqlite import SqliteHistory
-from relay.store.journal import Journal, live_index, read_records, segment_paths
+from relay.store.journal import Journal, read_records, segment_paths
 from relay.store.rekey import key_census
 from relay.store.sealing import BODY, ENVELOPE, STATE, Sealer, SealError, UnknownKeyError, new_key
 from relay.store.spool import EntryState, Spool
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, free_port, message
-from tests.helpers import SENDER, send_one, spooled, until, write_config
+from tests.helpers import SENDER, journal_quiet, send_one, spooled, until, write_config
 from tests.test_processes import relay_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,11 +80,6 @@ def flip_bit(path: Path, offset: int) -> None:
 
 def messages_in(spool: Path) -> list[str]:
     return sorted(name[:-4] for name in os.listdir(spool / "queue") if name.endswith(".msg"))
-
-
-async def cli(*args: str, timeout: float = 20.0) -> tuple[int, str, str]:
-    """`python -m relay ...` as its own process: (exit status, stdout, stderr)."""
-    return await relay_cli(*args, timeout=timeout)
 
 
 @contextlib.asynccontextmanager
@@ -251,7 +246,7 @@ async def test_phi_marker_is_nowhere_under_the_spool_during_an_outage_and_arrive
         on_disk = every_byte(spool)
         for needle in (marker, "Appointment", "your results", SENDER, "example.org"):
             assert needle.encode() not in on_disk, needle
-        listings = [(await cli("queue", "--config", str(config), "list", *flag))[1] for flag in ((), ("--json",))]
+        listings = [(await relay_cli("queue", "--config", str(config), "list", *flag))[1] for flag in ((), ("--json",))]
         for shown in listings:
             assert marker not in shown and SENDER not in shown and hashed_sender in shown, shown
         standin.behaviour.down = False
@@ -332,7 +327,7 @@ async def test_a_damaged_journal_record_is_reported_copied_aside_and_the_others_
     [damaged] = [e for e in logs if e["event"] == "spool_record_damaged"]
     assert damaged["queue_id"] == (messages[1][1].queue_id if how != "bit rot" else None)
     assert Path(damaged["kept"]).read_bytes() == bytes(data[offset : offset + length])
-    await until(lambda: not live_index(spool / "journal", sealer=Sealer([parse_key(key.read_text())])))
+    await until(lambda: journal_quiet(spool / "journal", Sealer([parse_key(key.read_text())])))
     assert len(standin.messages) == 2
 
 
@@ -356,7 +351,7 @@ async def test_a_missing_or_wrong_key_at_start_up_exits_2_naming_the_key_id_and_
         config = write_config(
             tmp_path / f"{name}.toml", standin, port=free_port(), spool={**spooled(spool), **spool_settings}
         )
-        code, out, err = await cli("serve", "--config", str(config))
+        code, out, err = await relay_cli("serve", "--config", str(config))
         assert code == 2, (name, out, err)
         assert "config error" in err and key_of(old) in err, err
         assert snapshot(spool) == before, name
@@ -367,7 +362,7 @@ async def test_a_missing_or_wrong_key_at_start_up_exits_2_naming_the_key_id_and_
         port=free_port(),
         spool={**spooled(tmp_path / "nowhere"), "encryption_key_file": str(tmp_path / "absent.key")},
     )
-    code, _, err = await cli("serve", "--config", str(config))
+    code, _, err = await relay_cli("serve", "--config", str(config))
     assert code == 2 and "spool.encryption_key_file" in err and not (tmp_path / "nowhere").exists()
 
 
@@ -442,7 +437,7 @@ async def test_queue_rekey_leaves_nothing_under_the_old_key_and_the_old_key_can_
         spool={**spooled(path), "encryption_key_file": str(new), "old_key_files": [str(old)]},
         bounces={"enabled": True, "smtp_host": "127.0.0.1", "smtp_port": free_port()},
     )
-    code, out, err = await cli("queue", "--config", str(config), "rekey")
+    code, out, err = await relay_cli("queue", "--config", str(config), "rekey")
     assert code == 0, (out, err)
     assert f"rekeyed to key id {key_of(new)}: 6 file(s) rewritten, 2 message(s) moved from journal/" in out
     assert "message history: 2 row(s) sealed again under the current key" in out
@@ -454,7 +449,7 @@ async def test_queue_rekey_leaves_nothing_under_the_old_key_and_the_old_key_can_
     assert census == {key_of(new): census[key_of(new)]}  # nothing plain, nothing under the old key
     dead_id = stored(2)[1].queue_id
     assert os.path.samefile(path / "queue" / f"{dead_id}.msg", path / "dead" / f"{dead_id}.msg")  # still one file
-    code, out, err = await cli("queue", "--config", str(config), "rekey")
+    code, out, err = await relay_cli("queue", "--config", str(config), "rekey")
     assert code == 0 and "0 file(s) rewritten" in out and "message history: 0 row(s)" in out, (out, err)
 
     await start_relay(spool=sealed(path, new))  # the old key is gone from the config
@@ -471,7 +466,7 @@ async def test_queue_rekey_refuses_while_a_relay_runs_on_the_spool(
     spool = tmp_path / "spool"
     await start_relay(spool=sealed(spool, key))
     config = write_config(tmp_path / "relay.toml", standin, port=free_port(), spool=sealed(spool, key))
-    code, _, err = await cli("queue", "--config", str(config), "rekey")
+    code, _, err = await relay_cli("queue", "--config", str(config), "rekey")
     assert code == 1 and "stop it first" in err
 
 

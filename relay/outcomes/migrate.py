@@ -9,8 +9,8 @@ at a time. The old tables are renamed aside, read in their row order, written th
 new rows, then dropped. Layout 1's report poller lease (`poller`) is dropped too: a replica of the old
 relay still running on the converted database then fails to take the lease, rather than fetching reports it
 could no longer store (Infobip hands each out once); its other history writes fail until it is upgraded.
-A bounce claimed ('sending') keeps its claim where layout 1 recorded one (PostgreSQL), so it is offered again
-only once stale; SQLite's single relay gives claims back at start-up anyway.
+A bounce claimed ('sending') keeps its claim where layout 1 recorded its time (PostgreSQL), so it is offered
+again only once stale; SQLite's layout 1 did not, and its single relay gives claims back at start-up anyway.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ Row = Sequence[Any]
 def migrate_layout_1(db: Db, create: Callable[[], None]) -> None:
     """Layout 1's rows into layout 2's tables; `create` makes layout 2's tables (meta is kept as it is, and
     the caller records the new layout in it)."""
-    present = [t for t in TABLES if _exists(db, t)]
+    present = [t for t in TABLES if db.has_table(t)]
     for name in INDEXES:
         db.run(f"DROP INDEX IF EXISTS {name}")
     for table in present:
@@ -56,16 +56,12 @@ def migrate_layout_1(db: Db, create: Callable[[], None]) -> None:
     cols = db.cols
     for table in present:
         insert, convert = _COPIES[table]
-        if table == "bounces" and "claimed_at" in _columns_of(db, "v1_bounces"):
-            insert, convert = _CLAIMED_BOUNCES
-        for rows in _batches(db, table, _COLUMNS[table] + (("claimed_at",) if convert is _claimed_bounce else ())):
+        columns = _COLUMNS[table]
+        if table == "bounces" and "claimed_at" not in _columns_of(db, "v1_bounces"):  # SQLite's layout 1
+            columns = (*columns[:-1], "NULL")
+        for rows in _batches(db, table, columns):
             db.many(insert, [convert(cols, row) for row in rows])
         db.run(f"DROP TABLE v1_{table}")
-
-
-def _exists(db: Db, table: str) -> bool:
-    found = db.one(db.dialect.table_exists, (table,))
-    return found is not None and found[0] is not None
 
 
 def _columns_of(db: Db, table: str) -> set[str]:
@@ -127,7 +123,9 @@ def _event(cols: Columns, row: Row) -> Row:
 
 
 def _bounce(cols: Columns, row: Row) -> Row:
-    queue_id, action, recipients, created_at, due, attempts, state, last_error, done_at = row
+    queue_id, action, recipients, created_at, due, attempts, state, last_error, done_at, claimed_at = row
+    if state == "sending" and claimed_at is None:  # claimed by the relay that stopped, and no time: offer it again
+        state = "pending"
     return (
         queue_id,
         action,
@@ -135,19 +133,11 @@ def _bounce(cols: Columns, row: Row) -> Row:
         created_at,
         due,
         attempts,
-        "pending" if state == "sending" else state,  # claimed by the relay that stopped: offer it again
+        state,  # a claim with its time stands (PostgreSQL): offered again once stale (SENDING_STALE)
         _text(cols, "bounces.last_error", queue_id, last_error),
         done_at,
+        claimed_at,
     )
-
-
-def _claimed_bounce(cols: Columns, row: Row) -> Row:
-    """PostgreSQL's layout 1 recorded when a bounce was claimed: the claim stands (stale after SENDING_STALE)."""
-    *bounce, claimed_at = row
-    copied = list(_bounce(cols, bounce))
-    if claimed_at is not None:
-        copied[6] = bounce[6]  # the state as it was, 'sending' included
-    return (*copied, claimed_at)
 
 
 _COLUMNS = {
@@ -165,13 +155,19 @@ _COLUMNS = {
     "recipients": ("queue_id", "address", "status", "infobip_id", "detail", "at", "accepted_at"),
     "infobip_ids": ("infobip_id", "queue_id"),
     "events": ("queue_id", "at", "kind", "address", "detail"),
-    "bounces": ("queue_id", "action", "recipients", "created_at", "due", "attempts", "state", "last_error", "done_at"),
+    "bounces": (
+        "queue_id",
+        "action",
+        "recipients",
+        "created_at",
+        "due",
+        "attempts",
+        "state",
+        "last_error",
+        "done_at",
+        "claimed_at",  # PostgreSQL's layout 1 only: NULL on SQLite's
+    ),
 }
-_CLAIMED_BOUNCES = (
-    "INSERT INTO bounces (queue_id, action, recipients, created_at, due, attempts, state, last_error, done_at, "
-    "claimed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    _claimed_bounce,
-)
 _COPIES: dict[str, tuple[str, Callable[[Columns, Row], Row]]] = {
     "messages": (
         "INSERT INTO messages (queue_id, message_key, message_id, sender, client_ip, received_at, size, bulk_id, "
@@ -186,8 +182,8 @@ _COPIES: dict[str, tuple[str, Callable[[Columns, Row], Row]]] = {
     "infobip_ids": ("INSERT INTO infobip_ids VALUES (?, ?) ON CONFLICT DO NOTHING", lambda _, row: tuple(row)),
     "events": ("INSERT INTO events (queue_id, at, kind, address, detail) VALUES (?, ?, ?, ?, ?)", _event),
     "bounces": (
-        "INSERT INTO bounces (queue_id, action, recipients, created_at, due, attempts, state, last_error, done_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO bounces (queue_id, action, recipients, created_at, due, attempts, state, last_error, done_at, "
+        "claimed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         _bounce,
     ),
 }

@@ -160,6 +160,10 @@ class Db:
     def all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         return self.run(sql, args).fetchall()
 
+    def has_table(self, name: str) -> bool:
+        found = self.one(self.dialect.table_exists, (name,))
+        return found is not None and found[0] is not None
+
 
 def create_schema(db: Db, *, convert: bool = True) -> None:
     """Create the tables if the database has none (in the caller's transaction), or convert an older relay's
@@ -167,8 +171,7 @@ def create_schema(db: Db, *, convert: bool = True) -> None:
     any other layout, HistoryLayoutError).
     Only when missing: CREATE INDEX IF NOT EXISTS still locks its table, which deadlocked a PostgreSQL
     replica starting beside one already writing."""
-    found = db.one(db.dialect.table_exists, ("meta",))
-    if found is None or found[0] is None:
+    if not db.has_table("meta"):
         _create_tables(db)
     elif convert and db.one("SELECT value FROM meta WHERE key = 'schema'") is None:
         migrate_layout_1(db, functools.partial(_create_tables, db))
@@ -182,9 +185,8 @@ def _create_tables(db: Db) -> None:
     """Layout 2's tables and indexes, but for one that exists already (meta, kept by migrate_layout_1)."""
     for statement in db.dialect.schema():
         words = statement.split()
-        if words[:2] == ["CREATE", "TABLE"] and (row := db.one(db.dialect.table_exists, (words[2],))) and row[0]:
-            continue
-        db.run(statement)
+        if words[:2] != ["CREATE", "TABLE"] or not db.has_table(words[2]):
+            db.run(statement)
 
 
 def check_layout(db: Db) -> None:

@@ -431,10 +431,11 @@ class Journal:
             seq = self._segment_of.pop(queue_id, None)
             if seq is not None:
                 self._live[seq] -= 1
-                lazy_waiting = any(d.future is None for d in self._pending.dones)
-                self._pending.dones.append(_Done(queue_id, future))
-                if future is not None or not lazy_waiting:  # the first lazy one starts the writer's DONE_DELAY
+                # The first mark of a batch wakes the writer (a lazy one starts its DONE_DELAY); behind it, the
+                # writer is awake already or waiting out DONE_DELAY, which only a mark someone waits for cuts.
+                if future is not None or not self._pending.dones:
                     self._bell.ring()
+                self._pending.dones.append(_Done(queue_id, future))
         if seq is None and future is not None:  # not in the journal (promoted before, or read from queue/)
             future.set_result(None)
 
