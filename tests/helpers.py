@@ -16,6 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from relay.store.journal import live_index
+from relay.store.sealing import Sealer
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog
 
@@ -42,6 +44,15 @@ async def until(condition: Any, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+def journal_quiet(directory: Path, sealer: Sealer | None = None) -> bool:
+    """Nothing live in a running relay's journal. A segment the relay retires while it is being read is a
+    relay still at work: not quiet yet (the caller looks again)."""
+    try:
+        return not live_index(directory, sealer=sealer)
+    except FileNotFoundError:
+        return False
 
 
 def queue_files(path: Path) -> list[str]:

@@ -21,11 +21,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from relay.store.journal import live_index
 from relay.testing.standin import InfobipStandIn
 from tests.cluster_services import PostgresServer, RedisServer, postgres_server, redis_server
 from tests.conftest import Dialog, free_port, message
-from tests.helpers import toml_text
+from tests.helpers import journal_quiet, toml_text
 from tests.test_processes import (
     _QUEUED_AS,
     RelayProcess,
@@ -242,7 +241,7 @@ async def test_kill_9_one_replica_mid_load_loses_nothing_acknowledged_and_the_bu
     acknowledged = set().union(*(one.acknowledged for one in load))
     spool = tmp_path / "spool-2"
     await until(lambda: acknowledged <= set(arrived_ids(standin)), timeout=60)
-    await until(lambda: not spool_files(spool, "queue") and not live_index(spool / "journal"), timeout=30)
+    await until(lambda: not spool_files(spool, "queue") and journal_quiet(spool / "journal"), timeout=30)
     arrived = Counter(arrived_ids(standin))
     duplicates = sum(n - 1 for n in arrived.values())
     print(

@@ -27,7 +27,6 @@ from relay.app import Relay
 from relay.cli import main as relay_main
 from relay.core.keys import parse_key
 from relay.core.message import Envelope, Prepared
-from relay.store.journal import live_index
 from relay.store.sealing import Sealer, new_key
 from relay.store.spool import EntryState, Spool
 from relay.testing.standin import InfobipStandIn
@@ -396,7 +395,7 @@ async def test_kill_9_then_restart_loses_nothing_acknowledged(
         lambda: (
             acknowledged <= set(arrived_ids(standin))
             and not spool_files(spool, "queue")
-            and not live_index(spool / "journal", sealer=sealer)
+            and helpers.journal_quiet(spool / "journal", sealer)
         ),  # recovered in place, delivered from there
         15,
         "every acknowledged message upstream, an empty queue/ and nothing live in journal/",

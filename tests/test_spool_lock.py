@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 
 from relay.app import Relay
-from relay.store.journal import live_index
 from relay.store.spool import SpoolLocked
 from relay.testing.clock import FakeClock
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, free_port, message, relay_settings
-from tests.helpers import SENDER, send_one, spooled, until
+from tests.helpers import SENDER, journal_quiet, send_one, spooled, until
 from tests.test_processes import write_config
 
 
@@ -29,7 +28,7 @@ async def test_a_second_relay_on_the_same_spool_stops_and_touches_nothing(
     standin.behaviour.down = True  # the first relay keeps its message in the spool
     first = await start_relay(clock=FakeClock(), spool=spooled(tmp_path, sync_wait=0.2))  # no retry while we look
     assert (await send_one(first.port, SENDER, ["a@example.org"], message())).startswith("250 2.0.0 ")
-    await until(lambda: not live_index(tmp_path / "journal"))  # in queue/, its done mark written: all quiet
+    await until(lambda: journal_quiet(tmp_path / "journal"))  # in queue/, its done mark written: all quiet
     before = everything_under(tmp_path)
     second = Relay(relay_settings(standin, spool=spooled(tmp_path)))
     with pytest.raises(SpoolLocked, match=f"in use by another relay \\(pid {os.getpid()}\\)"):

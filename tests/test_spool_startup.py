@@ -21,13 +21,13 @@ import structlog
 from relay.core.keys import key_id, parse_key
 from relay.core.message import Envelope, Prepared
 from relay.delivery.recovery import LOAD_BATCH, read_entries
-from relay.store.journal import Journal, live_index
+from relay.store.journal import Journal
 from relay.store.rekey import check_keys
 from relay.store.sealing import MissingKeyError, Sealer, new_key
 from relay.store.spool import EntryState, Spool
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, message
-from tests.helpers import SENDER, get, sample, spooled, until
+from tests.helpers import SENDER, get, journal_quiet, sample, spooled, until
 
 QUEUED = 2_000  # a modest stand-in for 50,000: enough for four loader batches
 
@@ -216,7 +216,7 @@ async def test_a_message_promoted_just_before_a_crash_goes_once_from_queue_or_el
     with structlog.testing.capture_logs() as logs:
         await start_relay(spool=spooled(tmp_path))
         await standin.wait_for_messages(1)
-        await until(lambda: not live_index(tmp_path / "journal"))
+        await until(lambda: journal_quiet(tmp_path / "journal"))
         await until(lambda: any(e["event"] == "spool_loaded" for e in logs))
     assert [m.rcpt_tos for m in standin.messages] == [["q0@example.org"]]
     unreadable = [e["queue_id"] for e in logs if e["event"] == "spool_entry_unreadable"]
