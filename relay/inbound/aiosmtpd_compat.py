@@ -24,6 +24,7 @@ from aiosmtpd.smtp import SMTP, Session
 # aiosmtpd's own refusals (as it words them, before with_enhanced_code) that are about the message's size;
 # relay_messages_rejected_total counts these as "size" and every other stock refusal as "protocol".
 STOCK_SIZE_REFUSALS = ("552 Error: message size exceeds", "552 Error: Too much mail data")
+CLOCK_GRAIN = 0.001  # seconds: uvloop keeps time in milliseconds, so a timer's when() can be a hair late
 
 
 _stock_sanitized_log = aiosmtpd.smtp.sanitized_log
@@ -90,7 +91,9 @@ class CompatSMTP(SMTP):
         and the one armed timer, when it fires early, re-arms itself for what is left."""
         self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
         handle = self._timeout_handle
-        if handle is None or handle.cancelled() or handle.when() > self._idle_deadline:
+        # Later than the new deadline by more than uvloop's millisecond clock can round: re-arm (a shorter
+        # `duration`). Within it, a command in the same millisecond re-armed the timer for nothing.
+        if handle is None or handle.cancelled() or handle.when() > self._idle_deadline + CLOCK_GRAIN:
             if handle is not None:
                 handle.cancel()
             self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
