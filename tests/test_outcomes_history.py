@@ -4,6 +4,7 @@ outbox, lookups, pruning, and the file's mode."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import stat
 from pathlib import Path
 
@@ -77,15 +78,43 @@ def test_an_attempt_in_the_batch_of_its_message_or_a_later_one_or_a_message_note
     assert store.pending_bulk_ids(T0 + 2) == ["relay-x-1"]
 
 
+def test_a_first_attempt_taken_whole_is_told_by_trace_without_a_row_of_its_own(
+    store: SqliteHistory, tmp_path: Path
+) -> None:
+    taken = ("b@example.org", "a@example.org")
+    store.write([received("q1"), Attempted("q1", T0 + 1, 1, taken, ("ib1",))], True)  # the usual case
+    store.write([received("q2"), Attempted("q2", T0 + 1, 1, taken[:1], ("ib2",), {"a@example.org": "451 later"})], True)
+    store.write([Attempted("q2", T0 + 9, 2, taken[1:], ("ib3",))], True)
+    stored = sqlite3.connect(tmp_path / "history.sqlite3").execute(
+        "SELECT queue_id, count(*) FROM events WHERE kind = 'attempt' GROUP BY queue_id"
+    )
+    assert dict(stored.fetchall()) == {"q2": 2}
+    attempts = {
+        q: [(e.at, e.detail) for e in store.lookup(q, 1)[0].events if e.kind == "attempt"] for q in ("q1", "q2")
+    }
+    assert attempts == {
+        "q1": [(T0 + 1, "attempt 1: Infobip took 2 recipient(s) as ib1")],
+        "q2": [
+            (T0 + 1, "attempt 1: Infobip took 1 recipient(s) as ib2; 1 deferred (451 later)"),
+            (T0 + 9, "attempt 2: Infobip took 1 recipient(s) as ib3"),
+        ],
+    }
+
+
 def test_pending_and_unknown_reports_change_nothing(store: HistoryStore) -> None:
     store.write([received(), Attempted("q1", T0 + 1, 1, ("a@example.org",), ("ib1",))], True)
     applied = store.apply_reports(
-        [infobip("a@example.org", "PENDING"), infobip("a@example.org", "DELIVERED", "someone-elses")],
+        [
+            infobip("a@example.org", "PENDING"),
+            infobip("a@example.org", "DELIVERED", "someone-elses"),
+            infobip("stranger@example.org", "DELIVERED"),  # our id, not our recipient
+            infobip("stranger@example.org", "PENDING"),
+        ],
         "pulled",
         T0,
         True,
     )
-    assert (applied.pending, applied.unknown, applied.outcomes) == (1, 1, [])
+    assert (applied.pending, applied.unknown, applied.outcomes) == (1, 3, [])
     [trace] = store.lookup("q1", 5)
     assert trace.recipients[0].status == "sent"
 

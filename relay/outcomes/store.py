@@ -252,18 +252,23 @@ class SqlHistory:
                 for rcpt in a.accepted:
                     if rcpt in rcpts:
                         taken.setdefault((a.queue_id, rcpt), a)  # the first attempt that took it, as in SQL
+        firsts = (taken.get((m.queue_id, m.recipients[0])) for m in received)
+        implied = {id(a) for a, m in zip(firsts, received, strict=True) if a is not None and _whole(a, m, taken)}
         with self._tx(durable=bounces_on and any(a.dead and a.bounce for a in attempts)) as db:
             _received(db, received, taken)
-            _accepted(db, attempts, taken)
+            _accepted(db, attempts, taken, implied)
             for attempt in attempts:
                 if attempt.deferred or attempt.dead:
                     _failed(db, attempt, bounces_on)
 
     def apply_reports(self, reports: Sequence[Report], source: str, at: float, bounces_on: bool) -> Applied:
         applied = Applied()
+        events: list[tuple[str, float, str, str | None, str]] = []
         with self._tx(durable=True) as db:  # a report is handed out once: it must not be lost now
+            owners = _owners(db, sorted({report.message_id for report in reports}))
             for report in reports:
-                _apply_report(db, report, source, at, bounces_on, applied)
+                _apply_report(db, report, owners.get(report.message_id), source, at, bounces_on, applied, events)
+            _events(db, events)
         return applied
 
     def record_tracking(self, events: Sequence[Tracked]) -> int:
@@ -400,16 +405,35 @@ def _rekey(db: Db, table: str, row_id: str, names: tuple[str, ...]) -> int:
 
 
 def _event(db: Db, queue_id: str, at: float, kind: str, address: str | None, detail: str) -> None:
+    _events(db, [(queue_id, at, kind, address, detail)])
+
+
+def _events(db: Db, events: Sequence[tuple[str, float, str, str | None, str]]) -> None:
+    """Timeline events (queue id, at, kind, address, detail), in one statement."""
     cols = db.cols
-    db.run(
+    db.many(
         "INSERT INTO events (queue_id, at, kind, address, detail) VALUES (?, ?, ?, ?, ?)",
-        (
-            queue_id,
-            at,
-            kind,
-            None if address is None else cols.seal_text("events.address", queue_id, address),
-            cols.seal_text("events.detail", queue_id, detail),
-        ),
+        [
+            (
+                queue_id,
+                at,
+                kind,
+                None if address is None else cols.seal_text("events.address", queue_id, address),
+                cols.seal_text("events.detail", queue_id, detail),
+            )
+            for queue_id, at, kind, address, detail in events
+        ],
+    )
+
+
+def _whole(a: Attempted, m: MessageReceived, taken: dict[tuple[str, str], Attempted]) -> bool:
+    """A first attempt that Infobip took whole, as one id: its timeline event is not stored, since _trace
+    says it from the recipients' rows (`implied_attempt`); the usual case, so one row a message fewer."""
+    return (
+        a.attempt == 1
+        and len(a.infobip_ids) == 1
+        and not (a.deferred or a.dead)
+        and all(taken.get((m.queue_id, rcpt)) is a for rcpt in m.recipients)
     )
 
 
@@ -454,10 +478,10 @@ def _received(db: Db, received: list[MessageReceived], taken: dict[tuple[str, st
     )
 
 
-def _accepted(db: Db, attempts: list[Attempted], taken: dict[tuple[str, str], Attempted]) -> None:
+def _accepted(db: Db, attempts: list[Attempted], taken: dict[tuple[str, str], Attempted], implied: set[int]) -> None:
     """Every other recipient Infobip took in these attempts: `sent`, with its id (the detail, "Infobip took it
     as <id>", is said by _trace: nothing to store). One statement for the batch (a recipient deferred and then
-    taken in the same batch ends `sent` all the same)."""
+    taken in the same batch ends `sent` all the same). Each attempt's event, but for those `implied` (_whole)."""
     cols = db.cols
     db.many(
         "UPDATE recipients SET status = 'sent', infobip_id = ?, detail = NULL, at = ?, accepted_at = ? "
@@ -475,7 +499,11 @@ def _accepted(db: Db, attempts: list[Attempted], taken: dict[tuple[str, str], At
     )
     db.many(
         "INSERT INTO events (queue_id, at, kind, detail) VALUES (?, ?, 'attempt', ?)",
-        [(a.queue_id, a.at, cols.seal_text("events.detail", a.queue_id, attempt_words(a))) for a in attempts],
+        [
+            (a.queue_id, a.at, cols.seal_text("events.detail", a.queue_id, attempt_words(a)))
+            for a in attempts
+            if id(a) not in implied
+        ],
     )
 
 
@@ -534,33 +562,54 @@ def _queue_bounce(db: Db, queue_id: str, items: list[dict[str, str | None]], at:
         db.run("UPDATE bounces SET recipients = ? WHERE id = ?", (stored, row[0]))
 
 
-def _apply_report(db: Db, report: Report, source: str, at: float, bounces_on: bool, applied: Applied) -> None:
-    """The recipient's row is locked while we decide: the same report pushed to one replica and pulled by
-    another counts once."""
-    keys = tuple(db.cols.searches(ADDRESS, report.to))
-    found = db.one(
-        "SELECT r.queue_id, r.status, r.accepted_at FROM infobip_ids i JOIN recipients r ON r.queue_id = i.queue_id "
-        f"WHERE i.infobip_id = ? AND r.address_key IN {_marks(len(keys))}{db.dialect.lock('r')}",
-        (report.message_id, *keys),
-    )
-    if found is None:
-        applied.unknown += 1
-        return
-    queue_id, current, accepted_at = found
+def _owners(db: Db, infobip_ids: Sequence[str]) -> dict[str, str]:
+    """The queue id of each of these Infobip ids that is ours, a few hundred to a statement."""
+    owners: dict[str, str] = {}
+    for start in range(0, len(infobip_ids), 500):
+        chunk = infobip_ids[start : start + 500]
+        owners.update(
+            db.all(f"SELECT infobip_id, queue_id FROM infobip_ids WHERE infobip_id IN {_marks(len(chunk))}", chunk)
+        )
+    return owners
+
+
+def _apply_report(
+    db: Db,
+    report: Report,
+    queue_id: str | None,
+    source: str,
+    at: float,
+    bounces_on: bool,
+    applied: Applied,
+    events: list[tuple[str, float, str, str | None, str]],
+) -> None:
+    """A final report changes the recipient's row in one UPDATE that only a recipient without a final status
+    matches (on PostgreSQL the row is locked and the condition checked again once it is free): the same report
+    pushed to one replica and pulled by another counts once. `events` gets the timeline's line."""
+    keys = tuple(db.cols.searches(ADDRESS, report.to)) if queue_id is not None else ()
+    mine = f"queue_id = ? AND address_key IN {_marks(len(keys))}"
     status, detail = report_status(report), report_detail(report)
     if status is None:  # not final (PENDING): noted, nothing changes
-        applied.pending += 1
-        _event(db, queue_id, at, "report", report.to, f"{source}: {detail}")
+        if queue_id is None or db.one(f"SELECT 1 FROM recipients WHERE {mine}", (queue_id, *keys)) is None:
+            applied.unknown += 1
+        else:
+            applied.pending += 1
+            events.append((queue_id, at, "report", report.to, f"{source}: {detail}"))
         return
-    if current in FINAL:  # seen already (pushed and pulled): counted once
-        applied.duplicates += 1
+    changed = queue_id is not None and db.all(
+        f"UPDATE recipients SET status = ?, infobip_id = ?, detail = ?, at = ? WHERE {mine} "
+        f"AND status NOT IN {_marks(len(FINAL))} RETURNING accepted_at",
+        (status, report.message_id, db.cols.seal_text("recipients.detail", queue_id, detail), at, queue_id, *keys,
+         *sorted(FINAL)),
+    )  # fmt: skip
+    if not changed or queue_id is None:
+        seen = queue_id is not None and db.one(f"SELECT 1 FROM recipients WHERE {mine}", (queue_id, *keys))
+        if seen:  # it has its final status already (pushed and pulled): counted once
+            applied.duplicates += 1
+        else:
+            applied.unknown += 1
         return
-    db.run(
-        f"UPDATE recipients SET status = ?, infobip_id = ?, detail = ?, at = ? "
-        f"WHERE queue_id = ? AND address_key IN {_marks(len(keys))}",
-        (status, report.message_id, db.cols.seal_text("recipients.detail", queue_id, detail), at, queue_id, *keys),
-    )
-    _event(db, queue_id, at, "report", report.to, f"{source}: {detail}")
+    events.append((queue_id, at, "report", report.to, f"{source}: {detail}"))
     bounce = status == BOUNCED and bounces_on
     if bounce:
         item: dict[str, str | None] = {
@@ -571,6 +620,7 @@ def _apply_report(db: Db, report: Report, source: str, at: float, bounces_on: bo
             "infobip_id": report.message_id,
         }
         _queue_bounce(db, queue_id, [item], at)
+    accepted_at = changed[0][0]
     seconds = at - accepted_at if accepted_at is not None else None
     applied.outcomes.append(Outcome(queue_id, report.to, report.message_id, status, detail, seconds, bounce))
 
@@ -623,6 +673,10 @@ def _bounce_job(
     )
 
 
+def _at(event: Event) -> float:
+    return event.at
+
+
 def _words(status: str, infobip_id: str | None) -> str:
     """A recipient's detail where none is stored: Infobip took it (and nothing has been said since)."""
     return f"Infobip took it as {infobip_id}" if status == SENT and infobip_id else ""
@@ -656,6 +710,10 @@ def _trace(db: Db, queue_id: str) -> MessageTrace | None:
         return None
     message_id, sender, client_ip, received_at, size, bulk = row
     client = cols.open_text("messages.client_ip", queue_id, client_ip)
+    rows = db.all(
+        "SELECT address, status, infobip_id, detail, at, accepted_at FROM recipients WHERE queue_id = ? ORDER BY seq",
+        (queue_id,),
+    )
     recipients = [
         RecipientTrace(
             cols.open_text("recipients.address", queue_id, address),
@@ -664,10 +722,7 @@ def _trace(db: Db, queue_id: str) -> MessageTrace | None:
             cols.open_text("recipients.detail", queue_id, detail) if detail is not None else _words(status, infobip_id),
             at,
         )
-        for address, status, infobip_id, detail, at in db.all(
-            "SELECT address, status, infobip_id, detail, at FROM recipients WHERE queue_id = ? ORDER BY seq",
-            (queue_id,),
-        )
+        for address, status, infobip_id, detail, at, _ in rows
     ]
     words = f"from {client}: {len(recipients)} recipient(s), {size} bytes"
     events = [Event(received_at, "received", None, words)] + [
@@ -681,6 +736,11 @@ def _trace(db: Db, queue_id: str) -> MessageTrace | None:
             "SELECT at, kind, address, detail FROM events WHERE queue_id = ? ORDER BY at, seq", (queue_id,)
         )
     ]
+    accepted = [row[5] for row in rows if row[5] is not None]
+    if accepted and not any(event.kind == "attempt" for event in events):  # not stored: see _whole
+        ids = [row[0] for row in db.all("SELECT infobip_id FROM infobip_ids WHERE queue_id = ?", (queue_id,))]
+        taken = Attempted(queue_id, min(accepted), 1, tuple(r.address for r in recipients), tuple(ids))
+        events = sorted([events[0], Event(taken.at, "attempt", None, attempt_words(taken)), *events[1:]], key=_at)
     return MessageTrace(
         queue_id,
         cols.open_text("messages.message_id", queue_id, message_id),
