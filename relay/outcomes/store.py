@@ -428,7 +428,7 @@ def _events(db: Db, events: Sequence[tuple[str, float, str, str | None, str]]) -
 
 def _whole(a: Attempted, m: MessageReceived, taken: dict[tuple[str, str], Attempted]) -> bool:
     """A first attempt that Infobip took whole, as one id: its timeline event is not stored, since _trace
-    says it from the recipients' rows (`implied_attempt`); the usual case, so one row a message fewer."""
+    says it from the recipients' rows; the usual case, so one row a message fewer."""
     return (
         a.attempt == 1
         and len(a.infobip_ids) == 1
@@ -586,28 +586,26 @@ def _apply_report(
     """A final report changes the recipient's row in one UPDATE that only a recipient without a final status
     matches (on PostgreSQL the row is locked and the condition checked again once it is free): the same report
     pushed to one replica and pulled by another counts once. `events` gets the timeline's line."""
-    keys = tuple(db.cols.searches(ADDRESS, report.to)) if queue_id is not None else ()
+    if queue_id is None:  # not an Infobip id of ours
+        applied.unknown += 1
+        return
+    keys = tuple(db.cols.searches(ADDRESS, report.to))
     mine = f"queue_id = ? AND address_key IN {_marks(len(keys))}"
     status, detail = report_status(report), report_detail(report)
-    if status is None:  # not final (PENDING): noted, nothing changes
-        if queue_id is None or db.one(f"SELECT 1 FROM recipients WHERE {mine}", (queue_id, *keys)) is None:
-            applied.unknown += 1
-        else:
-            applied.pending += 1
-            events.append((queue_id, at, "report", report.to, f"{source}: {detail}"))
-        return
-    changed = queue_id is not None and db.all(
+    if status is None or not (changed := db.all(
         f"UPDATE recipients SET status = ?, infobip_id = ?, detail = ?, at = ? WHERE {mine} "
         f"AND status NOT IN {_marks(len(FINAL))} RETURNING accepted_at",
         (status, report.message_id, db.cols.seal_text("recipients.detail", queue_id, detail), at, queue_id, *keys,
          *sorted(FINAL)),
-    )  # fmt: skip
-    if not changed or queue_id is None:
-        seen = queue_id is not None and db.one(f"SELECT 1 FROM recipients WHERE {mine}", (queue_id, *keys))
-        if seen:  # it has its final status already (pushed and pulled): counted once
-            applied.duplicates += 1
+    )):  # fmt: skip
+        # not final (PENDING: noted, nothing changes), or final already (pushed and pulled: counted once)
+        if db.one(f"SELECT 1 FROM recipients WHERE {mine}", (queue_id, *keys)) is None:
+            applied.unknown += 1  # our message, not its recipient
+        elif status is None:
+            applied.pending += 1
+            events.append((queue_id, at, "report", report.to, f"{source}: {detail}"))
         else:
-            applied.unknown += 1
+            applied.duplicates += 1
         return
     events.append((queue_id, at, "report", report.to, f"{source}: {detail}"))
     bounce = status == BOUNCED and bounces_on
@@ -673,10 +671,6 @@ def _bounce_job(
     )
 
 
-def _at(event: Event) -> float:
-    return event.at
-
-
 def _words(status: str, infobip_id: str | None) -> str:
     """A recipient's detail where none is stored: Infobip took it (and nothing has been said since)."""
     return f"Infobip took it as {infobip_id}" if status == SENT and infobip_id else ""
@@ -740,7 +734,8 @@ def _trace(db: Db, queue_id: str) -> MessageTrace | None:
     if accepted and not any(event.kind == "attempt" for event in events):  # not stored: see _whole
         ids = [row[0] for row in db.all("SELECT infobip_id FROM infobip_ids WHERE queue_id = ?", (queue_id,))]
         taken = Attempted(queue_id, min(accepted), 1, tuple(r.address for r in recipients), tuple(ids))
-        events = sorted([events[0], Event(taken.at, "attempt", None, attempt_words(taken)), *events[1:]], key=_at)
+        implied = Event(taken.at, "attempt", None, attempt_words(taken))
+        events = sorted([events[0], implied, *events[1:]], key=lambda event: event.at)  # after "received"
     return MessageTrace(
         queue_id,
         cols.open_text("messages.message_id", queue_id, message_id),
