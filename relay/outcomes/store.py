@@ -262,12 +262,22 @@ class SqlHistory:
                     _failed(db, attempt, bounces_on)
 
     def apply_reports(self, reports: Sequence[Report], source: str, at: float, bounces_on: bool) -> Applied:
+        """A page of reports in a few statements, whatever its length: one read of the recipients of the
+        messages they name, then one UPDATE for those that turn final and one INSERT for the timeline."""
         applied = Applied()
+        changed: list[tuple[str, str, bytes, float, str, str]] = []
         events: list[tuple[str, float, str, str | None, str]] = []
         with self._tx(durable=True) as db:  # a report is handed out once: it must not be lost now
             owners = _owners(db, sorted({report.message_id for report in reports}))
+            rows = _recipient_rows(db, sorted(set(owners.values())))
             for report in reports:
-                _apply_report(db, report, owners.get(report.message_id), source, at, bounces_on, applied, events)
+                queue_id = owners.get(report.message_id)
+                _apply_report(db, report, queue_id, rows, source, at, bounces_on, applied, changed, events)
+            db.many(
+                "UPDATE recipients SET status = ?, infobip_id = ?, detail = ?, at = ? WHERE queue_id = ? "
+                "AND address_key = ?",
+                changed,
+            )
             _events(db, events)
         return applied
 
@@ -573,41 +583,55 @@ def _owners(db: Db, infobip_ids: Sequence[str]) -> dict[str, str]:
     return owners
 
 
+def _recipient_rows(db: Db, queue_ids: Sequence[str]) -> dict[tuple[str, str], list[Any]]:
+    """[status, accepted_at] of every recipient of these messages, by (queue id, address key). Where
+    replicas share the database the rows are locked, in key order: two replicas taking overlapping pages
+    (one pushed, one pulled) wait for each other, and the second sees the first's statuses."""
+    rows: dict[tuple[str, str], list[Any]] = {}
+    for start in range(0, len(queue_ids), 500):
+        chunk = queue_ids[start : start + 500]
+        for queue_id, key, status, accepted_at in db.all(
+            f"SELECT queue_id, address_key, status, accepted_at FROM recipients WHERE queue_id IN "
+            f"{_marks(len(chunk))} ORDER BY queue_id, address_key{db.dialect.lock()}",
+            chunk,
+        ):
+            rows[queue_id, key] = [status, accepted_at]
+    return rows
+
+
 def _apply_report(
     db: Db,
     report: Report,
     queue_id: str | None,
+    rows: dict[tuple[str, str], list[Any]],
     source: str,
     at: float,
     bounces_on: bool,
     applied: Applied,
+    changed: list[tuple[str, str, bytes, float, str, str]],
     events: list[tuple[str, float, str, str | None, str]],
 ) -> None:
-    """A final report changes the recipient's row in one UPDATE that only a recipient without a final status
-    matches (on PostgreSQL the row is locked and the condition checked again once it is free): the same report
-    pushed to one replica and pulled by another counts once. `events` gets the timeline's line."""
-    if queue_id is None:  # not an Infobip id of ours
+    """One report against `rows` (_recipient_rows, kept as this page changes them): a final report for a
+    recipient without a final status goes to `changed` (the UPDATE's rows); one for a recipient already
+    final counts once (the same report pushed and pulled is a duplicate). `events` gets the timeline's line."""
+    keys = () if queue_id is None else db.cols.searches(ADDRESS, report.to)
+    key = next((k for k in keys if (queue_id, k) in rows), None)
+    if queue_id is None or key is None:  # not an Infobip id of ours, or our message but not its recipient
         applied.unknown += 1
         return
-    keys = tuple(db.cols.searches(ADDRESS, report.to))
-    mine = f"queue_id = ? AND address_key IN {_marks(len(keys))}"
+    row = rows[queue_id, key]
     status, detail = report_status(report), report_detail(report)
-    if status is None or not (changed := db.all(
-        f"UPDATE recipients SET status = ?, infobip_id = ?, detail = ?, at = ? WHERE {mine} "
-        f"AND status NOT IN {_marks(len(FINAL))} RETURNING accepted_at",
-        (status, report.message_id, db.cols.seal_text("recipients.detail", queue_id, detail), at, queue_id, *keys,
-         *sorted(FINAL)),
-    )):  # fmt: skip
-        # not final (PENDING: noted, nothing changes), or final already (pushed and pulled: counted once)
-        if db.one(f"SELECT 1 FROM recipients WHERE {mine}", (queue_id, *keys)) is None:
-            applied.unknown += 1  # our message, not its recipient
-        elif status is None:
-            applied.pending += 1
-            events.append((queue_id, at, "report", report.to, f"{source}: {detail}"))
-        else:
-            applied.duplicates += 1
+    if status is not None and row[0] in FINAL:
+        applied.duplicates += 1
         return
     events.append((queue_id, at, "report", report.to, f"{source}: {detail}"))
+    if status is None:  # not final (PENDING): noted, nothing changes
+        applied.pending += 1
+        return
+    row[0] = status
+    changed.append(
+        (status, report.message_id, db.cols.seal_text("recipients.detail", queue_id, detail), at, queue_id, key)
+    )
     bounce = status == BOUNCED and bounces_on
     if bounce:
         item: dict[str, str | None] = {
@@ -618,8 +642,7 @@ def _apply_report(
             "infobip_id": report.message_id,
         }
         _queue_bounce(db, queue_id, [item], at)
-    accepted_at = changed[0][0]
-    seconds = at - accepted_at if accepted_at is not None else None
+    seconds = at - row[1] if row[1] is not None else None
     applied.outcomes.append(Outcome(queue_id, report.to, report.message_id, status, detail, seconds, bounce))
 
 
