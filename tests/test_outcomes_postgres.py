@@ -14,7 +14,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from relay.config import Settings
-from relay.outcomes.history import Attempted
+from relay.outcomes.decide import Report
+from relay.outcomes.history import Applied, Attempted
 from relay.outcomes.metrics import OutcomeMetrics
 from relay.outcomes.postgres import PRUNE_LOCK, SENDING_STALE, PostgresHistory
 from relay.outcomes.service import Outcomes
@@ -37,6 +38,7 @@ from tests.test_outcomes_history import (
     test_tracking_events_are_recorded_once_per_event_id_and_only_for_our_recipients,
 )
 
+RCPTS = ("a@example.org", "b@example.org")
 pytestmark = pytest.mark.slow  # a real server: initdb and start take a few seconds
 
 __all__ = [
@@ -123,6 +125,42 @@ def test_a_report_and_a_bounce_go_to_one_replica_only(url: str) -> None:
     first = a.apply_reports([infobip("b@example.org", "DELIVERED")], "pushed", T0 + 5, True)
     second = b.apply_reports([infobip("b@example.org", "DELIVERED")], "pulled", T0 + 6, True)
     assert (len(first.outcomes), second.duplicates) == (1, 1) and bounce.queue_id == "q1"
+    a.close()
+    b.close()
+
+
+def test_two_replicas_taking_overlapping_pages_at_once_count_each_report_once(url: str) -> None:
+    """One replica's page in one order, the other's in the reverse, at the same moment (a push and a pull
+    of the same reports): each waits for the other's locks instead of deadlocking, and each report counts
+    once."""
+    a, b = PostgresHistory(url), PostgresHistory(url)
+    ids = [f"ib{i}" for i in range(100)]
+    a.write([change for i in ids for change in (received(f"q{i}"), Attempted(f"q{i}", T0, 1, RCPTS, (i,)))], False)
+    page = [infobip(to, "DELIVERED", i) for i in ids for to in RCPTS]
+    start = threading.Barrier(2)
+    results: dict[str, object] = {}
+
+    def apply(name: str, store: PostgresHistory, reports: list[Report]) -> None:
+        start.wait()
+        try:
+            results[name] = store.apply_reports(reports, name, T0 + 5, False)
+        except Exception as exc:  # a deadlock: PostgreSQL aborts one of the two transactions
+            results[name] = exc
+
+    threads = [
+        threading.Thread(target=apply, args=("pushed", a, page)),
+        threading.Thread(target=apply, args=("pulled", b, page[::-1])),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    applied = [results["pushed"], results["pulled"]]
+    assert all(isinstance(r, Applied) for r in applied), applied
+    assert sum(len(r.outcomes) for r in applied) == 200  # type: ignore[union-attr]
+    assert sum(r.duplicates for r in applied) == 200  # type: ignore[union-attr]
+    [trace] = a.lookup("qib7", 1)
+    assert [r.status for r in trace.recipients] == ["delivered", "delivered"]
     a.close()
     b.close()
 
