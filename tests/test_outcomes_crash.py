@@ -99,3 +99,55 @@ async def test_kill_9_between_the_report_and_the_bounce_loses_nothing_and_sends_
                     proc.kill()
                 await proc.wait()
         await sink.stop()
+
+
+async def test_kill_9_before_the_history_is_written_the_recovered_message_is_noted_again(
+    standin: InfobipStandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The app heard 250 (on disk, `sync_wait = 0`) while the first attempt hung on a silent upstream, and the
+    relay died before the history's first write: started again, it delivers the message from the journal and
+    the history knows it, as received and as delivered, with its own bulk id's report."""
+    silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)  # accepts, never greets
+    await standin.reports.start()
+    port = free_port()
+    sections = {
+        "spool": {"enabled": True, "path": str(tmp_path / "spool"), "sync_wait": 0},
+        "reports": {
+            "enabled": True,
+            "base_url": standin.reports.base_url,
+            "api_key": standin.reports.api_key,
+            "ca_file": str(standin.ca_file),
+            "poll_interval": 0.1,
+        },
+        "log": {"format": "json"},
+    }
+    first_config = write_config(  # the first relay's upstream: the silent server
+        tmp_path / "first.toml", standin, port=port, upstream={"port": silent.sockets[0].getsockname()[1]}, **sections
+    )
+    config = write_config(tmp_path / "relay.toml", standin, port=port, **sections)
+    log = tmp_path / "relay.log"
+    first = await serve(first_config, port, log, crash_at="before_history_write")
+    second: asyncio.subprocess.Process | None = None
+    try:
+        data = message(Message_ID="<crash-1@erp.example.com>")
+        assert (await send_one(port, SENDER, ["a@example.org"], data)).startswith("250 2.0.0")
+        assert await asyncio.wait_for(first.wait(), 15) == -signal.SIGKILL  # before any note was written
+        second = await serve(config, port, log)
+        [sent] = await standin.wait_for_messages(1)
+        assert b"X-IB-Bulk-Id: relay-" in sent.data
+        async with asyncio.timeout(10):  # the report, polled every 0.1 s, applied to the recipient
+            while '"message_outcome"' not in log.read_text():
+                await asyncio.sleep(0.05)
+        second.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(second.wait(), 15) == 0
+        assert relay_main(["trace", "--config", str(config), "--json", "<crash-1@erp.example.com>"]) == 0
+        traced = json.loads(capsys.readouterr().out.splitlines()[-1])
+        assert [(r["address"], r["status"]) for r in traced["recipients"]] == [("a@example.org", "delivered")]
+        assert traced["sender"] == SENDER and traced["recipients"][0]["infobip_id"] == sent.infobip_id
+    finally:
+        silent.close()
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()

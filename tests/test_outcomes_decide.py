@@ -15,6 +15,7 @@ from relay.outcomes.decide import (
     FAILED,
     bounce_address,
     bulk_id,
+    bulk_id_of,
     claim_reports,
     dead_status,
     header_block,
@@ -159,3 +160,17 @@ def test_claim_reports_adds_our_bulk_id_and_notify_url() -> None:
 def test_the_apps_own_bulk_id_or_notify_url_means_the_reports_are_the_apps(prefix: bytes, original: bytes) -> None:
     message = prepared(original, prefix)
     assert claim_reports(message, "relay-1-2026112213", None) == (message, False)
+
+
+@pytest.mark.parametrize(
+    ("stored", "ours"),
+    [
+        (b"X-IB-Bulk-Id: relay-ab12-2026112213\r\nFrom: a@example.com\r\n\r\nx", "relay-ab12-2026112213"),
+        (b"x-ib-bulk-id:  relay-ab12-2026112213-billing\r\n\r\nx", "relay-ab12-2026112213-billing"),
+        (b"X-IB-Bulk-Id: relay-ffff-2026112213\r\n\r\nx", None),  # another instance's
+        (b"X-IB-Bulk-Id: app-7\r\n\r\nx", None),  # the app's own
+        (b"From: a@example.com\r\n\r\nX-IB-Bulk-Id: relay-ab12-2026112213\r\n", None),  # in the body
+    ],
+)
+def test_a_message_read_back_from_the_spool_is_ours_only_by_our_own_bulk_id(stored: bytes, ours: str | None) -> None:
+    assert bulk_id_of(prepared(stored), "ab12") == ours

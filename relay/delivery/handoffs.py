@@ -42,7 +42,7 @@ class Handoffs:
         the two, not their sum). `answer(job)` then says what the client is told."""
         handoff = Handoff(FirstAttempt(), asyncio.get_running_loop().create_future())
         committing = self.journal.append(message, envelope)
-        job = Job(envelope, due=0.0, message=message, in_journal=True, first=handoff, committing=committing)
+        job = Job(envelope, due=0.0, message=message, in_journal=True, first=handoff, committing=committing, noted=True)
         committing.add_done_callback(functools.partial(self._on_commit, job, handoff))
         self.queue.schedule(job)
         return job

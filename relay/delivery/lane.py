@@ -19,7 +19,7 @@ from structlog.contextvars import bound_contextvars
 from relay.config import SpoolSettings
 from relay.core.breaker import Change, CircuitBreaker
 from relay.core.first_attempt import ANSWER_AFTER, WORKER_ACTIONS, Answer, Attempt, Commit, Decision, Store
-from relay.core.message import Prepared
+from relay.core.message import Envelope, Prepared
 from relay.core.replies import INTERNAL_ERROR, Reply
 from relay.core.retry import AttemptResult, NextStep, next_step
 from relay.delivery.clock import Clock
@@ -55,6 +55,10 @@ class Shared:
 
 
 class AttemptObserver(Protocol):
+    def resumed(self, message: Prepared, envelope: Envelope) -> None:
+        """A message this process did not receive (recovered at start, or read back from queue/) is about
+        to be attempted: noted again, so that a note lost in a crash is not missing from the history."""
+
     async def attempted(
         self, queue_id: str, attempt: int, result: AttemptResult, step: NextStep, *, handed_back: bool
     ) -> None: ...
@@ -160,6 +164,9 @@ class Lane:
         handoff = job.first
         if handoff is not None:
             self.handoffs.react(job, handoff, handoff.machine.sending())
+        if not job.noted and self.shared.outcomes is not None:
+            self.shared.outcomes.resumed(message, job.envelope)
+            job.noted = True
         recipients = job.recipients if job.recipients is not None else message.recipients
         with self.metrics.delivery_seconds.time():
             result = await self._send(message, recipients)

@@ -36,6 +36,7 @@ class Job:
     record: LiveRecord | None = None  # recovered from the journal: where its bytes are
     first: Handoff | None = None  # until the first attempt is settled
     committing: asyncio.Future[None] | None = None  # the journal write running beside the first attempt
+    noted: bool = False  # in the history as received by this process (else noted again at its next attempt)
 
     @property
     def queue_id(self) -> str:

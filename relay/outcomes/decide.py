@@ -211,6 +211,17 @@ def header_block(prepared: Prepared) -> bytes:
     return b"".join(parts)
 
 
+def bulk_id_of(prepared: Prepared, instance: str) -> str | None:
+    """The relay's own X-IB-Bulk-Id in a message as sent (read back from the spool), else None: the app's
+    bulk id, or none at all, means its reports are not ours."""
+    block = header_block(prepared)
+    if b"x-ib-bulk-id" not in block.lower():
+        return None
+    found = next((f for f in parse_header_fields(block) if f.name.lower() == "x-ib-bulk-id"), None)
+    value = found.value.strip() if found else ""
+    return value if value.startswith(f"relay-{instance}-") and _BULK_RE.fullmatch(value) else None
+
+
 _OWNER_HEADERS = (b"x-ib-bulk-id", b"x-ib-notify-url")
 
 

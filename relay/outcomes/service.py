@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from relay.config import Settings
-from relay.core.message import Prepared
+from relay.core.message import Envelope, Prepared
 from relay.core.profiles import DEFAULT
 from relay.core.replies import Reply
 from relay.core.retry import AttemptResult, NextStep
@@ -30,6 +30,7 @@ from relay.outcomes.decide import (
     FAILED,
     Report,
     bulk_id,
+    bulk_id_of,
     bulk_profile,
     claim_reports,
     dead_status,
@@ -175,14 +176,24 @@ class Outcomes:
             ours = bulk_id(self.instance, now, profile)
             message, owned = claim_reports(message, ours, self.notify_url, self.tracking_url)
             bulk = ours if owned else None
+        self._note_received(message, client_ip, now, bulk)
+        return message
+
+    def resumed(self, message: Prepared, envelope: Envelope) -> None:
+        """A message this process did not receive is about to be attempted (recovered at start, or read back
+        from queue/): noted again, as received, so a note a crash lost in its last moments is not missing
+        (the writes keep what the history has already)."""
+        self._note_received(message, envelope.client_ip, envelope.received_at, bulk_id_of(message, self.instance))
+
+    def _note_received(self, message: Prepared, client_ip: str, at: float, bulk: str | None) -> None:
+        assert self.history is not None
         headers = header_block(message)[:HEADERS_KEPT] if self.bounces_on else None
         self.history.note(
             MessageReceived(
-                message.queue_id, message.message_id, message.mail_from, client_ip, now, message.size,
+                message.queue_id, message.message_id, message.mail_from, client_ip, at, message.size,
                 message.recipients, bulk, headers,
             )
         )  # fmt: skip
-        return message
 
     async def attempted(
         self, queue_id: str, attempt: int, result: AttemptResult, step: NextStep, *, handed_back: bool
