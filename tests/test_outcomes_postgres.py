@@ -165,6 +165,27 @@ def test_two_replicas_taking_overlapping_pages_at_once_count_each_report_once(ur
     b.close()
 
 
+def test_reports_wait_only_for_the_recipients_they_report_on(url: str) -> None:
+    """Another replica's history write holds a message's other recipients (in its own order) while a page of
+    reports is applied: the page locks only the recipients it reports on, so neither waits for the other in
+    a circle (a deadlock would lose a page Infobip hands out once)."""
+    store = PostgresHistory(url)
+    taken = [Attempted(q, T0, 1, ("a@example.org",), (f"ib-{q}",)) for q in ("q1", "q2")]
+    store.write([received("q1"), received("q2"), *taken], False)
+    page = [infobip("a@example.org", "DELIVERED", f"ib-{q}") for q in ("q1", "q2")]
+    results: list[Applied] = []
+    applying = threading.Thread(target=lambda: results.append(store.apply_reports(page, "pulled", T0 + 5, False)))
+    other = "UPDATE recipients SET at = 1 WHERE queue_id = %s AND address_key = 'b@example.org'"
+    with psycopg.connect(url) as writer:  # the other replica's write, its transaction open
+        writer.execute(other, ("q2",))
+        applying.start()
+        applying.join(5)  # done without waiting for the writer's row
+        assert not applying.is_alive() and len(results[0].outcomes) == 2
+        writer.execute(other, ("q1",))
+        writer.commit()
+    store.close()
+
+
 async def test_writes_through_the_history_thread_and_a_failed_write_is_reported(url: str) -> None:
     errors: list[int] = []
     store = PostgresHistory(url)

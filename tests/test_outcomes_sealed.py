@@ -162,6 +162,22 @@ def test_after_a_rotation_the_old_key_reads_and_rekey_leaves_nothing_under_it(
     new.close()
 
 
+def test_a_message_noted_again_after_a_rotation_keeps_its_rows(engine: tuple[Open, list[Path], Raw]) -> None:
+    """A relay restarted with a new key notes a recovered message again (Outcomes.resumed): its recipients,
+    stored under the old key's search keys, are neither doubled nor left behind by the attempt."""
+    opened, _, raw = engine
+    old = opened(K1)
+    old.write([MessageReceived("q1", MESSAGE_ID, SENDER, CLIENT, T0, 10, (RCPT, OTHER), None, None)], False)
+    old.close()
+    rotated = opened(K2, K1)
+    again = MessageReceived("q1", MESSAGE_ID, SENDER, CLIENT, T0, 10, (RCPT, OTHER), None, None, resumed=True)
+    rotated.write([again, Attempted("q1", T0 + 5, 1, (RCPT, OTHER), ("ib1",))], False)
+    [trace] = rotated.lookup("q1", 5)
+    assert [(r.address, r.status) for r in trace.recipients] == [(RCPT, "sent"), (OTHER, "sent")]
+    assert raw("SELECT count(*) FROM recipients WHERE queue_id = 'q1'", ())[0][0] == 2
+    rotated.close()
+
+
 def test_relay_trace_names_the_missing_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = SqliteHistory(tmp_path / "history.sqlite3", [K1])
     written(store)

@@ -55,7 +55,7 @@ class Shared:
 
 
 class AttemptObserver(Protocol):
-    def resumed(self, message: Prepared, envelope: Envelope) -> None:
+    def resumed(self, message: Prepared, envelope: Envelope, recipients: tuple[str, ...]) -> None:
         """A message this process did not receive (recovered at start, or read back from queue/) is about
         to be attempted: noted again, so that a note lost in a crash is not missing from the history."""
 
@@ -164,10 +164,10 @@ class Lane:
         handoff = job.first
         if handoff is not None:
             self.handoffs.react(job, handoff, handoff.machine.sending())
-        if not job.noted and self.shared.outcomes is not None:
-            self.shared.outcomes.resumed(message, job.envelope)
-            job.noted = True
         recipients = job.recipients if job.recipients is not None else message.recipients
+        if not job.noted and self.shared.outcomes is not None:
+            self.shared.outcomes.resumed(message, job.envelope, recipients)
+            job.noted = True
         with self.metrics.delivery_seconds.time():
             result = await self._send(message, recipients)
         crashpoint("after_upstream_reply")

@@ -27,6 +27,7 @@ class MessageReceived:
     recipients: tuple[str, ...]
     bulk_id: str | None  # ours; None when the app (or a rule) set its own: its reports are not ours
     headers: bytes | None  # the header block as sent, kept only while bounces are on
+    resumed: bool = False  # noted again after a restart (Outcomes.resumed): nothing is written if it is known
 
 
 @dataclass(frozen=True, slots=True)

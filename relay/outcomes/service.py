@@ -9,6 +9,7 @@ constructed unless `[reports]` or `[bounces]` is enabled: then nothing is writte
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -179,19 +180,21 @@ class Outcomes:
         self._note_received(message, client_ip, now, bulk)
         return message
 
-    def resumed(self, message: Prepared, envelope: Envelope) -> None:
-        """A message this process did not receive is about to be attempted (recovered at start, or read back
-        from queue/): noted again, as received, so a note a crash lost in its last moments is not missing
-        (the writes keep what the history has already)."""
-        self._note_received(message, envelope.client_ip, envelope.received_at, bulk_id_of(message, self.instance))
+    def resumed(self, message: Prepared, envelope: Envelope, recipients: tuple[str, ...]) -> None:
+        """A message this process did not receive is about to be attempted for `recipients` (recovered at
+        start, or read back from queue/): noted again, as received, so a note a crash lost in its last moments
+        is not missing. Nothing is written if the history knows the message already."""
+        message = dataclasses.replace(message, recipients=recipients)
+        self._note_received(message, envelope.client_ip, envelope.received_at, bulk_id_of(message, self.instance), True)
 
-    def _note_received(self, message: Prepared, client_ip: str, at: float, bulk: str | None) -> None:
+    def _note_received(self, message: Prepared, ip: str, at: float, bulk: str | None, again: bool = False) -> None:
+        """Noted as received; `again` by `resumed` (only the recipients still to go, in `message`)."""
         assert self.history is not None
         headers = header_block(message)[:HEADERS_KEPT] if self.bounces_on else None
         self.history.note(
             MessageReceived(
-                message.queue_id, message.message_id, message.mail_from, client_ip, at, message.size,
-                message.recipients, bulk, headers,
+                message.queue_id, message.message_id, message.mail_from, ip, at, message.size, message.recipients,
+                bulk, headers, again,
             )
         )  # fmt: skip
 

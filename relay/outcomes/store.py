@@ -243,18 +243,18 @@ class SqlHistory:
         """A batch in as few statements as it takes (each one a hop of the GIL for the event loop). A recipient
         Infobip took in an attempt of the same batch as its message (the usual first attempt) is written
         `sent` at once, not inserted and then updated."""
-        received = [c for c in changes if isinstance(c, MessageReceived)]
         attempts = [c for c in changes if isinstance(c, Attempted)]
-        new = {m.queue_id: frozenset(m.recipients) for m in received}
-        taken: dict[tuple[str, str], Attempted] = {}
-        for a in attempts:
-            if a.accepted and (rcpts := new.get(a.queue_id)) is not None:
-                for rcpt in a.accepted:
-                    if rcpt in rcpts:
-                        taken.setdefault((a.queue_id, rcpt), a)  # the first attempt that took it, as in SQL
-        firsts = (taken.get((m.queue_id, m.recipients[0])) for m in received)
-        implied = {id(a) for a, m in zip(firsts, received, strict=True) if a is not None and _whole(a, m, taken)}
         with self._tx(durable=bounces_on and any(a.dead and a.bounce for a in attempts)) as db:
+            received = _unknown(db, [c for c in changes if isinstance(c, MessageReceived)])
+            new = {m.queue_id: frozenset(m.recipients) for m in received}
+            taken: dict[tuple[str, str], Attempted] = {}
+            for a in attempts:
+                if a.accepted and (rcpts := new.get(a.queue_id)) is not None:
+                    for rcpt in a.accepted:
+                        if rcpt in rcpts:
+                            taken.setdefault((a.queue_id, rcpt), a)  # the first attempt that took it, as in SQL
+            firsts = (taken.get((m.queue_id, m.recipients[0])) for m in received)
+            implied = {id(a) for a, m in zip(firsts, received, strict=True) if a is not None and _whole(a, m, taken)}
             _received(db, received, taken)
             _accepted(db, attempts, taken, implied)
             for attempt in attempts:
@@ -269,7 +269,10 @@ class SqlHistory:
         events: list[tuple[str, float, str, str | None, str]] = []
         with self._tx(durable=True) as db:  # a report is handed out once: it must not be lost now
             owners = _owners(db, sorted({report.message_id for report in reports}))
-            rows = _recipient_rows(db, sorted(set(owners.values())))
+            keys = {
+                k for report in reports if report.message_id in owners for k in db.cols.searches(ADDRESS, report.to)
+            }
+            rows = _recipient_rows(db, sorted(set(owners.values())), sorted(keys))
             for report in reports:
                 queue_id = owners.get(report.message_id)
                 _apply_report(db, report, queue_id, rows, source, at, bounces_on, applied, changed, events)
@@ -447,6 +450,17 @@ def _whole(a: Attempted, m: MessageReceived, taken: dict[tuple[str, str], Attemp
     )
 
 
+def _unknown(db: Db, received: list[MessageReceived]) -> list[MessageReceived]:
+    """`received` less the messages noted again after a restart that the history has already: their rows
+    (perhaps under an older key's search keys, which an insert would not meet) stay as they are, and their
+    attempts change them as any later attempt does."""
+    again = [m.queue_id for m in received if m.resumed]
+    if not again:
+        return received
+    known = {row[0] for row in db.all(f"SELECT queue_id FROM messages WHERE queue_id IN {_marks(len(again))}", again)}
+    return [m for m in received if not (m.resumed and m.queue_id in known)]
+
+
 def _received(db: Db, received: list[MessageReceived], taken: dict[tuple[str, str], Attempted]) -> None:
     """New messages, their recipients `queued`, or `sent` by an attempt in `taken` (the "received" line in
     trace comes from the message's row)."""
@@ -583,17 +597,20 @@ def _owners(db: Db, infobip_ids: Sequence[str]) -> dict[str, str]:
     return owners
 
 
-def _recipient_rows(db: Db, queue_ids: Sequence[str]) -> dict[tuple[str, str], list[Any]]:
-    """[status, accepted_at] of every recipient of these messages, by (queue id, address key). Where
-    replicas share the database the rows are locked, in key order: two replicas taking overlapping pages
-    (one pushed, one pulled) wait for each other, and the second sees the first's statuses."""
+def _recipient_rows(db: Db, queue_ids: Sequence[str], keys: Sequence[str]) -> dict[tuple[str, str], list[Any]]:
+    """[status, accepted_at] of the recipients of these messages with these address keys (those the page
+    reports on), by (queue id, address key). Where replicas share the database the rows are locked, in key
+    order: two replicas taking overlapping pages (one pushed, one pulled) wait for each other, and the second
+    sees the first's statuses. Only those rows: a replica's history write changing the message's other
+    recipients meanwhile is not waited for (nor is it made to wait, which could deadlock)."""
     rows: dict[tuple[str, str], list[Any]] = {}
     for start in range(0, len(queue_ids), 500):
         chunk = queue_ids[start : start + 500]
         for queue_id, key, status, accepted_at in db.all(
             f"SELECT queue_id, address_key, status, accepted_at FROM recipients WHERE queue_id IN "
-            f"{_marks(len(chunk))} ORDER BY queue_id, address_key{db.dialect.lock()}",
-            chunk,
+            f"{_marks(len(chunk))} AND address_key IN {_marks(len(keys))} ORDER BY queue_id, address_key"
+            f"{db.dialect.lock()}",
+            [*chunk, *keys],
         ):
             rows[queue_id, key] = [status, accepted_at]
     return rows
