@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from relay.core.headers import fold_header, header_block_end, parse_header_fields
+from relay.core.headers import find_field, fold_header, header_block_end, parse_header_fields
 from relay.core.message import Prepared
 from relay.core.profiles import DEFAULT as DEFAULT_PROFILE
 
@@ -217,7 +217,7 @@ def bulk_id_of(prepared: Prepared, instance: str) -> str | None:
     block = header_block(prepared)
     if b"x-ib-bulk-id" not in block.lower():
         return None
-    found = next((f for f in parse_header_fields(block) if f.name.lower() == "x-ib-bulk-id"), None)
+    found = find_field(parse_header_fields(block), "X-IB-Bulk-Id")
     value = found.value.strip() if found else ""
     return value if value.startswith(f"relay-{instance}-") and _BULK_RE.fullmatch(value) else None
 

@@ -245,7 +245,7 @@ class SqlHistory:
         `sent` at once, not inserted and then updated."""
         attempts = [c for c in changes if isinstance(c, Attempted)]
         with self._tx(durable=bounces_on and any(a.dead and a.bounce for a in attempts)) as db:
-            received = _unknown(db, [c for c in changes if isinstance(c, MessageReceived)])
+            received = _without_known_resumed(db, [c for c in changes if isinstance(c, MessageReceived)])
             new = {m.queue_id: frozenset(m.recipients) for m in received}
             taken: dict[tuple[str, str], Attempted] = {}
             for a in attempts:
@@ -269,13 +269,11 @@ class SqlHistory:
         events: list[tuple[str, float, str, str | None, str]] = []
         with self._tx(durable=True) as db:  # a report is handed out once: it must not be lost now
             owners = _owners(db, sorted({report.message_id for report in reports}))
-            keys = {
-                k for report in reports if report.message_id in owners for k in db.cols.searches(ADDRESS, report.to)
-            }
-            rows = _recipient_rows(db, sorted(set(owners.values())), sorted(keys))
-            for report in reports:
-                queue_id = owners.get(report.message_id)
-                _apply_report(db, report, queue_id, rows, source, at, bounces_on, applied, changed, events)
+            found = [(report, owners.get(report.message_id)) for report in reports]
+            keys = [() if queue_id is None else db.cols.searches(ADDRESS, report.to) for report, queue_id in found]
+            rows = _recipient_rows(db, sorted(set(owners.values())), sorted({k for ks in keys for k in ks}))
+            for (report, queue_id), searched in zip(found, keys, strict=True):
+                _apply_report(db, report, queue_id, searched, rows, source, at, bounces_on, applied, changed, events)
             db.many(
                 "UPDATE recipients SET status = ?, infobip_id = ?, detail = ?, at = ? WHERE queue_id = ? "
                 "AND address_key = ?",
@@ -450,7 +448,7 @@ def _whole(a: Attempted, m: MessageReceived, taken: dict[tuple[str, str], Attemp
     )
 
 
-def _unknown(db: Db, received: list[MessageReceived]) -> list[MessageReceived]:
+def _without_known_resumed(db: Db, received: list[MessageReceived]) -> list[MessageReceived]:
     """`received` less the messages noted again after a restart that the history has already: their rows
     (perhaps under an older key's search keys, which an insert would not meet) stay as they are, and their
     attempts change them as any later attempt does."""
@@ -620,6 +618,7 @@ def _apply_report(
     db: Db,
     report: Report,
     queue_id: str | None,
+    keys: Sequence[str],
     rows: dict[tuple[str, str], list[Any]],
     source: str,
     at: float,
@@ -628,10 +627,10 @@ def _apply_report(
     changed: list[tuple[str, str, bytes, float, str, str]],
     events: list[tuple[str, float, str, str | None, str]],
 ) -> None:
-    """One report against `rows` (_recipient_rows, kept as this page changes them): a final report for a
-    recipient without a final status goes to `changed` (the UPDATE's rows); one for a recipient already
-    final counts once (the same report pushed and pulled is a duplicate). `events` gets the timeline's line."""
-    keys = () if queue_id is None else db.cols.searches(ADDRESS, report.to)
+    """One report (its recipient's search `keys`) against `rows` (_recipient_rows, kept as this page changes
+    them): a final report for a recipient without a final status goes to `changed` (the UPDATE's rows); one
+    for a recipient already final counts once (the same report pushed and pulled is a duplicate). `events`
+    gets the timeline's line."""
     key = next((k for k in keys if (queue_id, k) in rows), None)
     if queue_id is None or key is None:  # not an Infobip id of ours, or our message but not its recipient
         applied.unknown += 1
