@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from relay.app import Relay
+from relay.outcomes.sqlite import history_path
 from relay.testing.standin import InfobipStandIn
 from tests.helpers import spooled
 
@@ -47,3 +51,16 @@ async def until_status(relay: Relay, query: str, expected: dict[str, str], timeo
     while (latest := await statuses(relay, query)) != expected:
         assert time.monotonic() < deadline, f"statuses {latest} never became {expected}"
         await asyncio.sleep(0.02)
+
+
+@contextlib.contextmanager
+def history_failing(relay: Relay) -> Iterator[None]:
+    """Every write of a timeline line to the relay's SQLite history fails (as a failing disk would) until the
+    block ends: a trigger put in the file by another connection. Storing a report writes one."""
+    db = sqlite3.connect(history_path(relay.settings), isolation_level=None, timeout=10)
+    db.execute("CREATE TRIGGER failing BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    try:
+        yield
+    finally:
+        db.execute("DROP TRIGGER failing")
+        db.close()

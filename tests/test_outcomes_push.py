@@ -16,7 +16,7 @@ from relay.testing.sink import MailSink
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, free_port, message
 from tests.helpers import SENDER, send_one, until
-from tests.outcomes import reports_on, until_status
+from tests.outcomes import history_failing, reports_on, statuses, until_status
 
 
 @pytest.fixture
@@ -40,6 +40,30 @@ def reports_total(relay: Relay, result: str) -> float:
 def notify_url(data: bytes) -> str:
     line = next(line for line in data.split(b"\r\n") if line.startswith(b"X-IB-Notify-Url: "))
     return line.split(b": ", 1)[1].decode()
+
+
+async def test_a_push_the_history_cannot_store_gets_503_and_is_taken_when_sent_again(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    await standin.reports.start()
+    port = free_port()
+    relay = await start_relay(clock=FakeClock(), **pushing(standin, tmp_path, port, poll_interval=30))
+    infobip_id = (await send_one(relay.port, SENDER, ["a@example.org"], message())).rsplit(" ", 1)[1]
+    [sent] = await standin.wait_for_messages(1)
+    await until_status(relay, infobip_id, {"a@example.org": "sent"})
+    [waiting] = standin.reports.waiting
+    body = {"results": [waiting.report]}
+    async with aiohttp.ClientSession() as session:
+        with history_failing(relay), structlog.testing.capture_logs() as logs:
+            async with session.post(notify_url(sent.data), json=body) as response:
+                assert response.status == 503  # not stored: Infobip must send it again
+        [failed] = [e for e in logs if e["event"] == "push_not_stored"]
+        assert failed["kind"] == "reports" and "disk I/O error" in failed["error"]
+        assert await statuses(relay, infobip_id) == {"a@example.org": "sent"}
+        async with session.post(notify_url(sent.data), json=body) as response:
+            assert response.status == 200
+    await until_status(relay, infobip_id, {"a@example.org": "delivered"})
+    assert reports_total(relay, "delivered") == 1
 
 
 async def test_a_report_pushed_and_pulled_counts_once(

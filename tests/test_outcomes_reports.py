@@ -9,13 +9,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog.testing
 
 from relay.outcomes.decide import bulk_id, bulk_profile
 from relay.testing.clock import FakeClock
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, free_port, message, relay_settings
 from tests.helpers import SENDER, send_one, until
-from tests.outcomes import messages, reports_on, until_status
+from tests.outcomes import history_failing, messages, reports_on, statuses, until_status
 
 
 @pytest.fixture
@@ -115,6 +116,35 @@ async def test_server_errors_double_the_interval(
     await reports.reports.wait_for_requests(2)
     await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 120)
     assert registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "http_error"}) == 2
+
+
+async def test_a_page_the_history_cannot_store_is_kept_and_stored_in_a_later_round(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """Infobip hands a report out once: a page taken while the history fails must not be lost, and the
+    poller must live on (it used to end with the history's error)."""
+    clock = FakeClock()
+    relay = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30))
+    infobip_id = (await send_one(relay.port, SENDER, ["a@example.org"], message())).rsplit(" ", 1)[1]
+    await until_status(relay, infobip_id, {"a@example.org": "sent"})
+    registry = relay.metrics.registry
+
+    def next_poll() -> float | None:
+        return registry.get_sample_value("relay_reports_next_poll_timestamp_seconds")
+
+    await until(lambda: next_poll() == clock.now + 30)
+    with history_failing(relay), structlog.testing.capture_logs() as logs:
+        clock.advance(30)
+        await until(lambda: registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "history"}) == 1)
+        assert not reports.reports.waiting  # handed out: only the relay has the report now
+        await until(lambda: next_poll() == clock.now + 60)  # the next round waits twice as long
+        assert await statuses(relay, infobip_id) == {"a@example.org": "sent"}
+    [failed] = [e for e in logs if e["event"] == "reports_poll_failed"]
+    assert failed["reason"] == "history" and failed["unstored"] == 1 and "disk I/O error" in failed["error"]
+    clock.advance(60)
+    await until_status(relay, infobip_id, {"a@example.org": "delivered"})
+    assert registry.get_sample_value("relay_reports_total", {"result": "delivered"}) == 1
+    await until(lambda: next_poll() == clock.now + 30)  # back to the interval once the history works
 
 
 async def test_a_wrong_api_key_is_a_poll_error_and_the_key_is_never_logged(

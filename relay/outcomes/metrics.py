@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REPORT_RESULTS = ("delivered", "bounced", "pending", "duplicate", "unknown")
 BOUNCE_RESULTS = ("sent", "retried", "dropped", "not_sent")
-POLL_ERRORS = ("rate_limited", "http_error", "connection", "bad_response")
+POLL_ERRORS = ("rate_limited", "http_error", "connection", "bad_response", "history")
 TRACKING_KINDS = ("opened", "clicked", "unsubscribed", "complained", "late_bounce", "other")
 
 

@@ -6,7 +6,8 @@ serves two things: `POST <any prefix>/<token>` with Infobip's report JSON (X-IB-
 ...), where the token is this instance's unguessable secret (kept in the history, so it survives
 restarts). Anything else is 404 and logged with method, path and peer, never the body. A report seen
 both pushed and pulled counts once (the history keeps the first final status); a tracking event is
-recorded once per eventId.
+recorded once per eventId. A push the history cannot store (a locked file, a PostgreSQL server gone) gets
+503, so that Infobip sends it again, and a `push_not_stored` log line.
 """
 
 from __future__ import annotations
@@ -74,11 +75,18 @@ class PushListener:
         except (ValueError, UnicodeDecodeError):
             log.warning("push_unreadable", peer=request.remote, reason="not JSON", kind=kind)
             return web.json_response({"error": f"expected Infobip's {kind} JSON"}, status=400)
-        if kind == TRACKING:
-            return await self._tracking(payload, request.remote)
+        try:
+            if kind == TRACKING:
+                return await self._tracking(payload, request.remote)
+            return await self._reports(payload, request.remote)
+        except Exception as exc:  # the history's: not ours to keep, so Infobip must send it again
+            log.error("push_not_stored", peer=request.remote, kind=kind, error_type=type(exc).__name__, error=str(exc))
+            return web.json_response({"error": "not stored; send it again"}, status=503)
+
+    async def _reports(self, payload: object, peer: str | None) -> web.Response:
         reports, bad = parse_reports(payload)
         if bad:
-            log.warning("push_unreadable", peer=request.remote, reason=f"{bad} item(s) without messageId and to")
+            log.warning("push_unreadable", peer=peer, reason=f"{bad} item(s) without messageId and to")
             if not reports:
                 return web.json_response({"error": "expected Infobip's report JSON"}, status=400)
         if reports:

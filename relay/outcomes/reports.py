@@ -8,6 +8,10 @@ that carry the app's own bulk id are never polled: their reports belong to whoev
 without a filter is ever made. Errors and 429 double that key's interval (Retry-After is respected),
 and only that key's: one account's wrong key does not slow the others; a message is polled until its
 recipients have a final status or are 48 h old (Infobip keeps reports that long).
+
+A history that fails (a locked file, a PostgreSQL server gone) does not end the poller: the round is a
+poll error (`history`) and the next one waits twice as long. A page Infobip handed out that could not be
+stored is kept in memory and stored before anything more is fetched: Infobip will not hand it out again.
 """
 
 from __future__ import annotations
@@ -131,6 +135,8 @@ class Poller:
         self._key_for = key_for
         self._wake = asyncio.Event()
         self._keys: dict[str, _Backoff] = {}  # by key, in memory only (never logged)
+        self._history_failures = 0  # consecutive rounds the history failed
+        self._unstored: list[Report] = []  # a page taken from Infobip that the history could not store yet
 
     def poll_now(self) -> None:
         self._wake.set()
@@ -145,17 +151,31 @@ class Poller:
             finally:
                 timer.cancel()
             self._wake.clear()
-            await self.poll_once()
+            try:
+                await self.poll_once()
+                self._history_failures = 0
+            except Exception as exc:  # the history's: Infobip's own errors are Fetched.error
+                self._history_failures += 1
+                self.metrics.poll_errors.labels("history").inc()
+                log.error(
+                    "reports_poll_failed", reason="history", unstored=len(self._unstored),
+                    error_type=type(exc).__name__, error=str(exc),
+                )  # fmt: skip
 
     def _next_delay(self) -> float:
         """The interval while any key works (or none was used yet); else until the first backing-off key
-        is due again."""
+        is due again. After a round the history failed, doubled per such round."""
+        if self._history_failures:
+            return poll_delay(self.interval, self._history_failures)
         if not self._keys or any(state.failures == 0 for state in self._keys.values()):
             return self.interval
         return max(0.0, min(state.due for state in self._keys.values()) - self.clock.time())
 
     async def poll_once(self) -> None:
-        """One round over our waiting bulk ids, each with its account's key unless that key is backing off."""
+        """One round over our waiting bulk ids, each with its account's key unless that key is backing off;
+        a page the last round could not store, first. Raises what the history raised."""
+        if self._unstored:
+            await self._store(self._unstored)
         now = self.clock.time()
         used: dict[str, _Backoff] = {}
         for bulk in await self._pending(now - REPORT_WINDOW):
@@ -180,6 +200,12 @@ class Poller:
                 log.warning("reports_poll_failed", reason=fetched.error, detail=fetched.detail, bulk_id=bulk)
                 return fetched
             if fetched.reports:
-                await self._apply(fetched.reports, "pulled")
+                await self._store(fetched.reports)
             if not fetched.full:
                 return None
+
+    async def _store(self, reports: list[Report]) -> None:
+        """Into the history, or kept until it can be: Infobip hands a report out once."""
+        self._unstored = reports
+        await self._apply(reports, "pulled")
+        self._unstored = []
