@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -105,8 +106,9 @@ async def test_kill_9_before_the_history_is_written_the_recovered_message_is_not
     standin: InfobipStandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The app heard 250 (on disk, `sync_wait = 0`) while the first attempt hung on a silent upstream, and the
-    relay died before the history's first write: started again, it delivers the message from the journal and
-    the history knows it, as received and as delivered, with its own bulk id's report."""
+    relay died before the history's first write (held back by the test's lock on the file, so the order is
+    exact whatever the disk's speed): started again, it delivers the message from the journal and the history
+    knows it, as received and as delivered, with its own bulk id's report."""
     silent = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)  # accepts, never greets
     await standin.reports.start()
     port = free_port()
@@ -126,12 +128,16 @@ async def test_kill_9_before_the_history_is_written_the_recovered_message_is_not
     )
     config = write_config(tmp_path / "relay.toml", standin, port=port, **sections)
     log = tmp_path / "relay.log"
-    first = await serve(first_config, port, log, crash_at="before_history_write")
+    first = await serve(first_config, port, log)
     second: asyncio.subprocess.Process | None = None
+    lock = sqlite3.connect(tmp_path / "spool" / "history.sqlite3", isolation_level=None, timeout=10)
     try:
+        lock.execute("BEGIN EXCLUSIVE")  # the relay's history writes wait (busy_timeout) for the test's lock
         data = message(Message_ID="<crash-1@erp.example.com>")
         assert (await send_one(port, SENDER, ["a@example.org"], data)).startswith("250 2.0.0")
+        first.kill()
         assert await asyncio.wait_for(first.wait(), 15) == -signal.SIGKILL  # before any note was written
+        lock.execute("ROLLBACK")
         second = await serve(config, port, log)
         [sent] = await standin.wait_for_messages(1)
         assert b"X-IB-Bulk-Id: relay-" in sent.data
@@ -145,6 +151,7 @@ async def test_kill_9_before_the_history_is_written_the_recovered_message_is_not
         assert [(r["address"], r["status"]) for r in traced["recipients"]] == [("a@example.org", "delivered")]
         assert traced["sender"] == SENDER and traced["recipients"][0]["infobip_id"] == sent.infobip_id
     finally:
+        lock.close()
         silent.close()
         for proc in (first, second):
             if proc is not None and proc.returncode is None:

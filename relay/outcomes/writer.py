@@ -19,7 +19,6 @@ from typing import TypeVar
 import structlog
 
 from relay.outcomes.history import Change, HistoryStore
-from relay.testing.failpoints import crashpoint
 
 log = structlog.get_logger("relay.outcomes")
 T = TypeVar("T")
@@ -78,7 +77,6 @@ class History:
             if not batch or done is None:
                 continue
             loop = asyncio.get_running_loop()
-            crashpoint("before_history_write")
             try:
                 await loop.run_in_executor(self._executor, self.store.write, batch, self.bounces_on)
                 ok = True

@@ -23,7 +23,6 @@ FAILPOINTS: tuple[str, ...] = (
     "before_promote",  # store: the queue file written and fsync'd under tmp/, not yet renamed
     "after_promote",  # store: renamed into queue/ and the directory synced
     "after_report_stored",  # outcomes: a report taken from Infobip and its bounce on disk, the bounce not sent
-    "before_history_write",  # outcomes: notes gathered for the history, not yet written
 )
 _KNOWN = frozenset(FAILPOINTS)
 ENV_VAR = "RELAY_CRASH_AT"
