@@ -3,8 +3,10 @@ company's, here a sink) out; each bounce parsed back with the standard library's
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
+import sqlite3
 from collections.abc import AsyncIterator
 from email.message import EmailMessage, Message
 from pathlib import Path
@@ -18,6 +20,7 @@ from relay.config import BouncesSettings
 from relay.outcomes.bounces import Bouncer
 from relay.outcomes.history import BounceJob, BounceRecipient
 from relay.outcomes.metrics import OutcomeMetrics
+from relay.outcomes.sqlite import history_path
 from relay.testing.clock import FakeClock
 from relay.testing.sink import MailSink
 from relay.testing.standin import InfobipStandIn
@@ -110,6 +113,32 @@ async def test_refused_after_250_bounces_and_a_refusal_the_app_heard_does_not(
     assert len(found) == 2
     assert {r["status"] for m in found for r in m["recipients"] if r["address"] == "nosuch@example.org"} == {"failed"}
     assert len(sink.messages) == 1
+
+
+async def test_a_history_held_up_does_not_hold_up_delivery(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    """The history's file locked by another process (a backup, say) while a recipient dies after the app heard
+    250: the one delivery worker goes on to the next message at once, and the bounce follows once the history
+    is written (the dead message is in dead/ already: waiting for the history kept nothing safer)."""
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
+    relay = await start_relay(spool=spooled(tmp_path), bounces=bounces_to(sink), upstream={"pool_size": 1})
+    lock = sqlite3.connect(history_path(relay.settings), isolation_level=None, timeout=10)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")  # the relay's history writes wait for it (busy_timeout, 5 s)
+        assert (await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())).startswith(
+            "250"
+        )
+        async with asyncio.timeout(2):  # well within the history's 5 s wait for the lock
+            assert (await send_one(relay.port, SENDER, ["b@example.org"], message())).startswith("250 2.6.0")
+            await standin.wait_for_messages(2)
+        assert not sink.messages
+        lock.execute("ROLLBACK")
+    finally:
+        lock.close()
+    [sent] = await sink.wait_for(1)
+    [_, block] = status_blocks(parsed(sent.data))
+    assert block["Final-Recipient"] == "rfc822; nosuch@example.org"
 
 
 async def test_expired_in_the_spool_bounces_with_5_4_7(

@@ -201,8 +201,9 @@ class Outcomes:
     async def attempted(
         self, queue_id: str, attempt: int, result: AttemptResult, step: NextStep, *, handed_back: bool
     ) -> None:
-        """After an attempt from the spool. A recipient dead after the app heard 250 needs a bounce: that
-        note is on disk before this returns."""
+        """After an attempt from the spool. Never waits for the history: the message is settled already (a
+        dead one is in dead/), so a history held up (a locked file, a slow server) must not hold up delivery.
+        A recipient dead after the app heard 250 needs a bounce: the bouncer is woken once that is on disk."""
         if step.held and not (result.accepted or step.dead):  # an outage, not an attempt
             return
         dead = {rcpt: (dead_status(reason), reason) for rcpt, reason in step.dead.items()}
@@ -211,11 +212,13 @@ class Outcomes:
             Attempted(
                 queue_id, self.clock.time(), attempt, result.accepted, result.infobip_ids, deferred, dead,
                 bounce=not handed_back,
-            )
+            ),
+            wait=False,
         )  # fmt: skip
 
     async def relayed(self, message: Prepared, result: DeliveryResult | None, reply: Reply) -> None:
-        """Pass-through: the app waited for Infobip's verdict; only recipients refused inside a 250 bounce."""
+        """Pass-through: the app waited for Infobip's verdict; only recipients refused inside a 250 bounce. The
+        history is the only record of that bounce (nothing is spooled): it is on disk before the app hears 250."""
         assert self.history is not None
         if result is None or not result.final.ok:
             why = f"refused; the app was told {reply}"
@@ -226,9 +229,10 @@ class Outcomes:
             refused = {rcpt: (FAILED, str(r)) for rcpt, r in result.refused.items()}
             ids = (infobip_id,) if infobip_id else ()
             change = Attempted(message.queue_id, self.clock.time(), 1, result.accepted, ids, dead=refused, bounce=True)
-        await self._attempted(change)
+        await self._attempted(change, wait=True)
 
-    async def _attempted(self, change: Attempted) -> None:
+    async def _attempted(self, change: Attempted, *, wait: bool) -> None:
+        """Note `change`; a bounce it calls for wakes the bouncer once written (`wait`: before this returns)."""
         assert self.history is not None
         written = self.history.note(change, now=bool(change.dead and change.bounce and self.bounces_on))
         for rcpt, (status, reason) in change.dead.items():
@@ -236,8 +240,15 @@ class Outcomes:
                 "message_outcome", queue_id=change.queue_id, recipient=rcpt, status=status, infobip_id=None,
                 detail=reason, bounce=change.bounce and self.bounces_on,
             )  # fmt: skip
-        if change.dead and change.bounce and self.bouncer is not None and await written:
-            self.bouncer.send_now()
+        if change.dead and change.bounce and (bouncer := self.bouncer) is not None:
+
+            def wake(done: asyncio.Future[bool]) -> None:
+                if not done.cancelled() and done.result():  # False: the write failed (history_write_failed)
+                    bouncer.send_now()
+
+            written.add_done_callback(wake)
+            if wait:
+                await written
 
     # reports
 
