@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from relay.outcomes.decide import Report
-from relay.outcomes.history import Attempted, HistoryStore, MessageReceived, Tracked
+from relay.outcomes.history import Attempted, Change, HistoryStore, MessageReceived, Tracked
 from relay.outcomes.sqlite import SqliteHistory
 from relay.outcomes.trace import in_words
 from relay.outcomes.writer import History
@@ -76,6 +76,24 @@ def test_an_attempt_in_the_batch_of_its_message_or_a_later_one_or_a_message_note
             (rcpt, "sent", ib, f"Infobip took it as {ib}", T0 + 2) for rcpt in ("a@example.org", "b@example.org")
         ]
     assert store.pending_bulk_ids(T0 + 2) == ["relay-x-1"]
+
+
+def test_a_batch_of_any_size_with_an_address_twice_is_written_whole(store: HistoryStore) -> None:
+    """A batch goes in as a few multi-row INSERTs (2**k rows each): 300 messages, each taken at once, and one
+    message to the same address in two cases (one row: PostgreSQL refuses an upsert that meets a row twice)."""
+    batch: list[Change] = []
+    for i in range(300):
+        batch += [
+            received(f"q{i:03}", "a@example.org"),
+            Attempted(f"q{i:03}", T0 + 1, 1, ("a@example.org",), (f"ib{i}",)),
+        ]
+    batch.append(received("q-twice", "Ann@example.org", "ann@example.org"))
+    batch.append(Attempted("q-twice", T0 + 2, 1, ("ann@example.org",), ("ib-twice",)))
+    store.write(batch, False)
+    assert [(r.status, r.infobip_id) for r in store.lookup("q299", 5)[0].recipients] == [("sent", "ib299")]
+    assert len(store.lookup("a@example.org", 500)) == 300
+    [twice] = store.lookup("q-twice", 5)
+    assert [(r.status, r.infobip_id) for r in twice.recipients] == [("sent", "ib-twice")]
 
 
 def test_a_first_attempt_taken_whole_is_told_by_trace_without_a_row_of_its_own(

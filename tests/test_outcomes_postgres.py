@@ -26,6 +26,7 @@ from tests.test_outcomes_history import (
     T0,
     infobip,
     received,
+    test_a_batch_of_any_size_with_an_address_twice_is_written_whole,
     test_a_failed_bounce_comes_back_when_due_and_a_sent_one_never,
     test_an_attempt_in_the_batch_of_its_message_or_a_later_one_or_a_message_noted_twice_reads_the_same,
     test_an_attempt_then_reports_set_each_recipients_status_once,
@@ -43,6 +44,7 @@ pytestmark = pytest.mark.slow  # a real server: initdb and start take a few seco
 
 __all__ = [
     "postgres_server",
+    "test_a_batch_of_any_size_with_an_address_twice_is_written_whole",
     "test_a_failed_bounce_comes_back_when_due_and_a_sent_one_never",
     "test_an_attempt_in_the_batch_of_its_message_or_a_later_one_or_a_message_noted_twice_reads_the_same",
     "test_an_attempt_then_reports_set_each_recipients_status_once",

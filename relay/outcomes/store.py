@@ -15,9 +15,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from relay.outcomes.columns import ADDRESS, MESSAGE_ID, Columns
 from relay.outcomes.decide import (
@@ -50,6 +50,8 @@ from relay.outcomes.migrate import migrate_layout_1
 from relay.store.sealing import MissingKeyError, SealError
 
 SCHEMA_VERSION = "2"  # meta 'schema': the layout below (1: plaintext columns, searched by value)
+T = TypeVar("T")
+INSERT_ROWS = 256  # rows in one INSERT statement (Db.insert): 256 x 9 values, well within both engines' limits
 SENDING_STALE = 600.0  # seconds a bounce may stay claimed ('sending') before it is offered again (a dead replica)
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -154,6 +156,13 @@ class Db:
     def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         raise NotImplementedError
 
+    def insert(self, into: str, rows: Sequence[Sequence[Any]], then: str = "") -> None:
+        """`INSERT INTO {into} VALUES (...), (...), ...{then}`: a batch in a few statements. executemany steps
+        once a row, and each step hands the GIL between the history's thread and the event loop. Statements of
+        2**k rows (at most INSERT_ROWS), so the prepared-statement cache holds a few shapes, not one a size."""
+        for chunk in in_runs(rows):
+            self.run(f"INSERT INTO {into} VALUES {placeholders(chunk)}{then}", [v for row in chunk for v in row])
+
     def one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         return self.run(sql, args).fetchone()
 
@@ -208,6 +217,20 @@ def check_keys(db: Db) -> None:
         if (row := db.one(f"SELECT sender FROM messages ORDER BY received_at {order} LIMIT 1")) is not None
     ]
     db.cols.check(found)
+
+
+def in_runs(rows: Sequence[T]) -> Iterator[Sequence[T]]:
+    """`rows` in runs of 2**k (at most INSERT_ROWS), largest first: one statement each (Db.insert)."""
+    start = 0
+    while start < len(rows):
+        count = min(INSERT_ROWS, 1 << (len(rows) - start).bit_length() - 1)
+        yield rows[start : start + count]
+        start += count
+
+
+def placeholders(rows: Sequence[Sequence[Any]]) -> str:
+    """The `(?, ?), (?, ?)` of a VALUES list for `rows`."""
+    return ", ".join([f"({', '.join(['?'] * len(rows[0]))})"] * len(rows))
 
 
 def _marks(count: int) -> str:
@@ -275,11 +298,14 @@ class SqlHistory:
             rows = _recipient_rows(db, sorted(pairs))
             for (report, queue_id), searched in zip(found, keys, strict=True):
                 _apply_report(db, report, queue_id, searched, rows, source, at, bounces_on, applied, changed, events)
-            db.many(
-                "UPDATE recipients SET status = ?, infobip_id = ?, detail = ?, at = ? WHERE queue_id = ? "
-                "AND address_key = ?",
-                changed,
-            )
+            for chunk in in_runs(changed):  # one statement, not one step a report (Db.insert says why)
+                db.run(
+                    "WITH final (status, infobip_id, detail, at, queue_id, address_key) AS "
+                    f"(VALUES {placeholders(chunk)}) UPDATE recipients SET status = final.status, "
+                    "infobip_id = final.infobip_id, detail = final.detail, at = final.at FROM final "
+                    "WHERE recipients.queue_id = final.queue_id AND recipients.address_key = final.address_key",
+                    [v for row in chunk for v in row],
+                )
             _events(db, events)
         return applied
 
@@ -421,10 +447,10 @@ def _event(db: Db, queue_id: str, at: float, kind: str, address: str | None, det
 
 
 def _events(db: Db, events: Sequence[tuple[str, float, str, str | None, str]]) -> None:
-    """Timeline events (queue id, at, kind, address, detail), in one statement."""
+    """Timeline events (queue id, at, kind, address, detail), in a few statements (Db.insert)."""
     cols = db.cols
-    db.many(
-        "INSERT INTO events (queue_id, at, kind, address, detail) VALUES (?, ?, ?, ?, ?)",
+    db.insert(
+        "events (queue_id, at, kind, address, detail)",
         [
             (
                 queue_id,
@@ -464,9 +490,8 @@ def _received(db: Db, received: list[MessageReceived], taken: dict[tuple[str, st
     """New messages, their recipients `queued`, or `sent` by an attempt in `taken` (the "received" line in
     trace comes from the message's row)."""
     cols = db.cols
-    db.many(
-        "INSERT INTO messages (queue_id, message_key, message_id, sender, client_ip, received_at, size, bulk_id, "
-        "headers) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    db.insert(
+        "messages (queue_id, message_key, message_id, sender, client_ip, received_at, size, bulk_id, headers)",
         [
             (
                 m.queue_id,
@@ -481,23 +506,28 @@ def _received(db: Db, received: list[MessageReceived], taken: dict[tuple[str, st
             )
             for m in received
         ],
+        " ON CONFLICT DO NOTHING",
     )
-    rows = []
+    rows: dict[tuple[str, str], tuple[Any, ...]] = {}  # one row a recipient: PostgreSQL refuses two in one upsert
     for m in received:
         for rcpt in m.recipients:
-            row = (m.queue_id, cols.search(ADDRESS, rcpt), cols.seal_text("recipients.address", m.queue_id, rcpt))
+            key = cols.search(ADDRESS, rcpt)
             a = taken.get((m.queue_id, rcpt))
-            rows.append(
+            first = rows.get((m.queue_id, key))  # the same address twice (in another case): as the upsert would
+            if first is not None and (a is None or first[3] == SENT):  # the first stays, unless `sent` follows `queued`
+                continue
+            row = (m.queue_id, key, cols.seal_text("recipients.address", m.queue_id, rcpt))
+            rows[m.queue_id, key] = (
                 (*row, QUEUED, None, m.received_at, None)
                 if a is None
                 else (*row, SENT, ",".join(a.infobip_ids), a.at, a.at)
             )
-    db.many(  # the message noted twice (the row is there): as _accepted's UPDATE would do, else nothing
-        "INSERT INTO recipients (queue_id, address_key, address, status, infobip_id, at, accepted_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (queue_id, address_key) DO UPDATE SET status = 'sent', "
-        "infobip_id = excluded.infobip_id, detail = NULL, at = excluded.at, accepted_at = excluded.accepted_at "
+    db.insert(  # the message noted twice (the row is there): as _accepted's UPDATE would do, else nothing
+        "recipients (queue_id, address_key, address, status, infobip_id, at, accepted_at)",
+        list(rows.values()),
+        " ON CONFLICT (queue_id, address_key) DO UPDATE SET status = 'sent', infobip_id = excluded.infobip_id, "
+        "detail = NULL, at = excluded.at, accepted_at = excluded.accepted_at "
         "WHERE recipients.status = 'queued' AND excluded.status = 'sent'",
-        rows,
     )
 
 
@@ -516,14 +546,11 @@ def _accepted(db: Db, attempts: list[Attempted], taken: dict[tuple[str, str], At
             if (a.queue_id, rcpt) not in taken
         ],
     )
-    db.many(
-        "INSERT INTO infobip_ids VALUES (?, ?) ON CONFLICT DO NOTHING",
-        [(i, a.queue_id) for a in attempts for i in a.infobip_ids],
-    )
-    db.many(
-        "INSERT INTO events (queue_id, at, kind, detail) VALUES (?, ?, 'attempt', ?)",
+    db.insert("infobip_ids", [(i, a.queue_id) for a in attempts for i in a.infobip_ids], " ON CONFLICT DO NOTHING")
+    db.insert(
+        "events (queue_id, at, kind, detail)",
         [
-            (a.queue_id, a.at, cols.seal_text("events.detail", a.queue_id, attempt_words(a)))
+            (a.queue_id, a.at, "attempt", cols.seal_text("events.detail", a.queue_id, attempt_words(a)))
             for a in attempts
             if id(a) not in implied
         ],
