@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import re
+import sqlite3
 from pathlib import Path
 from typing import Any, Literal, get_origin
 
@@ -541,6 +542,9 @@ class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+HISTORY_SQLITE = (3, 33, 0)  # UPDATE ... FROM: a page of reports in one statement (relay/outcomes/store.py)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="RELAY_",
@@ -569,6 +573,17 @@ class Settings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError(f"profile names must be unique: {names}")
         return value
+
+    @model_validator(mode="after")
+    def _history(self) -> Settings:
+        sqlite_history = (self.reports.enabled or self.bounces.enabled) and not self.reports.history_url
+        if sqlite_history and sqlite3.sqlite_version_info < HISTORY_SQLITE:
+            raise ValueError(
+                f"the message history ([reports] or [bounces] on) needs SQLite {'.'.join(map(str, HISTORY_SQLITE))} or"
+                f" newer, and this Python has {sqlite3.sqlite_version}: run a newer Python build (the container's),"
+                " or set reports.history_url (PostgreSQL)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _privacy(self) -> Settings:
