@@ -51,7 +51,6 @@ from relay.store.sealing import MissingKeyError, SealError
 
 SCHEMA_VERSION = "2"  # meta 'schema': the layout below (1: plaintext columns, searched by value)
 T = TypeVar("T")
-PAIRS_READ = 8000  # (Infobip id, address key) pairs in one read of a page's recipients: 16,000 values
 INSERT_ROWS = 256  # rows in one INSERT statement (Db.insert): 256 x 9 values, well within both engines' limits
 SENDING_STALE = 600.0  # seconds a bounce may stay claimed ('sending') before it is offered again (a dead replica)
 SCHEMA = """
@@ -292,12 +291,12 @@ class SqlHistory:
         changed: list[tuple[str, str, bytes, float, str, str]] = []
         events: list[tuple[str, float, str, str | None, str]] = []
         with self._tx(durable=True) as db:  # a report is handed out once: it must not be lost now
-            keys = [db.cols.searches(ADDRESS, report.to) for report in reports]
-            owners, rows = _recipient_rows(
-                db, {(r.message_id, k) for r, ks in zip(reports, keys, strict=True) for k in ks}
-            )
-            for report, searched in zip(reports, keys, strict=True):
-                queue_id = owners.get(report.message_id)
+            owners = _owners(db, sorted({report.message_id for report in reports}))
+            found = [(report, owners.get(report.message_id)) for report in reports]
+            keys = [() if queue_id is None else db.cols.searches(ADDRESS, report.to) for report, queue_id in found]
+            pairs = {(q, k) for (_, q), ks in zip(found, keys, strict=True) if q is not None for k in ks}
+            rows = _recipient_rows(db, sorted(pairs))
+            for (report, queue_id), searched in zip(found, keys, strict=True):
                 _apply_report(db, report, queue_id, searched, rows, source, at, bounces_on, applied, changed, events)
             for chunk in in_runs(changed):  # one statement, not one step a report (Db.insert says why)
                 db.run(
@@ -613,30 +612,36 @@ def _queue_bounce(db: Db, queue_id: str, items: list[dict[str, str | None]], at:
         db.run("UPDATE bounces SET recipients = ? WHERE id = ?", (stored, row[0]))
 
 
-def _recipient_rows(db: Db, pairs: set[tuple[str, str]]) -> tuple[dict[str, str], dict[tuple[str, str], list[Any]]]:
-    """For these (Infobip id, address key) pairs (those a page reports on): the queue id of each Infobip id of
-    ours, and [status, accepted_at] of each recipient found, by (queue id, address key). One statement: pairs,
-    not every id with every key (a page of 500 made that 250,000 index probes), and each row read is a hop of
-    the GIL. Where replicas share the database the rows are locked, in (queue id, address key) order: two
-    replicas taking overlapping pages (one pushed, one pulled) wait for each other, and the second sees the
-    first's statuses. Only those rows: a replica's history write changing the message's other recipients
-    meanwhile is not waited for (nor is it made to wait, which could deadlock)."""
+def _owners(db: Db, infobip_ids: Sequence[str]) -> dict[str, str]:
+    """The queue id of each of these Infobip ids that is ours, a few hundred to a statement."""
     owners: dict[str, str] = {}
+    for start in range(0, len(infobip_ids), 500):
+        chunk = infobip_ids[start : start + 500]
+        owners.update(
+            db.all(f"SELECT infobip_id, queue_id FROM infobip_ids WHERE infobip_id IN {_marks(len(chunk))}", chunk)
+        )
+    return owners
+
+
+def _recipient_rows(db: Db, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], list[Any]]:
+    """[status, accepted_at] of the recipients named by these (queue id, address key) pairs (those the page
+    reports on), by pair. Pairs, not every queue id with every key: a page of 500 made that 250,000 index
+    probes. Where replicas share the database the rows are locked, in key order: two replicas taking
+    overlapping pages (one pushed, one pulled) wait for each other, and the second sees the first's
+    statuses. Only those rows: a replica's history write changing the message's other recipients meanwhile
+    is not waited for (nor is it made to wait, which could deadlock)."""
     rows: dict[tuple[str, str], list[Any]] = {}
-    ordered = sorted(pairs)
-    for start in range(0, len(ordered), PAIRS_READ):  # one statement for any page (500 pulled, a 1 MB push)
-        chunk = ordered[start : start + PAIRS_READ]
-        for infobip_id, queue_id, key, status, accepted_at in db.all(
-            f"WITH wanted (infobip_id, address_key) AS (VALUES {placeholders(chunk)}) "
-            "SELECT i.infobip_id, r.queue_id, r.address_key, r.status, r.accepted_at FROM wanted "
-            "JOIN infobip_ids i ON i.infobip_id = wanted.infobip_id "
-            "JOIN recipients r ON r.queue_id = i.queue_id AND r.address_key = wanted.address_key "
+    for start in range(0, len(pairs), 500):
+        chunk = pairs[start : start + 500]
+        for queue_id, key, status, accepted_at in db.all(
+            f"WITH wanted (queue_id, address_key) AS (VALUES {', '.join(['(?, ?)'] * len(chunk))}) "
+            "SELECT r.queue_id, r.address_key, r.status, r.accepted_at FROM wanted JOIN recipients r "
+            "ON r.queue_id = wanted.queue_id AND r.address_key = wanted.address_key "
             f"ORDER BY r.queue_id, r.address_key{db.dialect.lock('r')}",
             [value for pair in chunk for value in pair],
         ):
-            owners[infobip_id] = queue_id
             rows[queue_id, key] = [status, accepted_at]
-    return owners, rows
+    return rows
 
 
 def _apply_report(
