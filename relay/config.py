@@ -542,7 +542,7 @@ class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-HISTORY_SQLITE = (3, 33, 0)  # UPDATE ... FROM: a page of reports in one statement (relay/outcomes/store.py)
+HISTORY_SQLITE = (3, 35, 0)  # UPDATE ... RETURNING (the bounce outbox) and UPDATE ... FROM (a page of reports)
 
 
 class Settings(BaseSettings):

@@ -99,11 +99,11 @@ def test_an_unreadable_profile_reports_key_file_is_refused(tmp_path: Path) -> No
 
 
 def test_a_sqlite_too_old_for_the_history_is_refused_at_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The history's report UPDATE needs SQLite 3.33 (UPDATE ... FROM): an older library (the Python build of an
-    older distribution) is said at load, not as a failed poll each round. PostgreSQL's history needs none."""
-    monkeypatch.setattr("sqlite3.sqlite_version_info", (3, 26, 0))
-    monkeypatch.setattr("sqlite3.sqlite_version", "3.26.0")
-    with pytest.raises(ConfigError, match=r"needs SQLite 3\.33\.0 or newer, and this Python has 3\.26\.0"):
+    """The history needs SQLite 3.35 (UPDATE ... RETURNING, UPDATE ... FROM): an older library (the Python build of an
+    older distribution) is said at load, not as a failed poll or bounce each round. PostgreSQL's history needs none."""
+    monkeypatch.setattr("sqlite3.sqlite_version_info", (3, 34, 1))  # Debian 11's
+    monkeypatch.setattr("sqlite3.sqlite_version", "3.34.1")
+    with pytest.raises(ConfigError, match=r"needs SQLite 3\.35\.0 or newer, and this Python has 3\.34\.1"):
         load(tmp_path, '[bounces]\nenabled = true\nsmtp_host = "mail"\n')
     load(tmp_path, '[bounces]\nenabled = true\nsmtp_host = "mail"\n[reports]\nhistory_url = "postgresql://db/relay"\n')
     load(tmp_path, "[reports]\nenabled = false\n")  # no history: nothing needed
