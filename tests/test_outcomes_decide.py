@@ -67,6 +67,18 @@ def test_unusable_reports_are_counted_not_guessed() -> None:
     assert parse_reports([1, 2]) == ([], 1)
 
 
+def test_report_text_is_what_either_history_can_store() -> None:
+    """A lone surrogate (UTF-8 cannot encode it) and NUL (PostgreSQL's text refuses it), in any field: one report
+    the history refused would be tried again every round, and nothing after it fetched."""
+    item = report("DELIVERED")
+    item["messageId"] += "\x00"
+    item["status"] = {**item["status"], "description": "delivered \ud800 to\x00 handset"}
+    [parsed] = parse_reports({"results": [item]})[0]
+    assert parsed.message_id == item["messageId"][:-1]
+    assert parsed.status_description == "delivered ? to handset"
+    assert (parsed.status_description + parsed.message_id).encode()  # UTF-8, no surrogate left
+
+
 @pytest.mark.parametrize(
     ("group", "error", "code"),
     [

@@ -147,6 +147,22 @@ async def test_a_page_the_history_cannot_store_is_kept_and_stored_in_a_later_rou
     await until(lambda: next_poll() == clock.now + 30)  # back to the interval once the history works
 
 
+async def test_a_report_with_text_no_history_could_store_is_stored_and_the_next_ones_too(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """A lone surrogate and a NUL in Infobip's words: stored (cleaned), not kept and refused again each round."""
+    clock = FakeClock()
+    relay = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30))
+    reply = await send_one(relay.port, SENDER, ["a@example.org", "b@example.org"], message())
+    await until_status(relay, reply.rsplit(" ", 1)[1], {"a@example.org": "sent", "b@example.org": "sent"})
+    odd = reports.reports.waiting[0].report
+    odd["status"] = {**odd["status"], "description": "delivered \ud800 to\x00 handset"}
+    clock.advance(30)
+    statuses = {"a@example.org": "delivered", "b@example.org": "delivered"}
+    await until_status(relay, reply.rsplit(" ", 1)[1], statuses)
+    assert relay.metrics.registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "history"}) == 0
+
+
 async def test_a_wrong_api_key_is_a_poll_error_and_the_key_is_never_logged(
     reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -54,18 +54,29 @@ class Report:
 
 
 def _text(value: Any) -> str:
-    return value if isinstance(value, str) else ""
+    """A JSON string as either history engine can store it ("" for anything else): a lone surrogate, which
+    UTF-8 cannot encode, becomes "?", and NUL, which PostgreSQL's text refuses, is dropped. One report the
+    history refused would be kept and tried again each round, and nothing after it fetched."""
+    if not isinstance(value, str):
+        return ""
+    if value.isascii() and "\0" not in value:
+        return value
+    return value.encode("utf-8", "replace").decode().replace("\0", "")
 
 
 def parse_report(item: Any) -> Report | None:
     """A report from Infobip's JSON, or None when it lacks the two keys that say whose it is."""
-    if not isinstance(item, dict) or not _text(item.get("messageId")) or not _text(item.get("to")):
+    if (
+        not isinstance(item, dict)
+        or not (message_id := _text(item.get("messageId")))
+        or not (to := _text(item.get("to")))
+    ):
         return None
     status: dict[str, Any] = item["status"] if isinstance(item.get("status"), dict) else {}
     error: dict[str, Any] = item["error"] if isinstance(item.get("error"), dict) else {}
     return Report(
-        message_id=item["messageId"],
-        to=item["to"],
+        message_id=message_id,
+        to=to,
         group=_text(status.get("groupName")).upper(),
         status_name=_text(status.get("name")),
         status_description=_text(status.get("description")),
