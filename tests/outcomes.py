@@ -54,11 +54,12 @@ async def until_status(relay: Relay, query: str, expected: dict[str, str], timeo
 
 
 @contextlib.contextmanager
-def history_failing(relay: Relay) -> Iterator[None]:
-    """Every write of a timeline line to the relay's SQLite history fails (as a failing disk would) until the
-    block ends: a trigger put in the file by another connection. Storing a report writes one."""
+def history_failing(relay: Relay, writes: str = "INSERT ON events") -> Iterator[None]:
+    """These `writes` to the relay's SQLite history fail (as a failing disk would) until the block ends: a
+    trigger put in the file by another connection. Storing a report writes a timeline line (INSERT ON events);
+    the bounce sender claims a bounce (UPDATE ON bounces)."""
     db = sqlite3.connect(history_path(relay.settings), isolation_level=None, timeout=10)
-    db.execute("CREATE TRIGGER failing BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    db.execute(f"CREATE TRIGGER failing BEFORE {writes} BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
     try:
         yield
     finally:

@@ -17,7 +17,7 @@ import structlog.testing
 
 from relay.app import Relay
 from relay.config import BouncesSettings
-from relay.outcomes.bounces import Bouncer
+from relay.outcomes.bounces import CHECK_EVERY, Bouncer
 from relay.outcomes.history import BounceJob, BounceRecipient
 from relay.outcomes.metrics import OutcomeMetrics
 from relay.outcomes.sqlite import history_path
@@ -26,7 +26,7 @@ from relay.testing.sink import MailSink
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, free_port, message
 from tests.helpers import SENDER, send_one, spooled, until
-from tests.outcomes import messages, reports_on, until_status
+from tests.outcomes import history_failing, messages, reports_on, until_status
 
 
 @pytest.fixture
@@ -139,6 +139,25 @@ async def test_a_history_held_up_does_not_hold_up_delivery(
     [sent] = await sink.wait_for(1)
     [_, block] = status_blocks(parsed(sent.data))
     assert block["Final-Recipient"] == "rfc822; nosuch@example.org"
+
+
+async def test_the_bounce_sender_lives_through_a_history_that_fails(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    """The outbox cannot be read (its claim fails, as on a failing disk): the sender says so and looks again at
+    its next check, and the bounce goes then (it used to stop for good, until a restart)."""
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
+    clock = FakeClock()
+    relay = await start_relay(clock=clock, spool=spooled(tmp_path), bounces=bounces_to(sink))
+    with history_failing(relay, "UPDATE ON bounces"), structlog.testing.capture_logs() as logs:
+        partial = await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
+        assert partial.startswith("250")
+        await until(lambda: any(e["event"] == "bounce_outbox_failed" for e in logs))
+    [failed] = [e for e in logs if e["event"] == "bounce_outbox_failed"]
+    assert "disk I/O error" in failed["error"] and not sink.messages
+    clock.advance(CHECK_EVERY)
+    [sent] = await sink.wait_for(1)
+    assert status_blocks(parsed(sent.data))[1]["Final-Recipient"] == "rfc822; nosuch@example.org"
 
 
 async def test_expired_in_the_spool_bounces_with_5_4_7(

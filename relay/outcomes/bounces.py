@@ -54,20 +54,27 @@ class Bouncer:
 
     async def run(self) -> None:
         while True:
-            if self.settings.delay_warning > 0:  # Postfix's delay_warning_time: one per message
-                now = self.clock.time()
-                if warned := await self._delayed(now - self.settings.delay_warning, now):
-                    log.info("bounce_delay_warnings_queued", messages=warned)
-            while jobs := await self._due(self.clock.time(), BATCH):
-                for job in jobs:
-                    await self.send(job)
-            log.debug("bounce_outbox_checked", at=self.clock.time())  # nothing due now: asleep until the next look
+            try:
+                await self._look()
+            except Exception as exc:  # the history's (a locked file, a server gone): the outbox waits for the next look
+                log.error("bounce_outbox_failed", error_type=type(exc).__name__, error=str(exc))
             timer: Timer = self.clock.call_later(CHECK_EVERY, self._wake.set)
             try:
                 await self._wake.wait()
             finally:
                 timer.cancel()
             self._wake.clear()
+
+    async def _look(self) -> None:
+        """The delay warnings that fall due, then every bounce due, a batch at a time."""
+        if self.settings.delay_warning > 0:  # Postfix's delay_warning_time: one per message
+            now = self.clock.time()
+            if warned := await self._delayed(now - self.settings.delay_warning, now):
+                log.info("bounce_delay_warnings_queued", messages=warned)
+        while jobs := await self._due(self.clock.time(), BATCH):
+            for job in jobs:
+                await self.send(job)
+        log.debug("bounce_outbox_checked", at=self.clock.time())  # nothing due now: asleep until the next look
 
     async def send(self, job: BounceJob) -> None:
         now = self.clock.time()
