@@ -147,6 +147,24 @@ async def test_a_page_the_history_cannot_store_is_kept_and_stored_in_a_later_rou
     await until(lambda: next_poll() == clock.now + 30)  # back to the interval once the history works
 
 
+async def test_a_page_not_stored_when_the_relay_stops_is_named_in_the_log(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """Stopped while holding a page it could not store (Infobip will not hand it out again): the operator is
+    told whose reports are lost."""
+    clock = FakeClock()
+    relay = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30))
+    infobip_id = (await send_one(relay.port, SENDER, ["a@example.org"], message())).rsplit(" ", 1)[1]
+    await until_status(relay, infobip_id, {"a@example.org": "sent"})
+    registry = relay.metrics.registry
+    with history_failing(relay), structlog.testing.capture_logs() as logs:
+        clock.advance(30)
+        await until(lambda: registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "history"}) == 1)
+        await relay.stop()
+    [lost] = [e for e in logs if e["event"] == "reports_not_stored"]
+    assert lost["reports"] == 1 and lost["infobip_ids"] == [infobip_id]
+
+
 async def test_a_report_with_text_no_history_could_store_is_stored_and_the_next_ones_too(
     reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
 ) -> None:

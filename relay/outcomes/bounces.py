@@ -52,6 +52,11 @@ class Bouncer:
         """A bounce was queued: look at the outbox now rather than at the next check."""
         self._wake.set()
 
+    def send_once_written(self, written: asyncio.Future[bool]) -> None:
+        """A bounce is being queued with the history batch `written`: look at the outbox once that is on disk
+        (not if the write failed: history_write_failed)."""
+        written.add_done_callback(lambda done: None if done.cancelled() or not done.result() else self.send_now())
+
     async def run(self) -> None:
         while True:
             try:

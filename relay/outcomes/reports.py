@@ -142,6 +142,14 @@ class Poller:
         self._wake.set()
 
     async def run(self) -> None:
+        try:
+            await self._rounds()
+        finally:  # stopped holding a page Infobip will not hand out again: say whose reports are lost
+            if self._unstored:
+                ids = sorted({report.message_id for report in self._unstored})
+                log.error("reports_not_stored", reports=len(self._unstored), infobip_ids=ids)
+
+    async def _rounds(self) -> None:
         while True:
             delay = self._next_delay()
             self.metrics.next_poll.set(self.clock.time() + delay)
@@ -178,18 +186,22 @@ class Poller:
             await self._store(self._unstored)
         now = self.clock.time()
         used: dict[str, _Backoff] = {}
-        for bulk in await self._pending(now - REPORT_WINDOW):
-            key = self._key_for(bulk)
-            state = used.setdefault(key.get_secret_value(), self._keys.get(key.get_secret_value(), _Backoff()))
-            if state.due > now:  # backing off, or failed earlier in this round
-                continue
-            if (failed := await self._fetch_all(bulk, key)) is not None:
-                state.failures += 1
-                state.due = now + poll_delay(self.interval, state.failures, failed.retry_after)
-        for state in used.values():
-            if state.due <= now:  # worked for every bulk id it was used for
-                state.failures = 0
-        self._keys = used
+        whole = False
+        try:
+            for bulk in await self._pending(now - REPORT_WINDOW):
+                key = self._key_for(bulk)
+                state = used.setdefault(key.get_secret_value(), self._keys.get(key.get_secret_value(), _Backoff()))
+                if state.due > now:  # backing off, or failed earlier in this round
+                    continue
+                if (failed := await self._fetch_all(bulk, key)) is not None:
+                    state.failures += 1
+                    state.due = now + poll_delay(self.interval, state.failures, failed.retry_after)
+            whole = True
+        finally:  # a round the history ended early keeps the keys it did not reach as they were
+            for state in used.values():
+                if state.due <= now:  # worked for every bulk id it was used for
+                    state.failures = 0
+            self._keys = used if whole else {**self._keys, **used}
 
     async def _fetch_all(self, bulk: str, key: SecretStr) -> Fetched | None:
         """Every waiting report of `bulk`, page by page, into the history; the failed fetch if one fails."""

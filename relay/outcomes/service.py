@@ -201,9 +201,8 @@ class Outcomes:
     async def attempted(
         self, queue_id: str, attempt: int, result: AttemptResult, step: NextStep, *, handed_back: bool
     ) -> None:
-        """After an attempt from the spool. Never waits for the history: the message is settled already (a
-        dead one is in dead/), so a history held up (a locked file, a slow server) must not hold up delivery.
-        A recipient dead after the app heard 250 needs a bounce: the bouncer is woken once that is on disk."""
+        """After an attempt from the spool. Never waits for the history: the message is settled (a dead one is in
+        dead/), so a history held up (a locked file, a slow server) must not hold up delivery."""
         if step.held and not (result.accepted or step.dead):  # an outage, not an attempt
             return
         dead = {rcpt: (dead_status(reason), reason) for rcpt, reason in step.dead.items()}
@@ -217,8 +216,7 @@ class Outcomes:
         )  # fmt: skip
 
     async def relayed(self, message: Prepared, result: DeliveryResult | None, reply: Reply) -> None:
-        """Pass-through: the app waited for Infobip's verdict; only recipients refused inside a 250 bounce. The
-        history is the only record of that bounce (nothing is spooled): it is on disk before the app hears 250."""
+        """Pass-through: only recipients refused inside a 250 bounce, noted on disk before the app hears it."""
         assert self.history is not None
         if result is None or not result.final.ok:
             why = f"refused; the app was told {reply}"
@@ -240,15 +238,10 @@ class Outcomes:
                 "message_outcome", queue_id=change.queue_id, recipient=rcpt, status=status, infobip_id=None,
                 detail=reason, bounce=change.bounce and self.bounces_on,
             )  # fmt: skip
-        if change.dead and change.bounce and (bouncer := self.bouncer) is not None:
-
-            def wake(done: asyncio.Future[bool]) -> None:
-                if not done.cancelled() and done.result():  # False: the write failed (history_write_failed)
-                    bouncer.send_now()
-
-            written.add_done_callback(wake)
-            if wait:
-                await written
+        if change.dead and change.bounce and self.bouncer is not None:
+            self.bouncer.send_once_written(written)
+            if wait:  # shielded: the batch's future is shared, and one cancelled session must not cancel it
+                await asyncio.shield(written)
 
     # reports
 

@@ -513,10 +513,11 @@ def _received(db: Db, received: list[MessageReceived], taken: dict[tuple[str, st
         for rcpt in m.recipients:
             key = cols.search(ADDRESS, rcpt)
             a = taken.get((m.queue_id, rcpt))
-            first = rows.get((m.queue_id, key))  # the same address twice (in another case): as the upsert would
-            if first is not None and (a is None or first[3] == SENT):  # the first stays, unless `sent` follows `queued`
-                continue
-            row = (m.queue_id, key, cols.seal_text("recipients.address", m.queue_id, rcpt))
+            first = rows.get((m.queue_id, key))  # the same address twice (in another case): as the upsert would,
+            if first is not None and (a is None or first[3] == SENT):  # the first stays; `sent` after `queued`
+                continue  # takes its status, and the address as first written
+            address = first[2] if first is not None else cols.seal_text("recipients.address", m.queue_id, rcpt)
+            row = (m.queue_id, key, address)
             rows[m.queue_id, key] = (
                 (*row, QUEUED, None, m.received_at, None)
                 if a is None

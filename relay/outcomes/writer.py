@@ -2,9 +2,10 @@
 
 The data path only notes what happened (`note`, no waiting: a list append); notes gather for up to 50 ms,
 and while the previous batch is being written, so 10,000 messages cost a few hundred transactions and
-thread hops, not 20,000. A caller that must know a note is on disk (a dead letter that calls for a bounce)
-awaits the future `note` returns: one per batch, shared by its notes, not one per message. One thread
-rather than asyncio.to_thread's pool: one SQLite connection, and writes never overtake each other.
+thread hops, not 20,000. A caller that must know a note is on disk (pass-through: a recipient refused inside
+a 250 calls for a bounce) awaits the future `note` returns: one per batch, shared by its notes, not one per
+message. One thread rather than asyncio.to_thread's pool: one SQLite connection, and writes never overtake
+each other.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class History:
         self._wake = asyncio.Event()
         self._now = asyncio.Event()  # someone waits for the write: no gathering
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="history-writer")
@@ -88,7 +90,10 @@ class History:
                 done.set_result(ok)
 
     async def close(self) -> None:
-        """Write what is noted, then close the store on its own thread."""
+        """Write what is noted, then close the store on its own thread. Once: a second stop does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if self._task is not None:
             await self.flush()
             self._task.cancel()
