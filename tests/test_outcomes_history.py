@@ -9,7 +9,6 @@ import stat
 from pathlib import Path
 
 import pytest
-import structlog.testing
 
 from relay.outcomes.decide import Report
 from relay.outcomes.history import Attempted, Change, HistoryStore, MessageReceived, Tracked
@@ -233,23 +232,3 @@ async def test_writes_are_batched_in_order_and_a_failed_write_is_reported(tmp_pa
     assert await history.note(received("q-late")) is False and errors == [1]
     await history.close()
     assert asyncio.get_running_loop().is_running()
-
-
-async def test_notes_beyond_max_waiting_are_dropped_and_said(tmp_path: Path) -> None:
-    """While a write is held up (a locked file, a hung server) the data path goes on noting; past `max_waiting`
-    notes waiting, more are dropped rather than held in memory for ever: said once when it starts (and counted
-    as a history error), and with the count once the history takes its next batch."""
-    store = SqliteHistory(tmp_path / "history.sqlite3")
-    errors: list[int] = []
-    history = History(store, bounces_on=False, on_error=lambda: errors.append(1), max_waiting=3)
-    history.start()
-    with structlog.testing.capture_logs() as logs:
-        noted = [history.note(received(f"q{i}")) for i in range(5)]  # nothing is written before the next await
-        assert [n.done() and n.result() for n in noted[3:]] == [False, False]
-        assert await noted[0]
-    await history.close()
-    assert [e["event"] for e in logs] == ["history_notes_dropped", "history_caught_up"]
-    assert logs[0]["waiting"] == 3 and logs[1]["dropped"] == 2 and errors == [1]
-    reader = SqliteHistory(tmp_path / "history.sqlite3", readonly=True)
-    assert [q for q in ("q0", "q1", "q2", "q3", "q4") if reader.lookup(q, 1)] == ["q0", "q1", "q2"]
-    reader.close()

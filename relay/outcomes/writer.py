@@ -25,16 +25,11 @@ log = structlog.get_logger("relay.outcomes")
 T = TypeVar("T")
 GATHER = 0.05  # seconds notes may wait to share a transaction (and one hop to the thread) with others
 BATCH = 500  # ... or until this many are waiting
-MAX_WAITING = 100_000  # notes held while a write is held up (a locked file, a hung server); more are dropped
 
 
 class History:
-    def __init__(
-        self, store: HistoryStore, *, bounces_on: bool, on_error: Callable[[], None], max_waiting: int = MAX_WAITING
-    ) -> None:
+    def __init__(self, store: HistoryStore, *, bounces_on: bool, on_error: Callable[[], None]) -> None:
         self.store = store
-        self.max_waiting = max_waiting
-        self._dropped = 0  # notes dropped since the history last kept up
         self.bounces_on = bounces_on
         self._on_error = on_error
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="relay-history")
@@ -52,8 +47,6 @@ class History:
     def note(self, change: Change, *, now: bool = False) -> asyncio.Future[bool]:
         """Queue a change; the future says True once it is on disk (False if the write failed). It is
         written within GATHER seconds, together with the others; `now` if someone waits for it."""
-        if len(self._batch) >= self.max_waiting:  # the history is held up: memory is not let grow for ever
-            return self._drop()
         if (done := self._done) is None:
             done = self._done = self._last = asyncio.get_running_loop().create_future()
         self._batch.append(change)
@@ -61,15 +54,6 @@ class History:
         if now or len(self._batch) >= BATCH:
             self._now.set()
         return done
-
-    def _drop(self) -> asyncio.Future[bool]:
-        if not self._dropped:
-            self._on_error()
-            log.error("history_notes_dropped", waiting=len(self._batch), reason="a history write is held up")
-        self._dropped += 1
-        failed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        failed.set_result(False)
-        return failed
 
     async def flush(self) -> None:
         """Wait until everything noted so far is written."""
@@ -92,9 +76,6 @@ class History:
             self._now.clear()
             batch, done = self._batch, self._done
             self._batch, self._done = [], None
-            if self._dropped:
-                log.warning("history_caught_up", dropped=self._dropped)
-                self._dropped = 0
             if not batch or done is None:
                 continue
             loop = asyncio.get_running_loop()
