@@ -144,8 +144,8 @@ class Poller:
     async def run(self) -> None:
         try:
             await self._rounds()
-        finally:  # stopped holding a page Infobip will not hand out again: say whose reports are lost
-            if self._unstored:
+        finally:  # stopped holding a page the history refused (Infobip will not hand it out again): whose reports
+            if self._unstored:  # may be lost (a last try, cut short by the stop, may still have stored it)
                 ids = sorted({report.message_id for report in self._unstored})
                 log.error("reports_not_stored", reports=len(self._unstored), infobip_ids=ids)
 
@@ -218,6 +218,9 @@ class Poller:
 
     async def _store(self, reports: list[Report]) -> None:
         """Into the history, or kept until it can be: Infobip hands a report out once."""
-        self._unstored = reports
-        await self._apply(reports, "pulled")
+        try:
+            await self._apply(reports, "pulled")
+        except Exception:
+            self._unstored = reports
+            raise
         self._unstored = []

@@ -39,7 +39,7 @@ class History:
         self._wake = asyncio.Event()
         self._now = asyncio.Event()  # someone waits for the write: no gathering
         self._task: asyncio.Task[None] | None = None
-        self._closed = False
+        self._closing: asyncio.Future[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="history-writer")
@@ -90,10 +90,13 @@ class History:
                 done.set_result(ok)
 
     async def close(self) -> None:
-        """Write what is noted, then close the store on its own thread. Once: a second stop does nothing."""
-        if self._closed:
-            return
-        self._closed = True
+        """Write what is noted, then close the store on its own thread. Once: a second stop waits for the
+        first, and a stop cancelled midway does not leave the store open."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         if self._task is not None:
             await self.flush()
             self._task.cancel()
