@@ -53,7 +53,9 @@ class Relay:
         )
         self.replicas = Replicas(settings, self.metrics)  # relay/cluster: shared budget (Redis), hand-off
         deliver = self.deliver_spooled if self.spool else self.deliver_direct
-        self.handler = RelayHandler(settings, deliver, self.metrics, self.replicas.budget)
+        outcomes = self.outcomes
+        backlogged = outcomes.backlogged if outcomes is not None else (lambda: False)
+        self.handler = RelayHandler(settings, deliver, self.metrics, self.replicas.budget, backlogged)
         self.sessions = Sessions()
         self.http = HttpServer(self.metrics, self.readiness, self.upstream_status, self.outcomes)
         self._server: asyncio.Server | None = None

@@ -24,7 +24,7 @@ from relay.outcomes.sqlite import history_path
 from relay.testing.clock import FakeClock
 from relay.testing.sink import MailSink
 from relay.testing.standin import InfobipStandIn
-from tests.conftest import StartRelay, free_port, message
+from tests.conftest import Dialog, StartRelay, free_port, message
 from tests.helpers import SENDER, send_one, spooled, until
 from tests.outcomes import history_failing, messages, reports_on, until_status
 
@@ -139,6 +139,48 @@ async def test_a_history_held_up_does_not_hold_up_delivery(
     [sent] = await sink.wait_for(1)
     [_, block] = status_blocks(parsed(sent.data))
     assert block["Final-Recipient"] == "rfc822; nosuch@example.org"
+
+
+async def send_or_refused_at_mail(port: int, rcpt: str) -> str:
+    """One message; the MAIL reply if it is not 250, else the reply at the end of DATA."""
+    dialog = await Dialog.open(port)
+    try:
+        await dialog.hello()
+        if not (reply := await dialog.send(f"MAIL FROM:<{SENDER}>")).startswith("250"):
+            return reply
+        assert (await dialog.send(f"RCPT TO:<{rcpt}>")).startswith("250")
+        assert (await dialog.send("DATA")).startswith("354")
+        return await dialog.send(message() + b".\r\n")
+    finally:
+        await dialog.close()
+
+
+async def test_a_history_held_up_too_long_makes_new_mail_wait_and_drops_nothing(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    """Past reports.history_backlog notes waiting for a held-up history write, MAIL gets 451 4.3.0: the notes
+    are neither dropped nor let grow for ever. Once the history is written again, mail is taken again, and
+    every message that was taken is in the history."""
+    settings = {"spool": spooled(tmp_path), "bounces": bounces_to(sink), "reports": {"history_backlog": 3}}
+    relay = await start_relay(**settings)
+    lock = sqlite3.connect(history_path(relay.settings), isolation_level=None, timeout=10)
+    taken: list[str] = []
+    try:
+        lock.execute("BEGIN EXCLUSIVE")  # the relay's history writes wait for it (busy_timeout, 5 s)
+        async with asyncio.timeout(3):  # well within those 5 s
+            while (reply := await send_or_refused_at_mail(relay.port, f"r{len(taken)}@example.org")).startswith("250"):
+                taken.append(f"r{len(taken)}@example.org")
+        assert reply == "451 4.3.0 The relay's message history is not keeping up; try again later"
+        assert 1 <= len(taken) <= 3
+        lock.execute("ROLLBACK")
+    finally:
+        lock.close()
+    async with asyncio.timeout(5):  # the held-up write goes through, and the next batch is taken
+        while not (await send_or_refused_at_mail(relay.port, "after@example.org")).startswith("250"):
+            await asyncio.sleep(0.02)
+    for rcpt in taken:
+        assert [r["address"] for m in await messages(relay, rcpt) for r in m["recipients"]] == [rcpt]
+    assert relay.metrics.registry.get_sample_value("relay_messages_rejected_total", {"reason": "history_behind"}) >= 1
 
 
 async def test_the_bounce_sender_lives_through_a_history_that_fails(

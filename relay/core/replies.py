@@ -276,6 +276,9 @@ INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error in the relay; try again lat
 SHUTTING_DOWN = Reply(421, "4.3.2", "The relay is shutting down; try again shortly")
 
 
+HISTORY_BEHIND = Reply(451, "4.3.0", "The relay's message history is not keeping up; try again later")
+
+
 def unstorable() -> Reply:
     """Neither on disk nor accepted by Infobip: never a 250, so the app keeps the message and retries."""
     return Reply(452, "4.3.1", "The relay cannot store the message right now (disk full?); try again later")

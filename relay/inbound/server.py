@@ -31,6 +31,7 @@ from relay.core.replies import (
     CLEARTEXT_AFTER_STARTTLS,
     DATA_GO_AHEAD,
     DATA_TAKES_NO_ARGUMENT,
+    HISTORY_BEHIND,
     INTERNAL_ERROR,
     MEMORY_BUDGET_FULL,
     NO_RECIPIENT,
@@ -399,9 +400,15 @@ class RelayHandler:
     """aiosmtpd hooks: check at MAIL and RCPT, prepare and deliver at DATA."""
 
     def __init__(
-        self, settings: Settings, deliver: Deliver, metrics: Metrics, shared_budget: SharedBudget | None = None
+        self,
+        settings: Settings,
+        deliver: Deliver,
+        metrics: Metrics,
+        shared_budget: SharedBudget | None = None,
+        backlogged: Callable[[], bool] = lambda: False,
     ) -> None:
         self.deliver = deliver
+        self.backlogged = backlogged  # the message history is held up (relay/outcomes): no new mail for now
         self.metrics = metrics
         self.shared_budget = shared_budget  # replicas: messages_per_minute for the cluster (relay/cluster)
         self.budget = MemoryBudget(settings.limits.memory_budget)
@@ -476,6 +483,8 @@ class RelayHandler:
     ) -> str:
         if self.settings.listen.require_tls and session.ssl is None and not is_loopback(session.client_ip):
             return self._refused(Refusal("tls_required", TLS_REQUIRED))  # a sidecar on loopback may stay plain
+        if self.backlogged():
+            return self._refused(Refusal("history_behind", HISTORY_BEHIND))
         refusal = check_sender(address, self.sender_domains(session)) or await self.limits.admit(
             session.client_ip, time.monotonic()
         )

@@ -73,7 +73,6 @@ class Outcomes:
         self.settings = settings
         self.clock = clock or SystemClock()
         self.metrics = metrics
-        self.path = history_path(settings)
         self.history: History | None = None
         self.store: HistoryStore | None = None
         self.replica = secrets.token_hex(8)  # this process, for the report poller's lease (PostgreSQL)
@@ -88,9 +87,8 @@ class Outcomes:
         self.bounces_on = settings.bounces.enabled
 
     def apply(self, settings: Settings) -> None:
-        """A reloaded config (SIGHUP): the poll interval, the API keys (each profile's too), URL and CA, the
-        notify URL, the history's age and every bounce setting apply now; on/off, notify_listen and
-        history_path at restart."""
+        """A reloaded config (SIGHUP): poll interval, API keys, URL, CA, notify URL, the history's age and backlog
+        and every bounce setting apply now; on/off, notify_listen and history_path at restart."""
         old, self.settings = self.settings, settings
         if self.poller is not None and self._client is not None:
             self.poller.interval = settings.reports.poll_interval  # the keys: read per poll (reports_key)
@@ -113,8 +111,7 @@ class Outcomes:
         return f"{url}/{TRACKING}" if url else None
 
     def reports_key(self, bulk: str) -> SecretStr:
-        """The API key that fetches `bulk`'s reports: its profile's own `reports_api_key`, else [reports]'s
-        (the default profile; a profile without one; one a reload removed)."""
+        """The key for `bulk`'s reports: its profile's `reports_api_key`, else [reports]'s (no such profile)."""
         name = bulk_profile(bulk)  # "default" is never a [[profiles]] name
         own = next((profile.reports_api_key for profile in self.settings.profiles if profile.name == name), None)
         return own if own is not None else self.settings.reports.api_key
@@ -166,6 +163,9 @@ class Outcomes:
             await self.history.close()
 
     # hooks from the data path
+
+    def backlogged(self) -> bool:  # reports.history_backlog notes wait for a held-up write: MAIL gets 451
+        return self.history is not None and self.history.waiting >= self.settings.reports.history_backlog
 
     def received(self, message: Prepared, client_ip: str, profile: str = DEFAULT) -> Prepared:
         """The app handed us `message`, to go out with `profile`: claim its reports (our bulk id for that

@@ -44,6 +44,11 @@ class History:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="history-writer")
 
+    @property
+    def waiting(self) -> int:
+        """Notes not yet handed to the history's thread (more pile up while a write is held up)."""
+        return len(self._batch)
+
     def note(self, change: Change, *, now: bool = False) -> asyncio.Future[bool]:
         """Queue a change; the future says True once it is on disk (False if the write failed). It is
         written within GATHER seconds, together with the others; `now` if someone waits for it."""
