@@ -427,8 +427,8 @@ class ReportsSettings(_Section):
     # empty: SQLite at history_path. A secret (it may carry the password): never logged.
     history_url: SecretStr = SecretStr("")
     history_days: float = Field(30.0, gt=0)
-    # notes waiting for a history write that is held up (a locked file, a hung server) beyond which MAIL gets
-    # 451 4.3.0 until the history catches up: nothing dropped, and memory does not grow for ever
+    # notes waiting behind a history write held up for HELD_UP seconds (a hung server) at which MAIL gets 451 4.3.0
+    # until the write is done: memory does not grow for ever (relay/outcomes/writer.py)
     history_backlog: int = Field(100_000, ge=1)
 
     @field_validator("api_key_file", "ca_file", "history_path", mode="before")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -25,6 +26,7 @@ log = structlog.get_logger("relay.outcomes")
 T = TypeVar("T")
 GATHER = 0.05  # seconds notes may wait to share a transaction (and one hop to the thread) with others
 BATCH = 500  # ... or until this many are waiting
+HELD_UP = 1.0  # seconds a write may take before the history counts as held up (healthy writes take milliseconds)
 
 
 class History:
@@ -40,14 +42,16 @@ class History:
         self._now = asyncio.Event()  # someone waits for the write: no gathering
         self._task: asyncio.Task[None] | None = None
         self._closing: asyncio.Future[None] | None = None
+        self._writing_since: float | None = None  # monotonic time the write in flight began
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="history-writer")
 
-    @property
-    def waiting(self) -> int:
-        """Notes not yet handed to the history's thread (more pile up while a write is held up)."""
-        return len(self._batch)
+    def held_up(self, backlog: int) -> bool:
+        """A write has taken HELD_UP seconds or more and `backlog` notes wait behind it: so many that new mail
+        should wait too (a healthy history gathers a few hundred at most between its writes)."""
+        since = self._writing_since
+        return since is not None and len(self._batch) >= backlog and time.monotonic() - since >= HELD_UP
 
     def note(self, change: Change, *, now: bool = False) -> asyncio.Future[bool]:
         """Queue a change; the future says True once it is on disk (False if the write failed). It is
@@ -84,6 +88,7 @@ class History:
             if not batch or done is None:
                 continue
             loop = asyncio.get_running_loop()
+            self._writing_since = time.monotonic()
             try:
                 await loop.run_in_executor(self._executor, self.store.write, batch, self.bounces_on)
                 ok = True
@@ -91,6 +96,8 @@ class History:
                 self._on_error()
                 log.error("history_write_failed", changes=len(batch), error_type=type(exc).__name__, error=str(exc))
                 ok = False
+            finally:
+                self._writing_since = None
             if not done.done():
                 done.set_result(ok)
 
