@@ -230,7 +230,7 @@ def in_runs(rows: Sequence[T]) -> Iterator[Sequence[T]]:
 
 def placeholders(rows: Sequence[Sequence[Any]]) -> str:
     """The `(?, ?), (?, ?)` of a VALUES list for `rows`."""
-    return ", ".join([f"({', '.join(['?'] * len(rows[0]))})"] * len(rows))
+    return ", ".join([_marks(len(rows[0]))] * len(rows))
 
 
 def _marks(count: int) -> str:
@@ -635,7 +635,7 @@ def _recipient_rows(db: Db, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str,
     for start in range(0, len(pairs), 500):
         chunk = pairs[start : start + 500]
         for queue_id, key, status, accepted_at in db.all(
-            f"WITH wanted (queue_id, address_key) AS (VALUES {', '.join(['(?, ?)'] * len(chunk))}) "
+            f"WITH wanted (queue_id, address_key) AS (VALUES {placeholders(chunk)}) "
             "SELECT r.queue_id, r.address_key, r.status, r.accepted_at FROM wanted JOIN recipients r "
             "ON r.queue_id = wanted.queue_id AND r.address_key = wanted.address_key "
             f"ORDER BY r.queue_id, r.address_key{db.dialect.lock('r')}",
