@@ -262,6 +262,7 @@ RESTART_KEYS = (
     "reports.notify_listen",
     "reports.history_path",
     "reports.history_url",
+    "reports.history_timeout",  # set on the history's connection as it is made
     "bounces.enabled",
 )
 

@@ -426,6 +426,9 @@ class ReportsSettings(_Section):
     # postgresql://user:password@host/db: one history for every replica (relay/outcomes/postgres.py);
     # empty: SQLite at history_path. A secret (it may carry the password): never logged.
     history_url: SecretStr = SecretStr("")
+    # PostgreSQL only: seconds a statement may take, its lock waits included, and the network's silence before the
+    # connection counts as broken (TCP keepalives, tcp_user_timeout); the write then fails, as any failed write
+    history_timeout: float = Field(30.0, gt=0)
     history_days: float = Field(30.0, gt=0)
     # notes waiting behind a history write held up for HELD_UP seconds (a hung server) at which MAIL gets 451 4.3.0
     # until the write is done: memory does not grow for ever (relay/outcomes/writer.py)

@@ -18,7 +18,7 @@ from relay.outcomes.decide import Report
 from relay.outcomes.history import Applied, Attempted
 from relay.outcomes.metrics import OutcomeMetrics
 from relay.outcomes.postgres import PRUNE_LOCK, SENDING_STALE, PostgresHistory
-from relay.outcomes.service import Outcomes
+from relay.outcomes.service import Outcomes, open_store
 from relay.outcomes.trace import trace_command
 from relay.outcomes.writer import History
 from tests.cluster_services import PostgresServer, postgres_server
@@ -251,6 +251,45 @@ def test_a_broken_connection_fails_one_call_and_the_next_reconnects(url: str) ->
         store.write([received("q-lost")], False)
     store.write([received("q1")], False)
     assert [t.queue_id for t in store.lookup("q1", 5)] == ["q1"]
+    store.close()
+
+
+def test_a_statement_held_up_fails_after_history_timeout_and_the_next_goes_through(url: str) -> None:
+    """A write that waits on a lock another client holds (a VACUUM FULL, a migration, a stuck session) fails
+    after reports.history_timeout, as any failed write does, instead of blocking the history's thread for ever."""
+    store = PostgresHistory(url, timeout=0.5)
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            store.write([received("q-held")], False)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with psycopg.connect(url) as locker:
+        locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        writing = threading.Thread(target=write)
+        writing.start()
+        writing.join(10)  # held for ever without the timeout: the lock is released only below
+        assert not writing.is_alive()
+    writing.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], psycopg.errors.QueryCanceled)
+    store.write([received("q1")], False)  # the same connection, still usable
+    assert [t.queue_id for t in store.lookup("q1", 5)] == ["q1"] and store.lookup("q-held", 5) == []
+    store.close()
+
+
+def test_the_connection_has_the_timeouts_and_keeps_what_the_url_sets(url: str) -> None:
+    settings = Settings.model_validate({"reports": {"history_url": url, "history_timeout": 12}})
+    store = open_store(settings)
+    assert isinstance(store, PostgresHistory)
+    assert store.conn.execute("SHOW statement_timeout").fetchone() == ("12s",)
+    info = store.conn.info.get_parameters()
+    assert (info["keepalives"], info["keepalives_idle"], info["tcp_user_timeout"]) == ("1", "4", "12000")
+    store.close()
+    store = PostgresHistory(f"{url}{'&' if '?' in url else '?'}keepalives_idle=60", timeout=12)
+    assert store.conn.info.get_parameters()["keepalives_idle"] == "60"
     store.close()
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from relay.outcomes.columns import Columns, columns_for
 from relay.outcomes.store import SENDING_STALE, Cursor, Db, Dialect, SqlHistory, check_keys, create_schema, pyformat
@@ -34,6 +35,25 @@ POSTGRES = Dialect(
 )
 
 Conn = psycopg.Connection[tuple[Any, ...]]
+DEFAULT_TIMEOUT = 30.0  # reports.history_timeout's default
+
+
+def connection_params(url: str, timeout: float) -> dict[str, Any]:
+    """The URL's parameters, and what makes a server or a network that stops answering an error within about
+    `timeout` seconds rather than a history thread blocked for ever: the statement timeout (set once connected)
+    covers a server that is slow or waits for a lock; TCP keepalives and tcp_user_timeout a silent network.
+    A parameter the URL sets itself is kept."""
+    params: dict[str, Any] = {**conninfo_to_dict(url), "autocommit": True, "application_name": "relay-history"}
+    idle = max(1, round(timeout / 3))
+    defaults = {
+        "connect_timeout": 10,
+        "keepalives": 1,
+        "keepalives_idle": idle,
+        "keepalives_interval": idle,
+        "keepalives_count": 2,
+        "tcp_user_timeout": round(timeout * 1000),
+    }
+    return {**defaults, **params}
 
 
 class PostgresDb(Db):
@@ -53,20 +73,26 @@ class PostgresDb(Db):
 class PostgresHistory(SqlHistory):
     """HistoryStore on PostgreSQL. One connection, used from one thread (relay/outcomes/writer.py)."""
 
-    def __init__(self, url: str, keys: Sequence[bytes] = (), *, readonly: bool = False) -> None:
+    def __init__(
+        self, url: str, keys: Sequence[bytes] = (), *, readonly: bool = False, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         """`keys`: the spool's (spool.encryption_keys, current first); none: values in the clear. `readonly`
-        (`relay trace`): an older relay's history is refused, not converted."""
+        (`relay trace`): an older relay's history is refused, not converted. `timeout`: reports.history_timeout."""
         self._url = url  # a secret (it may carry the password): never logged
+        self._timeout = timeout
         self._cols = columns_for(keys)
         self._convert = not readonly
         self.conn = self._connect()
 
     def _connect(self) -> Conn:
         """Connect and create the schema if missing; the advisory lock makes replicas starting together take turns."""
-        conn = psycopg.connect(self._url, autocommit=True, connect_timeout=10, application_name="relay-history")
+        conn = psycopg.connect(**connection_params(self._url, self._timeout))
         self._db = PostgresDb(conn, self._cols)
         try:
+            conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{round(self._timeout * 1000)}ms",))
             with conn.transaction():
+                # converting an older layout, or waiting for the replica that does, may take longer
+                conn.execute("SET LOCAL statement_timeout = 0")
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 create_schema(self._db, convert=self._convert)
                 check_keys(self._db)

@@ -55,7 +55,7 @@ HEADERS_KEPT = 65536  # bytes of a header block kept for a bounce's text/rfc822-
 def open_store(settings: Settings) -> HistoryStore:
     """PostgreSQL when `history_url` is set (one history for every replica), else the SQLite file."""
     if url := settings.reports.history_url.get_secret_value():
-        return PostgresHistory(url, settings.spool.encryption_keys)
+        return PostgresHistory(url, settings.spool.encryption_keys, timeout=settings.reports.history_timeout)
     path = history_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     return SqliteHistory(path, settings.spool.encryption_keys)

@@ -57,7 +57,7 @@ def trace_command(settings: Settings, query: str, *, as_lines: bool) -> int:
     """`relay trace [--json] QUERY`: read-only, beside a running relay (SQLite's WAL lets both); with
     `history_url`, the PostgreSQL history every replica shares."""
     if url := settings.reports.history_url.get_secret_value():
-        return _print(_postgres_lookup(url, query, settings.spool.encryption_keys), query, as_lines=as_lines)
+        return _print(_postgres_lookup(url, query, settings), query, as_lines=as_lines)
     path = history_path(settings)
     if not path.is_file():
         print(f"relay: no message history at {path} (it is kept while [reports] or [bounces] is on)", file=sys.stderr)
@@ -74,14 +74,15 @@ def trace_command(settings: Settings, query: str, *, as_lines: bool) -> int:
     return _print(found, query, as_lines=as_lines)
 
 
-def _postgres_lookup(url: str, query: str, keys: list[bytes]) -> list[MessageTrace] | None:
+def _postgres_lookup(url: str, query: str, settings: Settings) -> list[MessageTrace] | None:
     """None when the database cannot be reached or read (said on stderr, without the URL: a secret)."""
     import psycopg
 
     from relay.outcomes.postgres import PostgresHistory
 
     try:
-        store = PostgresHistory(url, keys, readonly=True)
+        keys, timeout = settings.spool.encryption_keys, settings.reports.history_timeout
+        store = PostgresHistory(url, keys, readonly=True, timeout=timeout)
         try:
             return store.lookup(query, 50)
         finally:
