@@ -430,8 +430,8 @@ class ReportsSettings(_Section):
     # connection counts as broken (TCP keepalives, tcp_user_timeout); the write then fails, as any failed write
     history_timeout: float = Field(30.0, gt=0)
     history_days: float = Field(30.0, gt=0)
-    # notes waiting behind a history write held up for HELD_UP seconds (a hung server) at which MAIL gets 451 4.3.0
-    # until the write is done: memory does not grow for ever (relay/outcomes/writer.py)
+    # notes waiting behind a history write held up for HELD_UP seconds (a hung server, or failing and tried again) at
+    # which MAIL gets 451 4.3.0 until the write is done: memory does not grow for ever (relay/outcomes/writer.py)
     history_backlog: int = Field(100_000, ge=1)
 
     @field_validator("api_key_file", "ca_file", "history_path", mode="before")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from email.message import EmailMessage, Message
@@ -25,7 +26,7 @@ from relay.testing.clock import FakeClock
 from relay.testing.sink import MailSink
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, free_port, message
-from tests.helpers import SENDER, send_one, spooled, until
+from tests.helpers import SENDER, get, send_one, spooled, until
 from tests.outcomes import history_failing, messages, reports_on, until_status
 
 
@@ -174,12 +175,16 @@ async def test_a_history_held_up_makes_new_mail_wait_and_a_healthy_one_never_doe
             while (reply := await send_or_refused_at_mail(relay.port, f"r{len(taken)}@example.org")).startswith("250"):
                 taken.append(f"r{len(taken)}@example.org")
         assert reply == "451 4.3.0 The relay's message history is not keeping up; try again later"
+        status, body = await get(relay.http.port, "/readyz")  # so a load balancer sends the apps elsewhere
+        assert (status, json.loads(body)["checks"]["history"]) == (503, "behind")
         lock.execute("ROLLBACK")
     finally:
         lock.close()
     async with asyncio.timeout(5):  # the held-up write goes through, and the next batch is taken
         while not (await send_or_refused_at_mail(relay.port, "after@example.org")).startswith("250"):
             await asyncio.sleep(0.02)
+    status, body = await get(relay.http.port, "/readyz")
+    assert (status, json.loads(body)["checks"]) == (200, {"listening": "ok", "history": "ok", "spool": "ok"})
     for rcpt in (taken[0], taken[-1]):
         assert [r["address"] for m in await messages(relay, rcpt) for r in m["recipients"]] == [rcpt]
     assert relay.metrics.registry.get_sample_value("relay_messages_rejected_total", {"reason": "history_behind"}) >= 1
@@ -361,6 +366,35 @@ async def test_pass_through_bounces_only_what_was_refused_inside_a_250(
     assert sorted(r["status"] for m in found for r in m["recipients"]) == ["failed", "failed", "sent"]
     [deferred] = await messages(relay, "later@example.org")
     assert "the app was told 4" in deferred["recipients"][0]["detail"]
+    assert len(sink.messages) == 1
+
+
+@pytest.mark.slow  # the history's lock wait (5 s) has to run out
+async def test_pass_through_answers_within_its_wait_while_the_history_fails_and_the_bounce_follows(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    """Spool off, the history's file locked past its 5 s wait (so the write fails, and is tried again): the app
+    hears its 250 after PASS_THROUGH_WAIT rather than waiting as long as the history fails, and the bounce for
+    the recipient refused inside it goes out, once, when the history takes the note."""
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
+    history = {"history_path": str(tmp_path / "history.sqlite3")}
+    relay = await start_relay(spool={"enabled": False}, bounces=bounces_to(sink), reports={**history})
+    lock = sqlite3.connect(history_path(relay.settings), isolation_level=None, timeout=10)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        with structlog.testing.capture_logs() as logs:
+            async with asyncio.timeout(9):
+                partial = await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
+            assert partial.startswith("250 2.6.0 Message queued as ")
+            await until(lambda: any(e["event"] == "history_write_failed" for e in logs))
+        assert not sink.messages
+        lock.execute("ROLLBACK")
+    finally:
+        lock.close()
+    [sent] = await sink.wait_for(1)
+    [_, block] = status_blocks(parsed(sent.data))
+    assert block["Final-Recipient"] == "rfc822; nosuch@example.org"
+    await until_status(relay, "nosuch@example.org", {"a@example.org": "sent", "nosuch@example.org": "failed"})
     assert len(sink.messages) == 1
 
 

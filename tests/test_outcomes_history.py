@@ -218,6 +218,24 @@ def test_meta_keeps_the_first_value(store: HistoryStore) -> None:
     assert store.meta("instance", "def") == "abc"
 
 
+def test_sqlite_failures_that_may_pass_are_told_from_those_that_never_will(tmp_path: Path) -> None:
+    store = SqliteHistory(tmp_path / "h.sqlite3")
+    other = sqlite3.connect(tmp_path / "h.sqlite3", isolation_level=None, timeout=0)
+    store.db.execute("BEGIN EXCLUSIVE")  # the file is locked
+    with pytest.raises(sqlite3.Error) as busy:
+        other.execute("BEGIN IMMEDIATE")
+    store.db.execute("ROLLBACK")
+    store.db.execute("PRAGMA query_only = 1")  # a read-only file: an operator's fix, not a wait, makes it pass
+    with pytest.raises(sqlite3.Error) as readonly:
+        store.write([received("q1")], False)
+    with pytest.raises(sqlite3.Error) as refused:
+        other.execute("SELECT nonsense FROM messages")
+    assert [store.passing(e.value) for e in (busy, readonly, refused)] == [True, False, False]
+    assert not store.passing(ValueError("a value the store cannot take"))
+    other.close()
+    store.close()
+
+
 async def test_writes_are_batched_in_order_and_a_failed_write_is_reported(tmp_path: Path) -> None:
     errors: list[int] = []
     store = SqliteHistory(tmp_path / "h.sqlite3")

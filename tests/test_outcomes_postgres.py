@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+import structlog
 from prometheus_client import CollectorRegistry
 
 from relay.config import Settings
@@ -202,6 +203,51 @@ async def test_writes_through_the_history_thread_and_a_failed_write_is_reported(
     assert await history.note(received("q-late")) is False and errors == [1]
     await history.close()
     assert asyncio.get_running_loop().is_running()
+
+
+async def test_a_write_that_fails_in_passing_is_tried_again_and_a_stop_gives_up_on_it(url: str) -> None:
+    """A held lock (or a server away) fails the write after history_timeout; the batch is tried again, the
+    notes behind it wait, and all are written once the failure passes: nothing lost, no bounce twice. A stop
+    while it still fails waits CLOSE_WAIT, then says what it loses."""
+    errors: list[int] = []
+    store = PostgresHistory(url, timeout=0.2)
+    history = History(store, bounces_on=True, on_error=lambda: errors.append(1))
+    history.start()
+    assert await history.note(received("q1"))
+    dead = Attempted("q1", T0, 2, dead={"a@example.org": ("failed", "550 5.1.1 no such user")}, bounce=True)
+    with psycopg.connect(url) as locker, structlog.testing.capture_logs() as logs:
+        locker.execute("LOCK TABLE recipients IN ACCESS EXCLUSIVE MODE")
+        first = history.note(dead)
+        while len(errors) < 2:  # failed, and failed again on its first retry
+            await asyncio.sleep(0.05)
+        later = history.note(received("q2"))
+        assert not first.done() and not later.done()
+    assert await first and await later
+    failed = [e for e in logs if e["event"] == "history_write_failed"]
+    assert len(failed) >= 2 and failed[0]["retry_in"] == 0.25 and failed[0]["error_type"] == "QueryCanceled"
+    assert [(b.queue_id, [r.address for r in b.recipients]) for b in store.due_bounces(T0 + 60, 10)] == [
+        ("q1", ["a@example.org"])
+    ]
+    assert [t.queue_id for t in store.lookup("q2", 5)] == ["q2"]
+    with psycopg.connect(url) as locker, structlog.testing.capture_logs() as logs:
+        locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        history.note(received("q3"))
+        history.note(received("q4"))
+        await history.close()
+    assert [e["changes"] for e in logs if e["event"] == "history_notes_lost"] == [2]
+
+
+def test_failures_that_may_pass_are_told_from_those_that_never_will(url: str) -> None:
+    store = PostgresHistory(url)
+    with pytest.raises(psycopg.Error) as refused:
+        store.conn.execute("SELECT 1/0")
+    assert not store.passing(refused.value)
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'relay-history'")
+    with pytest.raises(psycopg.Error) as lost:
+        store.write([received("q-lost")], False)
+    assert store.passing(lost.value)
+    store.close()
 
 
 def test_the_url_is_a_secret_and_must_be_postgresql() -> None:

@@ -180,4 +180,8 @@ class HistoryStore(Protocol):
     def meta(self, key: str, default: str) -> str:
         """A value kept with the history (the instance id, the push token), set to `default` if absent."""
 
+    def passing(self, error: Exception) -> bool:
+        """Whether a call that raised `error` may succeed if made again (a lock held, a full disk, a server
+        away), rather than never (a value the store cannot take)."""
+
     def close(self) -> None: ...

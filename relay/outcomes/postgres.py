@@ -118,6 +118,11 @@ class PostgresHistory(SqlHistory):
         deletes never deadlock."""
         return bool(db.one("SELECT pg_try_advisory_xact_lock(?)", (PRUNE_LOCK,))[0])
 
+    def passing(self, error: Exception) -> bool:
+        """A connection lost or refused, a statement cancelled (history_timeout), a deadlock or serialization
+        failure: psycopg's OperationalError. Not data or SQL the server refuses."""
+        return isinstance(error, psycopg.OperationalError)
+
     def close(self) -> None:
         self.conn.close()
 

@@ -9,6 +9,7 @@ constructed unless `[reports]` or `[bounces]` is enabled: then nothing is writte
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
 from collections import Counter
@@ -49,6 +50,7 @@ from relay.testing.failpoints import crashpoint
 
 log = structlog.get_logger("relay.outcomes")
 PRUNE_EVERY = 3600.0
+PASS_THROUGH_WAIT = 5.0  # seconds a pass-through 250 waits for its bounce's note to be on disk (SQLite's lock wait)
 HEADERS_KEPT = 65536  # bytes of a header block kept for a bounce's text/rfc822-headers part
 
 
@@ -59,6 +61,15 @@ def open_store(settings: Settings) -> HistoryStore:
     path = history_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     return SqliteHistory(path, settings.spool.encryption_keys)
+
+
+async def _on_disk_or_later(written: asyncio.Future[bool]) -> None:
+    """Wait for a note to be on disk, shielded (the batch's future is shared: one cancelled session must not
+    cancel it) and for PASS_THROUGH_WAIT at most: a history failing for longer keeps the note (tried again),
+    and the app gets its answer."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(PASS_THROUGH_WAIT):
+            await asyncio.shield(written)
 
 
 def outcomes_for(settings: Settings, registry: CollectorRegistry, clock: Clock | None) -> Outcomes | None:
@@ -240,8 +251,8 @@ class Outcomes:
             )  # fmt: skip
         if change.dead and change.bounce and self.bouncer is not None:
             self.bouncer.send_once_written(written)
-            if wait:  # shielded: the batch's future is shared, and one cancelled session must not cancel it
-                await asyncio.shield(written)
+            if wait:
+                await _on_disk_or_later(written)
 
     # reports
 

@@ -31,6 +31,11 @@ SQLITE = Dialect(
 )
 
 
+# Result codes of a failure that may pass: busy, locked, out of memory, I/O error, disk full, cannot open,
+# locking protocol. Not a read-only file, a constraint or a statement the library refuses: those stay.
+PASSING = frozenset({5, 6, 7, 10, 13, 14, 15})
+
+
 def history_path(settings: Settings) -> Path:
     """reports.history_path, by default a file beside the spool's directories."""
     return settings.reports.history_path or settings.spool.path / "history.sqlite3"
@@ -100,6 +105,9 @@ class SqliteHistory(SqlHistory):
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    def passing(self, error: Exception) -> bool:
+        return isinstance(error, sqlite3.Error) and (error.sqlite_errorcode & 0xFF) in PASSING
 
     def close(self) -> None:
         self.db.close()

@@ -5,7 +5,8 @@ and while the previous batch is being written, so 10,000 messages cost a few hun
 thread hops, not 20,000. A caller that must know a note is on disk (pass-through: a recipient refused inside
 a 250 calls for a bounce) awaits the future `note` returns: one per batch, shared by its notes, not one per
 message. One thread rather than asyncio.to_thread's pool: one SQLite connection, and writes never overtake
-each other.
+each other. A write that fails in a way that may pass is tried again, the notes behind it waiting (while it
+is held up, Outcomes.backlogged refuses new mail once reports.history_backlog of them wait).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ T = TypeVar("T")
 GATHER = 0.05  # seconds notes may wait to share a transaction (and one hop to the thread) with others
 BATCH = 500  # ... or until this many are waiting
 HELD_UP = 1.0  # seconds a write may take before the history counts as held up (healthy writes take milliseconds)
+RETRY_FIRST, RETRY_MAX = 0.25, 30.0  # seconds before a write that failed in passing is tried again, doubling
+CLOSE_WAIT = 5.0  # seconds a stop waits for notes a failing history has not taken
 
 
 class History:
@@ -42,7 +45,8 @@ class History:
         self._now = asyncio.Event()  # someone waits for the write: no gathering
         self._task: asyncio.Task[None] | None = None
         self._closing: asyncio.Future[None] | None = None
-        self._writing_since: float | None = None  # monotonic time the write in flight began
+        self._writing_since: float | None = None  # monotonic time the write in flight began (its tries included)
+        self._writing: list[Change] = []  # the batch in flight
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="history-writer")
@@ -87,19 +91,35 @@ class History:
             self._batch, self._done = [], None
             if not batch or done is None:
                 continue
-            loop = asyncio.get_running_loop()
-            self._writing_since = time.monotonic()
+            self._writing_since, self._writing = time.monotonic(), batch
             try:
-                await loop.run_in_executor(self._executor, self.store.write, batch, self.bounces_on)
-                ok = True
-            except Exception as exc:  # a full disk, say: the relay goes on; trace will miss these
-                self._on_error()
-                log.error("history_write_failed", changes=len(batch), error_type=type(exc).__name__, error=str(exc))
-                ok = False
+                ok = await self._write(batch)
             finally:
-                self._writing_since = None
+                self._writing_since, self._writing = None, []
             if not done.done():
                 done.set_result(ok)
+
+    async def _write(self, batch: list[Change]) -> bool:
+        """Write `batch`, trying again while the store says its failure may pass (a lock held, a full disk, a
+        server away): the notes behind it wait, and history_backlog bounds them. A batch refused for good (a
+        value the store cannot take) is dropped: trace will miss it, and the relay goes on."""
+        loop = asyncio.get_running_loop()
+        delay = RETRY_FIRST
+        while True:
+            try:
+                await loop.run_in_executor(self._executor, self.store.write, batch, self.bounces_on)
+                return True
+            except Exception as exc:
+                self._on_error()
+                again = self.store.passing(exc)
+                log.error(
+                    "history_write_failed", changes=len(batch), error_type=type(exc).__name__, error=str(exc),
+                    retry_in=delay if again else None,
+                )  # fmt: skip
+                if not again:
+                    return False
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RETRY_MAX)
 
     async def close(self) -> None:
         """Write what is noted, then close the store on its own thread. Once: a second stop waits for the
@@ -110,8 +130,13 @@ class History:
 
     async def _close(self) -> None:
         if self._task is not None:
-            await self.flush()
+            with contextlib.suppress(TimeoutError):  # a history still failing: what it has not taken is lost
+                async with asyncio.timeout(CLOSE_WAIT):
+                    await self.flush()
+            lost = len(self._writing) + len(self._batch)
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            if lost:
+                log.error("history_notes_lost", changes=lost)
         await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
         self._executor.shutdown(wait=True)
