@@ -92,13 +92,10 @@ class Relay:
         return select_profile(matches, sender=message.mail_from, client_ip=session.client_ip, user=session.user)
 
     def readiness(self) -> Readiness:
-        """Does this relay accept and store mail? Listening, the spool writable, and the message history (when
-        kept) not so far behind that MAIL is refused. Infobip's state is not
+        """Does this relay accept and store mail? Listening, and the spool writable. Infobip's state is not
         part of it with the spool on (a sidecar failing readiness takes its app out of service: the
         outage the spool exists to ride out); see /upstream for that. In pass-through mode, it is."""
         checks = {"listening": "ok" if self._server is not None and self._server.is_serving() else "not listening"}
-        if self.outcomes is not None:  # MAIL gets 451 4.3.0 meanwhile: send the apps to another replica
-            checks["history"] = "behind" if self.outcomes.backlogged() else "ok"
         if self.spool is not None:
             checks["spool"] = self.spool.writable()
             if checks["spool"] == "ok" and self.delivery is not None:

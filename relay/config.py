@@ -428,7 +428,7 @@ class ReportsSettings(_Section):
     history_url: SecretStr = SecretStr("")
     # PostgreSQL only: seconds a statement may take, its lock waits included, and the network's silence before the
     # connection counts as broken (TCP keepalives, tcp_user_timeout); the write then fails, as any failed write
-    history_timeout: float = Field(30.0, gt=0)
+    history_timeout: float = Field(30.0, ge=1)
     history_days: float = Field(30.0, gt=0)
     # notes waiting behind a history write held up for HELD_UP seconds (a hung server, or failing and tried again) at
     # which MAIL gets 451 4.3.0 until the write is done: memory does not grow for ever (relay/outcomes/writer.py)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import json
 import sqlite3
 from collections.abc import AsyncIterator
 from email.message import EmailMessage, Message
@@ -175,16 +174,12 @@ async def test_a_history_held_up_makes_new_mail_wait_and_a_healthy_one_never_doe
             while (reply := await send_or_refused_at_mail(relay.port, f"r{len(taken)}@example.org")).startswith("250"):
                 taken.append(f"r{len(taken)}@example.org")
         assert reply == "451 4.3.0 The relay's message history is not keeping up; try again later"
-        status, body = await get(relay.http.port, "/readyz")  # so a load balancer sends the apps elsewhere
-        assert (status, json.loads(body)["checks"]["history"]) == (503, "behind")
         lock.execute("ROLLBACK")
     finally:
         lock.close()
     async with asyncio.timeout(5):  # the held-up write goes through, and the next batch is taken
         while not (await send_or_refused_at_mail(relay.port, "after@example.org")).startswith("250"):
             await asyncio.sleep(0.02)
-    status, body = await get(relay.http.port, "/readyz")
-    assert (status, json.loads(body)["checks"]) == (200, {"listening": "ok", "history": "ok", "spool": "ok"})
     for rcpt in (taken[0], taken[-1]):
         assert [r["address"] for m in await messages(relay, rcpt) for r in m["recipients"]] == [rcpt]
     assert relay.metrics.registry.get_sample_value("relay_messages_rejected_total", {"reason": "history_behind"}) >= 1
@@ -387,6 +382,7 @@ async def test_pass_through_answers_within_its_wait_while_the_history_fails_and_
                 partial = await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
             assert partial.startswith("250 2.6.0 Message queued as ")
             await until(lambda: any(e["event"] == "history_write_failed" for e in logs))
+            assert (await get(relay.http.port, "/messages?q=a@example.org"))[0] == 503  # not a wait
         assert not sink.messages
         lock.execute("ROLLBACK")
     finally:

@@ -230,10 +230,26 @@ def test_sqlite_failures_that_may_pass_are_told_from_those_that_never_will(tmp_p
         store.write([received("q1")], False)
     with pytest.raises(sqlite3.Error) as refused:
         other.execute("SELECT nonsense FROM messages")
-    assert [store.passing(e.value) for e in (busy, readonly, refused)] == [True, False, False]
+    with pytest.raises(sqlite3.Error) as module:  # raised by Python's sqlite3 itself: no result code
+        other.execute("SELECT ?", (1, 2))
+    assert [store.passing(e.value) for e in (busy, readonly, refused, module)] == [True, False, False, False]
     assert not store.passing(ValueError("a value the store cannot take"))
     other.close()
     store.close()
+
+
+async def test_a_note_the_store_cannot_take_is_dropped_and_the_writer_lives_on(tmp_path: Path) -> None:
+    store = SqliteHistory(tmp_path / "h.sqlite3")
+    history = History(store, bounces_on=True, on_error=lambda: None)
+    history.start()
+    bad = MessageReceived(
+        "q-bad", "<m@app>", "app@example.com", "10.0.0.5", T0, object(), ("a@example.org",), None, None
+    )  # type: ignore[arg-type]
+    async with asyncio.timeout(5):  # a writer that died would never answer
+        assert await history.note(bad) is False  # sqlite3's own ProgrammingError: no result code to read
+    assert await history.note(received("q1"))
+    assert [t.queue_id for t in await history.call(store.lookup, "q1", 5)] == ["q1"]
+    await history.close()
 
 
 async def test_writes_are_batched_in_order_and_a_failed_write_is_reported(tmp_path: Path) -> None:

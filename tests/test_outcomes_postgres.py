@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import threading
 from collections.abc import Iterator
 
@@ -18,10 +19,10 @@ from relay.config import Settings
 from relay.outcomes.decide import Report
 from relay.outcomes.history import Applied, Attempted
 from relay.outcomes.metrics import OutcomeMetrics
-from relay.outcomes.postgres import PRUNE_LOCK, SENDING_STALE, PostgresHistory
+from relay.outcomes.postgres import PRUNE_LOCK, SCHEMA_LOCK, SENDING_STALE, PostgresHistory
 from relay.outcomes.service import Outcomes, open_store
 from relay.outcomes.trace import trace_command
-from relay.outcomes.writer import History
+from relay.outcomes.writer import History, HistoryFailing
 from tests.cluster_services import PostgresServer, postgres_server
 from tests.test_outcomes_history import (
     T0,
@@ -215,14 +216,18 @@ async def test_a_write_that_fails_in_passing_is_tried_again_and_a_stop_gives_up_
     history.start()
     assert await history.note(received("q1"))
     dead = Attempted("q1", T0, 2, dead={"a@example.org": ("failed", "550 5.1.1 no such user")}, bounce=True)
-    with psycopg.connect(url) as locker, structlog.testing.capture_logs() as logs:
-        locker.execute("LOCK TABLE recipients IN ACCESS EXCLUSIVE MODE")
-        first = history.note(dead)
-        while len(errors) < 2:  # failed, and failed again on its first retry
-            await asyncio.sleep(0.05)
-        later = history.note(received("q2"))
-        assert not first.done() and not later.done()
-    assert await first and await later
+    with structlog.testing.capture_logs() as logs:
+        with psycopg.connect(url) as locker:
+            locker.execute("LOCK TABLE recipients IN ACCESS EXCLUSIVE MODE")
+            first = history.note(dead)
+            while len(errors) < 2:  # failed, and failed again on its first retry
+                await asyncio.sleep(0.05)
+            later = history.note(received("q2"))
+            assert not first.done() and not later.done()
+            with pytest.raises(HistoryFailing):  # what must follow the notes fails now, not when the lock goes
+                await history.call(store.lookup, "q1", 5)
+        assert await first and await later
+    assert [e["changes"] for e in logs if e["event"] == "history_write_recovered"] == [1]
     failed = [e for e in logs if e["event"] == "history_write_failed"]
     assert len(failed) >= 2 and failed[0]["retry_in"] == 0.25 and failed[0]["error_type"] == "QueryCanceled"
     assert [(b.queue_id, [r.address for r in b.recipients]) for b in store.due_bounces(T0 + 60, 10)] == [
@@ -241,12 +246,58 @@ def test_failures_that_may_pass_are_told_from_those_that_never_will(url: str) ->
     store = PostgresHistory(url)
     with pytest.raises(psycopg.Error) as refused:
         store.conn.execute("SELECT 1/0")
-    assert not store.passing(refused.value)
+    with pytest.raises(psycopg.OperationalError) as too_many:  # the client's own refusal: the connection is fine
+        store.conn.execute("SELECT " + ", ".join(["%s"] * 70000), [1] * 70000)
+    with pytest.raises(psycopg.OperationalError) as too_big:  # a value past an index's limit: 54000
+        store.write([Attempted("q1", T0, 1, ("a@example.org",), (secrets.token_urlsafe(9000),))], False)
+    assert [store.passing(e.value) for e in (refused, too_many, too_big)] == [False, False, False]
     with psycopg.connect(url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'relay-history'")
     with pytest.raises(psycopg.Error) as lost:
         store.write([received("q-lost")], False)
     assert store.passing(lost.value)
+    store.close()
+
+
+async def test_a_write_still_failing_after_retry_for_is_dropped_and_the_next_goes_through(url: str) -> None:
+    store = PostgresHistory(url, timeout=0.2)
+    history = History(store, bounces_on=True, on_error=lambda: None, retry_for=0.5)
+    history.start()
+    with psycopg.connect(url) as locker:
+        locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        with structlog.testing.capture_logs() as logs:
+            async with asyncio.timeout(5):  # tried for ever, it would wait for the lock
+                assert await history.note(received("q-dropped")) is False
+        assert [e["retry_in"] for e in logs if e["event"] == "history_write_failed"][-1] is None
+    assert await history.note(received("q1"))
+    assert store.lookup("q-dropped", 5) == [] and [t.queue_id for t in store.lookup("q1", 5)] == ["q1"]
+    await history.close()
+
+
+def test_a_reconnect_does_not_wait_for_the_schema_lock_and_pruning_has_no_time_limit(url: str) -> None:
+    """The schema lock held by a replica converting a big history (or a stuck one) must not hold a reconnect;
+    a prune with much to catch up must not be cut short by history_timeout."""
+    store = PostgresHistory(url, timeout=0.3)
+    store.write([received("q-old")], False)
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'relay-history'")
+        with admin.transaction():
+            admin.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            with pytest.raises(psycopg.OperationalError):
+                store.write([received("q-lost")], False)  # found the connection gone
+            writing = threading.Thread(target=store.write, args=([received("q1")], False))
+            writing.start()
+            writing.join(5)
+            assert not writing.is_alive()  # reconnected without the lock
+    with psycopg.connect(url) as locker:
+        locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        pruned: list[int] = []
+        pruning = threading.Thread(target=lambda: pruned.append(store.prune(T0 + 1)))
+        pruning.start()
+        pruning.join(1.0)  # over three times history_timeout, waiting for the lock
+        assert pruning.is_alive()
+    pruning.join(5)
+    assert pruned == [2] and store.lookup("q1", 5) == []
     store.close()
 
 
@@ -332,7 +383,7 @@ def test_the_connection_has_the_timeouts_and_keeps_what_the_url_sets(url: str) -
     assert isinstance(store, PostgresHistory)
     assert store.conn.execute("SHOW statement_timeout").fetchone() == ("12s",)
     info = store.conn.info.get_parameters()
-    assert (info["keepalives"], info["keepalives_idle"], info["tcp_user_timeout"]) == ("1", "4", "12000")
+    assert (info["keepalives"], info["keepalives_idle"], info["tcp_user_timeout"]) == ("1", "4", "30000")
     store.close()
     store = PostgresHistory(f"{url}{'&' if '?' in url else '?'}keepalives_idle=60", timeout=12)
     assert store.conn.info.get_parameters()["keepalives_idle"] == "60"

@@ -7,11 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.ops import privacy
 from relay.ops.metrics import Metrics
+
+log = structlog.get_logger("relay.ops.http")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +74,11 @@ class HttpServer:
             return web.json_response({"error": "no message history: enable [reports] or [bounces]"}, status=404)
         if not query:
             return web.json_response({"error": "give q: a queue id, Infobip id, <Message-ID> or address"}, status=400)
-        found = await self._history.messages(query)
+        try:
+            found = await self._history.messages(query)
+        except Exception as exc:  # the history's (failing, and being tried again; a server gone): ask later
+            log.warning("messages_unavailable", error_type=type(exc).__name__, error=str(exc))
+            return web.json_response({"error": "the message history cannot be read now; try again"}, status=503)
         if (hasher := privacy.hasher()) is not None:  # privacy.redact: addresses as keyed hashes, here too
             found = [{key: hasher.value(key, value) for key, value in message.items()} for message in found]
             query = hasher.text(query)

@@ -36,6 +36,9 @@ POSTGRES = Dialect(
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 DEFAULT_TIMEOUT = 30.0  # reports.history_timeout's default
+# connection exception, insufficient resources, query canceled (statement_timeout), admin or crash shutdown,
+# cannot connect now, serialization failure, deadlock, lock not available
+PASSING_SQLSTATES = ("08", "53", "57014", "57P01", "57P02", "57P03", "40001", "40P01", "55P03")
 
 
 def connection_params(url: str, timeout: float) -> dict[str, Any]:
@@ -51,7 +54,7 @@ def connection_params(url: str, timeout: float) -> dict[str, Any]:
         "keepalives_idle": idle,
         "keepalives_interval": idle,
         "keepalives_count": 2,
-        "tcp_user_timeout": round(timeout * 1000),
+        "tcp_user_timeout": round(max(timeout, 30.0) * 1000),  # a server busy reading counts too: not too short
     }
     return {**defaults, **params}
 
@@ -84,12 +87,15 @@ class PostgresHistory(SqlHistory):
         self._convert = not readonly
         self.conn = self._connect()
 
-    def _connect(self) -> Conn:
-        """Connect and create the schema if missing; the advisory lock makes replicas starting together take turns."""
+    def _connect(self, *, schema: bool = True) -> Conn:
+        """Connect and create the schema if missing; the advisory lock makes replicas starting together take
+        turns. Not on a reconnect: the schema is there, and waiting on the lock has no time limit."""
         conn = psycopg.connect(**connection_params(self._url, self._timeout))
         self._db = PostgresDb(conn, self._cols)
         try:
             conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{round(self._timeout * 1000)}ms",))
+            if not schema:
+                return conn
             with conn.transaction():
                 # converting an older layout, or waiting for the replica that does, may take longer
                 conn.execute("SET LOCAL statement_timeout = 0")
@@ -102,15 +108,17 @@ class PostgresHistory(SqlHistory):
         return conn
 
     @contextlib.contextmanager
-    def _tx(self, *, durable: bool = False) -> Iterator[Db]:
+    def _tx(self, *, durable: bool = False, unlimited: bool = False) -> Iterator[Db]:
         """Not `durable`: the commit does not wait for the WAL flush (as SQLite's NORMAL, safe from our crash,
         not the server's); durable ones flush it, with everything before them."""
         if self.conn.closed:  # the server restarted or the connection broke: the call that found out failed
-            # (history_write_failed, say); this one starts on a fresh connection
-            self.conn = self._connect()
+            # (history_write_failed, say); this one starts on a fresh connection (the schema is there)
+            self.conn = self._connect(schema=False)
         with self.conn.transaction():
             if not durable:
                 self.conn.execute("SET LOCAL synchronous_commit = off")
+            if unlimited:
+                self.conn.execute("SET LOCAL statement_timeout = 0")
             yield self._db
 
     def _prune_turn(self, db: Db) -> bool:
@@ -119,9 +127,14 @@ class PostgresHistory(SqlHistory):
         return bool(db.one("SELECT pg_try_advisory_xact_lock(?)", (PRUNE_LOCK,))[0])
 
     def passing(self, error: Exception) -> bool:
-        """A connection lost or refused, a statement cancelled (history_timeout), a deadlock or serialization
-        failure: psycopg's OperationalError. Not data or SQL the server refuses."""
-        return isinstance(error, psycopg.OperationalError)
+        """A connection lost or not made, a statement cancelled (history_timeout), a server shutting down or
+        short of resources, a deadlock, a serialization failure or a lock not available, by SQLSTATE. Not
+        what the server or the client refuses (data, SQL, limits, a password): that stays."""
+        if not isinstance(error, psycopg.Error):
+            return False
+        if error.sqlstate is None:  # the client's own: a connection broken or not made, or a refusal (which
+            return bool(self.conn.closed or self.conn.broken)  # leaves the connection as it was)
+        return error.sqlstate.startswith(PASSING_SQLSTATES)
 
     def close(self) -> None:
         self.conn.close()

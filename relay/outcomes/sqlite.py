@@ -34,6 +34,7 @@ SQLITE = Dialect(
 # Result codes of a failure that may pass: busy, locked, out of memory, I/O error, disk full, cannot open,
 # locking protocol. Not a read-only file, a constraint or a statement the library refuses: those stay.
 PASSING = frozenset({5, 6, 7, 10, 13, 14, 15})
+NEVER_PASSING = frozenset({8202, 8458})  # SQLITE_IOERR_DATA, SQLITE_IOERR_CORRUPTFS: damage, not a wait
 
 
 def history_path(settings: Settings) -> Path:
@@ -88,7 +89,7 @@ class SqliteHistory(SqlHistory):
             raise
 
     @contextlib.contextmanager
-    def _tx(self, *, durable: bool = False) -> Iterator[Db]:
+    def _tx(self, *, durable: bool = False, unlimited: bool = False) -> Iterator[Db]:
         self.db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")  # not inside a transaction
         with self._begin("BEGIN IMMEDIATE") as db:
             yield db
@@ -107,7 +108,8 @@ class SqliteHistory(SqlHistory):
         self.db.execute("COMMIT")
 
     def passing(self, error: Exception) -> bool:
-        return isinstance(error, sqlite3.Error) and (error.sqlite_errorcode & 0xFF) in PASSING
+        code = getattr(error, "sqlite_errorcode", None)  # the library's; none on the module's own errors
+        return isinstance(code, int) and code & 0xFF in PASSING and code not in NEVER_PASSING
 
     def close(self) -> None:
         self.db.close()

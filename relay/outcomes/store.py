@@ -240,10 +240,11 @@ def _marks(count: int) -> str:
 class SqlHistory:
     """HistoryStore over `Db`. A subclass opens the connection and says how a transaction runs."""
 
-    def _tx(self, *, durable: bool = False) -> contextlib.AbstractContextManager[Db]:
+    def _tx(self, *, durable: bool = False, unlimited: bool = False) -> contextlib.AbstractContextManager[Db]:
         """One write transaction. `durable`: on disk at COMMIT, with everything written before it;
         otherwise safe from a crash of the relay at once, and from a crash of the machine (or the server)
-        at the next durable one."""
+        at the next durable one. `unlimited`: maintenance that may run long (prune, rekey), without the
+        engine's statement time limit, if it has one."""
         raise NotImplementedError
 
     def _read(self) -> contextlib.AbstractContextManager[Db]:
@@ -402,12 +403,12 @@ class SqlHistory:
         """Every value not under the current spool key (an old key's, or one in the clear) sealed again under
         it, with its search key; returns how many rows were rewritten. One transaction: a damaged value
         (SealError) leaves everything as it was. Then the old key can leave spool.old_key_files."""
-        with self._tx(durable=True) as db:
+        with self._tx(durable=True, unlimited=True) as db:
             return sum(_rekey(db, table, row_id, names) for table, (row_id, names) in SENSITIVE.items())
 
     def prune(self, before: float) -> int:
         """Messages whose bounce is still to go are kept until it has gone."""
-        with self._tx() as db:
+        with self._tx(unlimited=True) as db:
             if not self._prune_turn(db):
                 return 0
             db.run(
@@ -482,7 +483,12 @@ def _without_known_resumed(db: Db, received: list[MessageReceived]) -> list[Mess
     again = [m.queue_id for m in received if m.resumed]
     if not again:
         return received
-    known = {row[0] for row in db.all(f"SELECT queue_id FROM messages WHERE queue_id IN {_marks(len(again))}", again)}
+    known: set[str] = set()
+    for start in range(0, len(again), 500):  # a restart with a big queue notes thousands again at once
+        chunk = again[start : start + 500]
+        known.update(
+            row[0] for row in db.all(f"SELECT queue_id FROM messages WHERE queue_id IN {_marks(len(chunk))}", chunk)
+        )
     return [m for m in received if not (m.resumed and m.queue_id in known)]
 
 

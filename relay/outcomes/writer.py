@@ -5,8 +5,10 @@ and while the previous batch is being written, so 10,000 messages cost a few hun
 thread hops, not 20,000. A caller that must know a note is on disk (pass-through: a recipient refused inside
 a 250 calls for a bounce) awaits the future `note` returns: one per batch, shared by its notes, not one per
 message. One thread rather than asyncio.to_thread's pool: one SQLite connection, and writes never overtake
-each other. A write that fails in a way that may pass is tried again, the notes behind it waiting (while it
-is held up, Outcomes.backlogged refuses new mail once reports.history_backlog of them wait).
+each other. A write that fails in a way that may pass (the store says which) is tried again for up to
+RETRY_FOR seconds, the notes behind it waiting (Outcomes.backlogged refuses new mail once
+reports.history_backlog of them wait); calls that must follow it fail at once meanwhile (HistoryFailing),
+so a push gets its 503 and the poller keeps its page, rather than waiting as long as the failure.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -28,13 +30,22 @@ T = TypeVar("T")
 GATHER = 0.05  # seconds notes may wait to share a transaction (and one hop to the thread) with others
 BATCH = 500  # ... or until this many are waiting
 HELD_UP = 1.0  # seconds a write may take before the history counts as held up (healthy writes take milliseconds)
-RETRY_FIRST, RETRY_MAX = 0.25, 30.0  # seconds before a write that failed in passing is tried again, doubling
+RETRY_FIRST, RETRY_MAX = 0.25, 8.0  # seconds before a write that failed in passing is tried again, doubling
+RETRY_FOR = 300.0  # seconds a batch is tried for; then it is dropped, as one refused for good (a failure the
+# store took for passing that is not must not hold every later note, and with them new mail, for ever)
 CLOSE_WAIT = 5.0  # seconds a stop waits for notes a failing history has not taken
 
 
+class HistoryFailing(RuntimeError):
+    """The history's writes fail and are being tried again: a call that must follow them fails now."""
+
+
 class History:
-    def __init__(self, store: HistoryStore, *, bounces_on: bool, on_error: Callable[[], None]) -> None:
+    def __init__(
+        self, store: HistoryStore, *, bounces_on: bool, on_error: Callable[[], None], retry_for: float = RETRY_FOR
+    ) -> None:
         self.store = store
+        self.retry_for = retry_for
         self.bounces_on = bounces_on
         self._on_error = on_error
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="relay-history")
@@ -47,6 +58,7 @@ class History:
         self._closing: asyncio.Future[None] | None = None
         self._writing_since: float | None = None  # monotonic time the write in flight began (its tries included)
         self._writing: list[Change] = []  # the batch in flight
+        self._failing = asyncio.Event()  # set while the batch in flight has failed and is being tried again
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="history-writer")
@@ -69,10 +81,18 @@ class History:
         return done
 
     async def flush(self) -> None:
-        """Wait until everything noted so far is written."""
-        if self._last is not None and not self._last.done():
-            self._now.set()
-            await asyncio.shield(self._last)
+        """Wait until everything noted so far is written; HistoryFailing if the writes fail meanwhile."""
+        last = self._last
+        if last is None or last.done():
+            return
+        self._now.set()
+        failing: asyncio.Future[Any] = asyncio.ensure_future(self._failing.wait())
+        try:
+            await asyncio.wait({last, failing}, return_when=asyncio.FIRST_COMPLETED)  # neither cancels `last`
+        finally:
+            failing.cancel()
+        if not last.done():
+            raise HistoryFailing("the message history's writes are failing (they are being tried again)")
 
     async def call(self, function: Callable[..., T], *args: object) -> T:
         """Run a store method on the history's thread, after everything noted before it."""
@@ -94,6 +114,9 @@ class History:
             self._writing_since, self._writing = time.monotonic(), batch
             try:
                 ok = await self._write(batch)
+            except Exception as exc:  # _write's own bug: the writer lives on (every later note would wait for it)
+                log.error("history_write_failed", changes=len(batch), error_type=type(exc).__name__, retry_in=None)
+                ok = False
             finally:
                 self._writing_since, self._writing = None, []
             if not done.done():
@@ -101,25 +124,38 @@ class History:
 
     async def _write(self, batch: list[Change]) -> bool:
         """Write `batch`, trying again while the store says its failure may pass (a lock held, a full disk, a
-        server away): the notes behind it wait, and history_backlog bounds them. A batch refused for good (a
-        value the store cannot take) is dropped: trace will miss it, and the relay goes on."""
+        server away), for `retry_for` seconds at most: the notes behind it wait, and history_backlog bounds them.
+        A batch refused for good (a value the store cannot take), or for too long, is dropped: trace will miss
+        it, and the relay goes on."""
         loop = asyncio.get_running_loop()
-        delay = RETRY_FIRST
-        while True:
-            try:
-                await loop.run_in_executor(self._executor, self.store.write, batch, self.bounces_on)
-                return True
-            except Exception as exc:
-                self._on_error()
-                again = self.store.passing(exc)
-                log.error(
-                    "history_write_failed", changes=len(batch), error_type=type(exc).__name__, error=str(exc),
-                    retry_in=delay if again else None,
-                )  # fmt: skip
-                if not again:
-                    return False
-            await asyncio.sleep(delay)
-            delay = min(2 * delay, RETRY_MAX)
+        delay, give_up = RETRY_FIRST, time.monotonic() + self.retry_for
+        try:
+            while True:
+                try:
+                    await loop.run_in_executor(self._executor, self.store.write, batch, self.bounces_on)
+                    if self._failing.is_set():
+                        log.info("history_write_recovered", changes=len(batch))
+                    return True
+                except Exception as exc:
+                    self._on_error()
+                    again = self._passing(exc) and time.monotonic() + delay < give_up
+                    log.error(
+                        "history_write_failed", changes=len(batch), error_type=type(exc).__name__, error=str(exc),
+                        retry_in=delay if again else None,
+                    )  # fmt: skip
+                    if not again:
+                        return False
+                self._failing.set()
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RETRY_MAX)
+        finally:
+            self._failing.clear()
+
+    def _passing(self, error: Exception) -> bool:
+        try:
+            return self.store.passing(error)
+        except Exception:  # the writer must outlive any error, its own included
+            return False
 
     async def close(self) -> None:
         """Write what is noted, then close the store on its own thread. Once: a second stop waits for the
@@ -130,13 +166,13 @@ class History:
 
     async def _close(self) -> None:
         if self._task is not None:
-            with contextlib.suppress(TimeoutError):  # a history still failing: what it has not taken is lost
-                async with asyncio.timeout(CLOSE_WAIT):
-                    await self.flush()
-            lost = len(self._writing) + len(self._batch)
+            if self._last is not None and not self._last.done():  # a history still failing gets CLOSE_WAIT
+                self._now.set()
+                await asyncio.wait({self._last}, timeout=CLOSE_WAIT)
+            lost = len(self._writing) + len(self._batch)  # the write in flight may still go through
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             if lost:
-                log.error("history_notes_lost", changes=lost)
+                log.error("history_notes_lost", changes=lost)  # not written at the stop: may be lost
         await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
         self._executor.shutdown(wait=True)
