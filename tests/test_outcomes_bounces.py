@@ -21,6 +21,7 @@ from relay.outcomes.bounces import CHECK_EVERY, Bouncer
 from relay.outcomes.history import BounceJob, BounceRecipient
 from relay.outcomes.metrics import OutcomeMetrics
 from relay.outcomes.sqlite import history_path
+from relay.outcomes.store import SENDING_STALE
 from relay.testing.clock import FakeClock
 from relay.testing.sink import MailSink
 from relay.testing.standin import InfobipStandIn
@@ -202,6 +203,33 @@ async def test_the_bounce_sender_lives_through_a_history_that_fails(
     clock.advance(CHECK_EVERY)
     [sent] = await sink.wait_for(1)
     assert status_blocks(parsed(sent.data))[1]["Final-Recipient"] == "rfc822; nosuch@example.org"
+
+
+async def test_a_bounce_sent_whose_record_fails_is_recorded_later_and_never_sent_again(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    """The server took the bounce, but the history cannot mark it sent: the sender keeps that in memory and
+    records it at its next look. The bounce stays claimed meanwhile, so it does not go again once the claim
+    would be stale (it did: a duplicate after SENDING_STALE)."""
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
+    clock = FakeClock()
+    relay = await start_relay(clock=clock, spool=spooled(tmp_path), bounces=bounces_to(sink))
+    with structlog.testing.capture_logs() as logs:
+        with history_failing(relay, "UPDATE ON bounces WHEN NEW.state = 'sent'"):
+            assert (await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())).startswith(
+                "250"
+            )
+            await sink.wait_for(1)
+            await until(lambda: any(e["event"] == "bounce_outbox_failed" for e in logs))
+        assert [e["unrecorded"] for e in logs if e["event"] == "bounce_outbox_failed"] == [1]
+        for _ in range(2):  # the next look records it; the one after SENDING_STALE finds nothing to send
+            looked = sum(e["event"] == "bounce_outbox_checked" for e in logs)
+            clock.advance(SENDING_STALE + CHECK_EVERY)
+            await until(lambda: sum(e["event"] == "bounce_outbox_checked" for e in logs) > looked)  # noqa: B023
+    assert len(sink.messages) == 1
+    db = sqlite3.connect(f"file:{history_path(relay.settings)}?mode=ro", uri=True)
+    assert db.execute("SELECT state FROM bounces").fetchall() == [("sent",)]
+    db.close()
 
 
 async def test_expired_in_the_spool_bounces_with_5_4_7(

@@ -2,9 +2,11 @@
 
 A bounce is queued in the same transaction as the status that calls for it, so a crash loses none;
 it is marked sent only after the server's 250 (a crash in between sends it again: the one case of a
-duplicate, with the same Message-ID). A server that is down or says 4xx gets it again on the schedule
-in relay/outcomes/decide.py (first within a minute); a 5xx, or a sender no server could route (the null
-sender: a bounce of a bounce would loop), is logged and never retried.
+duplicate, with the same Message-ID). An outcome the history cannot record at that moment is kept in
+memory and recorded before anything else at the next look; the rest of the batch goes on meanwhile.
+A server that is down or says 4xx gets it again on the schedule in relay/outcomes/decide.py (first
+within a minute); a 5xx, or a sender no server could route (the null sender: a bounce of a bounce
+would loop), is logged and never retried.
 Plain SMTP on the company network, STARTTLS when the server offers it (not verified: opportunistic,
 as Postfix's `smtp_tls_security_level = may`). MAIL FROM:<>, as RFC 3464 wants.
 """
@@ -12,6 +14,7 @@ as Postfix's `smtp_tls_security_level = may`). MAIL FROM:<>, as RFC 3464 wants.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 
 import aiosmtplib
@@ -47,6 +50,7 @@ class Bouncer:
         self.metrics = metrics
         self._due, self._done, self._retry, self._delayed = due, done, retry, delayed
         self._wake = asyncio.Event()
+        self._unrecorded: list[Callable[[], Awaitable[object]]] = []  # outcomes the history refused, to record
 
     def send_now(self) -> None:
         """A bounce was queued: look at the outbox now rather than at the next check."""
@@ -71,7 +75,10 @@ class Bouncer:
             self._wake.clear()
 
     async def _look(self) -> None:
-        """The delay warnings that fall due, then every bounce due, a batch at a time."""
+        """Outcomes not recorded yet, the delay warnings that fall due, then every bounce due, a batch at a time."""
+        while self._unrecorded:  # a failure ends this look: they are kept for the next
+            await self._unrecorded[0]()
+            self._unrecorded.pop(0)
         if self.settings.delay_warning > 0:  # Postfix's delay_warning_time: one per message
             now = self.clock.time()
             if warned := await self._delayed(now - self.settings.delay_warning, now):
@@ -88,7 +95,9 @@ class Bouncer:
         if to is None:  # never a bounce to <>: that is how bounce loops start
             log.warning("bounce_not_sent", **fields, reason="null or unroutable sender", sender=job.sender)
             self.metrics.bounces.labels("not_sent").inc()
-            await self._done(job.bounce_id, now, "dropped", f"not sent: no route to sender <{job.sender}>")
+            await self._record(
+                self._done, job.bounce_id, now, "dropped", f"not sent: no route to sender <{job.sender}>"
+            )
             return
         data = build_dsn(job, hostname=self.hostname, to=to, now=now)
         try:
@@ -97,7 +106,7 @@ class Bouncer:
             if 500 <= exc.code < 600:  # the server will not take it: retrying would only repeat that
                 log.error("bounce_refused", **fields, to=to, reply=f"{exc.code} {exc.message}")
                 self.metrics.bounces.labels("dropped").inc()
-                await self._done(job.bounce_id, now, "dropped", f"refused: {exc.code} {exc.message}")
+                await self._record(self._done, job.bounce_id, now, "dropped", f"refused: {exc.code} {exc.message}")
                 return
             await self._again(job, fields, f"{exc.code} {exc.message}")
             return
@@ -106,7 +115,7 @@ class Bouncer:
             return
         log.info("bounce_sent", **fields, to=to, server=f"{self.settings.smtp_host}:{self.settings.smtp_port}")
         self.metrics.bounces.labels("sent").inc()
-        await self._done(job.bounce_id, self.clock.time(), "sent", f"to <{to}>: {reply}")
+        await self._record(self._done, job.bounce_id, self.clock.time(), "sent", f"to <{to}>: {reply}")
 
     async def _deliver(self, to: str, data: bytes) -> str:
         smtp = aiosmtplib.SMTP(
@@ -131,8 +140,20 @@ class Bouncer:
         if due is None:
             log.error("bounce_dropped", **fields, reason=f"still failing after {job.attempts + 1} tries: {error}")
             self.metrics.bounces.labels("dropped").inc()
-            await self._done(job.bounce_id, now, "dropped", f"gave up: {error}")
+            await self._record(self._done, job.bounce_id, now, "dropped", f"gave up: {error}")
             return
         log.warning("bounce_deferred", **fields, error=error, next_attempt_in=round(due - now, 1))
         self.metrics.bounces.labels("retried").inc()
-        await self._retry(job.bounce_id, due, error)
+        await self._record(self._retry, job.bounce_id, due, error)
+
+    async def _record(self, write: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Record a bounce's outcome. One the history refuses now (it fails, or is busy trying a write again)
+        is kept and recorded first at the next look: the bounce stays claimed meanwhile, so it is not sent
+        again, and the rest of the batch goes on."""
+        try:
+            await write(*args)
+        except Exception as exc:
+            self._unrecorded.append(functools.partial(write, *args))
+            log.error(
+                "bounce_outbox_failed", error_type=type(exc).__name__, error=str(exc), unrecorded=len(self._unrecorded)
+            )
