@@ -208,9 +208,39 @@ async def test_the_bounce_sender_lives_through_a_history_that_fails(
 async def test_a_bounce_sent_whose_record_fails_is_recorded_later_and_never_sent_again(
     standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
 ) -> None:
-    """The server took the bounce, but the history cannot mark it sent: the sender keeps that in memory and
-    records it at its next look. The bounce stays claimed meanwhile, so it does not go again once the claim
-    would be stale (it did: a duplicate after SENDING_STALE)."""
+    """The server took the bounce, but the history is locked (past history_timeout) when the sender marks it
+    sent: the sender keeps that in memory and records it at its next look. The bounce stays claimed meanwhile,
+    so it does not go again once the claim would be stale (it did: a duplicate after SENDING_STALE)."""
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
+    clock = FakeClock()
+    settings = {"spool": spooled(tmp_path), "bounces": bounces_to(sink), "reports": {"history_timeout": 1}}
+    relay = await start_relay(clock=clock, **settings)
+    lock = sqlite3.connect(history_path(relay.settings), isolation_level=None, timeout=10)
+    sink.on_message = lambda _: lock.execute("BEGIN EXCLUSIVE")  # locked as the server takes the bounce
+    try:
+        with structlog.testing.capture_logs() as logs:
+            partial = await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
+            assert partial.startswith("250")
+            await sink.wait_for(1)
+            await until(lambda: any(e["event"] == "bounce_outbox_failed" and e.get("kept") for e in logs))
+            lock.execute("ROLLBACK")
+            for _ in range(2):  # the next look records it; the one after SENDING_STALE finds nothing to send
+                looked = sum(e["event"] == "bounce_outbox_checked" for e in logs)
+                clock.advance(SENDING_STALE + CHECK_EVERY)
+                await until(lambda: sum(e["event"] == "bounce_outbox_checked" for e in logs) > looked)  # noqa: B023
+    finally:
+        lock.close()
+    assert len(sink.messages) == 1
+    db = sqlite3.connect(f"file:{history_path(relay.settings)}?mode=ro", uri=True)
+    assert db.execute("SELECT state FROM bounces").fetchall() == [("sent",)]
+    db.close()
+
+
+async def test_a_bounce_whose_record_is_refused_for_good_is_not_kept_and_goes_again_once_stale(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    """A record the history will never take (here a trigger refuses it) is not kept, so it cannot stop every
+    later bounce: the claim goes stale and the bounce is offered again, as after a crash."""
     standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
     clock = FakeClock()
     relay = await start_relay(clock=clock, spool=spooled(tmp_path), bounces=bounces_to(sink))
@@ -221,14 +251,12 @@ async def test_a_bounce_sent_whose_record_fails_is_recorded_later_and_never_sent
             )
             await sink.wait_for(1)
             await until(lambda: any(e["event"] == "bounce_outbox_failed" for e in logs))
-        assert [e["unrecorded"] for e in logs if e["event"] == "bounce_outbox_failed"] == [1]
-        for _ in range(2):  # the next look records it; the one after SENDING_STALE finds nothing to send
-            looked = sum(e["event"] == "bounce_outbox_checked" for e in logs)
-            clock.advance(SENDING_STALE + CHECK_EVERY)
-            await until(lambda: sum(e["event"] == "bounce_outbox_checked" for e in logs) > looked)  # noqa: B023
-    assert len(sink.messages) == 1
+        [failed] = [e for e in logs if e["event"] == "bounce_outbox_failed"]
+        assert (failed["kept"], failed["unrecorded"], failed["error_type"]) == (False, 0, "IntegrityError")
+        clock.advance(SENDING_STALE + CHECK_EVERY)
+        await sink.wait_for(2)
     db = sqlite3.connect(f"file:{history_path(relay.settings)}?mode=ro", uri=True)
-    assert db.execute("SELECT state FROM bounces").fetchall() == [("sent",)]
+    await until(lambda: db.execute("SELECT state FROM bounces").fetchall() == [("sent",)])  # recorded this time
     db.close()
 
 
@@ -316,7 +344,7 @@ async def test_a_bounce_for_the_null_sender_is_logged_never_sent(sink: MailSink)
     metrics = OutcomeMetrics(CollectorRegistry())
     done: list[tuple[int, str, str]] = []
 
-    async def record(bounce_id: int, at: float, outcome: str, detail: str) -> None:
+    async def record(bounce_id: int, at: float, outcome: str, detail: str, claimed_at: float | None) -> None:
         done.append((bounce_id, outcome, detail))
 
     async def nothing(*args: object) -> Any:
@@ -392,15 +420,15 @@ async def test_pass_through_bounces_only_what_was_refused_inside_a_250(
     assert len(sink.messages) == 1
 
 
-@pytest.mark.slow  # the history's lock wait (5 s) has to run out
+@pytest.mark.slow  # PASS_THROUGH_WAIT (5 s) has to run out
 async def test_pass_through_answers_within_its_wait_while_the_history_fails_and_the_bounce_follows(
     standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
 ) -> None:
-    """Spool off, the history's file locked past its 5 s wait (so the write fails, and is tried again): the app
+    """Spool off, the history's file locked past history_timeout (so the write fails, and is tried again): the app
     hears its 250 after PASS_THROUGH_WAIT rather than waiting as long as the history fails, and the bounce for
     the recipient refused inside it goes out, once, when the history takes the note."""
     standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
-    history = {"history_path": str(tmp_path / "history.sqlite3")}
+    history = {"history_path": str(tmp_path / "history.sqlite3"), "history_timeout": 1}
     relay = await start_relay(spool={"enabled": False}, bounces=bounces_to(sink), reports={**history})
     lock = sqlite3.connect(history_path(relay.settings), isolation_level=None, timeout=10)
     try:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import stat
+import time
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from relay.outcomes.decide import Report
 from relay.outcomes.history import Attempted, Change, HistoryStore, MessageReceived, Tracked
 from relay.outcomes.sqlite import SqliteHistory
+from relay.outcomes.store import SENDING_STALE
 from relay.outcomes.trace import in_words
 from relay.outcomes.writer import History
 
@@ -165,6 +168,32 @@ def test_a_failed_bounce_comes_back_when_due_and_a_sent_one_never(store: History
     assert store.due_bounces(T0 + 10_000, 10) == []
 
 
+def test_an_outcome_recorded_under_a_stale_claim_changes_nothing(store: HistoryStore) -> None:
+    """A sender whose claim went stale (it could not record for SENDING_STALE) must not undo what the sender
+    that took the bounce over recorded: each outcome counts only under the claim it was handed out with."""
+    store.write([received(), Attempted("q1", T0, 1, dead={"a@example.org": ("failed", "550 x")}, bounce=True)], True)
+    [first] = store.due_bounces(T0, 10)
+    [second] = store.due_bounces(T0 + SENDING_STALE + 1, 10)  # stale: offered again, and taken
+    assert first.bounce_id == second.bounce_id and first.claimed_at != second.claimed_at
+    store.bounce_done(second.bounce_id, T0 + 700, "sent", "250 ok", second.claimed_at)
+    store.bounce_retry(first.bounce_id, T0 + 800, "451 later", first.claimed_at)  # the first one, recovered
+    store.bounce_done(first.bounce_id, T0 + 800, "dropped", "gave up", first.claimed_at)
+    assert store.due_bounces(T0 + 10_000, 10) == []  # still sent: not offered again
+    [trace] = store.lookup("q1", 5)
+    assert [line.split("bounce")[-1].strip() for line in in_words(trace).splitlines() if " bounce   " in line] == [
+        "a@example.org: failed report sent: 250 ok"
+    ]
+
+
+def test_a_text_utf8_cannot_carry_is_stored_with_question_marks(store: HistoryStore) -> None:
+    """A server's reply in another charset comes decoded with surrogateescape: stored, not refused for ever."""
+    store.write([received(), Attempted("q1", T0, 1, dead={"a@example.org": ("failed", "550 x")}, bounce=True)], True)
+    [bounce] = store.due_bounces(T0, 10)
+    store.bounce_retry(bounce.bounce_id, T0 + 30, "451 Gr\udcfc\udcdfe", bounce.claimed_at)
+    [again] = store.due_bounces(T0 + 30, 10)
+    assert again.attempts == 1
+
+
 def test_a_bounce_being_sent_at_a_crash_is_offered_again(tmp_path: Path) -> None:
     path = tmp_path / "h.sqlite3"
     first = SqliteHistory(path)
@@ -250,6 +279,31 @@ async def test_a_note_the_store_cannot_take_is_dropped_and_the_writer_lives_on(t
     assert await history.note(received("q1"))
     assert [t.queue_id for t in await history.call(store.lookup, "q1", 5)] == ["q1"]
     await history.close()
+
+
+async def test_a_stop_tries_a_failing_write_again_at_once(tmp_path: Path) -> None:
+    """A write waiting out its backoff when the relay stops is tried again at once (the history may be back),
+    not after the backoff, which may be longer than the stop waits."""
+    store = SqliteHistory(tmp_path / "h.sqlite3", timeout=0.05)
+    failures: list[int] = []
+    history = History(store, bounces_on=True, on_error=lambda: failures.append(1))
+    history.start()
+    lock = sqlite3.connect(tmp_path / "h.sqlite3", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    history.note(received("q1"))
+    async with asyncio.timeout(10):
+        while len(failures) < 4:  # waits of 0.25, 0.5 and 1 s behind it: the next is 2 s
+            await asyncio.sleep(0.05)
+    lock.execute("ROLLBACK")
+    lock.close()
+    with structlog.testing.capture_logs() as logs:
+        started = time.monotonic()
+        await history.close()
+        assert time.monotonic() - started < 1.5
+    assert not any(e["event"] == "history_notes_lost" for e in logs)
+    reopened = SqliteHistory(tmp_path / "h.sqlite3")
+    assert [t.queue_id for t in reopened.lookup("q1", 5)] == ["q1"]
+    reopened.close()
 
 
 async def test_writes_are_batched_in_order_and_a_failed_write_is_reported(tmp_path: Path) -> None:

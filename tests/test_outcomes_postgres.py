@@ -8,6 +8,7 @@ import asyncio
 import json
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -30,8 +31,10 @@ from tests.test_outcomes_history import (
     received,
     test_a_batch_of_any_size_with_an_address_twice_is_written_whole,
     test_a_failed_bounce_comes_back_when_due_and_a_sent_one_never,
+    test_a_text_utf8_cannot_carry_is_stored_with_question_marks,
     test_an_attempt_in_the_batch_of_its_message_or_a_later_one_or_a_message_noted_twice_reads_the_same,
     test_an_attempt_then_reports_set_each_recipients_status_once,
+    test_an_outcome_recorded_under_a_stale_claim_changes_nothing,
     test_dead_after_250_queues_a_bounce_and_handed_back_does_not,
     test_delay_warnings_once_per_message,
     test_meta_keeps_the_first_value,
@@ -48,8 +51,10 @@ __all__ = [
     "postgres_server",
     "test_a_batch_of_any_size_with_an_address_twice_is_written_whole",
     "test_a_failed_bounce_comes_back_when_due_and_a_sent_one_never",
+    "test_a_text_utf8_cannot_carry_is_stored_with_question_marks",
     "test_an_attempt_in_the_batch_of_its_message_or_a_later_one_or_a_message_noted_twice_reads_the_same",
     "test_an_attempt_then_reports_set_each_recipients_status_once",
+    "test_an_outcome_recorded_under_a_stale_claim_changes_nothing",
     "test_dead_after_250_queues_a_bounce_and_handed_back_does_not",
     "test_delay_warnings_once_per_message",
     "test_meta_keeps_the_first_value",
@@ -220,8 +225,9 @@ async def test_a_write_that_fails_in_passing_is_tried_again_and_a_stop_gives_up_
         with psycopg.connect(url) as locker:
             locker.execute("LOCK TABLE recipients IN ACCESS EXCLUSIVE MODE")
             first = history.note(dead)
-            while len(errors) < 2:  # failed, and failed again on its first retry
-                await asyncio.sleep(0.05)
+            async with asyncio.timeout(10):
+                while len(errors) < 2:  # failed, and failed again on its first retry
+                    await asyncio.sleep(0.05)
             later = history.note(received("q2"))
             assert not first.done() and not later.done()
             with pytest.raises(HistoryFailing):  # what must follow the notes fails now, not when the lock goes
@@ -256,6 +262,12 @@ def test_failures_that_may_pass_are_told_from_those_that_never_will(url: str) ->
     with pytest.raises(psycopg.Error) as lost:
         store.write([received("q-lost")], False)
     assert store.passing(lost.value)
+    store.write([received("q2")], False)  # on a new connection
+    store.conn.execute("SET idle_session_timeout = '100ms'")  # a managed server's: it ends the session, 57P05
+    time.sleep(0.3)
+    with pytest.raises(psycopg.Error) as idle:
+        store.write([received("q-idle")], False)
+    assert store.passing(idle.value)
     store.close()
 
 
@@ -289,6 +301,12 @@ def test_a_reconnect_does_not_wait_for_the_schema_lock_and_pruning_has_no_time_l
             writing.start()
             writing.join(5)
             assert not writing.is_alive()  # reconnected without the lock
+    with psycopg.connect(url, autocommit=True) as admin:  # the database came back empty (a restore, say)
+        admin.execute("DROP TABLE meta, messages, recipients, infobip_ids, events, bounces, report_lease")
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'relay-history'")
+    with pytest.raises(psycopg.OperationalError):
+        store.write([received("q-lost")], False)
+    store.write([received("q-old"), received("q1")], False)  # its tables made again on the reconnect
     with psycopg.connect(url) as locker:
         locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
         pruned: list[int] = []

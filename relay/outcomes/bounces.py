@@ -43,12 +43,16 @@ class Bouncer:
         done: Callable[[int, float, str, str], Awaitable[object]],
         retry: Callable[[int, float, str], Awaitable[object]],
         delayed: Callable[[float, float], Awaitable[int]],
+        *,
+        passing: Callable[[Exception], bool] = lambda error: False,
     ) -> None:
+        """`passing`: whether a failed record may succeed later (the history failing for a while), so it is kept."""
         self.settings = settings
         self.hostname = hostname
         self.clock = clock
         self.metrics = metrics
         self._due, self._done, self._retry, self._delayed = due, done, retry, delayed
+        self._passing = passing
         self._wake = asyncio.Event()
         self._unrecorded: list[Callable[[], Awaitable[object]]] = []  # outcomes the history refused, to record
 
@@ -75,10 +79,9 @@ class Bouncer:
             self._wake.clear()
 
     async def _look(self) -> None:
-        """Outcomes not recorded yet, the delay warnings that fall due, then every bounce due, a batch at a time."""
-        while self._unrecorded:  # a failure ends this look: they are kept for the next
-            await self._unrecorded[0]()
-            self._unrecorded.pop(0)
+        """Outcomes not recorded yet, the delay warnings that fall due, then every bounce due, a batch at a time
+        (each batch after the outcomes of the last are recorded)."""
+        await self._record_kept()
         if self.settings.delay_warning > 0:  # Postfix's delay_warning_time: one per message
             now = self.clock.time()
             if warned := await self._delayed(now - self.settings.delay_warning, now):
@@ -86,6 +89,7 @@ class Bouncer:
         while jobs := await self._due(self.clock.time(), BATCH):
             for job in jobs:
                 await self.send(job)
+            await self._record_kept()
         log.debug("bounce_outbox_checked", at=self.clock.time())  # nothing due now: asleep until the next look
 
     async def send(self, job: BounceJob) -> None:
@@ -96,7 +100,12 @@ class Bouncer:
             log.warning("bounce_not_sent", **fields, reason="null or unroutable sender", sender=job.sender)
             self.metrics.bounces.labels("not_sent").inc()
             await self._record(
-                self._done, job.bounce_id, now, "dropped", f"not sent: no route to sender <{job.sender}>"
+                self._done,
+                job.bounce_id,
+                now,
+                "dropped",
+                f"not sent: no route to sender <{job.sender}>",
+                job.claimed_at,
             )
             return
         data = build_dsn(job, hostname=self.hostname, to=to, now=now)
@@ -106,7 +115,9 @@ class Bouncer:
             if 500 <= exc.code < 600:  # the server will not take it: retrying would only repeat that
                 log.error("bounce_refused", **fields, to=to, reply=f"{exc.code} {exc.message}")
                 self.metrics.bounces.labels("dropped").inc()
-                await self._record(self._done, job.bounce_id, now, "dropped", f"refused: {exc.code} {exc.message}")
+                await self._record(
+                    self._done, job.bounce_id, now, "dropped", f"refused: {exc.code} {exc.message}", job.claimed_at
+                )
                 return
             await self._again(job, fields, f"{exc.code} {exc.message}")
             return
@@ -115,7 +126,7 @@ class Bouncer:
             return
         log.info("bounce_sent", **fields, to=to, server=f"{self.settings.smtp_host}:{self.settings.smtp_port}")
         self.metrics.bounces.labels("sent").inc()
-        await self._record(self._done, job.bounce_id, self.clock.time(), "sent", f"to <{to}>: {reply}")
+        await self._record(self._done, job.bounce_id, self.clock.time(), "sent", f"to <{to}>: {reply}", job.claimed_at)
 
     async def _deliver(self, to: str, data: bytes) -> str:
         smtp = aiosmtplib.SMTP(
@@ -140,20 +151,40 @@ class Bouncer:
         if due is None:
             log.error("bounce_dropped", **fields, reason=f"still failing after {job.attempts + 1} tries: {error}")
             self.metrics.bounces.labels("dropped").inc()
-            await self._record(self._done, job.bounce_id, now, "dropped", f"gave up: {error}")
+            await self._record(self._done, job.bounce_id, now, "dropped", f"gave up: {error}", job.claimed_at)
             return
         log.warning("bounce_deferred", **fields, error=error, next_attempt_in=round(due - now, 1))
         self.metrics.bounces.labels("retried").inc()
-        await self._record(self._retry, job.bounce_id, due, error)
+        await self._record(self._retry, job.bounce_id, due, error, job.claimed_at)
 
     async def _record(self, write: Callable[..., Awaitable[object]], *args: object) -> None:
-        """Record a bounce's outcome. One the history refuses now (it fails, or is busy trying a write again)
-        is kept and recorded first at the next look: the bounce stays claimed meanwhile, so it is not sent
-        again, and the rest of the batch goes on."""
+        """Record a bounce's outcome (under its claim). One the history cannot take now (failing, or busy
+        trying a write again) is kept and recorded before the next batch is claimed; the rest of this batch
+        goes on meanwhile, and the bounce stays claimed, so it is not sent again. One it refuses for good is
+        not kept: the claim goes stale, and the bounce is offered again."""
         try:
             await write(*args)
         except Exception as exc:
-            self._unrecorded.append(functools.partial(write, *args))
-            log.error(
-                "bounce_outbox_failed", error_type=type(exc).__name__, error=str(exc), unrecorded=len(self._unrecorded)
-            )
+            self._keep(functools.partial(write, *args), exc)
+
+    def _keep(self, record: Callable[[], Awaitable[object]], error: Exception) -> None:
+        kept = self._passing(error)
+        if kept:
+            self._unrecorded.append(record)
+        log.error(
+            "bounce_outbox_failed", error_type=type(error).__name__, error=str(error), unrecorded=len(self._unrecorded),
+            kept=kept,
+        )  # fmt: skip
+
+    async def _record_kept(self) -> None:
+        """The outcomes kept, in order; one the history still cannot take ends the look (the rest wait)."""
+        while self._unrecorded:
+            record = self._unrecorded.pop(0)
+            try:
+                await record()
+            except Exception as exc:
+                if not self._passing(exc):
+                    self._keep(record, exc)  # logged, and gone
+                    continue
+                self._unrecorded.insert(0, record)
+                raise

@@ -54,7 +54,9 @@ class Columns:
         raise self.unknown(stored)
 
     def seal_text(self, column: str, identity: str, value: str) -> bytes:
-        return self.seal(column, identity, value.encode())
+        """A text that UTF-8 cannot carry (a lone surrogate: a server's reply in another charset, decoded with
+        surrogateescape) is stored with "?" there, rather than never."""
+        return self.seal(column, identity, value.encode("utf-8", "replace"))
 
     def open_text(self, column: str, identity: str, stored: bytes | None) -> str:
         return "" if stored is None else self.open(column, identity, stored).decode()

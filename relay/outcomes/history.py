@@ -105,6 +105,7 @@ class BounceJob:
     attempts: int
     created_at: float
     action: str = "failed"  # failed | delayed
+    claimed_at: float | None = None  # when due_bounces handed it out: its outcome is recorded only under this claim
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,11 +159,14 @@ class HistoryStore(Protocol):
     def due_bounces(self, now: float, limit: int) -> list[BounceJob]:
         """Bounces due by `now`, oldest first."""
 
-    def bounce_done(self, bounce_id: int, at: float, outcome: str, detail: str) -> None:
-        """A bounce was sent (`outcome` "sent") or given up ("dropped"); never offered again."""
+    def bounce_done(
+        self, bounce_id: int, at: float, outcome: str, detail: str, claimed_at: float | None = None
+    ) -> None:
+        """A bounce was sent (`outcome` "sent") or given up ("dropped"); never offered again. With `claimed_at`
+        (BounceJob's), only while that claim holds: once stale, another sender may have taken the bounce."""
 
-    def bounce_retry(self, bounce_id: int, due: float, error: str) -> None:
-        """A bounce attempt failed: try again at `due`."""
+    def bounce_retry(self, bounce_id: int, due: float, error: str, claimed_at: float | None = None) -> None:
+        """A bounce attempt failed: try again at `due` (with `claimed_at`, as bounce_done)."""
 
     def delayed(self, received_before: float, at: float) -> int:
         """Queue one delay warning (Action: delayed) for each message still queued since before

@@ -37,8 +37,8 @@ POSTGRES = Dialect(
 Conn = psycopg.Connection[tuple[Any, ...]]
 DEFAULT_TIMEOUT = 30.0  # reports.history_timeout's default
 # connection exception, insufficient resources, query canceled (statement_timeout), admin or crash shutdown,
-# cannot connect now, serialization failure, deadlock, lock not available
-PASSING_SQLSTATES = ("08", "53", "57014", "57P01", "57P02", "57P03", "40001", "40P01", "55P03")
+# cannot connect now, idle session timeout, serialization failure, deadlock, lock not available
+PASSING_SQLSTATES = ("08", "53", "57014", "57P01", "57P02", "57P03", "57P05", "40001", "40P01", "55P03")
 
 
 def connection_params(url: str, timeout: float) -> dict[str, Any]:
@@ -89,13 +89,13 @@ class PostgresHistory(SqlHistory):
 
     def _connect(self, *, schema: bool = True) -> Conn:
         """Connect and create the schema if missing; the advisory lock makes replicas starting together take
-        turns. Not on a reconnect: the schema is there, and waiting on the lock has no time limit."""
+        turns. Not on a reconnect that finds the tables: waiting on the lock has no time limit."""
         conn = psycopg.connect(**connection_params(self._url, self._timeout))
         self._db = PostgresDb(conn, self._cols)
         try:
             conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{round(self._timeout * 1000)}ms",))
-            if not schema:
-                return conn
+            if not schema and conn.execute("SELECT to_regclass('messages')").fetchone() != (None,):
+                return conn  # (a database that came back empty, from a restore say, gets its tables again)
             with conn.transaction():
                 # converting an older layout, or waiting for the replica that does, may take longer
                 conn.execute("SET LOCAL statement_timeout = 0")
@@ -132,9 +132,9 @@ class PostgresHistory(SqlHistory):
         what the server or the client refuses (data, SQL, limits, a password): that stays."""
         if not isinstance(error, psycopg.Error):
             return False
-        if error.sqlstate is None:  # the client's own: a connection broken or not made, or a refusal (which
-            return bool(self.conn.closed or self.conn.broken)  # leaves the connection as it was)
-        return error.sqlstate.startswith(PASSING_SQLSTATES)
+        if self.conn.closed or self.conn.broken:  # ended by the server (whatever its code) or the network
+            return True
+        return error.sqlstate is not None and error.sqlstate.startswith(PASSING_SQLSTATES)  # None: the client's own
 
     def close(self) -> None:
         self.conn.close()

@@ -45,12 +45,12 @@ from relay.outcomes.push import TRACKING, PushListener
 from relay.outcomes.reports import Poller, ReportsClient
 from relay.outcomes.sqlite import SqliteHistory, history_path
 from relay.outcomes.trace import as_json
-from relay.outcomes.writer import History
+from relay.outcomes.writer import History, HistoryFailing
 from relay.testing.failpoints import crashpoint
 
 log = structlog.get_logger("relay.outcomes")
 PRUNE_EVERY = 3600.0
-PASS_THROUGH_WAIT = 5.0  # seconds a pass-through 250 waits for its bounce's note to be on disk (SQLite's lock wait)
+PASS_THROUGH_WAIT = 5.0  # seconds a pass-through 250 waits for its bounce's note to be on disk
 HEADERS_KEPT = 65536  # bytes of a header block kept for a bounce's text/rfc822-headers part
 
 
@@ -60,7 +60,7 @@ def open_store(settings: Settings) -> HistoryStore:
         return PostgresHistory(url, settings.spool.encryption_keys, timeout=settings.reports.history_timeout)
     path = history_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return SqliteHistory(path, settings.spool.encryption_keys)
+    return SqliteHistory(path, settings.spool.encryption_keys, timeout=settings.reports.history_timeout)
 
 
 async def _on_disk_or_later(written: asyncio.Future[bool]) -> None:
@@ -70,6 +70,15 @@ async def _on_disk_or_later(written: asyncio.Future[bool]) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(PASS_THROUGH_WAIT):
             await asyncio.shield(written)
+
+
+def _outbox(history: History, store: HistoryStore) -> tuple[Callable[..., Awaitable[Any]], ...]:
+    """The store's bounce methods, each run on the history's thread."""
+
+    def on_thread(method: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        return lambda *args: history.call(method, *args)
+
+    return tuple(on_thread(m) for m in (store.due_bounces, store.bounce_done, store.bounce_retry, store.delayed))
 
 
 def outcomes_for(settings: Settings, registry: CollectorRegistry, clock: Clock | None) -> Outcomes | None:
@@ -136,7 +145,8 @@ class Outcomes:
         if self.bounces_on:
             self.bouncer = Bouncer(
                 self.settings.bounces, self.settings.listen.hostname, self.clock, self.metrics,
-                *self._outbox(store),
+                *_outbox(self.history, store),
+                passing=lambda error: isinstance(error, HistoryFailing) or store.passing(error),
             )  # fmt: skip
             self._tasks.append(asyncio.create_task(self.bouncer.run(), name="bounces"))
         if self.reports_on:
@@ -294,26 +304,22 @@ class Outcomes:
             if not await self.history.call(self.store.record_tracking, [event]):
                 log.info("tracking_ignored", infobip_id=event.infobip_id, kind=event.kind, reason="seen, or not ours")
                 continue
-            found = await self.history.call(self.store.lookup, event.infobip_id, 1)  # which message: for the log
             self.metrics.tracking.labels(tracking_label(event.kind)).inc()
             log.info(
-                "message_tracking", queue_id=found[0].queue_id if found else None, infobip_id=event.infobip_id,
+                "message_tracking", queue_id=await self._queue_id_of(event.infobip_id), infobip_id=event.infobip_id,
                 recipient=event.address, kind=event.kind,
             )  # fmt: skip
+
+    async def _queue_id_of(self, infobip_id: str) -> str | None:
+        """For a log line: the event is recorded already, so a history failing now costs only this."""
+        with contextlib.suppress(Exception):
+            if found := await self.lookup(infobip_id, 1):
+                return found[0].queue_id
+        return None
 
     async def lookup(self, query: str, limit: int = 50) -> list[MessageTrace]:
         assert self.history is not None and self.store is not None
         return await self.history.call(self.store.lookup, query, limit)
-
-    def _outbox(self, store: HistoryStore) -> tuple[Callable[..., Awaitable[Any]], ...]:
-        """The store's bounce methods, each run on the history's thread."""
-        assert self.history is not None
-        history = self.history
-
-        def on_thread(method: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-            return lambda *args: history.call(method, *args)
-
-        return tuple(on_thread(m) for m in (store.due_bounces, store.bounce_done, store.bounce_retry, store.delayed))
 
     async def messages(self, query: str) -> list[dict[str, Any]]:
         """GET /messages?q=: the same lookup as `relay trace --json`."""

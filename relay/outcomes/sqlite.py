@@ -42,7 +42,7 @@ def history_path(settings: Settings) -> Path:
     return settings.reports.history_path or settings.spool.path / "history.sqlite3"
 
 
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+def connect(path: Path, *, readonly: bool = False, timeout: float = 30.0) -> sqlite3.Connection:
     """Open (and for writing, create with mode 0600) the history file."""
     if readonly:
         return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
@@ -50,7 +50,7 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")  # FULL for the transactions that must survive power loss
-    db.execute("PRAGMA busy_timeout = 5000")
+    db.execute(f"PRAGMA busy_timeout = {round(timeout * 1000)}")  # reports.history_timeout: waiting for the lock
     db.execute("PRAGMA secure_delete = ON")  # deleted rows (pruned, or a converted layout 1's) are zeroed, not freed
     return db
 
@@ -71,10 +71,13 @@ class SqliteDb(Db):
 class SqliteHistory(SqlHistory):
     """HistoryStore on SQLite. Use from one thread at a time (relay/outcomes/writer.py sees to it)."""
 
-    def __init__(self, path: Path, keys: Sequence[bytes] = (), *, readonly: bool = False) -> None:
-        """`keys`: the spool's (spool.encryption_keys, current first); none: values in the clear."""
+    def __init__(
+        self, path: Path, keys: Sequence[bytes] = (), *, readonly: bool = False, timeout: float = 30.0
+    ) -> None:
+        """`keys`: the spool's (spool.encryption_keys, current first); none: values in the clear. `timeout`:
+        reports.history_timeout, how long a write waits for the file's lock (held by a backup, say)."""
         self.path = path
-        self.db = connect(path, readonly=readonly)
+        self.db = connect(path, readonly=readonly, timeout=timeout)
         self._db = SqliteDb(self.db, columns_for(keys))
         try:
             with self._read() if readonly else self._tx() as db:

@@ -338,30 +338,34 @@ class SqlHistory:
                 "RETURNING id, queue_id, action, recipients, attempts, created_at",
                 (now, now, now - SENDING_STALE, limit),
             )
-            return [_bounce_job(db, *row) for row in sorted(rows)]
+            return [_bounce_job(db, *row, claimed_at=now) for row in sorted(rows)]
 
-    def bounce_done(self, bounce_id: int, at: float, outcome: str, detail: str) -> None:
+    def bounce_done(
+        self, bounce_id: int, at: float, outcome: str, detail: str, claimed_at: float | None = None
+    ) -> None:
         with self._tx(durable=True) as db:  # never sent twice
             row = db.one("SELECT queue_id FROM bounces WHERE id = ?", (bounce_id,))
             error = db.cols.seal_text("bounces.last_error", row[0], detail) if row and outcome != "sent" else None
+            held, claim = _claim(claimed_at)
             row = db.one(
-                "UPDATE bounces SET state = ?, done_at = ?, last_error = ? WHERE id = ? "
+                f"UPDATE bounces SET state = ?, done_at = ?, last_error = ? WHERE id = ?{held} "
                 "RETURNING queue_id, action, recipients",
-                (outcome, at, error, bounce_id),
+                (outcome, at, error, bounce_id, *claim),
             )
             if row is not None:
                 queue_id, action, items = row
                 for item in _bounce_items(db, queue_id, items):
                     _event(db, queue_id, at, "bounce", item["address"], f"{action} report {outcome}: {detail}")
 
-    def bounce_retry(self, bounce_id: int, due: float, error: str) -> None:
+    def bounce_retry(self, bounce_id: int, due: float, error: str, claimed_at: float | None = None) -> None:
         with self._tx() as db:
             row = db.one("SELECT queue_id FROM bounces WHERE id = ?", (bounce_id,))
             if row is not None:
+                held, claim = _claim(claimed_at)
                 db.run(
                     "UPDATE bounces SET state = 'pending', due = ?, attempts = attempts + 1, last_error = ? "
-                    "WHERE id = ?",
-                    (due, db.cols.seal_text("bounces.last_error", row[0], error), bounce_id),
+                    f"WHERE id = ?{held}",
+                    (due, db.cols.seal_text("bounces.last_error", row[0], error), bounce_id, *claim),
                 )
 
     def delayed(self, received_before: float, at: float) -> int:
@@ -724,8 +728,21 @@ def _track(db: Db, event: Tracked) -> int:
     ).rowcount
 
 
+def _claim(claimed_at: float | None) -> tuple[str, tuple[float, ...]]:
+    """The condition (and its argument) that a bounce is still under the claim it was handed out with."""
+    return ("", ()) if claimed_at is None else (" AND state = 'sending' AND claimed_at = ?", (claimed_at,))
+
+
 def _bounce_job(
-    db: Db, bounce_id: int, queue_id: str, action: str, items: bytes, attempts: int, created: float
+    db: Db,
+    bounce_id: int,
+    queue_id: str,
+    action: str,
+    items: bytes,
+    attempts: int,
+    created: float,
+    *,
+    claimed_at: float | None = None,
 ) -> BounceJob:
     cols = db.cols
     row = db.one("SELECT message_id, sender, received_at, headers FROM messages WHERE queue_id = ?", (queue_id,))
@@ -744,6 +761,7 @@ def _bounce_job(
         attempts=attempts,
         created_at=created,
         action=action,
+        claimed_at=claimed_at,
     )
 
 

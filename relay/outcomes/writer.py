@@ -59,6 +59,8 @@ class History:
         self._writing_since: float | None = None  # monotonic time the write in flight began (its tries included)
         self._writing: list[Change] = []  # the batch in flight
         self._failing = asyncio.Event()  # set while the batch in flight has failed and is being tried again
+        self._stopping = asyncio.Event()  # close(): a write waiting to be tried again is tried at once, then often
+        self._writing_done: asyncio.Future[bool] | None = None  # the future of the batch in flight
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="history-writer")
@@ -111,7 +113,7 @@ class History:
             self._batch, self._done = [], None
             if not batch or done is None:
                 continue
-            self._writing_since, self._writing = time.monotonic(), batch
+            self._writing_since, self._writing, self._writing_done = time.monotonic(), batch, done
             try:
                 ok = await self._write(batch)
             except Exception as exc:  # _write's own bug: the writer lives on (every later note would wait for it)
@@ -146,7 +148,12 @@ class History:
                     if not again:
                         return False
                 self._failing.set()
-                await asyncio.sleep(delay)
+                if self._stopping.is_set():  # closing: tried often, until close() gives up on it (CLOSE_WAIT)
+                    await asyncio.sleep(RETRY_FIRST)
+                    continue
+                with contextlib.suppress(TimeoutError):  # a stop meanwhile: tried again at once
+                    async with asyncio.timeout(delay):
+                        await self._stopping.wait()
                 delay = min(2 * delay, RETRY_MAX)
         finally:
             self._failing.clear()
@@ -166,12 +173,16 @@ class History:
 
     async def _close(self) -> None:
         if self._task is not None:
+            self._stopping.set()
             if self._last is not None and not self._last.done():  # a history still failing gets CLOSE_WAIT
                 self._now.set()
                 await asyncio.wait({self._last}, timeout=CLOSE_WAIT)
             lost = len(self._writing) + len(self._batch)  # the write in flight may still go through
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+            for future in (self._writing_done, self._done):  # nobody waits for ever on what will not be written
+                if future is not None and not future.done():
+                    future.set_result(False)
             if lost:
                 log.error("history_notes_lost", changes=lost)  # not written at the stop: may be lost
         await asyncio.get_running_loop().run_in_executor(self._executor, self.store.close)
