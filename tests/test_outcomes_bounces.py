@@ -236,6 +236,29 @@ async def test_a_bounce_sent_whose_record_fails_is_recorded_later_and_never_sent
     db.close()
 
 
+async def test_a_stop_with_a_record_kept_says_so(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
+    settings = {"spool": spooled(tmp_path), "bounces": bounces_to(sink), "reports": {"history_timeout": 1}}
+    relay = await start_relay(**settings)
+    lock = sqlite3.connect(history_path(relay.settings), isolation_level=None, timeout=10)
+    sink.on_message = lambda _: lock.execute("BEGIN EXCLUSIVE")  # locked as the server takes the bounce
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert (await send_one(relay.port, SENDER, ["nosuch@example.org", "a@example.org"], message())).startswith(
+                "250"
+            )
+            await until(lambda: any(e["event"] == "bounce_outbox_failed" and e.get("kept") for e in logs))
+            # kept, and tried again before the next batch: the look ends there, until the next check
+            await until(lambda: any(e["event"] == "bounce_outbox_failed" and "kept" not in e for e in logs))
+            lock.execute("ROLLBACK")
+            await relay.stop()
+    finally:
+        lock.close()
+    assert [e["records"] for e in logs if e["event"] == "bounce_records_lost"] == [1]
+
+
 async def test_a_bounce_whose_record_is_refused_for_good_is_not_kept_and_goes_again_once_stale(
     standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
 ) -> None:

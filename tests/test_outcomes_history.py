@@ -175,9 +175,9 @@ def test_an_outcome_recorded_under_a_stale_claim_changes_nothing(store: HistoryS
     [first] = store.due_bounces(T0, 10)
     [second] = store.due_bounces(T0 + SENDING_STALE + 1, 10)  # stale: offered again, and taken
     assert first.bounce_id == second.bounce_id and first.claimed_at != second.claimed_at
-    store.bounce_done(second.bounce_id, T0 + 700, "sent", "250 ok", second.claimed_at)
-    store.bounce_retry(first.bounce_id, T0 + 800, "451 later", first.claimed_at)  # the first one, recovered
-    store.bounce_done(first.bounce_id, T0 + 800, "dropped", "gave up", first.claimed_at)
+    assert store.bounce_done(second.bounce_id, T0 + 700, "sent", "250 ok", second.claimed_at)
+    assert not store.bounce_retry(first.bounce_id, T0 + 800, "451 later", first.claimed_at)  # the first, recovered
+    assert not store.bounce_done(first.bounce_id, T0 + 800, "dropped", "gave up", first.claimed_at)
     assert store.due_bounces(T0 + 10_000, 10) == []  # still sent: not offered again
     [trace] = store.lookup("q1", 5)
     assert [line.split("bounce")[-1].strip() for line in in_words(trace).splitlines() if " bounce   " in line] == [

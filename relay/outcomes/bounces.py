@@ -40,8 +40,8 @@ class Bouncer:
         clock: Clock,
         metrics: OutcomeMetrics,
         due: Callable[[float, int], Awaitable[list[BounceJob]]],
-        done: Callable[[int, float, str, str], Awaitable[object]],
-        retry: Callable[[int, float, str], Awaitable[object]],
+        done: Callable[[int, float, str, str, float | None], Awaitable[bool]],
+        retry: Callable[[int, float, str, float | None], Awaitable[bool]],
         delayed: Callable[[float, float], Awaitable[int]],
         *,
         passing: Callable[[Exception], bool] = lambda error: False,
@@ -66,6 +66,13 @@ class Bouncer:
         written.add_done_callback(lambda done: None if done.cancelled() or not done.result() else self.send_now())
 
     async def run(self) -> None:
+        try:
+            await self._checks()
+        finally:  # stopped with records the history had not taken: those bounces go again once offered again
+            if self._unrecorded:
+                log.error("bounce_records_lost", records=len(self._unrecorded))
+
+    async def _checks(self) -> None:
         while True:
             try:
                 await self._look()
@@ -163,9 +170,12 @@ class Bouncer:
         goes on meanwhile, and the bounce stays claimed, so it is not sent again. One it refuses for good is
         not kept: the claim goes stale, and the bounce is offered again."""
         try:
-            await write(*args)
+            recorded = await write(*args)
         except Exception as exc:
             self._keep(functools.partial(write, *args), exc)
+            return
+        if recorded is False:  # the claim went stale meanwhile, and another sender has the bounce now
+            log.warning("bounce_claim_lost", bounce_id=args[0])
 
     def _keep(self, record: Callable[[], Awaitable[object]], error: Exception) -> None:
         kept = self._passing(error)

@@ -161,11 +161,12 @@ class HistoryStore(Protocol):
 
     def bounce_done(
         self, bounce_id: int, at: float, outcome: str, detail: str, claimed_at: float | None = None
-    ) -> None:
+    ) -> bool:
         """A bounce was sent (`outcome` "sent") or given up ("dropped"); never offered again. With `claimed_at`
-        (BounceJob's), only while that claim holds: once stale, another sender may have taken the bounce."""
+        (BounceJob's), only while that claim holds: once stale, another sender may have taken the bounce.
+        False: nothing recorded (no such bounce, or the claim is lost)."""
 
-    def bounce_retry(self, bounce_id: int, due: float, error: str, claimed_at: float | None = None) -> None:
+    def bounce_retry(self, bounce_id: int, due: float, error: str, claimed_at: float | None = None) -> bool:
         """A bounce attempt failed: try again at `due` (with `claimed_at`, as bounce_done)."""
 
     def delayed(self, received_before: float, at: float) -> int:

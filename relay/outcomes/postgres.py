@@ -111,15 +111,22 @@ class PostgresHistory(SqlHistory):
     def _tx(self, *, durable: bool = False, unlimited: bool = False) -> Iterator[Db]:
         """Not `durable`: the commit does not wait for the WAL flush (as SQLite's NORMAL, safe from our crash,
         not the server's); durable ones flush it, with everything before them."""
-        if self.conn.closed:  # the server restarted or the connection broke: the call that found out failed
-            # (history_write_failed, say); this one starts on a fresh connection (the schema is there)
-            self.conn = self._connect(schema=False)
-        with self.conn.transaction():
-            if not durable:
-                self.conn.execute("SET LOCAL synchronous_commit = off")
-            if unlimited:
-                self.conn.execute("SET LOCAL statement_timeout = 0")
-            yield self._db
+        try:
+            if self.conn.closed:  # the server restarted or the connection broke: the call that found out failed
+                # (history_write_failed, say); this one starts on a fresh connection
+                self.conn = self._connect(schema=False)
+            with self.conn.transaction():
+                if not durable:
+                    self.conn.execute("SET LOCAL synchronous_commit = off")
+                if unlimited:
+                    self.conn.execute("SET LOCAL statement_timeout = 0")
+                yield self._db
+        except psycopg.Error as exc:
+            # whether the connection was lost, said now, on this thread: by the time `passing` asks, a later call
+            # may have reconnected
+            lost = exc.sqlstate is None and bool(self.conn.closed or self.conn.broken)
+            setattr(exc, "connection_lost", lost)  # noqa: B010
+            raise
 
     def _prune_turn(self, db: Db) -> bool:
         """Every replica prunes hourly: one at a time does (the others find the lock taken and skip), so their
@@ -132,9 +139,9 @@ class PostgresHistory(SqlHistory):
         what the server or the client refuses (data, SQL, limits, a password): that stays."""
         if not isinstance(error, psycopg.Error):
             return False
-        if self.conn.closed or self.conn.broken:  # ended by the server (whatever its code) or the network
-            return True
-        return error.sqlstate is not None and error.sqlstate.startswith(PASSING_SQLSTATES)  # None: the client's own
+        if error.sqlstate is None:  # the client's: the connection lost or not made (_tx says which), or a refusal
+            return bool(getattr(error, "connection_lost", False))
+        return error.sqlstate.startswith(PASSING_SQLSTATES)
 
     def close(self) -> None:
         self.conn.close()

@@ -35,6 +35,7 @@ SQLITE = Dialect(
 # locking protocol. Not a read-only file, a constraint or a statement the library refuses: those stay.
 PASSING = frozenset({5, 6, 7, 10, 13, 14, 15})
 NEVER_PASSING = frozenset({8202, 8458})  # SQLITE_IOERR_DATA, SQLITE_IOERR_CORRUPTFS: damage, not a wait
+LOCK_WAIT = 5.0  # seconds at most a statement waits for the file's lock
 
 
 def history_path(settings: Settings) -> Path:
@@ -43,14 +44,19 @@ def history_path(settings: Settings) -> Path:
 
 
 def connect(path: Path, *, readonly: bool = False, timeout: float = 30.0) -> sqlite3.Connection:
-    """Open (and for writing, create with mode 0600) the history file."""
+    """Open (and for writing, create with mode 0600) the history file. `timeout`: reports.history_timeout; a
+    statement waits for the file's lock LOCK_WAIT seconds at most, since a stop cannot cut a wait short (a
+    longer lock is waited out by the writer trying again)."""
+    wait = min(timeout, LOCK_WAIT)
     if readonly:
-        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+        return sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False, timeout=wait
+        )
     os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=wait)
     db.execute("PRAGMA journal_mode = WAL")
     db.execute("PRAGMA synchronous = NORMAL")  # FULL for the transactions that must survive power loss
-    db.execute(f"PRAGMA busy_timeout = {round(timeout * 1000)}")  # reports.history_timeout: waiting for the lock
+    db.execute(f"PRAGMA busy_timeout = {round(wait * 1000)}")
     db.execute("PRAGMA secure_delete = ON")  # deleted rows (pruned, or a converted layout 1's) are zeroed, not freed
     return db
 
@@ -75,7 +81,7 @@ class SqliteHistory(SqlHistory):
         self, path: Path, keys: Sequence[bytes] = (), *, readonly: bool = False, timeout: float = 30.0
     ) -> None:
         """`keys`: the spool's (spool.encryption_keys, current first); none: values in the clear. `timeout`:
-        reports.history_timeout, how long a write waits for the file's lock (held by a backup, say)."""
+        reports.history_timeout (see `connect`)."""
         self.path = path
         self.db = connect(path, readonly=readonly, timeout=timeout)
         self._db = SqliteDb(self.db, columns_for(keys))

@@ -342,7 +342,7 @@ class SqlHistory:
 
     def bounce_done(
         self, bounce_id: int, at: float, outcome: str, detail: str, claimed_at: float | None = None
-    ) -> None:
+    ) -> bool:
         with self._tx(durable=True) as db:  # never sent twice
             row = db.one("SELECT queue_id FROM bounces WHERE id = ?", (bounce_id,))
             error = db.cols.seal_text("bounces.last_error", row[0], detail) if row and outcome != "sent" else None
@@ -352,21 +352,25 @@ class SqlHistory:
                 "RETURNING queue_id, action, recipients",
                 (outcome, at, error, bounce_id, *claim),
             )
-            if row is not None:
-                queue_id, action, items = row
-                for item in _bounce_items(db, queue_id, items):
-                    _event(db, queue_id, at, "bounce", item["address"], f"{action} report {outcome}: {detail}")
+            if row is None:
+                return False
+            queue_id, action, items = row
+            for item in _bounce_items(db, queue_id, items):
+                _event(db, queue_id, at, "bounce", item["address"], f"{action} report {outcome}: {detail}")
+            return True
 
-    def bounce_retry(self, bounce_id: int, due: float, error: str, claimed_at: float | None = None) -> None:
+    def bounce_retry(self, bounce_id: int, due: float, error: str, claimed_at: float | None = None) -> bool:
         with self._tx() as db:
             row = db.one("SELECT queue_id FROM bounces WHERE id = ?", (bounce_id,))
-            if row is not None:
-                held, claim = _claim(claimed_at)
-                db.run(
-                    "UPDATE bounces SET state = 'pending', due = ?, attempts = attempts + 1, last_error = ? "
-                    f"WHERE id = ?{held}",
-                    (due, db.cols.seal_text("bounces.last_error", row[0], error), bounce_id, *claim),
-                )
+            if row is None:
+                return False
+            held, claim = _claim(claimed_at)
+            cursor = db.run(
+                "UPDATE bounces SET state = 'pending', due = ?, attempts = attempts + 1, last_error = ? "
+                f"WHERE id = ?{held}",
+                (due, db.cols.seal_text("bounces.last_error", row[0], error), bounce_id, *claim),
+            )
+            return cursor.rowcount > 0
 
     def delayed(self, received_before: float, at: float) -> int:
         """A message is marked warned before its warning is queued: a replica doing the same at once skips it."""
