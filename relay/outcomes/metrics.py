@@ -43,7 +43,7 @@ class OutcomeMetrics:
             ["kind"],
             registry=r,
         )
-        self.history_errors = Counter("relay_history_write_errors", "History writes that failed", registry=r)
+        self.history_errors = Counter("relay_history_write_errors", "History write tries that failed", registry=r)
         self.next_poll = Gauge(
             "relay_reports_next_poll_timestamp_seconds", "When the next poll for reports goes (epoch)", registry=r
         )
