@@ -290,6 +290,7 @@ def test_a_reconnect_does_not_wait_for_the_schema_lock_and_pruning_has_no_time_l
     """The schema lock held by a replica converting a big history (or a stuck one) must not hold a reconnect;
     a prune with much to catch up must not be cut short by history_timeout."""
     store = PostgresHistory(url, timeout=0.3)
+    assert store.meta("instance", "from-before") == "from-before"
     store.write([received("q-old")], False)
     with psycopg.connect(url, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'relay-history'")
@@ -307,6 +308,7 @@ def test_a_reconnect_does_not_wait_for_the_schema_lock_and_pruning_has_no_time_l
     with pytest.raises(psycopg.OperationalError):
         store.write([received("q-lost")], False)
     store.write([received("q-old"), received("q1")], False)  # its tables made again on the reconnect
+    assert store.meta("instance", "new") == "from-before"  # the bulk ids and push URLs out there stay ours
     with psycopg.connect(url) as locker:
         locker.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
         pruned: list[int] = []

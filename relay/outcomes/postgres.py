@@ -85,6 +85,7 @@ class PostgresHistory(SqlHistory):
         self._timeout = timeout
         self._cols = columns_for(keys)
         self._convert = not readonly
+        self._meta: dict[str, str] = {}  # what meta() answered: kept if the tables must be made again
         self.conn = self._connect()
 
     def _connect(self, *, schema: bool = True) -> Conn:
@@ -102,6 +103,8 @@ class PostgresHistory(SqlHistory):
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 create_schema(self._db, convert=self._convert)
                 check_keys(self._db)
+                for key, value in self._meta.items():  # this process's instance id and push token stand
+                    self._db.run("INSERT INTO meta VALUES (?, ?) ON CONFLICT DO NOTHING", (key, value))
         except BaseException:
             conn.close()
             raise
@@ -127,6 +130,10 @@ class PostgresHistory(SqlHistory):
             lost = exc.sqlstate is None and bool(self.conn.closed or self.conn.broken)
             setattr(exc, "connection_lost", lost)  # noqa: B010
             raise
+
+    def meta(self, key: str, default: str) -> str:
+        self._meta[key] = value = super().meta(key, default)
+        return value
 
     def _prune_turn(self, db: Db) -> bool:
         """Every replica prunes hourly: one at a time does (the others find the lock taken and skip), so their
