@@ -433,6 +433,8 @@ class ReportsSettings(_Section):
     # notes waiting behind a history write held up for HELD_UP seconds (a hung server, or failing and tried again) at
     # which MAIL gets 451 4.3.0 until the write is done: memory does not grow for ever (relay/outcomes/writer.py)
     history_backlog: int = Field(100_000, ge=1)
+    # ... or once the header blocks they hold (kept for bounces) reach this many bytes: each may be up to 64 KiB
+    history_backlog_bytes: int = Field(64 * 1024 * 1024, ge=1)
 
     @field_validator("api_key_file", "ca_file", "history_path", mode="before")
     @classmethod

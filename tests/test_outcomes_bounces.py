@@ -186,6 +186,40 @@ async def test_a_history_held_up_makes_new_mail_wait_and_a_healthy_one_never_doe
     assert relay.metrics.registry.get_sample_value("relay_messages_rejected_total", {"reason": "history_behind"}) >= 1
 
 
+async def test_a_history_held_up_counts_the_bytes_its_notes_hold_too(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    """With bounces on, a note keeps its message's header block (up to 64 KiB): reports.history_backlog_bytes of
+    them waiting behind a held-up write make MAIL wait too, however few the notes."""
+    reports = {"history_backlog": 1_000_000, "history_backlog_bytes": 4000}
+    relay = await start_relay(spool=spooled(tmp_path), bounces=bounces_to(sink), reports=reports)
+    lock = sqlite3.connect(history_path(relay.settings), isolation_level=None, timeout=10)
+    taken = 0
+    try:
+        lock.execute("BEGIN EXCLUSIVE")  # the relay's history write waits for it
+        async with asyncio.timeout(4):  # held up after 1 s; within the write's 5 s
+            while (reply := await send_big_headers_or_refused(relay.port)).startswith("250"):
+                taken += 1
+        assert reply == "451 4.3.0 The relay's message history is not keeping up; try again later"
+        assert taken >= 3  # 4000 bytes: at least three blocks of 1.2 KB
+        lock.execute("ROLLBACK")
+    finally:
+        lock.close()
+
+
+async def send_big_headers_or_refused(port: int) -> str:
+    dialog = await Dialog.open(port)
+    try:
+        await dialog.hello()
+        if not (reply := await dialog.send(f"MAIL FROM:<{SENDER}>")).startswith("250"):
+            return reply
+        assert (await dialog.send("RCPT TO:<a@example.org>")).startswith("250")
+        assert (await dialog.send("DATA")).startswith("354")
+        return await dialog.send(message(X_Padding="x" * 1200) + b".\r\n")
+    finally:
+        await dialog.close()
+
+
 async def test_the_bounce_sender_lives_through_a_history_that_fails(
     standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
 ) -> None:

@@ -185,8 +185,9 @@ class Outcomes:
 
     # hooks from the data path
 
-    def backlogged(self) -> bool:  # reports.history_backlog notes wait for a held-up write: MAIL gets 451
-        return self.history is not None and self.history.held_up(self.settings.reports.history_backlog)
+    def backlogged(self) -> bool:  # reports.history_backlog notes (or _bytes) wait for a held-up write: MAIL gets 451
+        reports = self.settings.reports
+        return self.history is not None and self.history.held_up(reports.history_backlog, reports.history_backlog_bytes)
 
     def received(self, message: Prepared, client_ip: str, profile: str = DEFAULT) -> Prepared:
         """The app handed us `message`, to go out with `profile`: claim its reports (our bulk id for that

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import structlog
 
-from relay.outcomes.history import Change, HistoryStore
+from relay.outcomes.history import Change, HistoryStore, MessageReceived
 
 log = structlog.get_logger("relay.outcomes")
 T = TypeVar("T")
@@ -50,6 +50,7 @@ class History:
         self._on_error = on_error
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="relay-history")
         self._batch: list[Change] = []
+        self._batch_bytes = 0  # of header blocks in _batch (the bulk of a note, while bounces are on)
         self._done: asyncio.Future[bool] | None = None  # the batch being gathered: True once it is written
         self._last: asyncio.Future[bool] | None = None  # the latest batch, gathered or being written
         self._wake = asyncio.Event()
@@ -65,11 +66,14 @@ class History:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="history-writer")
 
-    def held_up(self, backlog: int) -> bool:
-        """A write has taken HELD_UP seconds or more and `backlog` notes wait behind it: so many that new mail
-        should wait too (a healthy history gathers a few hundred at most between its writes)."""
+    def held_up(self, backlog: int, backlog_bytes: int) -> bool:
+        """A write has taken HELD_UP seconds or more and `backlog` notes, or `backlog_bytes` of header blocks,
+        wait behind it: so much that new mail should wait too (a healthy history gathers a few hundred notes at
+        most between its writes)."""
         since = self._writing_since
-        return since is not None and len(self._batch) >= backlog and time.monotonic() - since >= HELD_UP
+        if since is None or (len(self._batch) < backlog and self._batch_bytes < backlog_bytes):
+            return False
+        return time.monotonic() - since >= HELD_UP
 
     def note(self, change: Change, *, now: bool = False) -> asyncio.Future[bool]:
         """Queue a change; the future says True once it is on disk (False if the write failed). It is
@@ -77,6 +81,8 @@ class History:
         if (done := self._done) is None:
             done = self._done = self._last = asyncio.get_running_loop().create_future()
         self._batch.append(change)
+        if isinstance(change, MessageReceived) and change.headers:
+            self._batch_bytes += len(change.headers)
         self._wake.set()
         if now or len(self._batch) >= BATCH:
             self._now.set()
@@ -110,7 +116,7 @@ class History:
             self._wake.clear()
             self._now.clear()
             batch, done = self._batch, self._done
-            self._batch, self._done = [], None
+            self._batch, self._done, self._batch_bytes = [], None, 0
             if not batch or done is None:
                 continue
             self._writing_since, self._writing, self._writing_done = time.monotonic(), batch, done
