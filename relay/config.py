@@ -426,8 +426,8 @@ class ReportsSettings(_Section):
     # postgresql://user:password@host/db: one history for every replica (relay/outcomes/postgres.py);
     # empty: SQLite at history_path. A secret (it may carry the password): never logged.
     history_url: SecretStr = SecretStr("")
-    # seconds a write may wait for SQLite's lock; on PostgreSQL a statement may take (lock waits included), and the
-    # network's silence before the connection counts as broken (keepalives, tcp_user_timeout); then it fails
+    # seconds a write may wait for SQLite's lock (5 at most: relay/outcomes/sqlite.py); on PostgreSQL a statement may
+    # take (lock waits included), and the network's silence before the connection counts as broken; then it fails
     history_timeout: float = Field(30.0, ge=1)
     history_days: float = Field(30.0, gt=0)
     # notes waiting behind a history write held up for HELD_UP seconds (a hung server, or failing and tried again) at

@@ -293,6 +293,26 @@ async def test_a_stop_with_a_record_kept_says_so(
     assert [e["records"] for e in logs if e["event"] == "bounce_records_lost"] == [1]
 
 
+async def test_a_stop_while_a_bounce_record_is_being_written_counts_it(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
+    settings = {"spool": spooled(tmp_path), "bounces": bounces_to(sink), "reports": {"history_timeout": 1}}
+    relay = await start_relay(**settings)
+    lock = sqlite3.connect(history_path(relay.settings), isolation_level=None, timeout=10)
+    sink.on_message = lambda _: lock.execute("BEGIN EXCLUSIVE")  # the record waits for the lock
+    try:
+        with structlog.testing.capture_logs() as logs:
+            assert (await send_one(relay.port, SENDER, ["nosuch@example.org", "a@example.org"], message())).startswith(
+                "250"
+            )
+            await until(lambda: any(e["event"] == "bounce_sent" for e in logs))
+            await relay.stop()
+    finally:
+        lock.close()
+    assert [e["records"] for e in logs if e["event"] == "bounce_records_lost"] == [1]
+
+
 async def test_a_bounce_whose_record_is_refused_for_good_is_not_kept_and_goes_again_once_stale(
     standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
 ) -> None:

@@ -5,8 +5,10 @@ history's tests check (imported from tests/test_outcomes_history.py, so they run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ import psycopg
 import pytest
 import structlog
 from prometheus_client import CollectorRegistry
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from relay.config import Settings
 from relay.outcomes.decide import Report
@@ -318,6 +321,56 @@ def test_a_reconnect_does_not_wait_for_the_schema_lock_and_pruning_has_no_time_l
         assert pruning.is_alive()
     pruning.join(5)
     assert pruned == [2] and store.lookup("q1", 5) == []
+    store.close()
+
+
+class Forwarder:
+    """TCP to the server through threads of ours, that can be cut like a network gone (no reply, no code)."""
+
+    def __init__(self, url: str) -> None:
+        self.target = int(conninfo_to_dict(url)["port"])
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = make_conninfo(url, host="127.0.0.1", port=str(self.listener.getsockname()[1]))
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+
+    def cut(self) -> None:
+        for sock in (self.listener, *self.sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def test_a_connection_lost_without_a_code_and_a_server_not_reached_count_as_passing(url: str) -> None:
+    """No SQLSTATE comes with a network gone or a server down: the store says, when it happens, that the
+    connection was lost, so the writer tries again rather than dropping the batch."""
+    network = Forwarder(url)
+    store = PostgresHistory(network.url)
+    store.write([received("q1")], False)
+    network.cut()
+    with pytest.raises(psycopg.OperationalError) as lost:
+        store.write([received("q2")], False)
+    with pytest.raises(psycopg.OperationalError) as refused:  # the reconnect finds nobody listening
+        store.write([received("q2")], False)
+    assert (lost.value.sqlstate, refused.value.sqlstate) == (None, None)
+    assert store.passing(lost.value) and store.passing(refused.value)
     store.close()
 
 

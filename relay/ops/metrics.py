@@ -49,6 +49,7 @@ class Metrics:
         self.rejected = Counter(
             "relay_messages_rejected", "Messages or commands refused, by reason", ["reason"], registry=r
         )
+        self.rejected.labels("history_behind")  # at 0 from start-up: an alert's increase() sees the first ones
         self.upstream_replies = Counter(
             "relay_upstream_replies", "Infobip's end-of-transaction replies, by code", ["code"], registry=r
         )

@@ -54,7 +54,7 @@ class Bouncer:
         self._due, self._done, self._retry, self._delayed = due, done, retry, delayed
         self._passing = passing
         self._wake = asyncio.Event()
-        self._unrecorded: list[Callable[[], Awaitable[object]]] = []  # outcomes the history refused, to record
+        self._unrecorded: list[functools.partial[Awaitable[object]]] = []  # outcomes the history refused, to record
 
     def send_now(self) -> None:
         """A bounce was queued: look at the outbox now rather than at the next check."""
@@ -169,15 +169,18 @@ class Bouncer:
         trying a write again) is kept and recorded before the next batch is claimed; the rest of this batch
         goes on meanwhile, and the bounce stays claimed, so it is not sent again. One it refuses for good is
         not kept: the claim goes stale, and the bounce is offered again."""
+        record = functools.partial(write, *args)
         try:
-            recorded = await write(*args)
+            recorded = await record()
+        except asyncio.CancelledError:  # stopped mid-write: counted as not recorded (bounce_records_lost)
+            self._unrecorded.append(record)
+            raise
         except Exception as exc:
-            self._keep(functools.partial(write, *args), exc)
+            self._keep(record, exc)
             return
-        if recorded is False:  # the claim went stale meanwhile, and another sender has the bounce now
-            log.warning("bounce_claim_lost", bounce_id=args[0])
+        _claim_kept(recorded, args[0])
 
-    def _keep(self, record: Callable[[], Awaitable[object]], error: Exception) -> None:
+    def _keep(self, record: functools.partial[Awaitable[object]], error: Exception) -> None:
         kept = self._passing(error)
         if kept:
             self._unrecorded.append(record)
@@ -191,10 +194,18 @@ class Bouncer:
         while self._unrecorded:
             record = self._unrecorded.pop(0)
             try:
-                await record()
+                _claim_kept(await record(), record.args[0])
             except Exception as exc:
                 if not self._passing(exc):
                     self._keep(record, exc)  # logged, and gone
                     continue
                 self._unrecorded.insert(0, record)
                 raise
+            except asyncio.CancelledError:  # stopped mid-write: still counted (bounce_records_lost)
+                self._unrecorded.insert(0, record)
+                raise
+
+
+def _claim_kept(recorded: object, bounce_id: object) -> None:
+    if recorded is False:  # the claim went stale meanwhile, and another sender has the bounce now
+        log.warning("bounce_claim_lost", bounce_id=bounce_id)

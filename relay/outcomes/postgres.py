@@ -141,9 +141,10 @@ class PostgresHistory(SqlHistory):
         return bool(db.one("SELECT pg_try_advisory_xact_lock(?)", (PRUNE_LOCK,))[0])
 
     def passing(self, error: Exception) -> bool:
-        """A connection lost or not made, a statement cancelled (history_timeout), a server shutting down or
-        short of resources, a deadlock, a serialization failure or a lock not available, by SQLSTATE. Not
-        what the server or the client refuses (data, SQL, limits, a password): that stays."""
+        """A connection lost or not made (libpq gives no code for either, so a password refused at a reconnect
+        counts too), a statement cancelled (history_timeout), a server shutting down or short of resources, a
+        deadlock, a serialization failure or a lock not available, by SQLSTATE. Not what the server or the
+        client refuses (data, SQL, limits): that stays."""
         if not isinstance(error, psycopg.Error):
             return False
         if error.sqlstate is None:  # the client's: the connection lost or not made (_tx says which), or a refusal
