@@ -4,6 +4,7 @@ company's, here a sink) out; each bounce parsed back with the standard library's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import email.policy
 import sqlite3
@@ -239,77 +240,72 @@ async def test_the_bounce_sender_lives_through_a_history_that_fails(
     assert status_blocks(parsed(sent.data))[1]["Final-Recipient"] == "rfc822; nosuch@example.org"
 
 
+@contextlib.asynccontextmanager
+async def bounce_record_locked_out(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path, **relay: Any
+) -> AsyncIterator[tuple[Relay, sqlite3.Connection, list[dict[str, Any]]]]:
+    """A message with a recipient refused after 250, whose bounce the server takes while the history's file
+    gets locked (by the sink, before its 250; the relay waits 1 s for the lock): the bounce's record fails.
+    Yields the relay, the lock (to release) and the logs from the message on."""
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
+    settings = {"spool": spooled(tmp_path), "bounces": bounces_to(sink), "reports": {"history_timeout": 1}}
+    started = await start_relay(**settings, **relay)
+    lock = sqlite3.connect(history_path(started.settings), isolation_level=None, timeout=10)
+    sink.on_message = lambda _: lock.execute("BEGIN EXCLUSIVE")
+    try:
+        with structlog.testing.capture_logs() as logs:
+            partial = await send_one(started.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
+            assert partial.startswith("250")
+            yield started, lock, logs
+    finally:
+        lock.close()
+
+
+def bounce_states(relay: Relay) -> list[tuple[str]]:
+    db = sqlite3.connect(f"file:{history_path(relay.settings)}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT state FROM bounces").fetchall()
+    finally:
+        db.close()
+
+
 async def test_a_bounce_sent_whose_record_fails_is_recorded_later_and_never_sent_again(
     standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
 ) -> None:
     """The server took the bounce, but the history is locked (past history_timeout) when the sender marks it
     sent: the sender keeps that in memory and records it at its next look. The bounce stays claimed meanwhile,
     so it does not go again once the claim would be stale (it did: a duplicate after SENDING_STALE)."""
-    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
     clock = FakeClock()
-    settings = {"spool": spooled(tmp_path), "bounces": bounces_to(sink), "reports": {"history_timeout": 1}}
-    relay = await start_relay(clock=clock, **settings)
-    lock = sqlite3.connect(history_path(relay.settings), isolation_level=None, timeout=10)
-    sink.on_message = lambda _: lock.execute("BEGIN EXCLUSIVE")  # locked as the server takes the bounce
-    try:
-        with structlog.testing.capture_logs() as logs:
-            partial = await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
-            assert partial.startswith("250")
-            await sink.wait_for(1)
-            await until(lambda: any(e["event"] == "bounce_outbox_failed" and e.get("kept") for e in logs))
-            lock.execute("ROLLBACK")
-            for _ in range(2):  # the next look records it; the one after SENDING_STALE finds nothing to send
-                looked = sum(e["event"] == "bounce_outbox_checked" for e in logs)
-                clock.advance(SENDING_STALE + CHECK_EVERY)
-                await until(lambda: sum(e["event"] == "bounce_outbox_checked" for e in logs) > looked)  # noqa: B023
-    finally:
-        lock.close()
+    async with bounce_record_locked_out(standin, start_relay, sink, tmp_path, clock=clock) as (relay, lock, logs):
+        await sink.wait_for(1)
+        await until(lambda: any(e["event"] == "bounce_outbox_failed" and e.get("kept") for e in logs))
+        lock.execute("ROLLBACK")
+        for _ in range(2):  # the next look records it; the one after SENDING_STALE finds nothing to send
+            looked = sum(e["event"] == "bounce_outbox_checked" for e in logs)
+            clock.advance(SENDING_STALE + CHECK_EVERY)
+            await until(lambda: sum(e["event"] == "bounce_outbox_checked" for e in logs) > looked)  # noqa: B023
     assert len(sink.messages) == 1
-    db = sqlite3.connect(f"file:{history_path(relay.settings)}?mode=ro", uri=True)
-    assert db.execute("SELECT state FROM bounces").fetchall() == [("sent",)]
-    db.close()
+    assert bounce_states(relay) == [("sent",)]
 
 
 async def test_a_stop_with_a_record_kept_says_so(
     standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
 ) -> None:
-    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
-    settings = {"spool": spooled(tmp_path), "bounces": bounces_to(sink), "reports": {"history_timeout": 1}}
-    relay = await start_relay(**settings)
-    lock = sqlite3.connect(history_path(relay.settings), isolation_level=None, timeout=10)
-    sink.on_message = lambda _: lock.execute("BEGIN EXCLUSIVE")  # locked as the server takes the bounce
-    try:
-        with structlog.testing.capture_logs() as logs:
-            assert (await send_one(relay.port, SENDER, ["nosuch@example.org", "a@example.org"], message())).startswith(
-                "250"
-            )
-            await until(lambda: any(e["event"] == "bounce_outbox_failed" and e.get("kept") for e in logs))
-            # kept, and tried again before the next batch: the look ends there, until the next check
-            await until(lambda: any(e["event"] == "bounce_outbox_failed" and "kept" not in e for e in logs))
-            lock.execute("ROLLBACK")
-            await relay.stop()
-    finally:
-        lock.close()
+    async with bounce_record_locked_out(standin, start_relay, sink, tmp_path) as (relay, lock, logs):
+        await until(lambda: any(e["event"] == "bounce_outbox_failed" and e.get("kept") for e in logs))
+        # kept, and tried again before the next batch: the look ends there, until the next check
+        await until(lambda: any(e["event"] == "bounce_outbox_failed" and "kept" not in e for e in logs))
+        lock.execute("ROLLBACK")
+        await relay.stop()
     assert [e["records"] for e in logs if e["event"] == "bounce_records_lost"] == [1]
 
 
 async def test_a_stop_while_a_bounce_record_is_being_written_counts_it(
     standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
 ) -> None:
-    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient <nosuch@example.org> unknown"
-    settings = {"spool": spooled(tmp_path), "bounces": bounces_to(sink), "reports": {"history_timeout": 1}}
-    relay = await start_relay(**settings)
-    lock = sqlite3.connect(history_path(relay.settings), isolation_level=None, timeout=10)
-    sink.on_message = lambda _: lock.execute("BEGIN EXCLUSIVE")  # the record waits for the lock
-    try:
-        with structlog.testing.capture_logs() as logs:
-            assert (await send_one(relay.port, SENDER, ["nosuch@example.org", "a@example.org"], message())).startswith(
-                "250"
-            )
-            await until(lambda: any(e["event"] == "bounce_sent" for e in logs))
-            await relay.stop()
-    finally:
-        lock.close()
+    async with bounce_record_locked_out(standin, start_relay, sink, tmp_path) as (relay, _, logs):
+        await until(lambda: any(e["event"] == "bounce_sent" for e in logs))
+        await relay.stop()
     assert [e["records"] for e in logs if e["event"] == "bounce_records_lost"] == [1]
 
 
@@ -332,9 +328,7 @@ async def test_a_bounce_whose_record_is_refused_for_good_is_not_kept_and_goes_ag
         assert (failed["kept"], failed["unrecorded"], failed["error_type"]) == (False, 0, "IntegrityError")
         clock.advance(SENDING_STALE + CHECK_EVERY)
         await sink.wait_for(2)
-    db = sqlite3.connect(f"file:{history_path(relay.settings)}?mode=ro", uri=True)
-    await until(lambda: db.execute("SELECT state FROM bounces").fetchall() == [("sent",)])  # recorded this time
-    db.close()
+    await until(lambda: bounce_states(relay) == [("sent",)])  # recorded this time
 
 
 async def test_expired_in_the_spool_bounces_with_5_4_7(

@@ -18,6 +18,7 @@ from relay.outcomes.sqlite import SqliteHistory
 from relay.outcomes.store import SENDING_STALE
 from relay.outcomes.trace import in_words
 from relay.outcomes.writer import History
+from tests.helpers import until
 
 T0 = 1_800_000_000.0
 
@@ -291,9 +292,7 @@ async def test_a_stop_tries_a_failing_write_again_at_once(tmp_path: Path) -> Non
     lock = sqlite3.connect(tmp_path / "h.sqlite3", isolation_level=None)
     lock.execute("BEGIN EXCLUSIVE")
     history.note(received("q1"))
-    async with asyncio.timeout(10):
-        while len(failures) < 4:  # waits of 0.25, 0.5 and 1 s behind it: the next is 2 s
-            await asyncio.sleep(0.05)
+    await until(lambda: len(failures) >= 4)  # waits of 0.25, 0.5 and 1 s behind it: the next is 2 s
     lock.execute("ROLLBACK")
     lock.close()
     with structlog.testing.capture_logs() as logs:

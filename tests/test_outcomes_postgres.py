@@ -28,6 +28,7 @@ from relay.outcomes.service import Outcomes, open_store
 from relay.outcomes.trace import trace_command
 from relay.outcomes.writer import History, HistoryFailing
 from tests.cluster_services import PostgresServer, postgres_server
+from tests.helpers import until
 from tests.test_outcomes_history import (
     T0,
     infobip,
@@ -228,9 +229,7 @@ async def test_a_write_that_fails_in_passing_is_tried_again_and_a_stop_gives_up_
         with psycopg.connect(url) as locker:
             locker.execute("LOCK TABLE recipients IN ACCESS EXCLUSIVE MODE")
             first = history.note(dead)
-            async with asyncio.timeout(10):
-                while len(errors) < 2:  # failed, and failed again on its first retry
-                    await asyncio.sleep(0.05)
+            await until(lambda: len(errors) >= 2)  # failed, and failed again on its first retry
             later = history.note(received("q2"))
             assert not first.done() and not later.done()
             with pytest.raises(HistoryFailing):  # what must follow the notes fails now, not when the lock goes

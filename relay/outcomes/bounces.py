@@ -178,7 +178,7 @@ class Bouncer:
         except Exception as exc:
             self._keep(record, exc)
             return
-        _claim_kept(recorded, args[0])
+        _say_if_claim_lost(recorded, args[0])
 
     def _keep(self, record: functools.partial[Awaitable[object]], error: Exception) -> None:
         kept = self._passing(error)
@@ -194,7 +194,7 @@ class Bouncer:
         while self._unrecorded:
             record = self._unrecorded.pop(0)
             try:
-                _claim_kept(await record(), record.args[0])
+                _say_if_claim_lost(await record(), record.args[0])
             except Exception as exc:
                 if not self._passing(exc):
                     self._keep(record, exc)  # logged, and gone
@@ -206,6 +206,6 @@ class Bouncer:
                 raise
 
 
-def _claim_kept(recorded: object, bounce_id: object) -> None:
+def _say_if_claim_lost(recorded: object, bounce_id: object) -> None:
     if recorded is False:  # the claim went stale meanwhile, and another sender has the bounce now
         log.warning("bounce_claim_lost", bounce_id=bounce_id)
