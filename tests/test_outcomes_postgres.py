@@ -250,6 +250,9 @@ async def test_a_write_that_fails_in_passing_is_tried_again_and_a_stop_gives_up_
     assert [e["changes"] for e in logs if e["event"] == "history_notes_lost"] == [2]
 
 
+HISTORY_SESSIONS = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'relay-history'"
+
+
 def test_failures_that_may_pass_are_told_from_those_that_never_will(url: str) -> None:
     store = PostgresHistory(url)
     with pytest.raises(psycopg.Error) as refused:
@@ -266,7 +269,11 @@ def test_failures_that_may_pass_are_told_from_those_that_never_will(url: str) ->
     store.write([received("q2")], False)  # on a new connection: the error still says it was lost
     assert store.passing(lost.value)
     store.conn.execute("SET idle_session_timeout = '100ms'")  # a managed server's: it ends the session, 57P05
-    time.sleep(0.3)
+    with psycopg.connect(url, autocommit=True) as admin:  # the event itself: the server has ended the session
+        deadline = time.monotonic() + 5
+        while admin.execute(HISTORY_SESSIONS).fetchone()[0]:
+            assert time.monotonic() < deadline, "the server kept the idle session"
+            time.sleep(0.02)
     with pytest.raises(psycopg.Error) as idle:
         store.write([received("q-idle")], False)
     assert store.passing(idle.value)
