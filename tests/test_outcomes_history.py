@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -266,6 +268,40 @@ def test_sqlite_failures_that_may_pass_are_told_from_those_that_never_will(tmp_p
     assert not store.passing(ValueError("a value the store cannot take"))
     other.close()
     store.close()
+
+
+FULL_DISK = """
+import os, resource, signal, sys
+from pathlib import Path
+from relay.outcomes.history import MessageReceived
+from relay.outcomes.sqlite import SqliteHistory
+
+def batch(n, start):
+    return [MessageReceived(f"q{start + i}", f"<m{start + i}@x>", "a@example.com", "10.0.0.5", 1.0, 10,
+                            ("b@example.org",), None, os.urandom(3000)) for i in range(n)]
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+directory = Path(sys.argv[1])
+store = SqliteHistory(directory / "h.sqlite3")
+store.write(batch(10, 0), True)
+size = sum(f.stat().st_size for f in directory.iterdir())
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 200_000, resource.RLIM_INFINITY))
+try:
+    store.write(batch(2000, 100), True)  # more than the page cache: SQLite rolls the transaction back itself
+except Exception as exc:
+    print(type(exc).__name__, exc, store.passing(exc))
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+store.write(batch(1, 9999), True)
+print(len(store.lookup("q9999", 5)))
+"""
+
+
+def test_a_full_disk_mid_transaction_is_a_failure_that_may_pass(tmp_path: Path) -> None:
+    """SQLite rolled back already: the ROLLBACK that follows fails, and used to hide the real error (so a full
+    disk dropped the batch, bounces and all, instead of trying it again). The next write goes through."""
+    run = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["OperationalError disk I/O error True", "1"]
 
 
 async def test_a_note_the_store_cannot_take_is_dropped_and_the_writer_lives_on(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,27 @@ async def test_only_a_post_with_the_token_is_taken(
     assert [e["method"] for e in refused] == ["POST", "GET", "POST"]
     assert "secret-recipient" not in repr(logs)  # never the body
     assert url.rsplit("/", 1)[1] not in repr(refused)  # nor the token a caller got right
+
+
+async def test_a_push_with_a_byte_that_is_not_utf8_is_taken_and_one_nested_too_deep_is_refused(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """Latin-1 words in a pushed report: taken (a 400 is never sent again); JSON nested past the parser's
+    depth is not Infobip's JSON: 400, not a 500 from the parser's RecursionError."""
+    await standin.reports.start()
+    port = free_port()
+    relay = await start_relay(**pushing(standin, tmp_path, port, poll_interval=3600))
+    await send_one(relay.port, SENDER, ["a@example.org"], message())
+    [sent] = await standin.wait_for_messages(1)
+    report = standin.reports.waiting[0].report
+    report["status"] = {**report["status"], "description": "d\u00e9livr\u00e9"}
+    body = json.dumps({"results": [report]}, ensure_ascii=False).encode("latin-1")
+    async with aiohttp.ClientSession() as session:
+        async with session.post(notify_url(sent.data), data=b"[" * 100_000) as response:
+            assert response.status == 400
+        async with session.post(notify_url(sent.data), data=body) as response:
+            assert response.status == 200 and await response.json() == {"accepted": 1}
+    await until_status(relay, "a@example.org", {"a@example.org": "delivered"})
 
 
 async def test_a_notify_url_set_by_a_policy_rule_is_kept_and_its_reports_are_not_ours(

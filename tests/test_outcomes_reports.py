@@ -3,6 +3,7 @@ GET /messages over it. Real sockets throughout: SMTP to the relay, SMTP+TLS to t
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,8 +11,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 import structlog.testing
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 
-from relay.outcomes.decide import bulk_id, bulk_profile
+import relay.outcomes.reports
+from relay.config import ReportsSettings
+from relay.outcomes.decide import Report, bulk_id, bulk_profile
+from relay.outcomes.metrics import OutcomeMetrics
+from relay.outcomes.reports import Poller, ReportsClient
 from relay.testing.clock import FakeClock
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, free_port, message, relay_settings
@@ -165,6 +172,50 @@ async def test_a_page_not_stored_when_the_relay_stops_is_named_in_the_log(
     assert lost["reports"] == 1 and lost["infobip_ids"] == [infobip_id]
 
 
+@pytest.mark.parametrize("history_comes_back", [True, False])
+async def test_a_stop_while_a_fetched_page_waits_for_the_history_stores_it_or_names_it(
+    reports: InfobipStandIn, monkeypatch: pytest.MonkeyPatch, history_comes_back: bool
+) -> None:
+    """Stopped while a page Infobip handed out waits for a held-up history (the cancel lands in the wait):
+    one last try stores it if the history takes it within LAST_TRY; else the log names whose reports they
+    were. Both used to end silently, the page lost."""
+    monkeypatch.setattr(relay.outcomes.reports, "LAST_TRY", 5.0 if history_comes_back else 0.05)
+    bulk = bulk_id("test", FakeClock().time())
+    reports.reports.sent("ib-1", f"X-IB-Bulk-Id: {bulk}\r\n\r\n".encode(), ["a@example.org"])
+    settings = ReportsSettings(enabled=True, base_url=reports.reports.base_url, ca_file=reports.ca_file)
+    client, clock, released = ReportsClient(settings), FakeClock(), asyncio.Event()
+    calls: list[list[Report]] = []
+    stored: list[Report] = []
+
+    async def apply(page: list[Report], source: str) -> None:  # the history: held up until `released`
+        calls.append(page)
+        await released.wait()
+        stored.extend(page)
+
+    async def pending(since: float) -> list[str]:
+        return [bulk]
+
+    key, registry = SecretStr(reports.reports.api_key), CollectorRegistry()
+    poller = Poller(client, 30, clock, OutcomeMetrics(registry), pending, apply, lambda _: key)
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(poller.run())
+        await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30)
+        clock.advance(30)
+        await until(lambda: len(calls) == 1)  # fetched (handed out) and waiting for the history
+        task.cancel()
+        if history_comes_back:
+            await until(lambda: len(calls) == 2)  # the last try
+            released.set()
+        await asyncio.gather(task, return_exceptions=True)
+    await client.close()
+    assert not reports.reports.waiting
+    lost = [e for e in logs if e["event"] == "reports_not_stored"]
+    if history_comes_back:
+        assert [r.message_id for r in stored] == ["ib-1"] and lost == []
+    else:
+        assert stored == [] and [e["infobip_ids"] for e in lost] == [["ib-1"]]
+
+
 async def test_a_report_with_text_no_history_could_store_is_stored_and_the_next_ones_too(
     reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
 ) -> None:
@@ -179,6 +230,25 @@ async def test_a_report_with_text_no_history_could_store_is_stored_and_the_next_
     statuses = {"a@example.org": "delivered", "b@example.org": "delivered"}
     await until_status(relay, reply.rsplit(" ", 1)[1], statuses)
     assert relay.metrics.registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "history"}) == 0
+
+
+async def test_a_page_with_a_byte_that_is_not_utf8_is_stored(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """A server writing Latin-1: the page is handed out once, so one odd byte must not make it a poll error
+    (bad_response) and lose it whole; the byte reads as U+FFFD."""
+    clock = FakeClock()
+    relay = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30))
+    infobip_id = (await send_one(relay.port, SENDER, ["a@example.org"], message())).rsplit(" ", 1)[1]
+    await until_status(relay, infobip_id, {"a@example.org": "sent"})
+    odd = reports.reports.waiting[0].report
+    odd["status"] = {**odd["status"], "description": "Message d\u00e9livr\u00e9"}
+    reports.reports.behaviour.charset = "latin-1"
+    clock.advance(30)
+    await until_status(relay, infobip_id, {"a@example.org": "delivered"})
+    [found] = await messages(relay, infobip_id)
+    assert "Message d\ufffdlivr\ufffd" in found["recipients"][0]["detail"]
+    assert relay.metrics.registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "bad_response"}) == 0
 
 
 async def test_a_wrong_api_key_is_a_poll_error_and_the_key_is_never_logged(

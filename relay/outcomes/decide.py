@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -86,6 +87,16 @@ def parse_report(item: Any) -> Report | None:
         done_at=_text(item.get("doneAt")),
         bulk_id=_text(item.get("bulkId")),
     )
+
+
+def read_json(body: bytes) -> Any:
+    """A pulled or pushed body as JSON; ValueError if it is not JSON. A byte that is not UTF-8 (a server
+    writing Latin-1) becomes U+FFFD rather than failing the whole body: a page of reports is handed out
+    once, and Infobip would not send it again. Nesting too deep for the parser is not JSON either."""
+    try:
+        return json.loads(body.decode("utf-8", "replace"))
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
 
 
 def parse_reports(payload: Any) -> tuple[list[Report], int]:

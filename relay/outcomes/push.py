@@ -13,13 +13,12 @@ recorded once per eventId. A push the history cannot store (a locked file, a Pos
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable
 
 import structlog
 from aiohttp import web
 
-from relay.outcomes.decide import Report, parse_reports, parse_tracking
+from relay.outcomes.decide import Report, parse_reports, parse_tracking, read_json
 from relay.outcomes.history import Tracked
 
 log = structlog.get_logger("relay.outcomes")
@@ -71,8 +70,8 @@ class PushListener:
             log.warning("push_refused", method=request.method, path=path, peer=request.remote)
             return web.json_response({"error": "not found"}, status=404)
         try:
-            payload = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
+            payload = read_json(await request.read())
+        except ValueError:
             log.warning("push_unreadable", peer=request.remote, reason="not JSON", kind=kind)
             return web.json_response({"error": f"expected Infobip's {kind} JSON"}, status=400)
         try:

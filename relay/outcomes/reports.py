@@ -17,7 +17,7 @@ stored is kept in memory and stored before anything more is fetched: Infobip wil
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,12 +28,13 @@ from pydantic import SecretStr
 
 from relay.config import ReportsSettings
 from relay.delivery.clock import Clock, Timer
-from relay.outcomes.decide import REPORT_WINDOW, Report, parse_reports, poll_delay
+from relay.outcomes.decide import REPORT_WINDOW, Report, parse_reports, poll_delay, read_json
 from relay.outcomes.metrics import OutcomeMetrics
 
 log = structlog.get_logger("relay.outcomes")
 PAGE = 500  # reports per request; a full page means more may be waiting: ask again at once
 REPORTS_PATH = "/email/1/reports"
+LAST_TRY = 2.0  # seconds a stop gives a page it interrupted (or one the history refused) to be stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +88,7 @@ class ReportsClient:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return Fetched(error="connection", detail=f"{type(exc).__name__}: {exc}")
         try:
-            reports, bad = parse_reports(json.loads(body))
+            reports, bad = parse_reports(read_json(body))
         except ValueError:
             return Fetched(error="bad_response", detail="not JSON")
         if bad and not reports:
@@ -144,8 +145,12 @@ class Poller:
     async def run(self) -> None:
         try:
             await self._rounds()
-        finally:  # stopped holding a page the history refused (Infobip will not hand it out again): whose reports
-            if self._unstored:  # may be lost (a last try, cut short by the stop, may still have stored it)
+        finally:  # stopped holding a page not stored yet (Infobip will not hand it out again): one last try,
+            if self._unstored:  # the history is closed after the poller; else whose reports may be lost
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(LAST_TRY):
+                        await self._store(self._unstored)
+            if self._unstored:
                 ids = sorted({report.message_id for report in self._unstored})
                 log.error("reports_not_stored", reports=len(self._unstored), infobip_ids=ids)
 
@@ -220,7 +225,7 @@ class Poller:
         """Into the history, or kept until it can be: Infobip hands a report out once."""
         try:
             await self._apply(reports, "pulled")
-        except Exception:
+        except BaseException:  # a stop meanwhile too: run() names what it held
             self._unstored = reports
             raise
         self._unstored = []

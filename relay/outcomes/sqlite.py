@@ -108,13 +108,18 @@ class SqliteHistory(SqlHistory):
 
     @contextlib.contextmanager
     def _begin(self, begin: str) -> Iterator[Db]:
+        """A failure inside (COMMIT's own included) is raised as it came: SQLite may have rolled back already
+        (a full disk, an I/O error), and a ROLLBACK failing then must not hide the error that says it may pass.
+        A COMMIT refused (busy) leaves the transaction open: it is rolled back, or every later BEGIN fails."""
         self.db.execute(begin)
         try:
             yield self._db
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     def passing(self, error: Exception) -> bool:
         code = getattr(error, "sqlite_errorcode", None)  # the library's; none on the module's own errors

@@ -13,6 +13,7 @@ instead, as Infobip does when that header is set, and `track()` POSTs a tracking
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import uuid
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class ReportsBehaviour:
     retry_after: int = 1  # seconds, in the 429's Retry-After
     failing: int = 0  # the next N requests get 500
     holding: bool = False  # reports exist but are not handed out yet (Infobip still delivering)
+    charset: str = "utf-8"  # of the JSON: "latin-1" writes its words as a misconfigured server would
 
 
 @dataclass
@@ -211,7 +213,9 @@ class ReportsEndpoint:
         if self.behaviour.failing > 0:
             self.behaviour.failing -= 1
             return web.Response(status=500, text="internal error")
-        return web.json_response({"results": self._take(record.query, record.account)})
+        results = {"results": self._take(record.query, record.account)}
+        body = json.dumps(results, ensure_ascii=False).encode(self.behaviour.charset, "replace")
+        return web.Response(body=body, content_type="application/json")
 
     def _take(self, query: dict[str, str], account: str | None) -> list[dict[str, Any]]:
         """The account's waiting reports the filter matches (another account's are never seen)."""
