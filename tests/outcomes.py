@@ -29,6 +29,12 @@ def reports_on(standin: InfobipStandIn, tmp_path: Path, **extra: Any) -> dict[st
     return {"spool": spooled(tmp_path), "reports": {**settings, **extra}}
 
 
+def notify_url(data: bytes) -> str:
+    """The X-IB-Notify-Url the relay put on a message (as the stand-in received it)."""
+    line = next(line for line in data.split(b"\r\n") if line.startswith(b"X-IB-Notify-Url: "))
+    return line.split(b": ", 1)[1].decode()
+
+
 async def messages(relay: Relay, query: str) -> list[dict[str, Any]]:
     """GET /messages?q= on the ops port, as a program would."""
     async with (

@@ -28,7 +28,7 @@ from relay.testing.sink import MailSink
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, free_port, message
 from tests.helpers import SENDER, get, send_one, spooled, until
-from tests.outcomes import history_failing, messages, reports_on, until_status
+from tests.outcomes import history_failing, messages, notify_url, reports_on, until_status
 
 
 @pytest.fixture
@@ -95,6 +95,26 @@ async def test_a_bounced_report_becomes_one_rfc3464_bounce_to_the_sender(
     [traced] = await messages(relay, infobip_id)
     assert any(e["kind"] == "bounce" and "failed report sent" in e["detail"] for e in traced["events"])
     assert len(sink.messages) == 1
+
+
+async def test_a_bounce_quotes_the_headers_without_the_push_token(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    """The token in our X-IB-Notify-Url and X-IB-Tracking-Url lets whoever holds it post reports (and so
+    bounces): the sender's mailbox, which the bounce goes to, must not get it."""
+    await standin.reports.start()
+    sections = reports_on(standin, tmp_path, notify_url="https://hooks.example.com/ib")
+    sections["reports"]["notify_listen"] = f"127.0.0.1:{free_port()}"
+    relay = await start_relay(**sections, bounces=bounces_to(sink))
+    await send_one(relay.port, SENDER, ["nobody@bounce.example"], message())
+    [upstream] = await standin.wait_for_messages(1)
+    token = notify_url(upstream.data).rsplit("/", 1)[1]
+    assert len(token) >= 24 and token.encode() in upstream.data  # Infobip needs it
+    [sent] = await sink.wait_for(1)
+    headers = parsed(sent.data).get_payload()[2].get_content()
+    assert "X-IB-Notify-Url: https://hooks.example.com/ib/<token>" in headers
+    assert "X-IB-Tracking-Url: https://hooks.example.com/ib/<token>/tracking" in headers
+    assert token not in sent.data.decode()
 
 
 async def test_refused_after_250_bounces_and_a_refusal_the_app_heard_does_not(

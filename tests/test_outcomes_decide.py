@@ -14,6 +14,7 @@ from relay.outcomes.decide import (
     EXPIRED,
     FAILED,
     bounce_address,
+    bounce_headers,
     bulk_id,
     bulk_id_of,
     claim_reports,
@@ -149,6 +150,15 @@ def test_header_block_is_what_was_sent_without_the_body() -> None:
     start = original.index(b"X-Drop")
     message = prepared(original, b"X-IB-Tracking-Url: u\r\n", ((start, start + len(b"X-Drop: 1\r\n")),))
     assert header_block(message) == b"X-IB-Tracking-Url: u\r\nFrom: a@example.com\r\nSubject: s\r\n\r\n"
+
+
+def test_a_bounce_quotes_the_header_block_without_the_push_token() -> None:
+    message = prepared(b"From: a@example.com\r\n\r\nBody\r\n", b"X-IB-Notify-Url: https://h.example/ib/s3cret\r\n")
+    assert (
+        bounce_headers(message, "s3cret")
+        == b"X-IB-Notify-Url: https://h.example/ib/<token>\r\nFrom: a@example.com\r\n\r\n"
+    )
+    assert bounce_headers(message, "") == header_block(message)  # no token yet: nothing to take out
 
 
 def test_claim_reports_adds_our_bulk_id_and_notify_url() -> None:

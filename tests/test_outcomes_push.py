@@ -17,7 +17,7 @@ from relay.testing.sink import MailSink
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, free_port, message
 from tests.helpers import SENDER, send_one, until
-from tests.outcomes import history_failing, reports_on, statuses, until_status
+from tests.outcomes import history_failing, notify_url, reports_on, statuses, until_status
 
 
 @pytest.fixture
@@ -36,11 +36,6 @@ def pushing(standin: InfobipStandIn, tmp_path: Path, port: int, **extra: Any) ->
 
 def reports_total(relay: Relay, result: str) -> float:
     return relay.metrics.registry.get_sample_value("relay_reports_total", {"result": result}) or 0.0
-
-
-def notify_url(data: bytes) -> str:
-    line = next(line for line in data.split(b"\r\n") if line.startswith(b"X-IB-Notify-Url: "))
-    return line.split(b": ", 1)[1].decode()
 
 
 async def test_a_push_the_history_cannot_store_gets_503_and_is_taken_when_sent_again(

@@ -233,6 +233,14 @@ def header_block(prepared: Prepared) -> bytes:
     return b"".join(parts)
 
 
+def bounce_headers(prepared: Prepared, secret: str) -> bytes:
+    """The header block a bounce quotes (text/rfc822-headers), less `secret`: the push token, in the
+    X-IB-Notify-Url and X-IB-Tracking-Url the relay added. Whoever reads the sender's mailbox must not be able
+    to post reports (and so bounces) as Infobip."""
+    block = header_block(prepared)
+    return block.replace(secret.encode(), b"<token>") if secret else block
+
+
 def bulk_id_of(prepared: Prepared, instance: str) -> str | None:
     """The relay's own X-IB-Bulk-Id in a message as sent (read back from the spool), else None: the app's
     bulk id, or none at all, means its reports are not ours."""

@@ -31,12 +31,12 @@ from relay.outcomes.bounces import Bouncer
 from relay.outcomes.decide import (
     FAILED,
     Report,
+    bounce_headers,
     bulk_id,
     bulk_id_of,
     bulk_profile,
     claim_reports,
     dead_status,
-    header_block,
 )
 from relay.outcomes.history import Attempted, HistoryStore, MessageReceived, MessageTrace, Tracked
 from relay.outcomes.metrics import OutcomeMetrics, tracking_label
@@ -212,7 +212,7 @@ class Outcomes:
     def _note_received(self, message: Prepared, ip: str, at: float, bulk: str | None, again: bool = False) -> None:
         """Noted as received; `again` by `resumed` (only the recipients still to go, in `message`)."""
         assert self.history is not None
-        headers = header_block(message)[:HEADERS_KEPT] if self.bounces_on else None
+        headers = bounce_headers(message, self.push_token)[:HEADERS_KEPT] if self.bounces_on else None
         self.history.note(
             MessageReceived(
                 message.queue_id, message.message_id, message.mail_from, ip, at, message.size, message.recipients,
