@@ -158,3 +158,43 @@ async def test_kill_9_before_the_history_is_written_the_recovered_message_is_not
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+
+
+async def test_kill_9_once_a_message_is_dead_lettered_its_bounce_is_sent_once(
+    standin: InfobipStandIn, tmp_path: Path
+) -> None:
+    """Deferred at first (the app heard 250), refused at the retry: the relay dies once the message is in
+    dead/ and gone from queue/ (nothing reads dead/ at a start). The bounce's note was on disk before the
+    move, so the next relay sends it, once (it used to be noted after, and lost)."""
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "450 4.2.0 try later"
+    sink = MailSink()
+    await sink.start()
+    port = free_port()
+    config = write_config(
+        tmp_path / "relay.toml", standin, port=port,
+        spool={"enabled": True, "path": str(tmp_path / "spool"), "retry_initial": 0.5},
+        bounces={"enabled": True, "smtp_host": "127.0.0.1", "smtp_port": sink.port, "timeout": 5},
+        log={"format": "json"},
+    )  # fmt: skip
+    log = tmp_path / "relay.log"
+    first = await serve(config, port, log, crash_at="after_spool_removed")
+    second: asyncio.subprocess.Process | None = None
+    try:
+        reply = await send_one(port, SENDER, ["a@example.org", "nosuch@example.org"], message())
+        assert reply.startswith("250 2.0.0")
+        standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient unknown"
+        assert await asyncio.wait_for(first.wait(), 15) == -signal.SIGKILL
+        assert list((tmp_path / "spool" / "dead").glob("*.msg")) and not list((tmp_path / "spool" / "queue").iterdir())
+        second = await serve(config, port, log)
+        [bounce] = await sink.wait_for(1, timeout=10)
+        assert bounce.mail_from == "" and b"Final-Recipient: rfc822; nosuch@example.org" in bounce.data
+        second.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(second.wait(), 15) == 0
+        assert len(sink.messages) == 1
+    finally:
+        await sink.stop()
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()

@@ -8,6 +8,7 @@ import asyncio
 import structlog
 
 from relay.store.spool import Spool
+from relay.testing.failpoints import crashpoint
 
 log = structlog.get_logger("relay.delivery")
 
@@ -36,4 +37,5 @@ class Janitor:
     async def remove_done(self) -> None:
         batch = list(self.done)  # taken on the loop: the thread never iterates a set being added to
         await asyncio.to_thread(self.spool.remove_many, batch)
+        crashpoint("after_spool_removed")
         self.done.difference_update(batch)

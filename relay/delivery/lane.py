@@ -174,12 +174,19 @@ class Lane:
         if not result.unreachable:  # an outage is not the message's attempt: its own backoff stays
             job.attempts += 1
         step = self._next_step(job, result)
-        handed_back = False if handoff is None else await self._settle_first(job, handoff, result, step, message)
         if handoff is None:
+            await self._note_outcome(job, result, step, handed_back=False)
             await self._settle(job, step, message)
+            handed_back = False
+        else:
+            handed_back = await self._settle_first(job, handoff, result, step, message)
+        count_and_log(self.metrics, job, result, step, handed_back=handed_back, now=self.clock.time())
+
+    async def _note_outcome(self, job: Job, result: AttemptResult, step: NextStep, *, handed_back: bool) -> None:
+        """Into the history, before the spool moves the message: once it is in dead/, nothing at a restart
+        would note it again, so a bounce it calls for waits to be on disk first (Outcomes.attempted)."""
         if self.shared.outcomes is not None:
             await self.shared.outcomes.attempted(job.queue_id, job.attempts, result, step, handed_back=handed_back)
-        count_and_log(self.metrics, job, result, step, handed_back=handed_back, now=self.clock.time())
 
     async def _settle_first(
         self, job: Job, handoff: Handoff, result: AttemptResult, step: NextStep, message: Prepared
@@ -193,6 +200,9 @@ class Lane:
             await asyncio.wait({job.committing})  # `_on_commit` has updated the machine when this returns
         decision = machine.decision()
         job.first = None
+        refused = decision.store is Store.DROP and machine.attempt is Attempt.REFUSED
+        handed_back = decision.store is Store.MARK_DONE_DURABLY or refused
+        await self._note_outcome(job, result, step, handed_back=handed_back)
         if decision.store in WORKER_ACTIONS:
             machine.begin(decision.store)
             if decision.store is Store.SETTLE:
@@ -202,8 +212,7 @@ class Lane:
             self.handoffs.answer_now(job, handoff, machine.decision())
         elif decision.store not in ANSWER_AFTER:
             self.handoffs.react(job, handoff, decision)
-        refused = decision.store is Store.DROP and machine.attempt is Attempt.REFUSED
-        return decision.store is Store.MARK_DONE_DURABLY or refused
+        return handed_back
 
     def _next_step(self, job: Job, result: AttemptResult) -> NextStep:
         return next_step(

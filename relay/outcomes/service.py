@@ -223,8 +223,9 @@ class Outcomes:
     async def attempted(
         self, queue_id: str, attempt: int, result: AttemptResult, step: NextStep, *, handed_back: bool
     ) -> None:
-        """After an attempt from the spool. Never waits for the history: the message is settled (a dead one is in
-        dead/), so a history held up (a locked file, a slow server) must not hold up delivery."""
+        """After an attempt from the spool, before the spool settles the message. Waits for the history only
+        when this calls for a bounce (PASS_THROUGH_WAIT at most): the message goes to dead/ next, and nothing
+        notes it again after a crash. Otherwise never: a history held up must not hold up delivery."""
         if step.held and not (result.accepted or step.dead):  # an outage, not an attempt
             return
         dead = {rcpt: (dead_status(reason), reason) for rcpt, reason in step.dead.items()}
@@ -233,8 +234,7 @@ class Outcomes:
             Attempted(
                 queue_id, self.clock.time(), attempt, result.accepted, result.infobip_ids, deferred, dead,
                 bounce=not handed_back,
-            ),
-            wait=False,
+            )
         )  # fmt: skip
 
     async def relayed(self, message: Prepared, result: DeliveryResult | None, reply: Reply) -> None:
@@ -249,10 +249,10 @@ class Outcomes:
             refused = {rcpt: (FAILED, str(r)) for rcpt, r in result.refused.items()}
             ids = (infobip_id,) if infobip_id else ()
             change = Attempted(message.queue_id, self.clock.time(), 1, result.accepted, ids, dead=refused, bounce=True)
-        await self._attempted(change, wait=True)
+        await self._attempted(change)
 
-    async def _attempted(self, change: Attempted, *, wait: bool) -> None:
-        """Note `change`; a bounce it calls for wakes the bouncer once written (`wait`: before this returns)."""
+    async def _attempted(self, change: Attempted) -> None:
+        """Note `change`; a bounce it calls for wakes the bouncer once written, which this waits for."""
         assert self.history is not None
         written = self.history.note(change, now=bool(change.dead and change.bounce and self.bounces_on))
         for rcpt, (status, reason) in change.dead.items():
@@ -262,8 +262,7 @@ class Outcomes:
             )  # fmt: skip
         if change.dead and change.bounce and self.bouncer is not None:
             self.bouncer.send_once_written(written)
-            if wait:
-                await _on_disk_or_later(written)
+            await _on_disk_or_later(written)
 
     # reports
 

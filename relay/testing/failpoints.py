@@ -22,6 +22,7 @@ FAILPOINTS: tuple[str, ...] = (
     "after_upstream_reply",  # delivery: Infobip answered, nothing recorded yet
     "before_promote",  # store: the queue file written and fsync'd under tmp/, not yet renamed
     "after_promote",  # store: renamed into queue/ and the directory synced
+    "after_spool_removed",  # delivery: settled messages' files removed from queue/ (a dead one's kept in dead/)
     "after_report_stored",  # outcomes: a report taken from Infobip and its bounce on disk, the bounce not sent
 )
 _KNOWN = frozenset(FAILPOINTS)
