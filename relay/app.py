@@ -151,7 +151,7 @@ class Relay:
         await self.replicas.stop()
         await asyncio.gather(*(pool.close() for pool in self.pools.values()))
         if self.outcomes is not None:
-            await self.outcomes.stop()
+            await self.outcomes.stop(deadline - time.monotonic())
         await self.http.stop()
         log.info("relay_stopped", queued=self.delivery.queue.depth if self.delivery else 0)
 

@@ -26,7 +26,7 @@ from relay.outcomes.store import SENDING_STALE
 from relay.testing.clock import FakeClock
 from relay.testing.sink import MailSink
 from relay.testing.standin import InfobipStandIn
-from tests.conftest import Dialog, StartRelay, free_port, message
+from tests.conftest import Dialog, StartRelay, free_port, message, relay_settings
 from tests.helpers import SENDER, get, send_one, spooled, until
 from tests.outcomes import history_failing, messages, notify_url, reports_on, until_status
 
@@ -402,6 +402,43 @@ async def test_a_bounce_server_that_is_down_gets_the_bounce_later_once(
             assert len(sink.messages) == 1 and bounce_count(relay, "sent") == 1 and bounce_count(relay, "retried") == 1
         finally:
             await sink.stop()
+
+
+class HeldSink(MailSink):
+    """A mail server that has the whole bounce but holds its 250 until `answer` is set (a busy Exchange)."""
+
+    answer: asyncio.Event
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        reply: str = await super().handle_DATA(server, session, envelope)
+        await self.answer.wait()
+        return reply
+
+
+async def test_a_stop_while_a_bounce_is_being_sent_lets_it_finish_so_it_goes_once(
+    standin: InfobipStandIn, tmp_path: Path
+) -> None:
+    """The stop used to cancel the bounce mid-transaction: the server kept it, the history still said it was
+    being sent, and the next start sent it again."""
+    await standin.reports.start()
+    sink = HeldSink()
+    sink.answer = asyncio.Event()
+    await sink.start()
+    relay = Relay(relay_settings(standin, **reports_on(standin, tmp_path), bounces=bounces_to(sink)))
+    await relay.start()
+    try:
+        await send_one(relay.port, SENDER, ["nobody@bounce.example"], message())
+        await sink.wait_for(1)  # the server has it; its 250 waits
+        with structlog.testing.capture_logs() as logs:
+            stopping = asyncio.create_task(relay.stop())
+            await until(lambda: any(e["event"] == "bounce_stop_waiting" for e in logs))
+            sink.answer.set()
+            await stopping
+    finally:
+        await sink.stop()
+    assert bounce_states(relay) == [("sent",)]
+    said = [e["event"] for e in logs if e["event"].startswith("bounce_") and e["log_level"] != "debug"]
+    assert said == ["bounce_stop_waiting", "bounce_sent"]
 
 
 async def test_a_5xx_from_the_bounce_server_is_logged_and_not_retried(

@@ -14,6 +14,7 @@ as Postfix's `smtp_tls_security_level = may`). MAIL FROM:<>, as RFC 3464 wants.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Awaitable, Callable
 
@@ -54,6 +55,9 @@ class Bouncer:
         self._due, self._done, self._retry, self._delayed = due, done, retry, delayed
         self._passing = passing
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # no bounce being sent (and recorded) now
+        self._idle.set()
+        self._stopping = False
         self._unrecorded: list[functools.partial[Awaitable[object]]] = []  # outcomes the history refused, to record
 
     def send_now(self) -> None:
@@ -64,6 +68,17 @@ class Bouncer:
         """A bounce is being queued with the history batch `written`: look at the outbox once that is on disk
         (not if the write failed: history_write_failed)."""
         written.add_done_callback(lambda done: None if done.cancelled() or not done.result() else self.send_now())
+
+    async def finish(self, wait: float) -> None:
+        """A stop: no bounce is taken any more, and one being sent gets `wait` seconds to be sent and recorded.
+        Cancelled mid-send, it stays claimed and goes again at the next start: the sender would get it twice."""
+        self._stopping = True
+        if self._idle.is_set():
+            return
+        log.info("bounce_stop_waiting", seconds=round(wait, 1))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._idle.wait()
 
     async def run(self) -> None:
         try:
@@ -93,9 +108,15 @@ class Bouncer:
             now = self.clock.time()
             if warned := await self._delayed(now - self.settings.delay_warning, now):
                 log.info("bounce_delay_warnings_queued", messages=warned)
-        while jobs := await self._due(self.clock.time(), BATCH):
-            for job in jobs:
-                await self.send(job)
+        while not self._stopping and (jobs := await self._due(self.clock.time(), BATCH)):
+            for job in jobs:  # the rest of a batch a stop leaves claimed is offered again at the next start
+                if self._stopping:
+                    return
+                self._idle.clear()
+                try:
+                    await self.send(job)
+                finally:
+                    self._idle.set()
             await self._record_kept()
         log.debug("bounce_outbox_checked", at=self.clock.time())  # nothing due now: asleep until the next look
 

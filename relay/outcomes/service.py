@@ -51,6 +51,7 @@ from relay.testing.failpoints import crashpoint
 log = structlog.get_logger("relay.outcomes")
 PRUNE_EVERY = 3600.0
 PASS_THROUGH_WAIT = 5.0  # seconds a pass-through 250 waits for its bounce's note to be on disk
+BOUNCE_STOP_WAIT = 1.0  # seconds a stop gives a bounce being sent, at least
 HEADERS_KEPT = 65536  # bytes of a header block kept for a bounce's text/rfc822-headers part
 
 
@@ -172,7 +173,10 @@ class Outcomes:
                 await self.push.start()
         self._tasks.append(asyncio.create_task(self._prune(), name="history-prune"))
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0.0) -> None:
+        """`grace`: the drain left; a bounce being sent gets it (BOUNCE_STOP_WAIT at least), not to go twice."""
+        if self.bouncer is not None:
+            await self.bouncer.finish(max(grace, BOUNCE_STOP_WAIT))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
