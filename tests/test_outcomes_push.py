@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 import structlog.testing
 
 from relay.app import Relay
+from relay.outcomes import push
 from relay.testing.clock import FakeClock
 from relay.testing.sink import MailSink
 from relay.testing.standin import InfobipStandIn
@@ -150,3 +152,37 @@ async def test_a_notify_url_set_by_a_policy_rule_is_kept_and_its_reports_are_not
     assert relay.outcomes is not None
     [traced] = await relay.outcomes.lookup("a@example.org")
     assert traced.bulk_id is None
+
+
+async def test_silent_slow_and_surplus_connections_to_the_push_listener_are_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """It faces the internet: a client that connects and says nothing, one that never finishes its headers,
+    and those past MAX_CONNECTIONS are closed (they used to stay open for ever); a stop does not wait the
+    60 s aiohttp would for a push whose body never comes."""
+    monkeypatch.setattr(push, "CONNECTION_DEADLINE", 0.3)
+    monkeypatch.setattr(push, "REAP_EVERY", 0.05)
+    monkeypatch.setattr(push, "MAX_CONNECTIONS", 3)
+    monkeypatch.setattr(push, "STOP_WAIT", 0.2)
+
+    async def nothing(*_: Any) -> None:
+        return None
+
+    listener = push.PushListener(f"127.0.0.1:{free_port()}", "tok" * 8, nothing, nothing, lambda: 0.0)
+    await listener.start()
+    try:
+        opened = [await asyncio.open_connection("127.0.0.1", listener.port) for _ in range(4)]
+        half = opened[1]  # the first: silent
+        half[1].write(b"POST /ib/" + b"tok" * 8 + b" HTTP/1.1\r\nHost: x\r\n")  # the headers never end
+        async with asyncio.timeout(5):
+            for reader, _ in opened:  # each one closed by the listener: end of file
+                assert await reader.read() == b""
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(b"POST /ib/" + b"tok" * 8 + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        await writer.drain()
+        monkeypatch.setattr(push, "CONNECTION_DEADLINE", 3600.0)  # only the stop may end this one now
+    finally:
+        async with asyncio.timeout(push.STOP_WAIT + 2):
+            await listener.stop()
+    for _, w in [*opened, (reader, writer)]:
+        w.close()

@@ -12,7 +12,9 @@ recorded once per eventId. A push the history cannot store (a locked file, a Pos
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -23,6 +25,13 @@ from relay.outcomes.history import Tracked
 
 log = structlog.get_logger("relay.outcomes")
 MAX_BODY = 1024 * 1024
+# The listener faces the internet: a connection (a push is one small POST) is closed after CONNECTION_DEADLINE
+# seconds whatever it is doing, so silent or slow clients cannot hold the relay's descriptors; past
+# MAX_CONNECTIONS open at once the newest are closed; a stop waits STOP_WAIT seconds for pushes being handled.
+CONNECTION_DEADLINE = 30.0
+MAX_CONNECTIONS = 256
+STOP_WAIT = 2.0
+REAP_EVERY = 1.0  # seconds between looks at the open connections
 TRACKING = "tracking"  # the last path segment of the X-IB-Tracking-Url, after the token
 
 
@@ -42,16 +51,22 @@ class PushListener:
         self._track = track
         self._now = now  # the relay's clock: when a tracking event arrived
         self._runner: web.AppRunner | None = None
+        self._reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_route("*", "/{path:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=STOP_WAIT)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()
         self.port = int(self._runner.addresses[0][1])
+        assert self._runner.server is not None
+        self._reaper = asyncio.create_task(_reap(self._runner.server), name="push-reaper")
 
     async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -102,3 +117,21 @@ class PushListener:
         if events:
             await self._track(events)
         return web.json_response({"accepted": len(events)})
+
+
+async def _reap(server: web.Server) -> None:
+    """Close each connection CONNECTION_DEADLINE seconds after it was first seen, and the newest past
+    MAX_CONNECTIONS (a connection that never sends a request never reaches a handler, so no handler's timeout
+    would end it)."""
+    first_seen: dict[object, float] = {}
+    while True:
+        await asyncio.sleep(REAP_EVERY)
+        now = time.monotonic()
+        connections = server.connections
+        first_seen = {c: first_seen.get(c, now) for c in connections}
+        newest = sorted(connections, key=first_seen.__getitem__)[MAX_CONNECTIONS:]
+        for connection in connections:
+            if now - first_seen[connection] >= CONNECTION_DEADLINE or connection in newest:
+                connection.force_close()
+        if newest:
+            log.warning("push_connections_over_limit", closed=len(newest), limit=MAX_CONNECTIONS)
