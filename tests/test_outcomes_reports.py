@@ -394,6 +394,31 @@ async def test_one_profiles_wrong_reports_key_backs_off_alone(
     assert reports.reports.requests[-1].api_key == "hr-reports-key"
 
 
+async def test_a_reload_that_changes_the_reports_url_does_not_cut_a_page_being_fetched(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """The old client was closed at the reload, under the fetch: the page Infobip had handed out was lost.
+    Now it finishes, and the next round uses the new URL."""
+    clock = FakeClock()
+    relay = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30))
+    infobip_id = (await send_one(relay.port, SENDER, ["a@example.org"], message())).rsplit(" ", 1)[1]
+    await until_status(relay, infobip_id, {"a@example.org": "sent"})
+    registry = relay.metrics.registry
+    await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30)
+    reports.reports.behaviour.answer = answer = asyncio.Event()
+    clock.advance(30)
+    await reports.reports.wait_for_requests(1)
+    await until(lambda: not reports.reports.waiting)  # handed out; the answer waits
+    moved = reports_on(reports, tmp_path, poll_interval=30, base_url=f"https://127.0.0.1:{reports.reports.port}")
+    await relay.reload(relay_settings(reports, **moved))
+    answer.set()
+    await until_status(relay, infobip_id, {"a@example.org": "delivered"})
+    second = (await send_one(relay.port, SENDER, ["b@example.org"], message())).rsplit(" ", 1)[1]
+    clock.advance(30)
+    await until_status(relay, second, {"b@example.org": "delivered"})
+    assert registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "connection"}) == 0
+
+
 def test_the_bulk_id_names_its_profile() -> None:
     at = 1795870800.0  # 2026-11-28T13:00:00Z
     assert bulk_id("ab12cd34", at) == "relay-ab12cd34-2026112813"

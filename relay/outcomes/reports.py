@@ -138,9 +138,31 @@ class Poller:
         self._keys: dict[str, _Backoff] = {}  # by key, in memory only (never logged)
         self._history_failures = 0  # consecutive rounds the history failed
         self._unstored: list[Report] = []  # a page taken from Infobip that the history could not store yet
+        self._next_client: ReportsClient | None = None
+        self._retired: list[ReportsClient] = []
 
     def poll_now(self) -> None:
         self._wake.set()
+
+    def replace_client(self, client: ReportsClient) -> None:
+        """A reloaded base URL or CA: used from the next round on; the old client is closed then, between
+        rounds (closed under a fetch, it lost the page Infobip was handing out)."""
+        if self._next_client is not None:
+            self._retired.append(self._next_client)
+        self._next_client = client
+
+    async def _take_next_client(self) -> None:
+        if self._next_client is not None:
+            self._retired.append(self.client)
+            self.client, self._next_client = self._next_client, None
+        while self._retired:
+            await self._retired.pop().close()
+
+    async def close(self) -> None:
+        """At a stop, after run() has ended."""
+        for client in (self.client, self._next_client, *self._retired):
+            if client is not None:
+                await client.close()
 
     async def run(self) -> None:
         try:
@@ -164,6 +186,7 @@ class Poller:
             finally:
                 timer.cancel()
             self._wake.clear()
+            await self._take_next_client()
             try:
                 await self.poll_once()
                 self._history_failures = 0

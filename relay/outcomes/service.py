@@ -102,7 +102,6 @@ class Outcomes:
         self.poller: Poller | None = None
         self.bouncer: Bouncer | None = None
         self.push: PushListener | None = None
-        self._client: ReportsClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.reports_on = settings.reports.enabled  # turning either on or off needs a restart (RESTART_KEYS)
         self.bounces_on = settings.bounces.enabled
@@ -111,12 +110,10 @@ class Outcomes:
         """A reloaded config (SIGHUP): poll interval, API keys, URL, CA, notify URL, the history's age and backlog
         and every bounce setting apply now; on/off, notify_listen and history_path at restart."""
         old, self.settings = self.settings, settings
-        if self.poller is not None and self._client is not None:
+        if self.poller is not None:
             self.poller.interval = settings.reports.poll_interval  # the keys: read per poll (reports_key)
             if (settings.reports.base_url, settings.reports.ca_file) != (old.reports.base_url, old.reports.ca_file):
-                retired, self._client = self._client, ReportsClient(settings.reports)
-                self.poller.client = self._client
-                self._tasks.append(asyncio.ensure_future(retired.close()))
+                self.poller.replace_client(ReportsClient(settings.reports))
         if self.bouncer is not None:
             self.bouncer.settings = settings.bounces
 
@@ -151,9 +148,8 @@ class Outcomes:
             )  # fmt: skip
             self._tasks.append(asyncio.create_task(self.bouncer.run(), name="bounces"))
         if self.reports_on:
-            self._client = ReportsClient(self.settings.reports)
             self.poller = Poller(
-                self._client,
+                ReportsClient(self.settings.reports),
                 self.settings.reports.poll_interval,
                 self.clock,
                 self.metrics,
@@ -182,8 +178,8 @@ class Outcomes:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.push is not None:
             await self.push.stop()
-        if self._client is not None:
-            await self._client.close()
+        if self.poller is not None:
+            await self.poller.close()
         if self.history is not None:
             await self.history.close()
 

@@ -53,6 +53,7 @@ class ReportsBehaviour:
     failing: int = 0  # the next N requests get 500
     holding: bool = False  # reports exist but are not handed out yet (Infobip still delivering)
     charset: str = "utf-8"  # of the JSON: "latin-1" writes its words as a misconfigured server would
+    answer: asyncio.Event | None = None  # set: a page, once handed out, is answered only when the event is set
 
 
 @dataclass
@@ -214,6 +215,8 @@ class ReportsEndpoint:
             self.behaviour.failing -= 1
             return web.Response(status=500, text="internal error")
         results = {"results": self._take(record.query, record.account)}
+        if self.behaviour.answer is not None:  # handed out (Infobip's side is done); the answer is slow
+            await self.behaviour.answer.wait()
         body = json.dumps(results, ensure_ascii=False).encode(self.behaviour.charset, "replace")
         return web.Response(body=body, content_type="application/json")
 
