@@ -119,7 +119,7 @@ def _queue(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     if args.verb == "handoff":  # relay/cluster: scale-in
         return run_handoff(spool, args.to, settings.listen, args.timeout)
-    status = queue_verbs.run(spool, args.verb, args)
+    status = queue_verbs.run(spool, args.verb, args, settings)
     if args.verb == "rekey" and status == 0:
         status = queue_verbs.rekey_history(settings)
     return status

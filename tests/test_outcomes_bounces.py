@@ -17,6 +17,7 @@ import pytest
 import structlog.testing
 
 from relay.app import Relay
+from relay.cli import main as relay_main
 from relay.config import BouncesSettings
 from relay.outcomes.bounces import CHECK_EVERY, Bouncer
 from relay.outcomes.history import BounceJob, BounceRecipient
@@ -27,7 +28,7 @@ from relay.testing.clock import FakeClock
 from relay.testing.sink import MailSink
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, free_port, message, relay_settings
-from tests.helpers import SENDER, get, send_one, spooled, until
+from tests.helpers import SENDER, get, send_one, spooled, until, write_config
 from tests.outcomes import history_failing, messages, notify_url, reports_on, until_status
 
 
@@ -517,6 +518,38 @@ async def test_a_delay_warning_once_for_a_message_still_queued(
         clock.advance(600)  # one warning per message, however long it stays queued
     await until(lambda: bounce_count(relay, "sent") == 1)
     assert len(sink.messages) == 1
+
+
+async def test_a_message_the_operator_deleted_gets_no_delay_warning_and_trace_says_so(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """`relay queue delete` removed the files but told the history nothing: trace said the recipient still
+    waited, and the sender later heard "still trying, no need to send it again" about mail that would never go."""
+    clock = FakeClock()
+    standin.behaviour.data_replies.extend(["451 4.3.0 Try again later"] * 50)
+    spool, bounces = spooled(tmp_path, retry_initial=60, retry_max=60), bounces_to(sink, delay_warning="5m")
+    sections = {"spool": spool, "bounces": bounces}
+    relay = await start_relay(clock=clock, **sections)
+    queue_id = (await send_one(relay.port, SENDER, ["slow@example.org"], message())).split("Queued as ")[1][:21]
+    await until_status(relay, queue_id, {"slow@example.org": "queued"})  # deferred, and noted
+    config = write_config(tmp_path / "relay.toml", standin, port=relay.port, **sections)
+    assert relay_main(["queue", "--config", str(config), "delete", queue_id]) == 0
+    assert "1 waiting recipient(s) marked failed" in capsys.readouterr().out
+    [found] = await messages(relay, queue_id)
+    [rcpt] = found["recipients"]
+    assert rcpt["status"] == "failed" and "deleted by the operator" in rcpt["detail"]
+    assert "deleted" in [e["kind"] for e in found["events"]]
+    warn_at = clock.now + 310  # delay_warning past: the outbox's looks from then on would warn
+
+    def looked_past_warn_at() -> bool:  # a step a look, as in the test above
+        clock.advance(1)
+        return any(e["event"] == "bounce_outbox_checked" and e["at"] >= warn_at for e in logs)
+
+    clock.advance(290)  # not yet 5 minutes
+    with structlog.testing.capture_logs() as logs:
+        await until(looked_past_warn_at)
+    assert sink.messages == [] and bounce_count(relay, "sent") == 0
 
 
 async def test_pass_through_bounces_only_what_was_refused_inside_a_250(

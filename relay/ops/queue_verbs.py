@@ -23,6 +23,7 @@ from typing import Any
 from relay.config import Settings
 from relay.core.message import Envelope
 from relay.ops import privacy
+from relay.outcomes.history import HistoryStore
 from relay.outcomes.service import open_store
 from relay.outcomes.sqlite import history_path
 from relay.outcomes.store import HistoryLayoutError
@@ -201,9 +202,11 @@ def flush(spool: Spool, ids: list[str]) -> int:
     return 0 if all(o != "not in queue/" for o in outcomes.values()) else 1
 
 
-def delete(spool: Spool, ids: list[str], *, all_dead: bool) -> int:
-    """Ids: gone from queue/ and dead/. `--all-dead`: every dead letter, and nothing still waiting (a
-    message whose other recipients wait in queue/ keeps waiting)."""
+def delete(spool: Spool, ids: list[str], *, all_dead: bool, settings: Settings | None = None) -> int:
+    """Ids: gone from queue/ and dead/, and (with `settings`, a history kept) their waiting recipients `failed`
+    in the history, so trace does not say they wait and no delay warning tells the sender they will go.
+    `--all-dead`: every dead letter, and nothing still waiting (a message whose other recipients wait in queue/
+    keeps waiting)."""
     outcomes: dict[str, str] = {}
     if all_dead:
         for queue_id in spool.dead_ids():
@@ -220,7 +223,25 @@ def delete(spool: Spool, ids: list[str], *, all_dead: bool) -> int:
         else:
             print(f"{queue_id}: not found", file=sys.stderr)
     audit(spool, "delete", outcomes, all_dead=all_dead)
+    gone = [queue_id for queue_id in ids if outcomes[queue_id] == "deleted"]
+    if settings is not None and gone:
+        _history_deleted(settings, gone)
     return 1 if "not found" in outcomes.values() else 0
+
+
+def _history_deleted(settings: Settings, queue_ids: list[str]) -> None:
+    try:
+        store = _history(settings)
+        if store is None:
+            return
+        try:
+            count = store.deleted(queue_ids, time.time(), "deleted by the operator (relay queue delete; see audit.log)")
+        finally:
+            store.close()
+    except Exception as exc:  # the spool's files are gone all the same: said, not undone
+        print(f"relay: queue delete: the message history was not told: {exc}", file=sys.stderr)
+        return
+    print(f"message history: {count} waiting recipient(s) marked failed (deleted)")
 
 
 def requeue(spool: Spool, ids: list[str]) -> int:
@@ -302,7 +323,7 @@ def list_queue(spool: Spool, *, dead: bool, as_json: bool, sender: str | None, o
     return 0
 
 
-def run(spool: Spool, verb: str, options: Any) -> int:
+def run(spool: Spool, verb: str, options: Any, settings: Settings | None = None) -> int:
     """`relay queue <verb>` with argparse's options; exit status 0, or 1 when an id was not found."""
     if verb == "list":
         try:
@@ -317,7 +338,7 @@ def run(spool: Spool, verb: str, options: Any) -> int:
         if not options.ids and not options.all_dead:
             print("relay: queue delete: give queue ids, or --all-dead", file=sys.stderr)
             return 2
-        return delete(spool, options.ids, all_dead=options.all_dead)
+        return delete(spool, options.ids, all_dead=options.all_dead, settings=settings)
     if verb == "rekey":
         return rekey_spool(spool)
     return requeue(spool, options.ids)
@@ -354,15 +375,13 @@ def rekey_spool(spool: Spool) -> int:
 def rekey_history(settings: Settings) -> int:
     """`relay queue rekey`, second half: the message history's sealed columns (relay/outcomes/store.py)
     under the current key too, so the old key can leave spool.old_key_files for them as well."""
-    if not (settings.reports.enabled or settings.bounces.enabled or settings.reports.history_url.get_secret_value()):
-        return 0
-    if not settings.reports.history_url.get_secret_value() and not history_path(settings).exists():
-        return 0  # no history written yet: nothing under any key
     try:
-        store = open_store(settings)
+        store = _history(settings)
     except (HistoryLayoutError, MissingKeyError) as exc:
         print(f"relay: queue rekey: the message history: {exc}", file=sys.stderr)
         return 1
+    if store is None:
+        return 0  # none kept, or none written yet: nothing under any key
     try:
         rewritten = store.rekey()
     except SealError as exc:
@@ -372,3 +391,13 @@ def rekey_history(settings: Settings) -> int:
         store.close()
     print(f"message history: {rewritten} row(s) sealed again under the current key")
     return 0
+
+
+def _history(settings: Settings) -> HistoryStore | None:
+    """The message history, if one is kept and has been written."""
+    url = settings.reports.history_url.get_secret_value()
+    if not (settings.reports.enabled or settings.bounces.enabled or url):
+        return None
+    if not url and not history_path(settings).exists():
+        return None
+    return open_store(settings)

@@ -120,7 +120,7 @@ class RecipientTrace:
 @dataclass(frozen=True, slots=True)
 class Event:
     at: float
-    kind: str  # received | attempt | report | tracking | bounce
+    kind: str  # received | attempt | report | tracking | bounce | deleted
     address: str | None
     detail: str
 
@@ -168,6 +168,10 @@ class HistoryStore(Protocol):
 
     def bounce_retry(self, bounce_id: int, due: float, error: str, claimed_at: float | None = None) -> bool:
         """A bounce attempt failed: try again at `due` (with `claimed_at`, as bounce_done)."""
+
+    def deleted(self, queue_ids: Sequence[str], at: float, detail: str) -> int:
+        """`relay queue delete`: these messages' recipients still waiting end `failed` with `detail` (no bounce:
+        the operator chose it, and no delay warning follows); returns how many recipients."""
 
     def delayed(self, received_before: float, at: float) -> int:
         """Queue one delay warning (Action: delayed) for each message still queued since before

@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 from relay.outcomes.columns import ADDRESS, MESSAGE_ID, Columns
 from relay.outcomes.decide import (
     BOUNCED,
+    FAILED,
     FINAL,
     QUEUED,
     SENT,
@@ -371,6 +372,21 @@ class SqlHistory:
                 (due, db.cols.seal_text("bounces.last_error", row[0], error), bounce_id, *claim),
             )
             return cursor.rowcount > 0
+
+    def deleted(self, queue_ids: Sequence[str], at: float, detail: str) -> int:
+        with self._tx() as db:
+            count = 0
+            for queue_id in queue_ids:
+                rows = db.all(
+                    "UPDATE recipients SET status = ?, detail = ?, at = ? WHERE queue_id = ? AND status = ? "
+                    "RETURNING address",
+                    (FAILED, db.cols.seal_text("recipients.detail", queue_id, detail), at, queue_id, QUEUED),
+                )
+                for (address,) in rows:
+                    rcpt = db.cols.open_text("recipients.address", queue_id, address)
+                    _event(db, queue_id, at, "deleted", rcpt, detail)
+                count += len(rows)
+            return count
 
     def delayed(self, received_before: float, at: float) -> int:
         """A message is marked warned before its warning is queued: a replica doing the same at once skips it."""
