@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 import trustme
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -285,8 +286,11 @@ async def test_two_mb_line_in_data_is_refused_and_nothing_is_sent(
 ) -> None:
     relay = await start_relay()
     dialog = await session(relay.port)
-    reply = await two_mb_line_then_end(dialog)
+    with structlog.testing.capture_logs() as logs:
+        reply = await two_mb_line_then_end(dialog)
     assert reply == "500 5.5.6 A message line is longer than this relay accepts; nothing was sent"
+    [line] = [e for e in logs if e["event"] == "message_rejected"]  # ops can tell an app why
+    assert line["reply"] == reply and line["reason"] == "too_long" and line["size"] > 2 * 1024 * 1024
     assert standin.messages == []
     assert await dialog.send("RSET") == "250 2.0.0 OK"
     await normal_message(dialog, standin, "after-long-line")

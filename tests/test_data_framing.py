@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 
 import pytest
+import structlog.testing
 
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import Dialog, StartRelay, record_wire
@@ -73,12 +74,16 @@ async def test_a_bare_lf_end_of_data_is_answered_at_once_and_the_connection_clos
 ) -> None:
     relay = await start_relay()
     dialog = await in_data(relay.port)
-    dialog.writer.write(upload)  # and wait: no CRLF.CRLF is coming
-    assert await dialog.reply() == BARE_LF_END
+    with structlog.testing.capture_logs() as logs:
+        dialog.writer.write(upload)  # and wait: no CRLF.CRLF is coming
+        assert await dialog.reply() == BARE_LF_END
     assert await closed(dialog)
     await dialog.close()
     assert standin.messages == [] and not upstream_wire
     assert rejected(relay, "protocol") == 1
+    [line] = [e for e in logs if e["event"] == "message_rejected"]  # ops can tell an app why
+    assert line["reply"] == BARE_LF_END and line["sender"] == SENDER and line["reason"] == "protocol"
+    assert line["size"] == len(upload) and line["recipients"] == 1
 
 
 async def test_a_message_smuggled_behind_a_bare_lf_end_never_runs(

@@ -45,6 +45,7 @@ class Upload:
         self.max_line = max_line
         self.data = bytearray()
         self.held = 0  # bytes taken from the budget
+        self.received = 0  # bytes the client sent, kept or not (for the log line of a refused message)
         self.refusal: Refusal | None = None
         self.ended = False  # the end of data was seen
         self.hang_up = False  # ... or a dot line next to a bare LF: refused, and the connection is closed
@@ -55,6 +56,11 @@ class Upload:
     def feed(self, chunk: bytes) -> int:
         """Take the next bytes from the client; how many belonged to the upload (fewer than len(chunk) once
         the end of data is in it: the rest are the client's next commands)."""
+        used = self._feed(chunk)
+        self.received += used
+        return used
+
+    def _feed(self, chunk: bytes) -> int:
         offset = len(self._seen)  # where `chunk` starts in `window`
         window = self._seen + chunk
         # A dot after a line break, and a CR after it, may be the start of the end of data: kept for the next chunk.
