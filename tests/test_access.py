@@ -153,7 +153,10 @@ def test_the_limit_comes_before_the_address_check() -> None:
     assert refusal is not None and refusal.reason == "too_many_recipients"
 
 
-@pytest.mark.parametrize("address", ["", "bob", "a b@example.org", "<a@example.org>", "a@example.org\nDATA"])
+@pytest.mark.parametrize(
+    "address",
+    ["", "bob", "a b@example.org", "<a@example.org>", "a@example.org\nDATA", "b" * 300 + "@example.org", "u@-bad-.com"],
+)
 def test_malformed_recipient_is_553(address: str) -> None:
     assert check_recipient(address, 0, 1000) == Refusal(
         "recipient", Reply(553, "5.1.3", "Recipient address must look like user@example.com")

@@ -320,6 +320,15 @@ def test_the_from_address_is_the_one_a_mail_client_shows() -> None:
         ("a@example.com\r\nRCPT TO:<x@y>", False),
         ("a@example.com>", False),
         ("app@b\u00fccher.de", False),
+        ("l" * 64 + "@example.com", True),
+        ("l" * 65 + "@example.com", False),  # RFC 5321: a local part of 64 octets at most
+        ("a@" + "d" * 63 + ".example", True),
+        ("a@" + "d" * 64 + ".example", False),  # a label of 63 at most
+        ("a@" + ".".join(["d" * 63] * 4), True),
+        ("a@" + ".".join(["d" * 50] * 6), False),  # a domain of 255 at most
+        ("a@-bad-.com", False),
+        ("a@example..com", False),
+        ("a@example.com.", False),
     ],
 )
 def test_is_safe_address(address: str, safe: bool) -> None:
