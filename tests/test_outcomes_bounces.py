@@ -19,7 +19,7 @@ import structlog.testing
 from relay.app import Relay
 from relay.cli import main as relay_main
 from relay.config import BouncesSettings
-from relay.outcomes.bounces import CHECK_EVERY, Bouncer
+from relay.outcomes.bounces import CHECK_EVERY, CLAIM_USE, Bouncer
 from relay.outcomes.history import BounceJob, BounceRecipient
 from relay.outcomes.metrics import OutcomeMetrics
 from relay.outcomes.sqlite import history_path
@@ -440,6 +440,34 @@ async def test_a_stop_while_a_bounce_is_being_sent_lets_it_finish_so_it_goes_onc
     assert bounce_states(relay) == [("sent",)]
     said = [e["event"] for e in logs if e["event"].startswith("bounce_") and e["log_level"] != "debug"]
     assert said == ["bounce_stop_waiting", "bounce_sent"]
+
+
+async def test_a_batch_outliving_half_its_claim_leaves_the_rest_to_be_offered_again(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path
+) -> None:
+    """A slow mail server: a batch of bounces is sent one by one under one claim, and past SENDING_STALE
+    another replica offers the rest again. So the sender stops using a claim at CLAIM_USE: the rest go stale
+    unsent and are sent then, each once."""
+    clock = FakeClock()
+    standin.behaviour.refuse_recipients["nosuch@example.org"] = "550 5.1.1 Recipient unknown"
+    relay = await start_relay(clock=clock, spool=spooled(tmp_path), bounces=bounces_to(sink))
+    with history_failing(relay, "UPDATE ON bounces"):  # no claim: both bounces wait for one look
+        for _ in range(2):
+            await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
+        await until(lambda: bounce_states(relay) == [("pending",), ("pending",)])
+    sink.on_message = lambda _: clock.advance(CLAIM_USE) if len(sink.messages) == 1 else None  # the first: slow
+    with structlog.testing.capture_logs() as logs:
+        clock.advance(CHECK_EVERY)
+        await until(lambda: any(e["event"] == "bounce_claims_left" for e in logs))
+    assert len(sink.messages) == 1 and sorted(bounce_states(relay)) == [("sending",), ("sent",)]
+
+    def offered_again() -> bool:  # a look at a time, until the claim is stale
+        clock.advance(CHECK_EVERY)
+        return len(sink.messages) == 2
+
+    await until(offered_again)
+    await until(lambda: bounce_states(relay) == [("sent",), ("sent",)])
+    assert len({m.data.split(b"X-Relay-Queue-ID: ")[1][:21] for m in sink.messages}) == 2
 
 
 async def test_a_5xx_from_the_bounce_server_is_logged_and_not_retried(

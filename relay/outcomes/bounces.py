@@ -27,10 +27,14 @@ from relay.outcomes.decide import bounce_address, next_bounce_attempt
 from relay.outcomes.dsn import build_dsn
 from relay.outcomes.history import BounceJob
 from relay.outcomes.metrics import OutcomeMetrics
+from relay.outcomes.store import SENDING_STALE
 
 log = structlog.get_logger("relay.outcomes")
 CHECK_EVERY = 10.0  # seconds between looks at the outbox when nothing wakes it sooner
 BATCH = 20
+# Seconds a claim is used for: the rest of a batch still unsent then (a slow mail server) is left to go stale
+# and be offered again, rather than sent under a claim another replica may take over at SENDING_STALE.
+CLAIM_USE = SENDING_STALE / 2
 
 
 class Bouncer:
@@ -111,6 +115,9 @@ class Bouncer:
         while not self._stopping and (jobs := await self._due(self.clock.time(), BATCH)):
             for job in jobs:  # the rest of a batch a stop leaves claimed is offered again at the next start
                 if self._stopping:
+                    return
+                if job.claimed_at is not None and self.clock.time() - job.claimed_at >= CLAIM_USE:
+                    log.warning("bounce_claims_left", bounces=len(jobs) - jobs.index(job), reason="claim too old")
                     return
                 self._idle.clear()
                 try:
