@@ -42,6 +42,50 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 INFOBIP_MAX_MESSAGE_SIZE = 20971520  # the SIZE Infobip advertises (seed 002)
 INFOBIP_MAX_RECIPIENTS = 1000  # "limited to 1000 recipients" per transaction (seed 002)
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})")
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DNS_NAME_RE = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}\.?")
+
+
+def host_problem(value: str) -> str | None:
+    """Why `value` can be neither an IP address nor a DNS host name, or None. Caught here, a typo names its
+    key; left to the resolver, it deferred every message or stopped start-up naming no key."""
+    if not value.strip():
+        return "empty: give a host name or an IP address"
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        pass
+    else:
+        return None
+    if len(value) > 253 or not _DNS_NAME_RE.fullmatch(value):
+        return f"{value!r} is neither an IP address nor a host name (letters, digits, '-', '.')"
+    if value.rstrip(".").rpartition(".")[2].isdigit():  # 999.1.1.1: no name ends in a number
+        return f"{value!r} is not an IP address"
+    return None
+
+
+def _a_host(value: str) -> str:
+    if problem := host_problem(value):
+        raise ValueError(problem)
+    return value
+
+
+def domain_list(value: list[str]) -> list[str]:
+    """Sender domains as compared (lower case, trimmed); '@example.com' or 'a b' could never match one."""
+    return [_a_domain(d) for d in value]
+
+
+def _a_domain(value: str) -> str:
+    domain = value.strip().lower()
+    if not domain or "@" in domain or any(c.isspace() for c in domain):
+        bare = domain.rpartition("@")[2] or "example.com"
+        raise ValueError(f"{value!r} is not a domain: write the domain alone, e.g. {bare!r} (matched exactly)")
+    return domain
+
+
+def _none_if_blank(value: Any) -> Any:
+    """An empty file setting means "not set", as in config.example.toml (never the current directory)."""
+    return None if isinstance(value, str) and not value.strip() else value
 
 
 class ConfigError(Exception):
@@ -62,8 +106,8 @@ class ClientUser(_Section):
 
     @field_validator("allowed_sender_domains")
     @classmethod
-    def _lower(cls, value: list[str]) -> list[str]:
-        return [d.strip().lower() for d in value]
+    def _domains(cls, value: list[str]) -> list[str]:
+        return domain_list(value)
 
     @field_validator("password_hash")
     @classmethod
@@ -136,6 +180,11 @@ class ListenSettings(_Section):
             raise ValueError("auth_required needs at least one entry in listen.users")
         return self
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _a_host(value)  # an address to listen on: a wildcard is 0.0.0.0 or ::, never ""
+
     @field_validator("hostname")
     @classmethod
     def _valid_hostname(cls, value: str) -> str:
@@ -201,6 +250,11 @@ class UpstreamSettings(_Section):
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _a_host(value)
+
     @field_validator("ca_file", "username_file", "password_file")
     @classmethod
     def _readable(cls, value: Path | None) -> Path | None:
@@ -262,6 +316,21 @@ class ProfileSettings(_Section):
     reports_api_key: SecretStr | None = None
     reports_api_key_file: Path | None = None
 
+    @field_validator("sender_domain")
+    @classmethod
+    def _domain(cls, value: str | None) -> str | None:
+        return _a_domain(value) if value is not None else None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        return value if value is None else _a_host(value)
+
+    @field_validator("username_file", "password_file", "api_key_file", "reports_api_key_file", mode="before")
+    @classmethod
+    def _no_file(cls, value: Any) -> Any:
+        return _none_if_blank(value)
+
     @model_validator(mode="after")
     def _checked(self) -> ProfileSettings:
         if not any((self.sender_domain, self.sender, self.client_network, self.user)):
@@ -302,6 +371,20 @@ class SpoolSettings(_Section):
     encryption_key_file: Path | None = None
     old_key_files: list[Path] = Field(default_factory=list)
     _keys: list[bytes] = PrivateAttr(default_factory=list)
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _a_path(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():  # Path("") is the current directory, made 0700
+            raise ValueError("empty: set the spool directory, e.g. /var/spool/relay")
+        return value
+
+    @field_validator("old_key_files", mode="before")
+    @classmethod
+    def _no_empty_key_files(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(isinstance(v, str) and not v.strip() for v in value):
+            raise ValueError("an empty path: list the old key files, or leave the list empty")
+        return value
 
     @field_validator("encryption_key_file", mode="before")
     @classmethod
@@ -358,10 +441,15 @@ class PolicyRule(_Section):
     headers: dict[str, str] = Field(default_factory=dict)
     replace_existing: bool = False
 
-    @field_validator("sender_domain", "sender", "recipient_domain")
+    @field_validator("sender")
     @classmethod
     def _lower(cls, value: str | None) -> str | None:
         return value.strip().lower() if value is not None else None
+
+    @field_validator("sender_domain", "recipient_domain")
+    @classmethod
+    def _domain(cls, value: str | None) -> str | None:
+        return _a_domain(value) if value is not None else None
 
     @field_validator("client_network", mode="before")
     @classmethod
@@ -393,8 +481,8 @@ class PolicySettings(_Section):
 
     @field_validator("allowed_sender_domains")
     @classmethod
-    def _lower(cls, value: list[str]) -> list[str]:
-        return [d.strip().lower() for d in value]
+    def _domains(cls, value: list[str]) -> list[str]:
+        return domain_list(value)
 
 
 class LimitsSettings(_Section):
@@ -409,6 +497,11 @@ class HttpSettings(_Section):
     host: str = "127.0.0.1"  # loopback unless set: the endpoints ignore allowed_networks (the image sets 0.0.0.0)
     port: int = Field(9090, ge=0, le=65535)
     ready_upstream_window: float = Field(600.0, gt=0)  # /readyz: a failing upstream is tolerated this long
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _a_host(value)
 
 
 class ReportsSettings(_Section):
@@ -495,6 +588,11 @@ class BouncesSettings(_Section):
                 raise ValueError(f'{value!r} is not a duration such as "4h", "30m", "1d" or seconds')
             return float(found.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[found.group(2)]
         return value
+
+    @field_validator("smtp_host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return _a_host(value) if value else value  # empty: bounces off (checked below)
 
     @model_validator(mode="after")
     def _check(self) -> BouncesSettings:
@@ -685,22 +783,33 @@ def _env_problems() -> list[str]:
     problems = []
     for name, value in sorted(os.environ.items()):
         section, _, key = name.upper().removeprefix("RELAY_").lower().partition("__")
-        if not name.upper().startswith("RELAY_") or not key:
+        if not name.upper().startswith("RELAY_"):
+            continue
+        if not key:  # RELAY_PROFILES, RELAY_LISTEN: a whole list or table; others (RELAY_EVENT_LOOP) are not config
+            if section in sections and (problem := _not_json(name, value, section)):
+                problems.append(f"{section}: {problem}")
             continue
         model = sections[section].annotation if section in sections else None
         if model is None:
             problems.append(f"{name}: unknown section {section!r} (sections: {', '.join(sections)})")
             continue
         field = getattr(model, "model_fields", {}).get(key)
-        if field is not None and get_origin(field.annotation) in (list, dict):
-            try:
-                json.loads(value)
-            except ValueError as exc:
-                problems.append(
-                    f"{section}.{key}: {name} is not valid JSON ({exc}); lists and tables in environment "
-                    """variables are JSON, e.g. '["10.0.0.0/8"]'"""
-                )
+        if field is not None and get_origin(field.annotation) in (list, dict) and (problem := _not_json(name, value)):
+            problems.append(f"{section}.{key}: {problem}")
     return problems
+
+
+_JSON_EXAMPLES = {"profiles": """'[{"name": "hr", "sender_domain": "hr.example.com"}]'""", "": """'["10.0.0.0/8"]'"""}
+
+
+def _not_json(name: str, value: str, field: str = "") -> str | None:
+    """Why pydantic-settings cannot parse `value` (its own error names neither the variable nor JSON), or None."""
+    try:
+        json.loads(value)
+    except ValueError as exc:
+        example = _JSON_EXAMPLES.get(field, """'{"port": 2525}'""")
+        return f"{name} is not valid JSON ({exc}); lists and tables in environment variables are JSON, e.g. {example}"
+    return None
 
 
 def load_settings(path: Path | None, **overrides: Any) -> Settings:
