@@ -6,6 +6,7 @@ import asyncio
 import gc
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -34,6 +35,8 @@ from relay.upstream.errors import UpstreamError
 from relay.upstream.pool import UpstreamPool
 
 log = structlog.get_logger("relay.app")
+
+Overrides = Callable[[Settings], Settings]  # what the command line puts over a loaded config (`serve --demo`)
 
 
 class Relay:
@@ -272,11 +275,15 @@ def _key(settings: Settings, dotted: str) -> object:
     return getattr(getattr(settings, section), name)
 
 
-async def _reload_from(relay: Relay, config: Path | None) -> None:
+async def _reload_from(relay: Relay, config: Path | None, overrides: Overrides | None = None) -> None:
+    """SIGHUP: the file again, with what the command line put over it at start (`--demo`: the stand-in, so a
+    reload never turns a demo towards Infobip), held to the same secrets `relay serve` needs."""
     try:
         new = load_settings(config)
-        if new.upstream != relay.settings.upstream:
-            new.upstream.require_credentials()
+        if overrides is not None:
+            new = overrides(new)
+        if missing := new.missing_secrets():
+            raise ConfigError("; ".join(missing))
     except ConfigError as exc:
         log.error("config_reload_failed", error=str(exc), kept="the running config")
         relay.metrics.reloaded(False)
@@ -285,8 +292,13 @@ async def _reload_from(relay: Relay, config: Path | None) -> None:
     relay.metrics.reloaded(True)
 
 
-async def run(settings: Settings, stop: asyncio.Event | None = None, config: Path | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain. SIGHUP re-reads `config`."""
+async def run(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    config: Path | None = None,
+    overrides: Overrides | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain. SIGHUP re-reads `config` (then `overrides`)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -295,7 +307,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None, config: Pat
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hangup() -> None:
-        task = asyncio.ensure_future(_reload_from(relay, config))
+        task = asyncio.ensure_future(_reload_from(relay, config, overrides))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 

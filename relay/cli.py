@@ -25,7 +25,7 @@ from relay.config import ConfigError, Settings, load_settings
 from relay.core.headers import header_block_end
 from relay.inbound.auth import print_password_hash
 from relay.ops import privacy, queue_verbs
-from relay.ops.config_warnings import config_warnings, effective_config, strict_warnings
+from relay.ops.config_warnings import config_warnings, effective_config, serve_refusals, strict_warnings
 from relay.ops.doctor import doctor
 from relay.ops.hardening import forbid_core_dumps
 from relay.ops.healthcheck import healthcheck
@@ -74,26 +74,41 @@ def _print_message(message: StandInMessage) -> None:
     )
 
 
-async def _demo(settings: Settings) -> None:
-    standin = InfobipStandIn(on_message=_print_message)
-    await standin.start()
-    upstream = settings.upstream.model_copy(
-        update={
+Pinned = dict[str, dict[str, Any]]  # section -> key -> value
+
+
+def _demo_pins(standin: InfobipStandIn, spool: Path) -> Pinned:
+    """What --demo puts over the config: the stand-in as Infobip, loopback listeners, a throwaway spool."""
+    return {
+        "upstream": {
             "host": "127.0.0.1",
             "port": standin.port,
             "tls": "starttls",
             "ca_file": standin.ca_file,
             "username": SecretStr(standin.username),
             "password": SecretStr(standin.password),
-        }
+        },
+        "listen": {"host": "127.0.0.1"},
+        "http": {"host": "127.0.0.1", "port": 0},  # never exposed, never clashes
+        "spool": {"path": spool},
+    }
+
+
+def _pinned(settings: Settings, pins: Pinned) -> Settings:
+    """`settings` with the pinned keys put over it: at start, and again over the file each SIGHUP re-reads."""
+    return settings.model_copy(
+        update={section: getattr(settings, section).model_copy(update=keys) for section, keys in pins.items()}
     )
-    listen = settings.listen.model_copy(update={"host": "127.0.0.1"})
-    http = settings.http.model_copy(update={"host": "127.0.0.1", "port": 0})  # never exposed, never clashes
+
+
+async def _demo(settings: Settings, config: Path | None) -> None:
+    standin = InfobipStandIn(on_message=_print_message)
+    await standin.start()
     spool_dir = tempfile.TemporaryDirectory(prefix="relay-demo-spool-")
-    spool = settings.spool.model_copy(update={"path": Path(spool_dir.name)})
-    settings = settings.model_copy(update={"upstream": upstream, "listen": listen, "spool": spool, "http": http})
-    settings, sink = await demo_outcomes(settings, standin)  # reports and bounces: the whole loop
-    port = listen.port
+    pins = _demo_pins(standin, Path(spool_dir.name))
+    settings, sink = await demo_outcomes(_pinned(settings, pins), standin)  # reports and bounces: the whole loop
+    pins |= {section: dict(getattr(settings, section)) for section in ("reports", "bounces")}  # as demo_outcomes made
+    port = settings.listen.port
     print(
         "\n" + "!" * 78 + "\n"
         "DEMO MODE: the upstream is a local stand-in for Infobip's SMTP API on "
@@ -104,7 +119,7 @@ async def _demo(settings: Settings) -> None:
         flush=True,
     )
     try:
-        await run(settings)
+        await run(settings, config=config, overrides=lambda new: _pinned(new, pins))
     finally:
         await sink.stop()
         await standin.stop()
@@ -182,17 +197,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "hash-password":  # needs no config
-        return print_password_hash()
+        return _hash_password()
     if args.command == "keygen":  # needs no config; only the key goes to stdout
         print(new_key())
         return 0
 
     try:
         settings = load_settings(args.config)
-        if (args.command == "serve" and not args.demo) or args.command == "doctor":
+        if args.command == "doctor":
             settings.upstream.require_credentials()
-        if args.command == "serve" and not args.demo:
-            settings.reports.require_api_key()
+        if args.command == "serve" and not args.demo and (refused := serve_refusals(settings)):
+            raise ConfigError("; ".join(refused))
         factory = loop_factory() if args.command == "serve" else None
     except ConfigError as exc:
         print(f"relay: config error: {exc}", file=sys.stderr)
@@ -245,10 +260,22 @@ def _trace(settings: Settings, args: argparse.Namespace) -> int:
     return status
 
 
+def _hash_password() -> int:
+    """`relay hash-password`, with input that is not text said in one line (it was a traceback)."""
+    try:
+        return print_password_hash()
+    except UnicodeError:
+        print("relay: hash-password: the password is not valid UTF-8 text; type it again", file=sys.stderr)
+        return 1
+
+
 def _check_config(settings: Settings, *, strict: bool) -> int:
-    """0 for a valid config (with warnings unless --strict); --strict: 1 on any warning."""
+    """0 for a valid config (with warnings unless --strict); --strict: 1 on any warning. What `serve` would
+    refuse (secrets missing here; with --strict, also an address it cannot listen on) is a warning."""
     print(effective_config(settings))
-    warnings = config_warnings(settings) + (strict_warnings(settings) if strict else [])
+    refused = serve_refusals(settings) if strict else settings.missing_secrets()
+    warnings = [f"`relay serve` refuses this config here: {problem}" for problem in refused]
+    warnings += config_warnings(settings) + (strict_warnings(settings) if strict else [])
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr)
     for item in settings.hipaa_violations():  # in any mode; with privacy.mode = "hipaa" the config is refused
@@ -280,7 +307,10 @@ def _serve(args: argparse.Namespace, settings: Settings, factory: LoopFactory | 
     configure_logging(settings.log)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            _run_serving(lambda: _demo(settings) if args.demo else run(settings, config=args.config), factory)
+            serving = (
+                (lambda: _demo(settings, args.config)) if args.demo else (lambda: run(settings, config=args.config))
+            )
+            _run_serving(serving, factory)
     except SpoolLocked as exc:
         print(f"relay: cannot start: {exc}", file=sys.stderr)
         return 2

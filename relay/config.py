@@ -279,14 +279,19 @@ class UpstreamSettings(_Section):
             setattr(self, name, SecretStr(secret))
         return self
 
+    def missing_credentials(self) -> list[str]:
+        """Each credential missing, named: Infobip would refuse every message without them."""
+        return [
+            f"upstream.{name}: missing; set RELAY_UPSTREAM__{name.upper()} "
+            f"or upstream.{name}_file (your Infobip SMTP API credentials)"
+            for name in ("username", "password")
+            if not getattr(self, name).get_secret_value()
+        ]
+
     def require_credentials(self) -> None:
-        """Refuse to start without credentials: Infobip would refuse every message anyway."""
-        for name in ("username", "password"):
-            if not getattr(self, name).get_secret_value():
-                raise ConfigError(
-                    f"upstream.{name}: missing; set RELAY_UPSTREAM__{name.upper()} "
-                    f"or upstream.{name}_file (your Infobip SMTP API credentials)"
-                )
+        """Refuse to start without credentials (the first one missing)."""
+        if missing := self.missing_credentials():
+            raise ConfigError(missing[0])
 
 
 class ProfileSettings(_Section):
@@ -559,11 +564,10 @@ class ReportsSettings(_Section):
                 raise ValueError(f"notify_listen {self.notify_listen!r} is not host:port")
         return self
 
-    def require_api_key(self) -> None:
+    def missing_api_key(self) -> list[str]:
         if self.enabled and not self.api_key.get_secret_value():
-            raise ConfigError(
-                "reports.api_key: missing; set RELAY_REPORTS__API_KEY or reports.api_key_file (an Infobip API key)"
-            )
+            return ["reports.api_key: missing; set RELAY_REPORTS__API_KEY or reports.api_key_file (an Infobip API key)"]
+        return []
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd]?)")
@@ -701,6 +705,11 @@ class Settings(BaseSettings):
         if self.privacy.mode == "hipaa" and (found := self.hipaa_violations()):
             raise ValueError('privacy.mode = "hipaa" refuses to start: ' + "; ".join(found))
         return self
+
+    def missing_secrets(self) -> list[str]:
+        """The secrets `relay serve` refuses to start without, each named: the one list serve, a reload and
+        check-config go by. They may come from the environment, so they are checked after loading."""
+        return self.upstream.missing_credentials() + self.reports.missing_api_key()
 
     def address_hash_key(self) -> bytes | None:
         """The key of privacy.redact's hash: its own file, else derived from the current spool key."""

@@ -357,9 +357,10 @@ def test_cli_refuses_to_start_without_credentials(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     lines = done.stderr.splitlines()
-    assert lines == [
+    assert lines == [  # one line, naming each key missing
         "relay: config error: upstream.username: missing; set RELAY_UPSTREAM__USERNAME or "
-        "upstream.username_file (your Infobip SMTP API credentials)"
+        "upstream.username_file (your Infobip SMTP API credentials); upstream.password: missing; set "
+        "RELAY_UPSTREAM__PASSWORD or upstream.password_file (your Infobip SMTP API credentials)"
     ]
     assert done.stdout == ""
 
@@ -386,4 +387,4 @@ def test_check_config_warns_about_empty_credentials(tmp_path: Path) -> None:
         timeout=30,
     )
     assert result.returncode == 0
-    assert "upstream.username/password are empty here" in result.stderr
+    assert "WARNING: `relay serve` refuses this config here: upstream.username: missing; set" in result.stderr

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
+import socket
 import ssl
 import tempfile
 from pathlib import Path
@@ -56,11 +58,6 @@ def config_warnings(settings: Settings) -> list[str]:
                 f"policy.rules[{index}]: replace_existing = true overrides the app's own tracking headers "
                 f"({', '.join(overridden)}): its webhooks will stop receiving events"
             )
-    if not (settings.upstream.username.get_secret_value() and settings.upstream.password.get_secret_value()):
-        warnings.append(
-            "upstream.username/password are empty here: `relay serve` will refuse to start unless the "
-            "environment it runs in sets RELAY_UPSTREAM__USERNAME and RELAY_UPSTREAM__PASSWORD"
-        )
     if settings.upstream.insecure_skip_verify:
         warnings.append(
             "upstream.insecure_skip_verify = true: certificates are not verified; anyone in the path can take "
@@ -117,6 +114,46 @@ def _host_address(host: str) -> str:
 def effective_config(settings: Settings) -> str:
     """The config as the relay sees it, secrets masked (SecretStr dumps as '**********')."""
     return json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=False)
+
+
+def serve_refusals(settings: Settings) -> list[str]:
+    """What `relay serve` refuses to start with although the file is valid, each naming its key: the one
+    list serve and `check-config --strict` both go by. Secrets missing here, an address it cannot listen on."""
+    return settings.missing_secrets() + listen_problems(settings)
+
+
+def listen_problems(settings: Settings) -> list[str]:
+    """listen.host and http.host as `relay serve` would bind them, tried on port 0 (so a port in use is not
+    a problem here): a name that does not resolve, an address not on this machine."""
+    hosts = [("listen.host", settings.listen.host)]
+    if settings.http.enabled:
+        hosts.append(("http.host", settings.http.host))
+    problems = []
+    for key, host in hosts:
+        try:
+            _try_bind(host)
+        except OSError as exc:
+            problems.append(f"{key}: cannot listen on {host!r}: {exc.strerror or exc}")
+    return problems
+
+
+def _try_bind(host: str) -> None:
+    """Bind each address `host` resolves to, as asyncio's create_server does (which skips an address family
+    the machine lacks, EADDRNOTAVAIL, as long as another address binds)."""
+    bound, unavailable = False, None
+    for family, kind, proto, _, address in socket.getaddrinfo(
+        host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(address)
+                bound = True
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                unavailable = exc
+    if not bound and unavailable is not None:
+        raise unavailable
 
 
 def strict_warnings(settings: Settings) -> list[str]:

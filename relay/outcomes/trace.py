@@ -55,7 +55,14 @@ def in_words(trace: MessageTrace) -> str:
 
 def trace_command(settings: Settings, query: str, *, as_lines: bool) -> int:
     """`relay trace [--json] QUERY`: read-only, beside a running relay (SQLite's WAL lets both); with
-    `history_url`, the PostgreSQL history every replica shares."""
+    `history_url`, the PostgreSQL history every replica shares. An empty query is a usage error (2), as
+    GET /messages?q= answers 400: it is not a message that was not found."""
+    if not query.strip():
+        print(
+            "relay trace: the query is empty; give a queue id, an Infobip id, a <Message-ID> or an address",
+            file=sys.stderr,
+        )
+        return 2
     if url := settings.reports.history_url.get_secret_value():
         return _print(_postgres_lookup(url, query, settings), query, as_lines=as_lines)
     path = history_path(settings)
