@@ -346,7 +346,7 @@ class RelaySMTP(CompatSMTP):
             if upload.refusal is None:
                 upload.hold_for_parsing(listen.max_header_bytes)
             if upload.refusal is not None:
-                self._log_rejected(upload)
+                log_refused_upload(self.session, self.envelope, upload)
                 compat.end_transaction(self)
                 return await self.refuse(upload.refusal)
             assert self.envelope is not None
@@ -361,16 +361,6 @@ class RelaySMTP(CompatSMTP):
             await self.push(status)
         finally:
             upload.release()
-
-    def _log_rejected(self, upload: Upload) -> None:
-        """A message refused while it came in (too big, a line too long, a bare LF): the line ops look for when an
-        app says its mail was refused, as for the checks at the end of DATA (RelayHandler.handle_DATA)."""
-        assert self.envelope is not None and isinstance(self.session, RelaySession) and upload.refusal is not None
-        log_message(
-            log, "message_rejected", queue_id=new_queue_id(), client_ip=self.session.client_ip,
-            sender=self.envelope.mail_from or "", recipients=len(self.envelope.rcpt_tos), size=upload.received,
-            outcome="rejected", reply=str(upload.refusal.reply), reason=upload.refusal.reason,
-        )  # fmt: skip
 
     async def _receive(self, upload: Upload) -> bool:
         """Read to the end of data into `upload`, in large chunks so that no client holds the loop; False when
@@ -401,11 +391,22 @@ class RelaySMTP(CompatSMTP):
                 self.transport.close()
                 return False
         if upload.hang_up and upload.refusal is not None:
-            self._log_rejected(upload)
+            log_refused_upload(self.session, self.envelope, upload)
             await self.refuse(upload.refusal)
             self.transport.close()
             return False
         return True
+
+
+def log_refused_upload(session: Any, envelope: Any, upload: Upload) -> None:
+    """A message refused while it came in (too big, a line too long, a bare LF): the line ops look for when an
+    app says its mail was refused, as for the checks at the end of DATA (RelayHandler.handle_DATA)."""
+    assert upload.refusal is not None
+    log_message(
+        log, "message_rejected", queue_id=new_queue_id(), client_ip=session.client_ip,
+        sender=envelope.mail_from or "", recipients=len(envelope.rcpt_tos), size=upload.received,
+        outcome="rejected", reply=str(upload.refusal.reply), reason=upload.refusal.reason,
+    )  # fmt: skip
 
 
 class RelayHandler:
