@@ -207,7 +207,15 @@ ABUSE: dict[str, tuple[list[bytes], list[str]]] = {
         [r"500 5\.5\.6 Command line too long"],
     ),
     "unknown command": ([b"XYZZY plugh\r\n"], [r'500 5\.5\.2 Error: command "XYZZY" not recognized']),
-    "data before mail": ([b"DATA\r\n"], [r"503 5\.5\.1 Send RCPT TO first: the message has no recipient"]),
+    "data before mail": ([b"DATA\r\n"], [r"503 5\.5\.1 Send MAIL FROM first"]),
+    "data after a refused mail": (
+        [b"MAIL FROM:<a b@example.com>\r\n", b"DATA\r\n"],
+        [r"553 5\.1\.7 Sender address must look like user@example\.com", r"503 5\.5\.1 Send MAIL FROM first"],
+    ),
+    "data before rcpt": (
+        [f"MAIL FROM:<{SENDER}>\r\n".encode(), b"DATA\r\n", b"RSET\r\n"],
+        [r"250 2\.1\.0 Sender .*", r"503 5\.5\.1 Send RCPT TO first: the message has no recipient", r"250 2\.0\.0 OK"],
+    ),
     "rcpt before mail": ([b"RCPT TO:<x@example.org>\r\n"], [r"503 5\.5\.1 Send MAIL FROM first"]),
     "mail twice": (
         [f"MAIL FROM:<{SENDER}>\r\n".encode(), f"MAIL FROM:<{SENDER}>\r\n".encode(), b"RSET\r\n"],

@@ -113,6 +113,7 @@ CLEARTEXT_AFTER_STARTTLS = Reply(
 SENDER_MALFORMED = Reply(553, "5.1.7", "Sender address must look like user@example.com")
 RECIPIENT_MALFORMED = Reply(553, "5.1.3", "Recipient address must look like user@example.com")
 NO_RECIPIENT = Reply(503, "5.5.1", "Send RCPT TO first: the message has no recipient")
+NO_SENDER = Reply(503, "5.5.1", "Send MAIL FROM first")  # DATA with no transaction (or one whose MAIL was refused)
 DATA_TAKES_NO_ARGUMENT = Reply(501, "5.5.4", "Syntax: DATA takes no argument")
 DATA_GO_AHEAD = "354 End data with <CR><LF>.<CR><LF>"  # a go-ahead, not a verdict: no enhanced code (RFC 3463)
 MEMORY_BUDGET_FULL = Reply(451, "4.3.2", "The relay holds too much message data right now; try again shortly")

@@ -35,6 +35,7 @@ from relay.core.replies import (
     INTERNAL_ERROR,
     MEMORY_BUDGET_FULL,
     NO_RECIPIENT,
+    NO_SENDER,
     SHUTTING_DOWN,
     TLS_ALREADY_ACTIVE,
     TLS_REQUIRED,
@@ -327,7 +328,9 @@ class RelaySMTP(CompatSMTP):
         assert self.envelope is not None
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return False
-        if not self.envelope.rcpt_tos:
+        if self.envelope.mail_from is None:
+            await self.push(str(NO_SENDER))
+        elif not self.envelope.rcpt_tos:
             await self.push(str(NO_RECIPIENT))
         elif arg:
             await self.push(str(DATA_TAKES_NO_ARGUMENT))
