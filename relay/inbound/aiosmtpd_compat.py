@@ -150,3 +150,17 @@ def pause_idle_timer(server: SMTP) -> None:
 def restart_idle_timer(server: SMTP) -> None:
     """Start aiosmtpd's idle timeout afresh, as it does after each command."""
     server._reset_timeout()
+
+
+SYNTAX_ATTRIBUTES = ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__")
+
+
+def keep_help(cls: type[SMTP]) -> type[SMTP]:
+    """A class decorator: aiosmtpd's HELP lists a command only if its smtp_* method carries @syntax's text, which
+    an override loses; each override gets its parent's, so HELP names EHLO, MAIL, DATA, ... again."""
+    for name, method in vars(cls).items():
+        parent = getattr(SMTP, name, None)
+        if name.startswith("smtp_") and hasattr(parent, SYNTAX_ATTRIBUTES[0]) and callable(method):
+            for attribute in SYNTAX_ATTRIBUTES:
+                setattr(method, attribute, getattr(parent, attribute))
+    return cls

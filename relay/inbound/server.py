@@ -150,6 +150,7 @@ class RelaySession(Session):
         self.profile = DEFAULT  # picked at MAIL: which profile's limits, rules and credentials the message gets
 
 
+@compat.keep_help
 class RelaySMTP(CompatSMTP):
     """aiosmtpd's SMTP with our limits, access check at connect, and enhanced codes on every reply."""
 
