@@ -207,7 +207,10 @@ ABUSE: dict[str, tuple[list[bytes], list[str]]] = {
         [r"500 5\.5\.6 Command line too long"],
     ),
     "unknown command": ([b"XYZZY plugh\r\n"], [r'500 5\.5\.2 Error: command "XYZZY" not recognized']),
-    "help": ([b"HELP\r\n"], [r"250 2\.0\.0 Supported commands: AUTH DATA EHLO HELO HELP MAIL NOOP QUIT RCPT RSET VRFY"]),
+    "help": (
+        [b"HELP\r\n"],
+        [r"250 2\.0\.0 Supported commands: AUTH DATA EHLO HELO HELP MAIL NOOP QUIT RCPT RSET VRFY"],
+    ),
     "data before mail": ([b"DATA\r\n"], [r"503 5\.5\.1 Send MAIL FROM first"]),
     "data after a refused mail": (
         [b"MAIL FROM:<a b@example.com>\r\n", b"DATA\r\n"],

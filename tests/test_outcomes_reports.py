@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 import relay.outcomes.reports
+import relay.outcomes.service
+import relay.outcomes.trace
 from relay.config import ReportsSettings
 from relay.outcomes.decide import Report, bulk_id, bulk_profile
 from relay.outcomes.metrics import OutcomeMetrics
@@ -298,6 +300,38 @@ async def test_trace_finds_a_message_by_each_kind_of_query(
     assert "gone@bounce.example: pulled: UNDELIVERABLE" in words and "a@example.org: pulled: DELIVERED" in words
     assert main(["trace", "--config", str(config), "nothing@example.net"]) == 1
     assert "no message matches" in capsys.readouterr().err
+
+
+async def test_trace_and_get_messages_say_when_they_show_only_the_newest(
+    reports: InfobipStandIn,
+    start_relay: StartRelay,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """They show the SHOWN newest matches: they used to stop there without a word."""
+    from relay.cli import main
+
+    for module in (relay.outcomes.trace, relay.outcomes.service):
+        monkeypatch.setattr(module, "SHOWN", 2)
+    started = await start_relay(**reports_on(reports, tmp_path))
+    for _ in range(3):
+        await send_one(started.port, SENDER, ["many@example.org"], message())
+    await until(lambda: len(reports.reports.requests) > 0)
+    await until_status(started, "many@example.org", {"many@example.org": "delivered"})
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{started.http.port}/messages", params={"q": "many@example.org"}) as response,
+    ):
+        body = await response.json()
+    assert len(body["messages"]) == 2 and body["truncated"] is True
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[spool]\npath = "{tmp_path}"\n')
+    assert main(["trace", "--config", str(config), "--json", "many@example.org"]) == 0
+    out, err = capsys.readouterr()
+    assert len([line for line in out.splitlines() if line.startswith("{")]) == 2
+    assert "more than 2 messages match; the 2 newest are shown" in err
+    assert (await messages(started, body["messages"][0]["queue_id"]))[0]["queue_id"] == body["messages"][0]["queue_id"]
 
 
 async def test_messages_without_history_or_query(standin: InfobipStandIn, start_relay: StartRelay) -> None:

@@ -24,7 +24,7 @@ class Readiness:
 
 
 class MessageIndex(Protocol):
-    async def messages(self, query: str) -> list[dict[str, Any]]: ...
+    async def messages(self, query: str) -> tuple[list[dict[str, Any]], bool]: ...
 
 
 class HttpServer:
@@ -75,14 +75,14 @@ class HttpServer:
         if not query:
             return web.json_response({"error": "give q: a queue id, Infobip id, <Message-ID> or address"}, status=400)
         try:
-            found = await self._history.messages(query)
+            found, more = await self._history.messages(query)
         except Exception as exc:  # the history's (failing, and being tried again; a server gone): ask later
             log.warning("messages_unavailable", error_type=type(exc).__name__, error=str(exc))
             return web.json_response({"error": "the message history cannot be read now; try again"}, status=503)
         if (hasher := privacy.hasher()) is not None:  # privacy.redact: addresses as keyed hashes, here too
             found = [{key: hasher.value(key, value) for key, value in message.items()} for message in found]
             query = hasher.text(query)
-        return web.json_response({"query": query, "messages": found})
+        return web.json_response({"query": query, "messages": found, "truncated": more})
 
     async def _upstream_view(self, request: web.Request) -> web.Response:
         return web.json_response(self._upstream())

@@ -44,7 +44,7 @@ from relay.outcomes.postgres import PostgresHistory
 from relay.outcomes.push import TRACKING, PushListener
 from relay.outcomes.reports import Poller, ReportsClient
 from relay.outcomes.sqlite import SqliteHistory, history_path
-from relay.outcomes.trace import as_json
+from relay.outcomes.trace import SHOWN, as_json
 from relay.outcomes.writer import History, HistoryFailing
 from relay.testing.failpoints import crashpoint
 
@@ -321,9 +321,10 @@ class Outcomes:
         assert self.history is not None and self.store is not None
         return await self.history.call(self.store.lookup, query, limit)
 
-    async def messages(self, query: str) -> list[dict[str, Any]]:
-        """GET /messages?q=: the same lookup as `relay trace --json`."""
-        return [as_json(trace) for trace in await self.lookup(query)]
+    async def messages(self, query: str) -> tuple[list[dict[str, Any]], bool]:
+        """GET /messages?q=: the same lookup as `relay trace --json`, and whether more than SHOWN matched."""
+        found = await self.lookup(query, SHOWN + 1)
+        return [as_json(trace) for trace in found[:SHOWN]], len(found) > SHOWN
 
     async def _prune(self) -> None:
         assert self.history is not None and self.store is not None

@@ -13,6 +13,7 @@ from relay.outcomes.history import MessageTrace
 from relay.outcomes.sqlite import SqliteHistory, history_path
 from relay.outcomes.store import UNREADABLE
 
+SHOWN = 50  # messages a lookup shows, newest first (one more is asked for, to say that there were more)
 _KINDS = {"received": "received", "attempt": "attempt", "report": "report", "tracking": "tracking", "bounce": "bounce"}
 
 
@@ -72,7 +73,7 @@ def trace_command(settings: Settings, query: str, *, as_lines: bool) -> int:
     try:
         store = SqliteHistory(path, settings.spool.encryption_keys, readonly=True)
         try:
-            found = store.lookup(query, 50)
+            found = store.lookup(query, SHOWN + 1)
         finally:
             store.close()
     except (sqlite3.Error, *UNREADABLE) as exc:  # a wrong spool key, a damaged value, an older layout
@@ -91,7 +92,7 @@ def _postgres_lookup(url: str, query: str, settings: Settings) -> list[MessageTr
         keys, timeout = settings.spool.encryption_keys, settings.reports.history_timeout
         store = PostgresHistory(url, keys, readonly=True, timeout=timeout)
         try:
-            return store.lookup(query, 50)
+            return store.lookup(query, SHOWN + 1)
         finally:
             store.close()
     except (psycopg.Error, *UNREADABLE) as exc:
@@ -105,6 +106,8 @@ def _print(found: list[MessageTrace] | None, query: str, *, as_lines: bool) -> i
     if not found:
         print(f"relay: no message matches {query!r} (queue id, Infobip id, <Message-ID> or address)", file=sys.stderr)
         return 1
-    for trace in found:
+    for trace in found[:SHOWN]:
         print(json.dumps(as_json(trace)) if as_lines else in_words(trace) + "\n")
+    if len(found) > SHOWN:  # on stderr: --json's lines stay one message each
+        print(f"relay trace: more than {SHOWN} messages match; the {SHOWN} newest are shown", file=sys.stderr)
     return 0
