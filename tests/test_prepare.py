@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from relay.config import PolicyRule, PolicySettings
 from relay.core.headers import find_field, parse_header_fields
 from relay.core.message import Prepared, Received
-from relay.core.prepare import from_address, is_safe_address, prepare
+from relay.core.prepare import from_address, is_safe_address, prepare, within_smtp_limits
 from relay.core.replies import Rejection, Reply
 
 QUEUE_ID = "0190abcdef0123456789a"
@@ -320,6 +320,17 @@ def test_the_from_address_is_the_one_a_mail_client_shows() -> None:
         ("a@example.com\r\nRCPT TO:<x@y>", False),
         ("a@example.com>", False),
         ("app@b\u00fccher.de", False),
+    ],
+)
+def test_is_safe_address(address: str, safe: bool) -> None:
+    assert is_safe_address(address) is safe
+
+
+@pytest.mark.parametrize(
+    ("address", "within"),
+    [
+        ("app@example.com", True),
+        ("a@[192.0.2.1]", True),
         ("l" * 64 + "@example.com", True),
         ("l" * 65 + "@example.com", False),  # RFC 5321: a local part of 64 octets at most
         ("a@" + "d" * 63 + ".example", True),
@@ -331,8 +342,9 @@ def test_the_from_address_is_the_one_a_mail_client_shows() -> None:
         ("a@example.com.", False),
     ],
 )
-def test_is_safe_address(address: str, safe: bool) -> None:
-    assert is_safe_address(address) is safe
+def test_a_recipient_within_smtp_limits(address: str, within: bool) -> None:
+    assert within_smtp_limits(address) is within
+    assert is_safe_address(address)  # the limits are RCPT's alone: what an older relay queued still goes
 
 
 # --- placeholders and injection ------------------------------------------------------------------

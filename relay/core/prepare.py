@@ -37,16 +37,19 @@ DEFAULT_LISTEN = ListenSettings()
 _SAFE_ADDRESS_RE = re.compile(r"[\x21-\x3b\x3d\x3f-\x7e]+@[A-Za-z0-9.\-\[\]:]+")
 
 
-_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # RFC 1035: 63 at most, no hyphen at an end
-MAX_LOCAL_PART, MAX_DOMAIN = 64, 255  # RFC 5321 4.5.3.1.1 and .2: what a server must take; past them, may refuse
-
-
 def is_safe_address(address: str) -> bool:
-    """What we put in an upstream MAIL/RCPT command: no spaces, brackets or controls, a local part and a domain
-    within RFC 5321's limits, and a domain of hostname labels (or an address literal), so Infobip, or the next
-    hop, never refuses it after the app heard 250."""
-    if not _SAFE_ADDRESS_RE.fullmatch(address):
-        return False
+    """What may go into an upstream MAIL/RCPT command: no spaces, brackets or controls."""
+    return bool(_SAFE_ADDRESS_RE.fullmatch(address))
+
+
+_LABEL_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")  # 63 at most, no hyphen at an end
+MAX_LOCAL_PART, MAX_DOMAIN = 64, 255  # RFC 5321 4.5.3.1.1 and .2: what a server must take; past them, it may refuse
+
+
+def within_smtp_limits(address: str) -> bool:
+    """A recipient Infobip, or the next hop, will not refuse for its shape after the app heard 250: a local
+    part and a domain within RFC 5321's limits, and a domain of labels (or an address literal). Checked at
+    RCPT only: a message queued by an older relay is still sent as it is."""
     local, _, domain = address.rpartition("@")
     if len(local) > MAX_LOCAL_PART or len(domain) > MAX_DOMAIN:
         return False

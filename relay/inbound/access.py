@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from relay.config import IPNetwork
 from relay.core.alignment import domain_of
-from relay.core.prepare import is_safe_address
+from relay.core.prepare import is_safe_address, within_smtp_limits
 from relay.core.replies import (
     RECIPIENT_MALFORMED,
     SENDER_MALFORMED,
@@ -73,6 +73,6 @@ def check_sender(address: str, allowed_domains: Sequence[str]) -> Refusal | None
 def check_recipient(address: str, accepted_so_far: int, max_recipients: int) -> Refusal | None:
     if accepted_so_far >= max_recipients:
         return Refusal("too_many_recipients", too_many_recipients(max_recipients))
-    if not is_safe_address(address):
+    if not (is_safe_address(address) and within_smtp_limits(address)):
         return Refusal("recipient", RECIPIENT_MALFORMED)
     return None
