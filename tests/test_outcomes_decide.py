@@ -23,6 +23,7 @@ from relay.outcomes.decide import (
     next_bounce_attempt,
     parse_reports,
     poll_delay,
+    read_json,
     reply_dsn_status,
     report_dsn_status,
     report_status,
@@ -66,6 +67,19 @@ def test_unusable_reports_are_counted_not_guessed() -> None:
     assert len(reports) == 1 and bad == 3
     assert parse_reports({"nothing": []}) == ([], 1)
     assert parse_reports([1, 2]) == ([], 1)
+
+
+def test_a_body_is_read_as_json_whatever_its_unicode_encoding() -> None:
+    """A byte that is not UTF-8 reads as U+FFFD (a page is handed out once); a BOM, UTF-16 and UTF-32 read as
+    json.loads(bytes) reads them; nesting past the parser's depth is not JSON."""
+    text = '{"results": [{"to": "d\u00e9j\u00e0@example.org"}]}'
+    expected = {"results": [{"to": "d\u00e9j\u00e0@example.org"}]}
+    for body in (text.encode("utf-8-sig"), text.encode("utf-16"), text.encode("utf-32"), text.encode()):
+        assert read_json(body) == expected
+    assert read_json(text.encode("latin-1")) == {"results": [{"to": "d\ufffdj\ufffd@example.org"}]}
+    for bad in (b"[" * 100_000, b"not json", b""):
+        with pytest.raises(ValueError):
+            read_json(bad)
 
 
 def test_report_text_is_what_either_history_can_store() -> None:

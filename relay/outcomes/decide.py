@@ -93,8 +93,8 @@ def read_json(body: bytes) -> Any:
     """A pulled or pushed body as JSON; ValueError if it is not JSON. A byte that is not UTF-8 (a server
     writing Latin-1) becomes U+FFFD rather than failing the whole body: a page of reports is handed out
     once, and Infobip would not send it again. Nesting too deep for the parser is not JSON either."""
-    try:
-        return json.loads(body.decode("utf-8", "replace"))
+    try:  # UTF-8 (with or without a BOM), UTF-16 or UTF-32, as json.loads(bytes) tells them apart
+        return json.loads(body.decode(json.detect_encoding(body), "replace"))
     except RecursionError:
         raise ValueError("JSON nested too deep") from None
 
