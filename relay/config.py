@@ -70,6 +70,12 @@ def _a_host(value: str) -> str:
     return value
 
 
+def _a_listen_host(value: str) -> str:
+    """An address to listen on: "" is every address, IPv4 and IPv6 (as asyncio's create_server takes it;
+    `::` alone takes IPv6 only, `0.0.0.0` IPv4 only)."""
+    return value if value == "" else _a_host(value)
+
+
 def domain_list(value: list[str]) -> list[str]:
     """Sender domains as compared (lower case, trimmed); '@example.com' or 'a b' could never match one."""
     return [_a_domain(d) for d in value]
@@ -183,7 +189,7 @@ class ListenSettings(_Section):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        return _a_host(value)  # an address to listen on: a wildcard is 0.0.0.0 or ::, never ""
+        return _a_listen_host(value)
 
     @field_validator("hostname")
     @classmethod
@@ -506,7 +512,7 @@ class HttpSettings(_Section):
     @field_validator("host")
     @classmethod
     def _host(cls, value: str) -> str:
-        return _a_host(value)
+        return _a_listen_host(value)
 
 
 class ReportsSettings(_Section):

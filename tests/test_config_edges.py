@@ -3,12 +3,16 @@ each is now a config error naming its key, where the file or the environment gav
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
-from relay.config import ConfigError, load_settings
+from relay.config import ConfigError, Settings, load_settings
+from relay.ops import config_warnings
+from relay.ops.config_warnings import listen_problems
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +60,7 @@ def test_other_empty_paths_mean_not_set_or_are_named(tmp_path: Path) -> None:
             "upstream.host: 'bad host' is neither an IP address nor a host name (letters, digits, '-', '.')",
         ),
         ('[listen]\nhost = "999.1.1.1"\n', "listen.host: '999.1.1.1' is not an IP address"),
-        ('[listen]\nhost = ""\n', "listen.host: empty: give a host name or an IP address"),
+        ('[upstream]\nhost = ""\n', "upstream.host: empty: give a host name or an IP address"),
         ('[http]\nhost = "1.2.3"\n', "http.host: '1.2.3' is not an IP address"),
         (
             '[bounces]\nsmtp_host = "mail server"\n',
@@ -77,6 +81,35 @@ def test_names_and_addresses_still_pass(tmp_path: Path, host: str) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(f'[upstream]\nhost = "{host}"\n[listen]\nhost = "{host}"\n')
     assert load_settings(path).upstream.host == host
+
+
+def test_an_empty_listen_or_http_host_is_every_address(tmp_path: Path) -> None:
+    """ "" listens on IPv4 and IPv6 at once (`::` takes IPv6 only): the one way to say both, and valid before."""
+    path = tmp_path / "relay.toml"
+    path.write_text('[listen]\nhost = ""\n[http]\nhost = ""\n')
+    settings = load_settings(path)
+    assert (settings.listen.host, settings.http.host) == ("", "")
+    assert listen_problems(settings) == []
+
+
+def test_an_address_family_the_kernel_lacks_is_skipped_as_asyncio_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """IPv6 off, and ::1 still beside 127.0.0.1 for localhost in /etc/hosts: asyncio binds 127.0.0.1; the
+    check must not refuse to start (it did, on EAFNOSUPPORT from creating the IPv6 socket)."""
+    real = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: object) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real(family, *args)  # type: ignore[arg-type]
+
+    both = [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0)),
+    ]
+    monkeypatch.setattr(config_warnings.socket, "socket", no_ipv6)
+    monkeypatch.setattr(config_warnings.socket, "getaddrinfo", lambda *args, **kwargs: both)
+    settings = Settings.model_validate({"listen": {"host": "localhost"}})
+    assert listen_problems(settings) == []
 
 
 @pytest.mark.parametrize(

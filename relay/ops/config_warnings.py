@@ -142,16 +142,16 @@ def _try_bind(host: str) -> None:
     the machine lacks, EADDRNOTAVAIL, as long as another address binds)."""
     bound, unavailable = False, None
     for family, kind, proto, _, address in socket.getaddrinfo(
-        host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     ):
-        with socket.socket(family, kind, proto) as probe:
-            try:
+        try:
+            with socket.socket(family, kind, proto) as probe:
                 probe.bind(address)
                 bound = True
-            except OSError as exc:
-                if exc.errno != errno.EADDRNOTAVAIL:
-                    raise
-                unavailable = exc
+        except OSError as exc:  # a family the kernel lacks (IPv6 off, ::1 still in /etc/hosts), as asyncio skips
+            if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+                raise
+            unavailable = exc
     if not bound and unavailable is not None:
         raise unavailable
 
