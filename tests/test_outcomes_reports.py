@@ -21,6 +21,7 @@ from relay.config import ReportsSettings
 from relay.outcomes.decide import Report, bulk_id, bulk_profile
 from relay.outcomes.metrics import OutcomeMetrics
 from relay.outcomes.reports import Poller, ReportsClient
+from relay.outcomes.sqlite import SqliteHistory, history_path
 from relay.testing.clock import FakeClock
 from relay.testing.standin import InfobipStandIn
 from tests.conftest import StartRelay, free_port, message, relay_settings
@@ -451,6 +452,54 @@ async def test_a_reload_that_changes_the_reports_url_does_not_cut_a_page_being_f
     clock.advance(30)
     await until_status(relay, second, {"b@example.org": "delivered"})
     assert registry.get_sample_value("relay_reports_poll_errors_total", {"reason": "connection"}) == 0
+
+
+async def test_a_stop_while_a_page_is_being_fetched_lets_it_be_stored(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    """Infobip has handed the page out and its answer is on the way when the relay stops: the stop waits for
+    it (reports_stop_waiting) and stores it. It used to cancel the fetch: the page was lost, without a word."""
+    clock = FakeClock()
+    started = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30))
+    infobip_id = (await send_one(started.port, SENDER, ["a@example.org"], message())).rsplit(" ", 1)[1]
+    await until_status(started, infobip_id, {"a@example.org": "sent"})
+    registry = started.metrics.registry
+    await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30)
+    reports.reports.behaviour.answer = answer = asyncio.Event()
+    clock.advance(30)
+    await until(lambda: not reports.reports.waiting)  # handed out; the answer waits
+    with structlog.testing.capture_logs() as logs:
+        stopping = asyncio.create_task(started.stop())
+        await until(lambda: any(e["event"] == "reports_stop_waiting" for e in logs))
+        answer.set()
+        await stopping
+    assert not any(e["event"] in ("reports_fetch_cut", "reports_not_stored") for e in logs)
+    stored = SqliteHistory(history_path(started.settings), readonly=True)
+    [trace] = stored.lookup(infobip_id, 5)
+    stored.close()
+    assert [(r.address, r.status) for r in trace.recipients] == [("a@example.org", "delivered")]
+
+
+async def test_a_page_whose_answer_outlasts_the_stop_is_named_in_the_log(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer never comes within the stop's wait: the fetch is cut, and the operator is told whose
+    page Infobip may have handed out (reports_fetch_cut, with the bulk id)."""
+    monkeypatch.setattr(relay.outcomes.service, "STOP_WAIT", 0.1)
+    clock = FakeClock()
+    started = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30))
+    infobip_id = (await send_one(started.port, SENDER, ["a@example.org"], message())).rsplit(" ", 1)[1]
+    await until_status(started, infobip_id, {"a@example.org": "sent"})
+    registry = started.metrics.registry
+    await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30)
+    reports.reports.behaviour.answer = answer = asyncio.Event()  # not before the stop is over
+    clock.advance(30)
+    await until(lambda: not reports.reports.waiting)
+    with structlog.testing.capture_logs() as logs:
+        await started.stop(grace=0)
+    answer.set()  # the stand-in's handler may end (its own stop would wait for it)
+    [cut] = [e for e in logs if e["event"] == "reports_fetch_cut"]
+    assert cut["bulk_id"] == reports.reports.requests[-1].query["bulkId"]
 
 
 def test_the_bulk_id_names_its_profile() -> None:

@@ -140,6 +140,11 @@ class Poller:
         self._unstored: list[Report] = []  # a page taken from Infobip that the history could not store yet
         self._next_client: ReportsClient | None = None
         self._retired: list[ReportsClient] = []
+        self._idle = asyncio.Event()  # no round under way (a fetch, a store)
+        self._idle.set()
+        self._stopping = False
+        self._running = False
+        self._ended = asyncio.Event()  # run() is over, its last try included
 
     def poll_now(self) -> None:
         self._wake.set()
@@ -158,6 +163,22 @@ class Poller:
         while self._retired:
             await self._retired.pop().close()
 
+    async def finish(self, wait: float) -> None:
+        """A stop: no new round or page; a round under way gets `wait` seconds to store the page it is fetching
+        (Infobip hands a page out once: cut off, it is lost, and reports_fetch_cut says whose it was)."""
+        self._stopping = True
+        self._wake.set()
+        if not self._running:
+            return
+        if not self._idle.is_set():
+            log.info("reports_stop_waiting", seconds=round(wait, 1))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._idle.wait()
+        with contextlib.suppress(TimeoutError):  # then run() ends by itself, after a last try of a page it holds
+            async with asyncio.timeout(LAST_TRY):
+                await self._ended.wait()
+
     async def close(self) -> None:
         """At a stop, after run() has ended."""
         for client in (self.client, self._next_client, *self._retired):
@@ -165,16 +186,20 @@ class Poller:
                 await client.close()
 
     async def run(self) -> None:
+        self._running = True
         try:
             await self._rounds()
         finally:  # stopped holding a page not stored yet (Infobip will not hand it out again): one last try,
-            if self._unstored:  # the history is closed after the poller; else whose reports may be lost
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(LAST_TRY):
-                        await self._store(self._unstored)
-            if self._unstored:
-                ids = sorted({report.message_id for report in self._unstored})
-                log.error("reports_not_stored", reports=len(self._unstored), infobip_ids=ids)
+            try:  # the history is closed after the poller; else whose reports may be lost
+                if self._unstored:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(LAST_TRY):
+                            await self._store(self._unstored)
+            finally:  # said even if the last try is cancelled
+                if self._unstored:
+                    ids = sorted({report.message_id for report in self._unstored})
+                    log.error("reports_not_stored", reports=len(self._unstored), infobip_ids=ids)
+                self._ended.set()
 
     async def _rounds(self) -> None:
         while True:
@@ -186,7 +211,10 @@ class Poller:
             finally:
                 timer.cancel()
             self._wake.clear()
+            if self._stopping:
+                return
             await self._take_next_client()
+            self._idle.clear()
             try:
                 await self.poll_once()
                 self._history_failures = 0
@@ -197,6 +225,8 @@ class Poller:
                     "reports_poll_failed", reason="history", unstored=len(self._unstored),
                     error_type=type(exc).__name__, error=str(exc),
                 )  # fmt: skip
+            finally:
+                self._idle.set()
 
     def _next_delay(self) -> float:
         """The interval while any key works (or none was used yet); else until the first backing-off key
@@ -217,6 +247,8 @@ class Poller:
         whole = False
         try:
             for bulk in await self._pending(now - REPORT_WINDOW):
+                if self._stopping:
+                    break
                 key = self._key_for(bulk)
                 state = used.setdefault(key.get_secret_value(), self._keys.get(key.get_secret_value(), _Backoff()))
                 if state.due > now:  # backing off, or failed earlier in this round
@@ -234,14 +266,18 @@ class Poller:
     async def _fetch_all(self, bulk: str, key: SecretStr) -> Fetched | None:
         """Every waiting report of `bulk`, page by page, into the history; the failed fetch if one fails."""
         while True:
-            fetched = await self.client.fetch(bulk, key)
+            try:
+                fetched = await self.client.fetch(bulk, key)
+            except asyncio.CancelledError:  # a stop past its wait: the page Infobip may be handing out is lost
+                log.error("reports_fetch_cut", bulk_id=bulk)
+                raise
             if fetched.error is not None:
                 self.metrics.poll_errors.labels(fetched.error).inc()
                 log.warning("reports_poll_failed", reason=fetched.error, detail=fetched.detail, bulk_id=bulk)
                 return fetched
             if fetched.reports:
                 await self._store(fetched.reports)
-            if not fetched.full:
+            if not fetched.full or self._stopping:
                 return None
 
     async def _store(self, reports: list[Report]) -> None:

@@ -51,7 +51,7 @@ from relay.testing.failpoints import crashpoint
 log = structlog.get_logger("relay.outcomes")
 PRUNE_EVERY = 3600.0
 PASS_THROUGH_WAIT = 5.0  # seconds a pass-through 250 waits for its bounce's note to be on disk
-BOUNCE_STOP_WAIT = 1.0  # seconds a stop gives a bounce being sent, at least
+STOP_WAIT = 1.0  # seconds a stop gives a bounce being sent, or a page of reports being fetched, at least
 HEADERS_KEPT = 65536  # bytes of a header block kept for a bounce's text/rfc822-headers part
 
 
@@ -170,9 +170,10 @@ class Outcomes:
         self._tasks.append(asyncio.create_task(self._prune(), name="history-prune"))
 
     async def stop(self, grace: float = 0.0) -> None:
-        """`grace`: the drain left; a bounce being sent gets it (BOUNCE_STOP_WAIT at least), not to go twice."""
-        if self.bouncer is not None:
-            await self.bouncer.finish(max(grace, BOUNCE_STOP_WAIT))
+        """`grace`: the drain left, which a bounce being sent and a page of reports being fetched get (STOP_WAIT at
+        least) to finish: cut off, the bounce would go twice, and the page be lost."""
+        wait = max(grace, STOP_WAIT)
+        await asyncio.gather(*(part.finish(wait) for part in (self.bouncer, self.poller) if part is not None))
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
