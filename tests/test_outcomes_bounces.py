@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import structlog.testing
 
+import relay.outcomes.writer
 from relay.app import Relay
 from relay.cli import main as relay_main
 from relay.config import BouncesSettings
@@ -24,6 +25,7 @@ from relay.outcomes.history import BounceJob, BounceRecipient
 from relay.outcomes.metrics import OutcomeMetrics
 from relay.outcomes.sqlite import history_path
 from relay.outcomes.store import SENDING_STALE
+from relay.store.spool import EntryState, Spool
 from relay.testing.clock import FakeClock
 from relay.testing.sink import MailSink
 from relay.testing.standin import InfobipStandIn
@@ -468,6 +470,47 @@ async def test_a_batch_outliving_half_its_claim_leaves_the_rest_to_be_offered_ag
     await until(offered_again)
     await until(lambda: bounce_states(relay) == [("sent",), ("sent",)])
     assert len({m.data.split(b"X-Relay-Queue-ID: ")[1][:21] for m in sink.messages}) == 2
+
+
+async def test_a_stop_while_a_bounce_waits_for_the_history_sends_nobody_anything_twice(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry: Infobip takes a@, refuses b@ for good (the app heard 250 long ago), and the history is held up,
+    so the bounce's note is not on disk when the stop comes. The message stays in queue/ for b@ alone: the next
+    start tries b@ again (refused again, bounced then) and never sends a@ a second time."""
+    monkeypatch.setattr(relay.outcomes.writer, "CLOSE_WAIT", 0.2)
+    clock = FakeClock()
+    sections = {
+        "spool": spooled(tmp_path, retry_initial=60, retry_max=60),
+        "bounces": bounces_to(sink),
+        "reports": {"history_timeout": 1},
+    }
+    for rcpt in ("a@example.org", "b@example.org"):
+        standin.behaviour.refuse_recipients[rcpt] = "450 4.2.0 Try again later"
+    first = await start_relay(clock=clock, **sections)
+    assert (await send_one(first.port, SENDER, ["a@example.org", "b@example.org"], message())).startswith("250")
+    await until(lambda: bool(queue_states(tmp_path)) and queue_states(tmp_path)[0].attempts == 1)
+    del standin.behaviour.refuse_recipients["a@example.org"]
+    standin.behaviour.refuse_recipients["b@example.org"] = "550 5.1.1 Recipient unknown"
+    lock = sqlite3.connect(history_path(first.settings), isolation_level=None, timeout=10)
+    lock.execute("BEGIN EXCLUSIVE")  # the history's writes wait, and fail, and are tried again
+    try:
+        clock.advance(60)
+        await until(lambda: len(standin.messages) == 1 and queue_states(tmp_path)[0].recipients == ["b@example.org"])
+        await first.stop(grace=0)
+    finally:
+        lock.close()
+    assert [m.rcpt_tos for m in standin.messages] == [["a@example.org"]] and sink.messages == []
+    again = await start_relay(clock=clock, **sections)
+    [bounce] = await sink.wait_for(1)
+    assert b"Final-Recipient: rfc822; b@example.org" in bounce.data
+    await again.stop()
+    assert [m.rcpt_tos for m in standin.messages] == [["a@example.org"]] and len(sink.messages) == 1
+
+
+def queue_states(spool: Path) -> list[EntryState]:
+    store = Spool(spool)
+    return [store.read_state(path.stem) for path in sorted(store.queue.glob("*.state"))]
 
 
 async def test_a_5xx_from_the_bounce_server_is_logged_and_not_retried(

@@ -59,9 +59,10 @@ class AttemptObserver(Protocol):
         """A message this process did not receive (recovered at start, or read back from queue/) is about
         to be attempted: noted again, so that a note lost in a crash is not missing from the history."""
 
-    async def attempted(
+    def attempted(
         self, queue_id: str, attempt: int, result: AttemptResult, step: NextStep, *, handed_back: bool
-    ) -> None: ...
+    ) -> asyncio.Future[bool] | None:
+        """Noted (never waits); the note's future when it calls for a bounce: True once it is on disk."""
 
 
 class Lane:
@@ -84,6 +85,7 @@ class Lane:
             name=name,
         )
         self.tasks: list[asyncio.Task[None]] = []  # the workers
+        self.settling: set[asyncio.Task[None]] = set()  # messages kept in queue/ until their bounce is noted
         self.prober_task: asyncio.Task[None] | None = None
 
     @property
@@ -175,18 +177,19 @@ class Lane:
             job.attempts += 1
         step = self._next_step(job, result)
         if handoff is None:
-            await self._note_outcome(job, result, step, handed_back=False)
-            await self._settle(job, step, message)
+            await self._settle(job, step, message, self._note_outcome(job, result, step, handed_back=False))
             handed_back = False
         else:
             handed_back = await self._settle_first(job, handoff, result, step, message)
         count_and_log(self.metrics, job, result, step, handed_back=handed_back, now=self.clock.time())
 
-    async def _note_outcome(self, job: Job, result: AttemptResult, step: NextStep, *, handed_back: bool) -> None:
-        """Into the history, before the spool moves the message: once it is in dead/, nothing at a restart
-        would note it again, so a bounce it calls for waits to be on disk first (Outcomes.attempted)."""
-        if self.shared.outcomes is not None:
-            await self.shared.outcomes.attempted(job.queue_id, job.attempts, result, step, handed_back=handed_back)
+    def _note_outcome(
+        self, job: Job, result: AttemptResult, step: NextStep, *, handed_back: bool
+    ) -> asyncio.Future[bool] | None:
+        """Into the history; the note's future when it calls for a bounce (for _settle)."""
+        if self.shared.outcomes is None:
+            return None
+        return self.shared.outcomes.attempted(job.queue_id, job.attempts, result, step, handed_back=handed_back)
 
     async def _settle_first(
         self, job: Job, handoff: Handoff, result: AttemptResult, step: NextStep, message: Prepared
@@ -202,11 +205,11 @@ class Lane:
         job.first = None
         refused = decision.store is Store.DROP and machine.attempt is Attempt.REFUSED
         handed_back = decision.store is Store.MARK_DONE_DURABLY or refused
-        await self._note_outcome(job, result, step, handed_back=handed_back)
+        bounce_noted = self._note_outcome(job, result, step, handed_back=handed_back)
         if decision.store in WORKER_ACTIONS:
             machine.begin(decision.store)
             if decision.store is Store.SETTLE:
-                await self._settle(job, step, message)
+                await self._settle(job, step, message, bounce_noted)
             elif decision.store is Store.MARK_DONE_DURABLY:
                 await self._done_durably(job)
             self.handoffs.answer_now(job, handoff, machine.decision())
@@ -227,8 +230,11 @@ class Lane:
             hold=self.breaker.probe_initial * (0.75 + self.clock.random() / 2),
         )
 
-    async def _settle(self, job: Job, step: NextStep, message: Prepared) -> None:
-        """Make the spool say what `step` decided: dead-letter, reschedule, or remove."""
+    async def _settle(
+        self, job: Job, step: NextStep, message: Prepared, bounce_noted: asyncio.Future[bool] | None = None
+    ) -> None:
+        """Make the spool say what `step` decided: dead-letter, reschedule, or remove. `bounce_noted`: the note
+        of a bounce the dead recipients call for."""
         if job.in_journal and (step.retry or step.dead):
             try:
                 await promote(self.spool, self.journal, job, message)
@@ -247,16 +253,32 @@ class Lane:
                 recipients=sorted(step.dead),
                 reason=step.last_reply,
             )
+        # Nothing reads dead/ at a start: until the bounce's note is on disk, queue/ keeps the message for its
+        # dead recipients too (not those Infobip took), so a crash or a stop meanwhile makes the next start try
+        # them again, to be refused again and bounced then. Nobody gets anything twice, and no worker waits.
+        unnoted = bounce_noted is not None and not bounce_noted.done()
+        kept = [*step.retry, *(rcpt for rcpt in step.dead if rcpt not in step.retry)] if unnoted else list(step.retry)
         if step.retry:
             assert step.retry_at is not None
-            state = EntryState(job.attempts, step.retry_at, list(step.retry), step.last_reply, held=step.held)
+            state = EntryState(job.attempts, step.retry_at, kept, step.last_reply, held=step.held)
             await asyncio.to_thread(self.spool.write_state, job.queue_id, state)
             retry = dataclasses.replace(job, due=step.retry_at, recipients=step.retry, message=None, held=step.held)
             self.shared.route(job).schedule(retry)
         elif job.in_journal:  # delivered from memory: a crash before the done mark is durable: one more delivery
             self.journal.done(job.queue_id)
+        elif unnoted and bounce_noted is not None:
+            state = EntryState(job.attempts, self.clock.time(), kept, step.last_reply)
+            await asyncio.to_thread(self.spool.write_state, job.queue_id, state)
+            task = asyncio.create_task(self._remove_once_noted(job.queue_id, bounce_noted))
+            self.settling.add(task)
+            task.add_done_callback(self.settling.discard)
         else:
             self.janitor.remove(job.queue_id)
+
+    async def _remove_once_noted(self, queue_id: str, bounce_noted: asyncio.Future[bool]) -> None:
+        """False: the note was dropped, or the relay is stopping: queue/ keeps it for the next start."""
+        if await asyncio.shield(bounce_noted):
+            self.janitor.remove(queue_id)
 
     async def _done_durably(self, job: Job) -> None:
         """The client is being told 5xx: the message must be gone first."""

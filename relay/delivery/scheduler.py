@@ -150,7 +150,7 @@ class Delivery:
         lanes = list(self.lanes.values())
         for lane in lanes:
             lane.stop()
-        tasks = [task for lane in lanes for task in lane.tasks]
+        tasks = [task for lane in lanes for task in (*lane.tasks, *lane.settling)]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))
             for task in pending:

@@ -221,17 +221,17 @@ class Outcomes:
             )
         )  # fmt: skip
 
-    async def attempted(
+    def attempted(
         self, queue_id: str, attempt: int, result: AttemptResult, step: NextStep, *, handed_back: bool
-    ) -> None:
-        """After an attempt from the spool, before the spool settles the message. Waits for the history only
-        when this calls for a bounce (PASS_THROUGH_WAIT at most): the message goes to dead/ next, and nothing
-        notes it again after a crash. Otherwise never: a history held up must not hold up delivery."""
+    ) -> asyncio.Future[bool] | None:
+        """After an attempt from the spool, before the spool settles the message; never waits. Returns the
+        note's future when it calls for a bounce: the lane keeps the message in queue/ until that is on disk,
+        since nothing notes a message in dead/ again."""
         if step.held and not (result.accepted or step.dead):  # an outage, not an attempt
-            return
+            return None
         dead = {rcpt: (dead_status(reason), reason) for rcpt, reason in step.dead.items()}
         deferred = {rcpt: result.transient.get(rcpt, step.last_reply) for rcpt in step.retry}
-        await self._attempted(
+        return self._attempted(
             Attempted(
                 queue_id, self.clock.time(), attempt, result.accepted, result.infobip_ids, deferred, dead,
                 bounce=not handed_back,
@@ -250,10 +250,11 @@ class Outcomes:
             refused = {rcpt: (FAILED, str(r)) for rcpt, r in result.refused.items()}
             ids = (infobip_id,) if infobip_id else ()
             change = Attempted(message.queue_id, self.clock.time(), 1, result.accepted, ids, dead=refused, bounce=True)
-        await self._attempted(change)
+        if (written := self._attempted(change)) is not None:
+            await _on_disk_or_later(written)
 
-    async def _attempted(self, change: Attempted) -> None:
-        """Note `change`; a bounce it calls for wakes the bouncer once written, which this waits for."""
+    def _attempted(self, change: Attempted) -> asyncio.Future[bool] | None:
+        """Note `change`; a bounce it calls for wakes the bouncer once written (its note's future is returned)."""
         assert self.history is not None
         written = self.history.note(change, now=bool(change.dead and change.bounce and self.bounces_on))
         for rcpt, (status, reason) in change.dead.items():
@@ -263,7 +264,8 @@ class Outcomes:
             )  # fmt: skip
         if change.dead and change.bounce and self.bouncer is not None:
             self.bouncer.send_once_written(written)
-            await _on_disk_or_later(written)
+            return written
+        return None
 
     # reports
 
