@@ -476,8 +476,8 @@ async def test_a_stop_while_a_bounce_waits_for_the_history_sends_nobody_anything
     standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A retry: Infobip takes a@, refuses b@ for good (the app heard 250 long ago), and the history is held up,
-    so the bounce's note is not on disk when the stop comes. The message stays in queue/ for b@ alone: the next
-    start tries b@ again (refused again, bounced then) and never sends a@ a second time."""
+    so the bounce's note is not on disk when the stop comes (history_notes_lost). The dead letter's marker
+    stays: the next start notes it again and bounces b@, once, and never sends a@ again."""
     monkeypatch.setattr(relay.outcomes.writer, "CLOSE_WAIT", 0.2)
     clock = FakeClock()
     sections = {
@@ -496,7 +496,8 @@ async def test_a_stop_while_a_bounce_waits_for_the_history_sends_nobody_anything
     lock.execute("BEGIN EXCLUSIVE")  # the history's writes wait, and fail, and are tried again
     try:
         clock.advance(60)
-        await until(lambda: len(standin.messages) == 1 and queue_states(tmp_path)[0].recipients == ["b@example.org"])
+        await until(lambda: len(standin.messages) == 1 and not queue_states(tmp_path))
+        assert len(list((tmp_path / "dead").glob("*.unnoted"))) == 1
         await first.stop(grace=0)
     finally:
         lock.close()
@@ -504,6 +505,7 @@ async def test_a_stop_while_a_bounce_waits_for_the_history_sends_nobody_anything
     again = await start_relay(clock=clock, **sections)
     [bounce] = await sink.wait_for(1)
     assert b"Final-Recipient: rfc822; b@example.org" in bounce.data
+    await until(lambda: not list((tmp_path / "dead").glob("*.unnoted")))
     await again.stop()
     assert [m.rcpt_tos for m in standin.messages] == [["a@example.org"]] and len(sink.messages) == 1
 
@@ -535,6 +537,8 @@ async def test_bounces_to_a_fixed_address(
     await send_one(relay.port, SENDER, ["a@example.org", "nosuch@example.org"], message())
     [sent] = await sink.wait_for(1)
     assert sent.rcpt_tos == ["postmaster@erp.example.com"] and parsed(sent.data)["To"] == "postmaster@erp.example.com"
+    await until(lambda: not list((tmp_path / "dead").glob("*.unnoted")))  # the bounce is noted: no marker left
+    assert list((tmp_path / "dead").glob("*.msg"))
 
 
 async def test_a_bounce_for_the_null_sender_is_logged_never_sent(sink: MailSink) -> None:

@@ -327,3 +327,30 @@ async def test_delivery_attempt_logs_infobips_250_text(
     [attempt] = [line for line in logs if line["event"] == "delivery_attempt"]
     [got] = standin.messages
     assert attempt["reply"].startswith("250 2.6.0 ") and got.infobip_id in attempt["reply"]
+
+
+def test_a_dead_letters_unnoted_marker_goes_with_requeue_delete_and_delete_all_dead(tmp_path: Path) -> None:
+    """The marker says a bounce's note may be missing, so a start notes it again: a requeued message is
+    attempted afresh (new notes), and a deleted one gets no bounce, so neither may leave it behind."""
+    from relay.core.message import Envelope, Prepared
+    from relay.ops import queue_verbs
+    from relay.store.spool import unnoted_ids
+
+    spool = Spool(tmp_path / "spool")
+    spool.create()
+
+    def dead_letter(queue_id: str) -> None:
+        data = message(Message_ID=f"<{queue_id}@example.com>")
+        prepared = Prepared(queue_id, SENDER, ("a@example.org",), f"<{queue_id}@example.com>", b"", data)
+        spool.commit(prepared, Envelope(queue_id, SENDER, ("a@example.org",), "<m>", "10.0.0.5", 1.0, len(data)))
+        spool.dead_letter(queue_id, {"a@example.org": "550 5.1.1 no such user"}, "550 5.1.1", unnoted=True)
+        spool.remove(queue_id)
+
+    for queue_id in ("1a0000000000000000001", "1a0000000000000000002", "1a0000000000000000003"):
+        dead_letter(queue_id)
+    assert unnoted_ids(spool.dead) == ["1a0000000000000000001", "1a0000000000000000002", "1a0000000000000000003"]
+    spool.requeue("1a0000000000000000001")
+    assert spool.delete("1a0000000000000000002")
+    assert unnoted_ids(spool.dead) == ["1a0000000000000000003"]
+    assert queue_verbs.delete(spool, [], all_dead=True) == 0
+    assert unnoted_ids(spool.dead) == []

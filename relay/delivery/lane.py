@@ -8,7 +8,9 @@ are decided by `relay.core.first_attempt`, later attempts by `relay.core.retry`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,7 +33,7 @@ from relay.delivery.recovery import stored_message
 from relay.delivery.send import count_and_log, send
 from relay.ops.metrics import Metrics
 from relay.store.journal import Journal
-from relay.store.spool import EntryState, Spool
+from relay.store.spool import EntryState, Spool, bounce_noted
 from relay.testing.failpoints import crashpoint
 from relay.upstream.pool import UpstreamPool
 
@@ -59,10 +61,15 @@ class AttemptObserver(Protocol):
         """A message this process did not receive (recovered at start, or read back from queue/) is about
         to be attempted: noted again, so that a note lost in a crash is not missing from the history."""
 
+    bounces_on: bool
+
     def attempted(
         self, queue_id: str, attempt: int, result: AttemptResult, step: NextStep, *, handed_back: bool
     ) -> asyncio.Future[bool] | None:
         """Noted (never waits); the note's future when it calls for a bounce: True once it is on disk."""
+
+    def dead_lettered(self, message: Prepared, envelope: Envelope, state: EntryState) -> asyncio.Future[bool] | None:
+        """A dead letter whose bounce's note a crash or a stop cut off, noted again at start."""
 
 
 class Lane:
@@ -85,7 +92,6 @@ class Lane:
             name=name,
         )
         self.tasks: list[asyncio.Task[None]] = []  # the workers
-        self.settling: set[asyncio.Task[None]] = set()  # messages kept in queue/ until their bounce is noted
         self.prober_task: asyncio.Task[None] | None = None
 
     @property
@@ -176,20 +182,14 @@ class Lane:
         if not result.unreachable:  # an outage is not the message's attempt: its own backoff stays
             job.attempts += 1
         step = self._next_step(job, result)
+        handed_back = False if handoff is None else await self._settle_first(job, handoff, result, step, message)
         if handoff is None:
-            await self._settle(job, step, message, self._note_outcome(job, result, step, handed_back=False))
-            handed_back = False
-        else:
-            handed_back = await self._settle_first(job, handoff, result, step, message)
+            await self._settle(job, step, message)
+        if self.shared.outcomes is not None:
+            written = self.shared.outcomes.attempted(job.queue_id, job.attempts, result, step, handed_back=handed_back)
+            if written is not None and step.dead:  # _settle marked it in dead/: unmarked once the note is on disk
+                written.add_done_callback(functools.partial(_unmark, self.spool, job.queue_id))
         count_and_log(self.metrics, job, result, step, handed_back=handed_back, now=self.clock.time())
-
-    def _note_outcome(
-        self, job: Job, result: AttemptResult, step: NextStep, *, handed_back: bool
-    ) -> asyncio.Future[bool] | None:
-        """Into the history; the note's future when it calls for a bounce (for _settle)."""
-        if self.shared.outcomes is None:
-            return None
-        return self.shared.outcomes.attempted(job.queue_id, job.attempts, result, step, handed_back=handed_back)
 
     async def _settle_first(
         self, job: Job, handoff: Handoff, result: AttemptResult, step: NextStep, message: Prepared
@@ -203,19 +203,17 @@ class Lane:
             await asyncio.wait({job.committing})  # `_on_commit` has updated the machine when this returns
         decision = machine.decision()
         job.first = None
-        refused = decision.store is Store.DROP and machine.attempt is Attempt.REFUSED
-        handed_back = decision.store is Store.MARK_DONE_DURABLY or refused
-        bounce_noted = self._note_outcome(job, result, step, handed_back=handed_back)
         if decision.store in WORKER_ACTIONS:
             machine.begin(decision.store)
             if decision.store is Store.SETTLE:
-                await self._settle(job, step, message, bounce_noted)
+                await self._settle(job, step, message)
             elif decision.store is Store.MARK_DONE_DURABLY:
                 await self._done_durably(job)
             self.handoffs.answer_now(job, handoff, machine.decision())
         elif decision.store not in ANSWER_AFTER:
             self.handoffs.react(job, handoff, decision)
-        return handed_back
+        refused = decision.store is Store.DROP and machine.attempt is Attempt.REFUSED
+        return decision.store is Store.MARK_DONE_DURABLY or refused
 
     def _next_step(self, job: Job, result: AttemptResult) -> NextStep:
         return next_step(
@@ -230,11 +228,8 @@ class Lane:
             hold=self.breaker.probe_initial * (0.75 + self.clock.random() / 2),
         )
 
-    async def _settle(
-        self, job: Job, step: NextStep, message: Prepared, bounce_noted: asyncio.Future[bool] | None = None
-    ) -> None:
-        """Make the spool say what `step` decided: dead-letter, reschedule, or remove. `bounce_noted`: the note
-        of a bounce the dead recipients call for."""
+    async def _settle(self, job: Job, step: NextStep, message: Prepared) -> None:
+        """Make the spool say what `step` decided: dead-letter, reschedule, or remove."""
         if job.in_journal and (step.retry or step.dead):
             try:
                 await promote(self.spool, self.journal, job, message)
@@ -244,8 +239,9 @@ class Lane:
                 due = self.clock.time() + self.settings.retry_initial
                 self.shared.route(job).schedule(dataclasses.replace(job, due=due, recipients=again, message=message))
                 return
-        if step.dead:
-            await asyncio.to_thread(self.spool.dead_letter, job.queue_id, step.dead, step.last_reply)
+        if step.dead:  # the app heard 250: a bounce is due, whose note is made after this (Spool.dead_letter)
+            unnoted = self.shared.outcomes is not None and self.shared.outcomes.bounces_on
+            await asyncio.to_thread(self.spool.dead_letter, job.queue_id, step.dead, step.last_reply, unnoted=unnoted)
             # Until bounces tell the sender (reports issue), this line is how anyone learns of it.
             log.warning(
                 "message_dead_lettered",
@@ -253,32 +249,16 @@ class Lane:
                 recipients=sorted(step.dead),
                 reason=step.last_reply,
             )
-        # Nothing reads dead/ at a start: until the bounce's note is on disk, queue/ keeps the message for its
-        # dead recipients too (not those Infobip took), so a crash or a stop meanwhile makes the next start try
-        # them again, to be refused again and bounced then. Nobody gets anything twice, and no worker waits.
-        unnoted = bounce_noted is not None and not bounce_noted.done()
-        kept = [*step.retry, *(rcpt for rcpt in step.dead if rcpt not in step.retry)] if unnoted else list(step.retry)
         if step.retry:
             assert step.retry_at is not None
-            state = EntryState(job.attempts, step.retry_at, kept, step.last_reply, held=step.held)
+            state = EntryState(job.attempts, step.retry_at, list(step.retry), step.last_reply, held=step.held)
             await asyncio.to_thread(self.spool.write_state, job.queue_id, state)
             retry = dataclasses.replace(job, due=step.retry_at, recipients=step.retry, message=None, held=step.held)
             self.shared.route(job).schedule(retry)
         elif job.in_journal:  # delivered from memory: a crash before the done mark is durable: one more delivery
             self.journal.done(job.queue_id)
-        elif unnoted and bounce_noted is not None:
-            state = EntryState(job.attempts, self.clock.time(), kept, step.last_reply)
-            await asyncio.to_thread(self.spool.write_state, job.queue_id, state)
-            task = asyncio.create_task(self._remove_once_noted(job.queue_id, bounce_noted))
-            self.settling.add(task)
-            task.add_done_callback(self.settling.discard)
         else:
             self.janitor.remove(job.queue_id)
-
-    async def _remove_once_noted(self, queue_id: str, bounce_noted: asyncio.Future[bool]) -> None:
-        """False: the note was dropped, or the relay is stopping: queue/ keeps it for the next start."""
-        if await asyncio.shield(bounce_noted):
-            self.janitor.remove(queue_id)
 
     async def _done_durably(self, job: Job) -> None:
         """The client is being told 5xx: the message must be gone first."""
@@ -289,3 +269,11 @@ class Lane:
             await self.journal.done_durably(job.queue_id)
         except OSError as exc:  # retried with the next batch; a crash first only repeats the refusal
             log.error("spool_journal_done_failed", error=exc.strerror or str(exc))
+
+
+def _unmark(spool: Spool, queue_id: str, written: asyncio.Future[bool]) -> None:
+    """The bounce's note is on disk (True): the dead letter's marker goes (one small unlink, on a rare path).
+    Not written (False: dropped, or the relay stopping): the marker stays, for the next start to note it."""
+    if not written.cancelled() and written.result():
+        with contextlib.suppress(OSError):
+            bounce_noted(spool.dead, queue_id)

@@ -8,6 +8,7 @@ start-up, and applies reloads.
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import structlog
 
@@ -21,10 +22,10 @@ from relay.delivery.janitor import Janitor
 from relay.delivery.lane import AttemptObserver, Lane, Shared
 from relay.delivery.prober import Prober
 from relay.delivery.queue import DeliveryQueue, Job
-from relay.delivery.recovery import QueueLoader, scan_queue, schedule_found, schedule_journal
+from relay.delivery.recovery import QueueLoader, scan_queue, schedule_found, schedule_journal, stored_message
 from relay.ops.metrics import Metrics
 from relay.store.journal import Journal
-from relay.store.spool import Spool
+from relay.store.spool import Spool, bounce_noted, unnoted_ids
 from relay.upstream.pool import UpstreamPool
 
 log = structlog.get_logger("relay.delivery")
@@ -119,7 +120,25 @@ class Delivery:
         self._helpers = [
             asyncio.create_task(self._load(loader, wanted), name="delivery-load"),
             asyncio.create_task(self.janitor.run(), name="delivery-janitor"),
+            asyncio.create_task(self._note_unnoted(), name="delivery-unnoted"),
         ]
+
+    async def _note_unnoted(self) -> None:
+        """Dead letters whose bounce's note a crash or a stop cut off (Spool.dead_letter marked them): noted again,
+        and unmarked once that is on disk (or at once, with bounces off now). Nothing reads dead/ otherwise."""
+        outcomes = self.shared.outcomes
+        for queue_id in await asyncio.to_thread(unnoted_ids, self.spool.dead):
+            try:
+                envelope, data = await asyncio.to_thread(functools.partial(self.spool.read, queue_id, dead=True))
+                state = await asyncio.to_thread(self.spool.read_state, queue_id, dead=True)
+            except (OSError, ValueError) as exc:  # gone meanwhile (relay queue delete), or damaged: kept as it is
+                log.error("dead_letter_unreadable", queue_id=queue_id, error=str(exc))
+                continue
+            written = None
+            if outcomes is not None and outcomes.bounces_on:
+                written = outcomes.dead_lettered(stored_message(envelope, data), envelope, state)
+            if written is None or await asyncio.shield(written):
+                await asyncio.to_thread(bounce_noted, self.spool.dead, queue_id)
 
     async def _load(self, loader: QueueLoader, wanted: set[str] | None) -> None:
         """queue/ into the lanes; then the flush asked for while stopped, and the watch for the next ones."""
@@ -150,7 +169,7 @@ class Delivery:
         lanes = list(self.lanes.values())
         for lane in lanes:
             lane.stop()
-        tasks = [task for lane in lanes for task in (*lane.tasks, *lane.settling)]
+        tasks = [task for lane in lanes for task in lane.tasks]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=max(0.0, timeout))
             for task in pending:

@@ -30,7 +30,7 @@ from relay.outcomes.store import HistoryLayoutError
 from relay.store.journal import live_index
 from relay.store.rekey import rekey
 from relay.store.sealing import MissingKeyError, SealError
-from relay.store.spool import FLUSH_REQUEST, LOCK, EntryState, Spool, SpoolLocked
+from relay.store.spool import FLUSH_REQUEST, LOCK, EntryState, Spool, SpoolLocked, bounce_noted
 
 AUDIT_LOG = "audit.log"
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -213,6 +213,7 @@ def delete(spool: Spool, ids: list[str], *, all_dead: bool, settings: Settings |
             for suffix in (".msg", ".state"):
                 with contextlib.suppress(FileNotFoundError):
                     (spool.dead / f"{queue_id}{suffix}").unlink()
+            bounce_noted(spool.dead, queue_id)  # deleted: no bounce
             outcomes[queue_id] = "deleted from dead/"
             print(f"{queue_id}: deleted from dead/")
         print(f"-- {len(outcomes)} dead letter(s) deleted from {spool.dead}")

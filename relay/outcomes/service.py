@@ -46,6 +46,7 @@ from relay.outcomes.reports import Poller, ReportsClient
 from relay.outcomes.sqlite import SqliteHistory, history_path
 from relay.outcomes.trace import SHOWN, as_json
 from relay.outcomes.writer import History, HistoryFailing
+from relay.store.spool import EntryState
 from relay.testing.failpoints import crashpoint
 
 log = structlog.get_logger("relay.outcomes")
@@ -62,6 +63,13 @@ def open_store(settings: Settings) -> HistoryStore:
     path = history_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     return SqliteHistory(path, settings.spool.encryption_keys, timeout=settings.reports.history_timeout)
+
+
+def reports_key(settings: Settings, bulk: str) -> SecretStr:
+    """The key for `bulk`'s reports: its profile's `reports_api_key`, else [reports]'s (no such profile)."""
+    name = bulk_profile(bulk)  # "default" is never a [[profiles]] name
+    own = next((profile.reports_api_key for profile in settings.profiles if profile.name == name), None)
+    return own if own is not None else settings.reports.api_key
 
 
 async def _on_disk_or_later(written: asyncio.Future[bool]) -> None:
@@ -128,12 +136,6 @@ class Outcomes:
         url = self.notify_url
         return f"{url}/{TRACKING}" if url else None
 
-    def reports_key(self, bulk: str) -> SecretStr:
-        """The key for `bulk`'s reports: its profile's `reports_api_key`, else [reports]'s (no such profile)."""
-        name = bulk_profile(bulk)  # "default" is never a [[profiles]] name
-        own = next((profile.reports_api_key for profile in self.settings.profiles if profile.name == name), None)
-        return own if own is not None else self.settings.reports.api_key
-
     async def start(self) -> None:
         self.store = store = await asyncio.to_thread(open_store, self.settings)
         self.history = History(store, bounces_on=self.bounces_on, on_error=self.metrics.history_errors.inc)
@@ -155,7 +157,7 @@ class Outcomes:
                 self.metrics,
                 self._pending,
                 self.take_reports,
-                self.reports_key,
+                lambda bulk: reports_key(self.settings, bulk),
             )
             self._tasks.append(asyncio.create_task(self.poller.run(), name="reports-poller"))
             if self.settings.reports.notify_listen:
@@ -224,9 +226,8 @@ class Outcomes:
     def attempted(
         self, queue_id: str, attempt: int, result: AttemptResult, step: NextStep, *, handed_back: bool
     ) -> asyncio.Future[bool] | None:
-        """After an attempt from the spool, before the spool settles the message; never waits. Returns the
-        note's future when it calls for a bounce: the lane keeps the message in queue/ until that is on disk,
-        since nothing notes a message in dead/ again."""
+        """After an attempt from the spool; never waits. Returns the note's future when it calls for a bounce:
+        the dead letter's marker goes once that is on disk (Lane)."""
         if step.held and not (result.accepted or step.dead):  # an outage, not an attempt
             return None
         dead = {rcpt: (dead_status(reason), reason) for rcpt, reason in step.dead.items()}
@@ -237,6 +238,12 @@ class Outcomes:
                 bounce=not handed_back,
             )
         )  # fmt: skip
+
+    def dead_lettered(self, message: Prepared, envelope: Envelope, state: EntryState) -> asyncio.Future[bool] | None:
+        """A dead letter whose bounce's note a crash or a stop cut off, noted again at start (none twice: _failed)."""
+        self.resumed(message, envelope, tuple(state.dead))
+        dead = {rcpt: (dead_status(reason), reason) for rcpt, reason in state.dead.items()}
+        return self._attempted(Attempted(envelope.queue_id, self.clock.time(), state.attempts, dead=dead, bounce=True))
 
     async def relayed(self, message: Prepared, result: DeliveryResult | None, reply: Reply) -> None:
         """Pass-through: only recipients refused inside a 250 bounce, noted on disk before the app hears it."""

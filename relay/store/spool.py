@@ -42,6 +42,9 @@ from relay.testing.failpoints import crashpoint
 log = structlog.get_logger("relay.store.spool")
 
 FLUSH_REQUEST = "flush.request"
+# Beside a dead letter whose bounce's note may not be in the message history yet: a start after a crash or a
+# stop notes it again (Scheduler._note_unnoted). Created before the state, whose directory sync covers both.
+UNNOTED = ".unnoted"
 LOCK = "lock"
 STATUS = "status.json"  # what the running relay says about delivery (paused until ...), for `relay queue`
 # Messages hold recipient addresses and bodies: only the relay's own user may read them, whatever the umask.
@@ -197,9 +200,9 @@ class Spool:
 
     # reading
 
-    def read(self, queue_id: str) -> tuple[Envelope, bytes]:
-        """The envelope and exact bytes of a message in queue/; DamagedRecord (reported) if it does not open."""
-        path = self.queue / f"{queue_id}.msg"
+    def read(self, queue_id: str, *, dead: bool = False) -> tuple[Envelope, bytes]:
+        """The envelope and exact bytes of a message in queue/ (or dead/); DamagedRecord if it does not open."""
+        path = (self.dead if dead else self.queue) / f"{queue_id}.msg"
         try:
             line, body = read_message_file(path, queue_id, self.sealer)
         except SealError as exc:
@@ -265,19 +268,21 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 (self.queue / f"{queue_id}{suffix}").unlink()
 
-    def dead_letter(self, queue_id: str, reasons: dict[str, str], last_reply: str) -> None:
-        """Record dead recipients in dead/ (hard-linking the message), keeping the queue entry as is."""
+    def dead_letter(self, queue_id: str, reasons: dict[str, str], last_reply: str, *, unnoted: bool = False) -> None:
+        """Record dead recipients in dead/ (hard-linking the message), keeping the queue entry as is; `unnoted`:
+        their bounce is not noted yet, and an UNNOTED marker says so until it is (see bounce_noted)."""
         target = self.dead / f"{queue_id}.msg"
         if not target.exists():
             os.link(self.queue / f"{queue_id}.msg", target)
+        if unnoted:
+            (self.dead / f"{queue_id}{UNNOTED}").touch(mode=FILE_MODE)
         state = self.read_state(queue_id, dead=True)
         state.dead.update(reasons)
         state.last_reply = last_reply
         write_atomically(self.dead / f"{queue_id}.state", self._state_bytes(queue_id, state, DEAD_STATE), sync_dir=True)
 
     def requeue(self, queue_id: str) -> None:
-        """Back from dead/ to queue/ for the recipients that died, attempted afresh; recipients still
-        pending in queue/ for the same message stay pending."""
+        """Back from dead/ to queue/ for the recipients that died (attempted afresh); those still pending stay."""
         dead_state = self.read_state(queue_id, dead=True)
         if not (self.queue / f"{queue_id}.msg").exists():
             os.link(self.dead / f"{queue_id}.msg", self.queue / f"{queue_id}.msg")
@@ -289,14 +294,14 @@ class Spool:
         recipients = pending + [r for r in dead_state.dead if r not in pending]
         self.write_state(queue_id, EntryState(recipients=recipients or None))
         fsync_dir(self.queue)
-        for suffix in (".msg", ".state"):
+        for suffix in (".msg", ".state", UNNOTED):  # attempted afresh: new outcomes, new notes
             with contextlib.suppress(FileNotFoundError):
                 (self.dead / f"{queue_id}{suffix}").unlink()
 
     def delete(self, queue_id: str) -> bool:
         found = False
         for directory in (self.queue, self.dead):
-            for suffix in (".msg", ".state"):
+            for suffix in (".msg", ".state", UNNOTED):  # deleted: no bounce either
                 with contextlib.suppress(FileNotFoundError):
                     (directory / f"{queue_id}{suffix}").unlink()
                     found = True
@@ -471,6 +476,17 @@ def _read_until(fd: int, data: bytes, size: int) -> bytes:
             break
         data += more
     return data
+
+
+def bounce_noted(dead: Path, queue_id: str) -> None:
+    """The dead letter's bounce is noted in the history (or will never be): its UNNOTED marker goes."""
+    with contextlib.suppress(FileNotFoundError):
+        (dead / f"{queue_id}{UNNOTED}").unlink()
+
+
+def unnoted_ids(dead: Path) -> list[str]:
+    """Dead letters whose bounce's note may not be in the history (Spool.dead_letter)."""
+    return sorted(path.name.removesuffix(UNNOTED) for path in dead.glob(f"*{UNNOTED}"))
 
 
 def _ids(directory: Path) -> Iterator[str]:
