@@ -148,6 +148,17 @@ def test_one_recipient_too_many_is_452_4_5_3(so_far: int, limit: int) -> None:
     )
 
 
+@pytest.mark.parametrize("address", ["a@-bad-.example", "a@example..com", "a@" + "d" * 300 + ".com"])
+def test_a_sender_domain_past_rfc_5321s_limits_is_553(address: str) -> None:
+    assert check_sender(address, []) == Refusal(
+        "sender", Reply(553, "5.1.7", "Sender address must look like user@example.com")
+    )
+
+
+def test_a_sender_local_part_may_run_past_64_characters() -> None:  # VERP, SRS
+    assert check_sender("bounces+" + "x" * 80 + "@erp.example.com", []) is None
+
+
 def test_the_limit_comes_before_the_address_check() -> None:
     refusal = check_recipient("not an address", 3, 3)
     assert refusal is not None and refusal.reason == "too_many_recipients"

@@ -46,12 +46,13 @@ _LABEL_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")  # 6
 MAX_LOCAL_PART, MAX_DOMAIN = 64, 255  # RFC 5321 4.5.3.1.1 and .2: what a server must take; past them, it may refuse
 
 
-def within_smtp_limits(address: str) -> bool:
-    """A recipient Infobip, or the next hop, will not refuse for its shape after the app heard 250: a local
-    part and a domain within RFC 5321's limits, and a domain of labels (or an address literal). Checked at
-    RCPT only: a message queued by an older relay is still sent as it is."""
+def within_smtp_limits(address: str, *, local_part: bool = True) -> bool:
+    """An address Infobip, or the next hop, will not refuse for its shape after the app heard 250: a local
+    part (unless not `local_part`: a sender's VERP or SRS address runs longer) and a domain within RFC 5321's
+    limits, and a domain of labels (or an address literal). Checked at MAIL and RCPT only: a message queued
+    by an older relay is still sent as it is."""
     local, _, domain = address.rpartition("@")
-    if len(local) > MAX_LOCAL_PART or len(domain) > MAX_DOMAIN:
+    if (local_part and len(local) > MAX_LOCAL_PART) or len(domain) > MAX_DOMAIN:
         return False
     return domain.startswith("[") or all(_LABEL_RE.fullmatch(label) for label in domain.split("."))
 

@@ -62,7 +62,7 @@ def check_proxy(peer: object, trusted: Sequence[IPNetwork]) -> Refusal | None:
 
 
 def check_sender(address: str, allowed_domains: Sequence[str]) -> Refusal | None:
-    if not is_safe_address(address):
+    if not (is_safe_address(address) and within_smtp_limits(address, local_part=False)):
         return Refusal("sender", SENDER_MALFORMED)
     domain = domain_of(address)
     if allowed_domains and domain not in allowed_domains:
