@@ -8,6 +8,7 @@ import contextlib
 import email
 import email.policy
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from email.message import EmailMessage, Message
 from pathlib import Path
@@ -23,7 +24,7 @@ from relay.config import BouncesSettings
 from relay.outcomes.bounces import CHECK_EVERY, CLAIM_USE, Bouncer
 from relay.outcomes.history import BounceJob, BounceRecipient
 from relay.outcomes.metrics import OutcomeMetrics
-from relay.outcomes.sqlite import history_path
+from relay.outcomes.sqlite import SqliteHistory, history_path
 from relay.outcomes.store import SENDING_STALE
 from relay.store.spool import EntryState, Spool
 from relay.testing.clock import FakeClock
@@ -508,6 +509,39 @@ async def test_a_stop_while_a_bounce_waits_for_the_history_sends_nobody_anything
     await until(lambda: not list((tmp_path / "dead").glob("*.unnoted")))
     await again.stop()
     assert [m.rcpt_tos for m in standin.messages] == [["a@example.org"]] and len(sink.messages) == 1
+
+
+async def test_a_stop_cutting_the_settling_short_still_notes_what_infobip_took(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outcome used to be noted after the spool settled: a stop cancelling a worker in a slow state write
+    lost the note, and a@ stayed queued in the history, without its Infobip id, for good (its report then
+    matched nothing)."""
+    clock = FakeClock()
+    for rcpt in ("a@example.org", "c@example.org"):
+        standin.behaviour.refuse_recipients[rcpt] = "450 4.2.0 Try again later"
+    spool = spooled(tmp_path, retry_initial=60, retry_max=60)
+    first = await start_relay(clock=clock, spool=spool, bounces=bounces_to(sink))
+    assert (await send_one(first.port, SENDER, ["a@example.org", "c@example.org"], message())).startswith("250")
+    await until(lambda: bool(queue_states(tmp_path)) and queue_states(tmp_path)[0].attempts == 1)
+    writing, release, real = threading.Event(), threading.Event(), Spool.write_state
+
+    def slow_disk(spool: Spool, queue_id: str, state: EntryState) -> None:
+        writing.set()
+        release.wait(10)
+        real(spool, queue_id, state)
+
+    monkeypatch.setattr(Spool, "write_state", slow_disk)
+    del standin.behaviour.refuse_recipients["a@example.org"]
+    clock.advance(60)  # the retry: a@ taken, c@ deferred again, and the state write hangs
+    await until(writing.is_set)
+    await first.stop(grace=0)
+    release.set()
+    stored = SqliteHistory(history_path(first.settings), readonly=True)
+    [trace] = stored.lookup("a@example.org", 5)
+    stored.close()
+    [taken] = [r for r in trace.recipients if r.address == "a@example.org"]
+    assert taken.status == "sent" and taken.infobip_id == standin.messages[0].infobip_id
 
 
 def queue_states(spool: Path) -> list[EntryState]:

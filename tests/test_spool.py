@@ -354,3 +354,30 @@ def test_a_dead_letters_unnoted_marker_goes_with_requeue_delete_and_delete_all_d
     assert unnoted_ids(spool.dead) == ["1a0000000000000000003"]
     assert queue_verbs.delete(spool, [], all_dead=True) == 0
     assert unnoted_ids(spool.dead) == []
+
+
+async def test_the_marker_goes_only_once_every_note_of_its_dead_letter_is_on_disk(tmp_path: Path) -> None:
+    """One message may die a recipient at a time, their notes in flight together: the first one on disk used
+    to take the marker away while the second was still pending, and a failed second note lost its bounce."""
+    from relay.delivery.unnoted import UnnotedMarks
+    from relay.store.spool import UNNOTED
+
+    loop = asyncio.get_running_loop()
+    dead = tmp_path / "dead"
+    dead.mkdir()
+    marks = UnnotedMarks(dead)
+
+    async def outcome(results: list[bool]) -> bool:
+        (dead / f"q1{UNNOTED}").touch()
+        notes = [loop.create_future() for _ in results]
+        for note in notes:
+            marks.expect("q1")
+            marks.watch("q1", note)
+        for note, result in zip(notes, results, strict=True):
+            note.set_result(result)
+            await asyncio.sleep(0)  # the done-callbacks run
+        return (dead / f"q1{UNNOTED}").exists()
+
+    assert await outcome([True, True]) is False  # both on disk: the marker goes
+    assert await outcome([True, False]) is True  # the second was not written: kept for the next start
+    assert await outcome([True]) is True  # q1 failed once: kept whatever comes later, until a start notes it

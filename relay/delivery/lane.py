@@ -8,9 +8,7 @@ are decided by `relay.core.first_attempt`, later attempts by `relay.core.retry`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -31,9 +29,10 @@ from relay.delivery.prober import BreakerLink, Prober
 from relay.delivery.queue import DeliveryQueue, Handoff, Job
 from relay.delivery.recovery import stored_message
 from relay.delivery.send import count_and_log, send
+from relay.delivery.unnoted import UnnotedMarks
 from relay.ops.metrics import Metrics
 from relay.store.journal import Journal
-from relay.store.spool import EntryState, Spool, bounce_noted
+from relay.store.spool import EntryState, Spool
 from relay.testing.failpoints import crashpoint
 from relay.upstream.pool import UpstreamPool
 
@@ -52,6 +51,7 @@ class Shared:
     settings: SpoolSettings
     route: Callable[[Job], DeliveryQueue]  # the queue of a job's profile (the default if it is gone)
     write_status: Callable[[str, dict[str, object]], None]
+    marks: UnnotedMarks
     outcomes: AttemptObserver | None = None  # told of every attempt (relay/outcomes: history, bounces)
     cluster: BreakerLink | None = None  # replicas: one breaker per profile for them all (relay/cluster)
 
@@ -60,8 +60,6 @@ class AttemptObserver(Protocol):
     def resumed(self, message: Prepared, envelope: Envelope, recipients: tuple[str, ...]) -> None:
         """A message this process did not receive (recovered at start, or read back from queue/) is about
         to be attempted: noted again, so that a note lost in a crash is not missing from the history."""
-
-    bounces_on: bool
 
     def attempted(
         self, queue_id: str, attempt: int, result: AttemptResult, step: NextStep, *, handed_back: bool
@@ -182,13 +180,11 @@ class Lane:
         if not result.unreachable:  # an outage is not the message's attempt: its own backoff stays
             job.attempts += 1
         step = self._next_step(job, result)
-        handed_back = False if handoff is None else await self._settle_first(job, handoff, result, step, message)
-        if handoff is None:
-            await self._settle(job, step, message)
-        if self.shared.outcomes is not None:
-            written = self.shared.outcomes.attempted(job.queue_id, job.attempts, result, step, handed_back=handed_back)
-            if written is not None and step.dead:  # _settle marked it in dead/: unmarked once the note is on disk
-                written.add_done_callback(functools.partial(_unmark, self.spool, job.queue_id))
+        if handoff is None:  # noted first (never waits): a stop cutting the settling short loses no outcome
+            await self._settle(job, step, message, self._note_outcome(job, result, step, handed_back=False))
+            handed_back = False
+        else:
+            handed_back = await self._settle_first(job, handoff, result, step, message)
         count_and_log(self.metrics, job, result, step, handed_back=handed_back, now=self.clock.time())
 
     async def _settle_first(
@@ -203,17 +199,27 @@ class Lane:
             await asyncio.wait({job.committing})  # `_on_commit` has updated the machine when this returns
         decision = machine.decision()
         job.first = None
+        refused = decision.store is Store.DROP and machine.attempt is Attempt.REFUSED
+        handed_back = decision.store is Store.MARK_DONE_DURABLY or refused
+        bounce_noted = self._note_outcome(job, result, step, handed_back=handed_back)
         if decision.store in WORKER_ACTIONS:
             machine.begin(decision.store)
             if decision.store is Store.SETTLE:
-                await self._settle(job, step, message)
+                await self._settle(job, step, message, bounce_noted)
             elif decision.store is Store.MARK_DONE_DURABLY:
                 await self._done_durably(job)
             self.handoffs.answer_now(job, handoff, machine.decision())
         elif decision.store not in ANSWER_AFTER:
             self.handoffs.react(job, handoff, decision)
-        refused = decision.store is Store.DROP and machine.attempt is Attempt.REFUSED
-        return decision.store is Store.MARK_DONE_DURABLY or refused
+        return handed_back
+
+    def _note_outcome(
+        self, job: Job, result: AttemptResult, step: NextStep, *, handed_back: bool
+    ) -> asyncio.Future[bool] | None:
+        """Into the history (never waits); the note's future when it calls for a bounce (for _settle)."""
+        if self.shared.outcomes is None:
+            return None
+        return self.shared.outcomes.attempted(job.queue_id, job.attempts, result, step, handed_back=handed_back)
 
     def _next_step(self, job: Job, result: AttemptResult) -> NextStep:
         return next_step(
@@ -228,8 +234,11 @@ class Lane:
             hold=self.breaker.probe_initial * (0.75 + self.clock.random() / 2),
         )
 
-    async def _settle(self, job: Job, step: NextStep, message: Prepared) -> None:
-        """Make the spool say what `step` decided: dead-letter, reschedule, or remove."""
+    async def _settle(
+        self, job: Job, step: NextStep, message: Prepared, bounce_noted: asyncio.Future[bool] | None = None
+    ) -> None:
+        """Make the spool say what `step` decided: dead-letter, reschedule, or remove. `bounce_noted`: the note
+        of the bounce the dead recipients are owed (relay/delivery/unnoted.py)."""
         if job.in_journal and (step.retry or step.dead):
             try:
                 await promote(self.spool, self.journal, job, message)
@@ -239,9 +248,13 @@ class Lane:
                 due = self.clock.time() + self.settings.retry_initial
                 self.shared.route(job).schedule(dataclasses.replace(job, due=due, recipients=again, message=message))
                 return
-        if step.dead:  # the app heard 250: a bounce is due, whose note is made after this (Spool.dead_letter)
-            unnoted = self.shared.outcomes is not None and self.shared.outcomes.bounces_on
-            await asyncio.to_thread(self.spool.dead_letter, job.queue_id, step.dead, step.last_reply, unnoted=unnoted)
+        if step.dead:
+            marked = bounce_noted is not None
+            if bounce_noted is not None:
+                self.shared.marks.expect(job.queue_id)
+            await asyncio.to_thread(self.spool.dead_letter, job.queue_id, step.dead, step.last_reply, unnoted=marked)
+            if bounce_noted is not None:
+                self.shared.marks.watch(job.queue_id, bounce_noted)
             # Until bounces tell the sender (reports issue), this line is how anyone learns of it.
             log.warning(
                 "message_dead_lettered",
@@ -269,11 +282,3 @@ class Lane:
             await self.journal.done_durably(job.queue_id)
         except OSError as exc:  # retried with the next batch; a crash first only repeats the refusal
             log.error("spool_journal_done_failed", error=exc.strerror or str(exc))
-
-
-def _unmark(spool: Spool, queue_id: str, written: asyncio.Future[bool]) -> None:
-    """The bounce's note is on disk (True): the dead letter's marker goes (one small unlink, on a rare path).
-    Not written (False: dropped, or the relay stopping): the marker stays, for the next start to note it."""
-    if not written.cancelled() and written.result():
-        with contextlib.suppress(OSError):
-            bounce_noted(spool.dead, queue_id)

@@ -23,6 +23,7 @@ from relay.delivery.lane import AttemptObserver, Lane, Shared
 from relay.delivery.prober import Prober
 from relay.delivery.queue import DeliveryQueue, Job
 from relay.delivery.recovery import QueueLoader, scan_queue, schedule_found, schedule_journal, stored_message
+from relay.delivery.unnoted import UnnotedMarks
 from relay.ops.metrics import Metrics
 from relay.store.journal import Journal
 from relay.store.spool import Spool, bounce_noted, unnoted_ids
@@ -48,8 +49,9 @@ class Delivery:
         self.clock = clock or SystemClock()
         self._status: dict[str, dict[str, object]] = {}
         self.shared = Shared(
-            spool, self.journal, self.janitor, metrics or Metrics(), self.clock, settings, self.route, self._status_of
-        )
+            spool, self.journal, self.janitor, metrics or Metrics(), self.clock, settings, self.route, self._status_of,
+            UnnotedMarks(spool.dead),
+        )  # fmt: skip
         self.shared.outcomes = outcomes
         self.lanes: dict[str, Lane] = {}
         self._started = False
@@ -124,8 +126,8 @@ class Delivery:
         ]
 
     async def _note_unnoted(self) -> None:
-        """Dead letters whose bounce's note a crash or a stop cut off (Spool.dead_letter marked them): noted again,
-        and unmarked once that is on disk (or at once, with bounces off now). Nothing reads dead/ otherwise."""
+        """Dead letters whose bounce's note a crash or a stop cut off (relay/delivery/unnoted.py): noted again, and
+        unmarked once that is on disk (at once with no history, or with bounces off now: no bounce at stake)."""
         outcomes = self.shared.outcomes
         for queue_id in await asyncio.to_thread(unnoted_ids, self.spool.dead):
             try:
@@ -134,11 +136,14 @@ class Delivery:
             except (OSError, ValueError) as exc:  # gone meanwhile (relay queue delete), or damaged: kept as it is
                 log.error("dead_letter_unreadable", queue_id=queue_id, error=str(exc))
                 continue
-            written = None
-            if outcomes is not None and outcomes.bounces_on:
-                written = outcomes.dead_lettered(stored_message(envelope, data), envelope, state)
-            if written is None or await asyncio.shield(written):
+            written = (
+                None if outcomes is None else outcomes.dead_lettered(stored_message(envelope, data), envelope, state)
+            )
+            if written is None:  # no history, or bounces off (noted all the same): no bounce at stake
                 await asyncio.to_thread(bounce_noted, self.spool.dead, queue_id)
+            else:
+                self.shared.marks.expect(queue_id)
+                self.shared.marks.watch(queue_id, written)
 
     async def _load(self, loader: QueueLoader, wanted: set[str] | None) -> None:
         """queue/ into the lanes; then the flush asked for while stopped, and the watch for the next ones."""

@@ -240,7 +240,8 @@ class Outcomes:
         )  # fmt: skip
 
     def dead_lettered(self, message: Prepared, envelope: Envelope, state: EntryState) -> asyncio.Future[bool] | None:
-        """A dead letter whose bounce's note a crash or a stop cut off, noted again at start (none twice: _failed)."""
+        """A dead letter whose note a crash or a stop cut off, noted again at start (no bounce twice: _failed).
+        The note's future when it calls for a bounce (bounces on), else None."""
         self.resumed(message, envelope, tuple(state.dead))
         dead = {rcpt: (dead_status(reason), reason) for rcpt, reason in state.dead.items()}
         return self._attempted(Attempted(envelope.queue_id, self.clock.time(), state.attempts, dead=dead, bounce=True))
