@@ -21,6 +21,7 @@ import relay.outcomes.writer
 from relay.app import Relay
 from relay.cli import main as relay_main
 from relay.config import BouncesSettings
+from relay.core.message import Envelope
 from relay.outcomes.bounces import CHECK_EVERY, CLAIM_USE, Bouncer
 from relay.outcomes.history import BounceJob, BounceRecipient
 from relay.outcomes.metrics import OutcomeMetrics
@@ -542,6 +543,60 @@ async def test_a_stop_cutting_the_settling_short_still_notes_what_infobip_took(
     stored.close()
     [taken] = [r for r in trace.recipients if r.address == "a@example.org"]
     assert taken.status == "sent" and taken.infobip_id == standin.messages[0].infobip_id
+
+
+async def test_a_new_dead_recipient_does_not_take_the_mark_of_one_still_to_be_noted_again(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b@'s note was cut off by a stop (the marker stays) while c@ still waits in queue/. At the next start
+    c@ dies before the re-noting reaches the message: c@'s note on disk used to take the marker away, and a
+    stop then would lose b@'s bounce for good. The marker stays until b@ is noted again: both are bounced."""
+    monkeypatch.setattr(relay.outcomes.writer, "CLOSE_WAIT", 0.2)
+    clock = FakeClock()
+    sections = {
+        "spool": spooled(tmp_path, retry_initial=60, retry_max=60),
+        "bounces": bounces_to(sink),
+        "reports": {"history_timeout": 1},
+    }
+    rcpts = ["a@example.org", "b@example.org", "c@example.org"]
+    for rcpt in rcpts:
+        standin.behaviour.refuse_recipients[rcpt] = "450 4.2.0 Try again later"
+    first = await start_relay(clock=clock, **sections)
+    queue_id = (await send_one(first.port, SENDER, rcpts, message())).split("Queued as ")[1][:21]
+    await until_status(first, queue_id, dict.fromkeys(rcpts, "queued"))
+    del standin.behaviour.refuse_recipients["a@example.org"]
+    standin.behaviour.refuse_recipients["b@example.org"] = "550 5.1.1 Recipient unknown"
+    lock = sqlite3.connect(history_path(first.settings), isolation_level=None, timeout=10)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        clock.advance(60)  # a@ taken, b@ dead (its note held up, then lost at the stop), c@ deferred
+        await until(lambda: len(list((tmp_path / "dead").glob("*.unnoted"))) == 1 and len(standin.messages) == 1)
+        await first.stop(grace=0)
+    finally:
+        lock.close()
+    standin.behaviour.refuse_recipients["c@example.org"] = "550 5.1.1 Recipient unknown"
+    reading, release, real_read = threading.Event(), threading.Event(), Spool.read
+
+    def slow_dead_read(spool: Spool, queue_id: str, *, dead: bool = False) -> tuple[Envelope, bytes]:
+        if dead:  # the re-noting at start: slow (a big dead/, a slow disk)
+            reading.set()
+            release.wait(10)
+        return real_read(spool, queue_id, dead=dead)
+
+    monkeypatch.setattr(Spool, "read", slow_dead_read)
+    again = await start_relay(clock=clock, **sections)
+    await until(reading.is_set)
+    clock.advance(60)  # c@'s retry: refused for good, noted, bounced
+    [c_bounce] = await sink.wait_for(1)
+    assert b"Final-Recipient: rfc822; c@example.org" in c_bounce.data
+    await until(lambda: bounce_states(again) == [("sent",)])
+    assert list((tmp_path / "dead").glob("*.unnoted"))  # b@ is still to be noted again
+    release.set()
+    [_, b_bounce] = await sink.wait_for(2)
+    assert b"Final-Recipient: rfc822; b@example.org" in b_bounce.data
+    await until(lambda: not list((tmp_path / "dead").glob("*.unnoted")))
+    await again.stop()
+    assert len(sink.messages) == 2
 
 
 def queue_states(spool: Path) -> list[EntryState]:

@@ -4,6 +4,7 @@ outbox, lookups, pruning, and the file's mode."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import stat
 import subprocess
@@ -268,6 +269,21 @@ def test_sqlite_failures_that_may_pass_are_told_from_those_that_never_will(tmp_p
     assert not store.passing(ValueError("a value the store cannot take"))
     other.close()
     store.close()
+
+
+def test_a_message_noted_again_gets_the_recipients_the_history_has_no_row_for(store: HistoryStore) -> None:
+    """A dead letter noted again at start names b@, whose first note was lost, while another note of the
+    message (c@'s, resumed by the lane) reached the history first: b@ used to be dropped with the known
+    message, so its failure changed nothing and no bounce was queued."""
+    store.write([received("q1", "c@example.org")], True)
+    again = dataclasses.replace(received("q1", "b@example.org", "c@example.org"), resumed=True)
+    dead = Attempted("q1", T0 + 5, 2, dead={"b@example.org": ("failed", "550 5.1.1 unknown")}, bounce=True)
+    store.write([again, dead], True)
+    [trace] = store.lookup("q1", 5)
+    assert {r.address: r.status for r in trace.recipients} == {"c@example.org": "queued", "b@example.org": "failed"}
+    assert [[r.address for r in b.recipients] for b in store.due_bounces(T0 + 60, 10)] == [["b@example.org"]]
+    store.write([again], True)  # noted once more: nothing changes
+    assert len(store.lookup("q1", 5)[0].recipients) == 2
 
 
 FULL_DISK = """

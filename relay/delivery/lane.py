@@ -252,7 +252,14 @@ class Lane:
             marked = bounce_noted is not None
             if bounce_noted is not None:
                 self.shared.marks.expect(job.queue_id)
-            await asyncio.to_thread(self.spool.dead_letter, job.queue_id, step.dead, step.last_reply, unnoted=marked)
+            try:
+                await asyncio.to_thread(
+                    self.spool.dead_letter, job.queue_id, step.dead, step.last_reply, unnoted=marked
+                )
+            except BaseException:  # the marker may be there: it stays
+                if bounce_noted is not None:
+                    self.shared.marks.settle(job.queue_id, False)
+                raise
             if bounce_noted is not None:
                 self.shared.marks.watch(job.queue_id, bounce_noted)
             # Until bounces tell the sender (reports issue), this line is how anyone learns of it.

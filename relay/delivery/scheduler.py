@@ -26,7 +26,7 @@ from relay.delivery.recovery import QueueLoader, scan_queue, schedule_found, sch
 from relay.delivery.unnoted import UnnotedMarks
 from relay.ops.metrics import Metrics
 from relay.store.journal import Journal
-from relay.store.spool import Spool, bounce_noted, unnoted_ids
+from relay.store.spool import Spool, unnoted_ids
 from relay.upstream.pool import UpstreamPool
 
 log = structlog.get_logger("relay.delivery")
@@ -116,33 +116,36 @@ class Delivery:
         recovered = len(records) - len(in_both)
         log.info("spool_recovered", messages=len(listing.ids), from_journal=recovered, seconds=seconds)
         self._started = True
+        unnoted = await asyncio.to_thread(unnoted_ids, self.spool.dead)
+        for queue_id in unnoted:  # counted before any lane runs: a new note of theirs must not take the marker
+            self.shared.marks.expect(queue_id)
         for lane in self.lanes.values():
             lane.start()
         loader = QueueLoader(self.spool, self.journal, listing, in_both, self.queue)
         self._helpers = [
             asyncio.create_task(self._load(loader, wanted), name="delivery-load"),
             asyncio.create_task(self.janitor.run(), name="delivery-janitor"),
-            asyncio.create_task(self._note_unnoted(), name="delivery-unnoted"),
+            asyncio.create_task(self._note_unnoted(unnoted), name="delivery-unnoted"),
         ]
 
-    async def _note_unnoted(self) -> None:
-        """Dead letters whose bounce's note a crash or a stop cut off (relay/delivery/unnoted.py): noted again, and
-        unmarked once that is on disk (at once with no history, or with bounces off now: no bounce at stake)."""
+    async def _note_unnoted(self, unnoted: list[str]) -> None:
+        """Dead letters whose bounce's note a crash or a stop cut off (relay/delivery/unnoted.py; each counted
+        at start): noted again, and unmarked once that is on disk (with no history, or bounces off now, at
+        once: no bounce at stake). One that cannot be read, or that a stop leaves for later, keeps its mark."""
         outcomes = self.shared.outcomes
-        for queue_id in await asyncio.to_thread(unnoted_ids, self.spool.dead):
+        for queue_id in unnoted:
             try:
                 envelope, data = await asyncio.to_thread(functools.partial(self.spool.read, queue_id, dead=True))
                 state = await asyncio.to_thread(self.spool.read_state, queue_id, dead=True)
             except (OSError, ValueError) as exc:  # gone meanwhile (relay queue delete), or damaged: kept as it is
                 log.error("dead_letter_unreadable", queue_id=queue_id, error=str(exc))
+                self.shared.marks.settle(queue_id, False)
                 continue
-            written = (
-                None if outcomes is None else outcomes.dead_lettered(stored_message(envelope, data), envelope, state)
-            )
+            message = stored_message(envelope, data)
+            written = None if outcomes is None else outcomes.dead_lettered(message, envelope, state)
             if written is None:  # no history, or bounces off (noted all the same): no bounce at stake
-                await asyncio.to_thread(bounce_noted, self.spool.dead, queue_id)
+                self.shared.marks.settle(queue_id, True)
             else:
-                self.shared.marks.expect(queue_id)
                 self.shared.marks.watch(queue_id, written)
 
     async def _load(self, loader: QueueLoader, wanted: set[str] | None) -> None:

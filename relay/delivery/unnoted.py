@@ -34,7 +34,12 @@ class UnnotedMarks:
         written.add_done_callback(functools.partial(self._done, queue_id))
 
     def _done(self, queue_id: str, written: asyncio.Future[bool]) -> None:
-        if written.cancelled() or not written.result():
+        self.settle(queue_id, not written.cancelled() and written.result())
+
+    def settle(self, queue_id: str, written: bool) -> None:
+        """One expected note is over: on disk (`written`), or not (it failed, or was never made): then the
+        marker stays until a start notes it again."""
+        if not written:
             self._failed.add(queue_id)
         self._outstanding[queue_id] -= 1
         if self._outstanding[queue_id] > 0:

@@ -13,6 +13,7 @@ Where several replicas share one database, a row about to be changed is locked a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 from collections.abc import Iterator, Sequence
@@ -501,19 +502,31 @@ def _whole(a: Attempted, m: MessageReceived, taken: dict[tuple[str, str], Attemp
 
 
 def _without_known_resumed(db: Db, received: list[MessageReceived]) -> list[MessageReceived]:
-    """`received` less the messages noted again after a restart that the history has already: their rows
-    (perhaps under an older key's search keys, which an insert would not meet) stay as they are, and their
-    attempts change them as any later attempt does."""
+    """`received` less what the history has already of the messages noted again after a restart: a message it
+    knows keeps its rows (perhaps under an older key's search keys, which an insert would not meet) and is
+    noted only for the recipients it has no row for, under any key (a dead letter noted again may name one
+    whose first note was lost, when another note of the message reached the history first)."""
     again = [m.queue_id for m in received if m.resumed]
     if not again:
         return received
-    known: set[str] = set()
+    rows: dict[str, set[str]] = {}  # known queue id -> its recipients' search keys
     for start in range(0, len(again), 500):  # a restart with a big queue notes thousands again at once
         chunk = again[start : start + 500]
-        known.update(
-            row[0] for row in db.all(f"SELECT queue_id FROM messages WHERE queue_id IN {_marks(len(chunk))}", chunk)
-        )
-    return [m for m in received if not (m.resumed and m.queue_id in known)]
+        for queue_id, key in db.all(
+            f"SELECT m.queue_id, r.address_key FROM messages m LEFT JOIN recipients r ON r.queue_id = m.queue_id "
+            f"WHERE m.queue_id IN {_marks(len(chunk))}",
+            chunk,
+        ):
+            rows.setdefault(queue_id, set()).add(key)
+    noted: list[MessageReceived] = []
+    for m in received:
+        if m.resumed and (keys := rows.get(m.queue_id)) is not None:
+            missing = tuple(r for r in m.recipients if keys.isdisjoint(db.cols.searches(ADDRESS, r)))
+            if not missing:
+                continue
+            m = dataclasses.replace(m, recipients=missing)
+        noted.append(m)
+    return noted
 
 
 def _received(db: Db, received: list[MessageReceived], taken: dict[tuple[str, str], Attempted]) -> None:
