@@ -22,6 +22,7 @@ from relay.app import Relay
 from relay.cli import main as relay_main
 from relay.config import BouncesSettings
 from relay.core.message import Envelope
+from relay.ops import queue_verbs
 from relay.outcomes.bounces import CHECK_EVERY, CLAIM_USE, Bouncer
 from relay.outcomes.history import BounceJob, BounceRecipient
 from relay.outcomes.metrics import OutcomeMetrics
@@ -545,6 +546,53 @@ async def test_a_stop_cutting_the_settling_short_still_notes_what_infobip_took(
     assert taken.status == "sent" and taken.infobip_id == standin.messages[0].infobip_id
 
 
+async def b_dies_with_its_note_lost(
+    standin: InfobipStandIn,
+    start_relay: StartRelay,
+    tmp_path: Path,
+    clock: FakeClock,
+    sections: dict[str, Any],
+    *,
+    c_waits: bool = True,
+) -> str:
+    """A relay that takes a@, refuses b@ for good and defers c@ (or takes it) while the history is locked,
+    then stops: b@'s note is lost and its dead letter keeps its marker. Returns the queue id."""
+    rcpts = ["a@example.org", "b@example.org", "c@example.org"]
+    for rcpt in rcpts:
+        standin.behaviour.refuse_recipients[rcpt] = "450 4.2.0 Try again later"
+    first = await start_relay(clock=clock, **sections)
+    queue_id = (await send_one(first.port, SENDER, rcpts, message())).split("Queued as ")[1][:21]
+    await until_status(first, queue_id, dict.fromkeys(rcpts, "queued"))
+    del standin.behaviour.refuse_recipients["a@example.org"]
+    if not c_waits:
+        del standin.behaviour.refuse_recipients["c@example.org"]
+    standin.behaviour.refuse_recipients["b@example.org"] = "550 5.1.1 Recipient unknown"
+    lock = sqlite3.connect(history_path(first.settings), isolation_level=None, timeout=10)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        clock.advance(60)
+        await until(lambda: len(list((tmp_path / "dead").glob("*.unnoted"))) == 1 and len(standin.messages) == 1)
+        await until(lambda: bool(queue_states(tmp_path)) is c_waits)
+        await first.stop(grace=0)
+    finally:
+        lock.close()
+    return queue_id
+
+
+def held_dead_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Reads of dead letters (the re-noting at start) wait for the second event; the first says one began."""
+    reading, release, real_read = threading.Event(), threading.Event(), Spool.read
+
+    def slow_dead_read(spool: Spool, queue_id: str, *, dead: bool = False) -> tuple[Envelope, bytes]:
+        if dead:  # a big dead/, a slow disk
+            reading.set()
+            release.wait(10)
+        return real_read(spool, queue_id, dead=dead)
+
+    monkeypatch.setattr(Spool, "read", slow_dead_read)
+    return reading, release
+
+
 async def test_a_new_dead_recipient_does_not_take_the_mark_of_one_still_to_be_noted_again(
     standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -558,32 +606,9 @@ async def test_a_new_dead_recipient_does_not_take_the_mark_of_one_still_to_be_no
         "bounces": bounces_to(sink),
         "reports": {"history_timeout": 1},
     }
-    rcpts = ["a@example.org", "b@example.org", "c@example.org"]
-    for rcpt in rcpts:
-        standin.behaviour.refuse_recipients[rcpt] = "450 4.2.0 Try again later"
-    first = await start_relay(clock=clock, **sections)
-    queue_id = (await send_one(first.port, SENDER, rcpts, message())).split("Queued as ")[1][:21]
-    await until_status(first, queue_id, dict.fromkeys(rcpts, "queued"))
-    del standin.behaviour.refuse_recipients["a@example.org"]
-    standin.behaviour.refuse_recipients["b@example.org"] = "550 5.1.1 Recipient unknown"
-    lock = sqlite3.connect(history_path(first.settings), isolation_level=None, timeout=10)
-    lock.execute("BEGIN EXCLUSIVE")
-    try:
-        clock.advance(60)  # a@ taken, b@ dead (its note held up, then lost at the stop), c@ deferred
-        await until(lambda: len(list((tmp_path / "dead").glob("*.unnoted"))) == 1 and len(standin.messages) == 1)
-        await first.stop(grace=0)
-    finally:
-        lock.close()
+    await b_dies_with_its_note_lost(standin, start_relay, tmp_path, clock, sections)
     standin.behaviour.refuse_recipients["c@example.org"] = "550 5.1.1 Recipient unknown"
-    reading, release, real_read = threading.Event(), threading.Event(), Spool.read
-
-    def slow_dead_read(spool: Spool, queue_id: str, *, dead: bool = False) -> tuple[Envelope, bytes]:
-        if dead:  # the re-noting at start: slow (a big dead/, a slow disk)
-            reading.set()
-            release.wait(10)
-        return real_read(spool, queue_id, dead=dead)
-
-    monkeypatch.setattr(Spool, "read", slow_dead_read)
+    reading, release = held_dead_reads(monkeypatch)
     again = await start_relay(clock=clock, **sections)
     await until(reading.is_set)
     clock.advance(60)  # c@'s retry: refused for good, noted, bounced
@@ -597,6 +622,33 @@ async def test_a_new_dead_recipient_does_not_take_the_mark_of_one_still_to_be_no
     await until(lambda: not list((tmp_path / "dead").glob("*.unnoted")))
     await again.stop()
     assert len(sink.messages) == 2
+
+
+async def test_a_dead_letter_requeued_before_the_renoting_leaves_no_marker_behind(
+    standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requeued from the command line while the start's re-noting waited: the files went, and the re-noting
+    counted it as a note that failed, so the marker of its next death stayed for the whole run (and a later
+    start would note it once more). Gone is not damaged: b@ dies again, is bounced once, and no marker stays."""
+    monkeypatch.setattr(relay.outcomes.writer, "CLOSE_WAIT", 0.2)
+    clock = FakeClock()
+    sections = {
+        "spool": spooled(tmp_path, retry_initial=60, retry_max=60),
+        "bounces": bounces_to(sink),
+        "reports": {"history_timeout": 1},
+    }
+    queue_id = await b_dies_with_its_note_lost(standin, start_relay, tmp_path, clock, sections, c_waits=False)
+    reading, release = held_dead_reads(monkeypatch)
+    again = await start_relay(clock=clock, **sections)
+    await until(reading.is_set)
+    assert queue_verbs.requeue(Spool(tmp_path), [queue_id]) == 0  # b@ alone, back in queue/, due now
+    release.set()
+    [bounce] = await sink.wait_for(1)  # b@ refused again, and bounced
+    assert b"Final-Recipient: rfc822; b@example.org" in bounce.data
+    await until(lambda: bounce_states(again) == [("sent",)])
+    await until(lambda: not list((tmp_path / "dead").glob("*.unnoted")))
+    await again.stop()
+    assert len(sink.messages) == 1
 
 
 def queue_states(spool: Path) -> list[EntryState]:

@@ -26,7 +26,7 @@ from relay.delivery.recovery import QueueLoader, scan_queue, schedule_found, sch
 from relay.delivery.unnoted import UnnotedMarks
 from relay.ops.metrics import Metrics
 from relay.store.journal import Journal
-from relay.store.spool import Spool, unnoted_ids
+from relay.store.spool import DamagedRecord, Spool, unnoted_ids
 from relay.upstream.pool import UpstreamPool
 
 log = structlog.get_logger("relay.delivery")
@@ -137,9 +137,17 @@ class Delivery:
             try:
                 envelope, data = await asyncio.to_thread(functools.partial(self.spool.read, queue_id, dead=True))
                 state = await asyncio.to_thread(self.spool.read_state, queue_id, dead=True)
-            except (OSError, ValueError) as exc:  # gone meanwhile (relay queue delete), or damaged: kept as it is
-                log.error("dead_letter_unreadable", queue_id=queue_id, error=str(exc))
-                self.shared.marks.settle(queue_id, False)
+            except FileNotFoundError as exc:
+                if not isinstance(exc, DamagedRecord):  # requeued or deleted meanwhile: its marker went with it
+                    self.shared.marks.settle(queue_id, True)
+                    continue
+                self._unreadable(queue_id, exc)
+                continue
+            except Exception as exc:  # damaged, or under a key no longer configured: kept as it is
+                self._unreadable(queue_id, exc)
+                continue
+            if not state.dead:  # marked, not yet dead-lettered (a crash between): queue/ still holds them all
+                self.shared.marks.settle(queue_id, True)
                 continue
             message = stored_message(envelope, data)
             written = None if outcomes is None else outcomes.dead_lettered(message, envelope, state)
@@ -147,6 +155,10 @@ class Delivery:
                 self.shared.marks.settle(queue_id, True)
             else:
                 self.shared.marks.watch(queue_id, written)
+
+    def _unreadable(self, queue_id: str, exc: Exception) -> None:
+        log.error("dead_letter_unreadable", queue_id=queue_id, error_type=type(exc).__name__, error=str(exc))
+        self.shared.marks.settle(queue_id, False)
 
     async def _load(self, loader: QueueLoader, wanted: set[str] | None) -> None:
         """queue/ into the lanes; then the flush asked for while stopped, and the watch for the next ones."""

@@ -271,7 +271,8 @@ class SqlHistory:
         `sent` at once, not inserted and then updated."""
         attempts = [c for c in changes if isinstance(c, Attempted)]
         with self._tx(durable=bounces_on and any(a.dead and a.bounce for a in attempts)) as db:
-            received = _without_known_resumed(db, [c for c in changes if isinstance(c, MessageReceived)])
+            dying = {a.queue_id for a in attempts if a.dead}
+            received = _without_known_resumed(db, [c for c in changes if isinstance(c, MessageReceived)], dying)
             new = {m.queue_id: frozenset(m.recipients) for m in received}
             taken: dict[tuple[str, str], Attempted] = {}
             for a in attempts:
@@ -501,26 +502,26 @@ def _whole(a: Attempted, m: MessageReceived, taken: dict[tuple[str, str], Attemp
     )
 
 
-def _without_known_resumed(db: Db, received: list[MessageReceived]) -> list[MessageReceived]:
-    """`received` less what the history has already of the messages noted again after a restart: a message it
-    knows keeps its rows (perhaps under an older key's search keys, which an insert would not meet) and is
-    noted only for the recipients it has no row for, under any key (a dead letter noted again may name one
-    whose first note was lost, when another note of the message reached the history first)."""
+def _without_known_resumed(db: Db, received: list[MessageReceived], dying: set[str]) -> list[MessageReceived]:
+    """`received` less the messages noted again after a restart that the history has already: their rows
+    (perhaps under an older key's search keys, which an insert would not meet) stay as they are. But a known
+    message with recipients dying in this batch (a dead letter noted again at start) is noted for those it
+    has no row for, under any key: its first note may have been lost while another of its notes got in."""
     again = [m.queue_id for m in received if m.resumed]
     if not again:
         return received
-    rows: dict[str, set[str]] = {}  # known queue id -> its recipients' search keys
+    known: set[str] = set()
     for start in range(0, len(again), 500):  # a restart with a big queue notes thousands again at once
         chunk = again[start : start + 500]
-        for queue_id, key in db.all(
-            f"SELECT m.queue_id, r.address_key FROM messages m LEFT JOIN recipients r ON r.queue_id = m.queue_id "
-            f"WHERE m.queue_id IN {_marks(len(chunk))}",
-            chunk,
-        ):
-            rows.setdefault(queue_id, set()).add(key)
+        known.update(
+            row[0] for row in db.all(f"SELECT queue_id FROM messages WHERE queue_id IN {_marks(len(chunk))}", chunk)
+        )
     noted: list[MessageReceived] = []
     for m in received:
-        if m.resumed and (keys := rows.get(m.queue_id)) is not None:
+        if m.resumed and m.queue_id in known:
+            if m.queue_id not in dying:
+                continue
+            keys = {row[0] for row in db.all("SELECT address_key FROM recipients WHERE queue_id = ?", (m.queue_id,))}
             missing = tuple(r for r in m.recipients if keys.isdisjoint(db.cols.searches(ADDRESS, r)))
             if not missing:
                 continue
