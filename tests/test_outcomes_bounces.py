@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import errno
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
@@ -649,6 +650,36 @@ async def test_a_dead_letter_requeued_before_the_renoting_leaves_no_marker_behin
     await until(lambda: not list((tmp_path / "dead").glob("*.unnoted")))
     await again.stop()
     assert len(sink.messages) == 1
+
+
+async def test_a_full_disk_after_an_attempt_does_not_send_infobip_what_it_took_again(
+    standin: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Infobip took a@ and deferred c@, then the state write failed (ENOSPC): the message was tried again
+    with all its recipients, and a@ got it twice. Only c@ goes again."""
+    clock = FakeClock()
+    for rcpt in ("a@example.org", "c@example.org"):
+        standin.behaviour.refuse_recipients[rcpt] = "450 4.2.0 Try again later"
+    started = await start_relay(clock=clock, spool=spooled(tmp_path, retry_initial=60, retry_max=60))
+    assert (await send_one(started.port, SENDER, ["a@example.org", "c@example.org"], message())).startswith("250")
+    await until(lambda: bool(queue_states(tmp_path)) and queue_states(tmp_path)[0].attempts == 1)
+    real, failed = Spool.write_state, []
+
+    def full_disk(spool: Spool, queue_id: str, state: EntryState) -> None:
+        if not failed:
+            failed.append(queue_id)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(spool, queue_id, state)
+
+    monkeypatch.setattr(Spool, "write_state", full_disk)
+    del standin.behaviour.refuse_recipients["a@example.org"]
+    with structlog.testing.capture_logs() as logs:
+        clock.advance(60)  # a@ taken, c@ deferred; the state write fails
+        await until(lambda: any(e["event"] == "delivery_error" for e in logs))
+    del standin.behaviour.refuse_recipients["c@example.org"]
+    clock.advance(60)  # the job tried again after retry_initial
+    await until(lambda: len(standin.messages) == 2)
+    assert [m.rcpt_tos for m in standin.messages] == [["a@example.org"], ["c@example.org"]]
 
 
 def queue_states(spool: Path) -> list[EntryState]:

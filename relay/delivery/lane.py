@@ -145,8 +145,8 @@ class Lane:
         if handoff is not None and not handoff.reply.done():  # never leave a session waiting
             queued = handoff.machine.answer(Decision(Answer.QUEUED, Store.NOTHING), job.queue_id)
             handoff.reply.set_result(queued if written and queued else INTERNAL_ERROR)
-        if written:  # on disk: tried again later (not on disk: the client heard 451 and sends it again)
-            job.due = self.clock.time() + self.settings.retry_initial
+        if written and job.recipients != ():  # on disk: tried again later (not: the client heard 451 and sends
+            job.due = self.clock.time() + self.settings.retry_initial  # it again); none left: nothing to try
             self.shared.route(job).schedule(job)
 
     async def _load(self, job: Job) -> Prepared | None:
@@ -180,6 +180,8 @@ class Lane:
         if not result.unreachable:  # an outage is not the message's attempt: its own backoff stays
             job.attempts += 1
         step = self._next_step(job, result)
+        if result.accepted:  # should settling fail (a full disk), a retry must not send Infobip these again
+            job.recipients = (*step.retry, *(rcpt for rcpt in step.dead if rcpt not in step.retry))
         if handoff is None:  # noted first (never waits): a stop cutting the settling short loses no outcome
             await self._settle(job, step, message, self._note_outcome(job, result, step, handed_back=False))
             handed_back = False
