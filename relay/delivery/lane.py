@@ -180,13 +180,16 @@ class Lane:
         if not result.unreachable:  # an outage is not the message's attempt: its own backoff stays
             job.attempts += 1
         step = self._next_step(job, result)
-        if result.accepted:  # should settling fail (a full disk), a retry must not send Infobip these again
-            job.recipients = (*step.retry, *(rcpt for rcpt in step.dead if rcpt not in step.retry))
-        if handoff is None:  # noted first (never waits): a stop cutting the settling short loses no outcome
-            await self._settle(job, step, message, self._note_outcome(job, result, step, handed_back=False))
-            handed_back = False
-        else:
-            handed_back = await self._settle_first(job, handoff, result, step, message)
+        try:
+            if handoff is None:  # noted first (never waits): a stop cutting the settling short loses no outcome
+                await self._settle(job, step, message, self._note_outcome(job, result, step, handed_back=False))
+                handed_back = False
+            else:
+                handed_back = await self._settle_first(job, handoff, result, step, message)
+        except Exception:
+            if result.accepted:  # settling failed (a full disk): the next try must not send Infobip these again
+                job.recipients = (*step.retry, *(rcpt for rcpt in step.dead if rcpt not in step.retry))
+            raise
         count_and_log(self.metrics, job, result, step, handed_back=handed_back, now=self.clock.time())
 
     async def _settle_first(
