@@ -128,3 +128,15 @@ def write_config(path: Path, standin: InfobipStandIn, *, port: int, **sections: 
         base.setdefault(name, {}).update(table)
     path.write_text(toml_text(base))
     return path
+
+
+def env_without_relay() -> dict[str, str]:
+    """This process's environment less RELAY_* variables: a developer's own must not leak into a test."""
+    return {name: value for name, value in os.environ.items() if not name.upper().startswith("RELAY_")}
+
+
+def clear_relay_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for this process (RELAY_* variables are config), for the test's length."""
+    for name in list(os.environ):
+        if name.upper().startswith("RELAY_"):
+            monkeypatch.delenv(name)

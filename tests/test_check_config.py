@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from relay.cli import main as relay_main
+from tests.helpers import clear_relay_env, env_without_relay
 
 pytestmark = pytest.mark.slow  # CLI runs in new processes: seconds each; .ci/run runs them
 
@@ -20,9 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("RELAY_"):
-            monkeypatch.delenv(name)
+    clear_relay_env(monkeypatch)
     monkeypatch.setenv("RELAY_UPSTREAM__USERNAME", "user")
     monkeypatch.setenv("RELAY_UPSTREAM__PASSWORD", "pw")
 
@@ -69,7 +68,7 @@ def test_strict_fails_on_a_spool_directory_that_cannot_be_written(tmp_path: Path
     config = tmp_path / "relay.toml"
     config.write_text(good(tmp_path, spool=spool))
     sandbox = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RELAY_")}
+    env = env_without_relay()
     done = subprocess.run(
         [*sandbox, sys.executable, "-m", "relay", "check-config", "--strict", "--config", str(config)],
         cwd=ROOT,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import stat
 import subprocess
@@ -17,16 +16,14 @@ import pytest
 
 from relay.cli import main as relay_main
 from tests.conftest import free_port, message
-from tests.helpers import SENDER, send_one, until
+from tests.helpers import SENDER, clear_relay_env, env_without_relay, send_one, until
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
 def no_relay_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("RELAY_"):
-            monkeypatch.delenv(name)
+    clear_relay_env(monkeypatch)
 
 
 @pytest.fixture
@@ -79,7 +76,7 @@ async def demo(tmp_path: Path) -> AsyncIterator[tuple[DemoProcess, Path, int]]:
     port = free_port()
     config = tmp_path / "demo.toml"
     config.write_text(f"[listen]\nport = {port}\n")
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RELAY_")}
+    env = env_without_relay()
     process = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "relay", "serve", "--demo", "--config", str(config)),
         stdout=asyncio.subprocess.PIPE,
@@ -177,7 +174,7 @@ def test_a_syntactically_impossible_host_stops_serve_naming_the_key(
 
 
 def test_hash_password_with_input_that_is_not_utf8_says_so_in_one_line() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RELAY_")}
+    env = env_without_relay()
     done = subprocess.run(
         [sys.executable, "-m", "relay", "hash-password"],
         input=b"\xff\xfe\n",

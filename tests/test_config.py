@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 
 from relay.config import ConfigError, PolicyRule, Settings, UpstreamSettings, load_settings
 from relay.core.policy import MessageFacts, expand
+from tests.helpers import clear_relay_env, env_without_relay
 
 # The example in DESIGN.md, as ops would write it (TOML inline tables are one line, however long).
 DESIGN_RULE_HEADERS = r"""headers = { "X-IB-Tracking-Url" = "https://hooks.example.com/ib/track", "X-IB-Callback-Data" = "{\"app\":\"erp\",\"queue_id\":\"{queue_id}\"}" }"""  # noqa: E501
@@ -68,9 +68,7 @@ level = "info"
 @pytest.fixture(autouse=True)
 def no_relay_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The developer's own RELAY_* variables must not leak into these tests."""
-    for name in list(os.environ):
-        if name.upper().startswith("RELAY_"):
-            monkeypatch.delenv(name)
+    clear_relay_env(monkeypatch)
 
 
 def write(tmp_path: Path, text: str, name: str = "relay.toml") -> Path:
@@ -340,7 +338,7 @@ def test_require_credentials_names_the_missing_key() -> None:
 
 
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RELAY_")}
+    env = env_without_relay()
     return subprocess.run(
         [sys.executable, "-m", "relay", *args],
         cwd=tmp_path,
@@ -378,7 +376,7 @@ def test_cli_names_the_bad_key(tmp_path: Path) -> None:
 def test_check_config_warns_about_empty_credentials(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text("[listen]\nport = 2525\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env = env_without_relay()
     result = subprocess.run(
         [sys.executable, "-m", "relay", "check-config", "--config", str(config)],
         capture_output=True,

@@ -4,7 +4,6 @@ each is now a config error naming its key, where the file or the environment gav
 from __future__ import annotations
 
 import errno
-import os
 import socket
 from pathlib import Path
 
@@ -13,13 +12,12 @@ import pytest
 from relay.config import ConfigError, Settings, load_settings
 from relay.ops import config_warnings
 from relay.ops.config_warnings import listen_problems
+from tests.helpers import clear_relay_env
 
 
 @pytest.fixture(autouse=True)
 def no_relay_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("RELAY_"):
-            monkeypatch.delenv(name)
+    clear_relay_env(monkeypatch)
 
 
 def config_error(tmp_path: Path, toml: str = "") -> str:

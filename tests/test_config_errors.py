@@ -3,7 +3,6 @@ does not exist is an error, not silently ignored (issue 13)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +10,14 @@ from pathlib import Path
 import pytest
 
 from relay.config import ConfigError, load_settings
+from tests.helpers import clear_relay_env, env_without_relay
 
 pytestmark = pytest.mark.slow  # CLI runs in new processes: seconds each; .ci/run runs them
 
 
 @pytest.fixture(autouse=True)
 def no_relay_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("RELAY_"):
-            monkeypatch.delenv(name)
+    clear_relay_env(monkeypatch)
 
 
 def config_error(path: Path | None = None) -> str:
@@ -89,7 +87,7 @@ def test_a_missing_listen_tls_file_names_its_key(tmp_path: Path) -> None:
 
 
 def test_the_cli_refuses_an_unknown_environment_section(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("RELAY_")}
+    env = env_without_relay()
     env["RELAY_LSTEN__PORT"] = "2526"
     done = subprocess.run(
         [sys.executable, "-m", "relay", "check-config"], env=env, capture_output=True, text=True, timeout=60

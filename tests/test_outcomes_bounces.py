@@ -476,19 +476,24 @@ async def test_a_batch_outliving_half_its_claim_leaves_the_rest_to_be_offered_ag
     assert len({m.data.split(b"X-Relay-Queue-ID: ")[1][:21] for m in sink.messages}) == 2
 
 
+def notes_cut_off_at_stop(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, sink: MailSink) -> dict[str, Any]:
+    """Sections for a relay whose history, held up, gives up on a write within a second, and whose stop gives
+    up on the notes waiting behind it within 0.2 s (history_notes_lost): a bounce's note cut off by a stop."""
+    monkeypatch.setattr(relay.outcomes.writer, "CLOSE_WAIT", 0.2)
+    return {
+        "spool": spooled(tmp_path, retry_initial=60, retry_max=60),
+        "bounces": bounces_to(sink),
+        "reports": {"history_timeout": 1},
+    }
+
+
 async def test_a_stop_while_a_bounce_waits_for_the_history_sends_nobody_anything_twice(
     standin: InfobipStandIn, start_relay: StartRelay, sink: MailSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A retry: Infobip takes a@, refuses b@ for good (the app heard 250 long ago), and the history is held up,
     so the bounce's note is not on disk when the stop comes (history_notes_lost). The dead letter's marker
     stays: the next start notes it again and bounces b@, once, and never sends a@ again."""
-    monkeypatch.setattr(relay.outcomes.writer, "CLOSE_WAIT", 0.2)
-    clock = FakeClock()
-    sections = {
-        "spool": spooled(tmp_path, retry_initial=60, retry_max=60),
-        "bounces": bounces_to(sink),
-        "reports": {"history_timeout": 1},
-    }
+    clock, sections = FakeClock(), notes_cut_off_at_stop(monkeypatch, tmp_path, sink)
     for rcpt in ("a@example.org", "b@example.org"):
         standin.behaviour.refuse_recipients[rcpt] = "450 4.2.0 Try again later"
     first = await start_relay(clock=clock, **sections)
@@ -600,13 +605,7 @@ async def test_a_new_dead_recipient_does_not_take_the_mark_of_one_still_to_be_no
     """b@'s note was cut off by a stop (the marker stays) while c@ still waits in queue/. At the next start
     c@ dies before the re-noting reaches the message: c@'s note on disk used to take the marker away, and a
     stop then would lose b@'s bounce for good. The marker stays until b@ is noted again: both are bounced."""
-    monkeypatch.setattr(relay.outcomes.writer, "CLOSE_WAIT", 0.2)
-    clock = FakeClock()
-    sections = {
-        "spool": spooled(tmp_path, retry_initial=60, retry_max=60),
-        "bounces": bounces_to(sink),
-        "reports": {"history_timeout": 1},
-    }
+    clock, sections = FakeClock(), notes_cut_off_at_stop(monkeypatch, tmp_path, sink)
     await b_dies_with_its_note_lost(standin, start_relay, tmp_path, clock, sections)
     standin.behaviour.refuse_recipients["c@example.org"] = "550 5.1.1 Recipient unknown"
     reading, release = held_dead_reads(monkeypatch)
@@ -631,13 +630,7 @@ async def test_a_dead_letter_requeued_before_the_renoting_leaves_no_marker_behin
     """Requeued from the command line while the start's re-noting waited: the files went, and the re-noting
     counted it as a note that failed, so the marker of its next death stayed for the whole run (and a later
     start would note it once more). Gone is not damaged: b@ dies again, is bounced once, and no marker stays."""
-    monkeypatch.setattr(relay.outcomes.writer, "CLOSE_WAIT", 0.2)
-    clock = FakeClock()
-    sections = {
-        "spool": spooled(tmp_path, retry_initial=60, retry_max=60),
-        "bounces": bounces_to(sink),
-        "reports": {"history_timeout": 1},
-    }
+    clock, sections = FakeClock(), notes_cut_off_at_stop(monkeypatch, tmp_path, sink)
     queue_id = await b_dies_with_its_note_lost(standin, start_relay, tmp_path, clock, sections, c_waits=False)
     reading, release = held_dead_reads(monkeypatch)
     again = await start_relay(clock=clock, **sections)

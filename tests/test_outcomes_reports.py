@@ -17,6 +17,7 @@ from pydantic import SecretStr
 import relay.outcomes.reports
 import relay.outcomes.service
 import relay.outcomes.trace
+from relay.app import Relay
 from relay.config import ReportsSettings
 from relay.outcomes.decide import Report, bulk_id, bulk_profile
 from relay.outcomes.metrics import OutcomeMetrics
@@ -429,21 +430,31 @@ async def test_one_profiles_wrong_reports_key_backs_off_alone(
     assert reports.reports.requests[-1].api_key == "hr-reports-key"
 
 
+async def page_handed_out_answer_held(
+    reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path, clock: FakeClock
+) -> tuple[Relay, str, asyncio.Event]:
+    """A relay (polling every 30 s on `clock`) that sent one message to a@; its first poll has taken the page
+    from the stand-in (Infobip's side is done), whose answer waits for the returned event. Returns the relay
+    and the message's Infobip id too."""
+    started = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30))
+    infobip_id = (await send_one(started.port, SENDER, ["a@example.org"], message())).rsplit(" ", 1)[1]
+    await until_status(started, infobip_id, {"a@example.org": "sent"})
+    registry = started.metrics.registry
+    await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30)
+    reports.reports.behaviour.answer = answer = asyncio.Event()
+    clock.advance(30)
+    await until(lambda: not reports.reports.waiting)  # handed out; the answer waits
+    return started, infobip_id, answer
+
+
 async def test_a_reload_that_changes_the_reports_url_does_not_cut_a_page_being_fetched(
     reports: InfobipStandIn, start_relay: StartRelay, tmp_path: Path
 ) -> None:
     """The old client was closed at the reload, under the fetch: the page Infobip had handed out was lost.
     Now it finishes, and the next round uses the new URL."""
     clock = FakeClock()
-    relay = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30))
-    infobip_id = (await send_one(relay.port, SENDER, ["a@example.org"], message())).rsplit(" ", 1)[1]
-    await until_status(relay, infobip_id, {"a@example.org": "sent"})
+    relay, infobip_id, answer = await page_handed_out_answer_held(reports, start_relay, tmp_path, clock)
     registry = relay.metrics.registry
-    await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30)
-    reports.reports.behaviour.answer = answer = asyncio.Event()
-    clock.advance(30)
-    await reports.reports.wait_for_requests(1)
-    await until(lambda: not reports.reports.waiting)  # handed out; the answer waits
     moved = reports_on(reports, tmp_path, poll_interval=30, base_url=f"https://127.0.0.1:{reports.reports.port}")
     await relay.reload(relay_settings(reports, **moved))
     answer.set()
@@ -459,15 +470,7 @@ async def test_a_stop_while_a_page_is_being_fetched_lets_it_be_stored(
 ) -> None:
     """Infobip has handed the page out and its answer is on the way when the relay stops: the stop waits for
     it (reports_stop_waiting) and stores it. It used to cancel the fetch: the page was lost, without a word."""
-    clock = FakeClock()
-    started = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30))
-    infobip_id = (await send_one(started.port, SENDER, ["a@example.org"], message())).rsplit(" ", 1)[1]
-    await until_status(started, infobip_id, {"a@example.org": "sent"})
-    registry = started.metrics.registry
-    await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30)
-    reports.reports.behaviour.answer = answer = asyncio.Event()
-    clock.advance(30)
-    await until(lambda: not reports.reports.waiting)  # handed out; the answer waits
+    started, infobip_id, answer = await page_handed_out_answer_held(reports, start_relay, tmp_path, FakeClock())
     with structlog.testing.capture_logs() as logs:
         stopping = asyncio.create_task(started.stop())
         await until(lambda: any(e["event"] == "reports_stop_waiting" for e in logs))
@@ -486,15 +489,7 @@ async def test_a_page_whose_answer_outlasts_the_stop_is_named_in_the_log(
     """The answer never comes within the stop's wait: the fetch is cut, and the operator is told whose
     page Infobip may have handed out (reports_fetch_cut, with the bulk id)."""
     monkeypatch.setattr(relay.outcomes.service, "STOP_WAIT", 0.1)
-    clock = FakeClock()
-    started = await start_relay(clock=clock, **reports_on(reports, tmp_path, poll_interval=30))
-    infobip_id = (await send_one(started.port, SENDER, ["a@example.org"], message())).rsplit(" ", 1)[1]
-    await until_status(started, infobip_id, {"a@example.org": "sent"})
-    registry = started.metrics.registry
-    await until(lambda: registry.get_sample_value("relay_reports_next_poll_timestamp_seconds") == clock.now + 30)
-    reports.reports.behaviour.answer = answer = asyncio.Event()  # not before the stop is over
-    clock.advance(30)
-    await until(lambda: not reports.reports.waiting)
+    started, _, answer = await page_handed_out_answer_held(reports, start_relay, tmp_path, FakeClock())
     with structlog.testing.capture_logs() as logs:
         await started.stop(grace=0)
     answer.set()  # the stand-in's handler may end (its own stop would wait for it)

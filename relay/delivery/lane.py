@@ -254,20 +254,8 @@ class Lane:
                 self.shared.route(job).schedule(dataclasses.replace(job, due=due, recipients=again, message=message))
                 return
         if step.dead:
-            marked = bounce_noted is not None
-            if bounce_noted is not None:
-                self.shared.marks.expect(job.queue_id)
-            try:
-                await asyncio.to_thread(
-                    self.spool.dead_letter, job.queue_id, step.dead, step.last_reply, unnoted=marked
-                )
-            except BaseException:  # the marker may be there: it stays
-                if bounce_noted is not None:
-                    self.shared.marks.settle(job.queue_id, False)
-                raise
-            if bounce_noted is not None:
-                self.shared.marks.watch(job.queue_id, bounce_noted)
-            # Until bounces tell the sender (reports issue), this line is how anyone learns of it.
+            await self._dead_letter(job, step, bounce_noted)
+            # With bounces off, this line is how anyone learns of it.
             log.warning(
                 "message_dead_lettered",
                 sender=job.envelope.mail_from,
@@ -284,6 +272,20 @@ class Lane:
             self.journal.done(job.queue_id)
         else:
             self.janitor.remove(job.queue_id)
+
+    async def _dead_letter(self, job: Job, step: NextStep, bounce_noted: asyncio.Future[bool] | None) -> None:
+        """Into dead/; with `bounce_noted`, marked until that note, and any other of the message, is on disk."""
+        if bounce_noted is None:
+            await asyncio.to_thread(self.spool.dead_letter, job.queue_id, step.dead, step.last_reply)
+            return
+        marks = self.shared.marks
+        marks.expect(job.queue_id)
+        try:
+            await asyncio.to_thread(self.spool.dead_letter, job.queue_id, step.dead, step.last_reply, unnoted=True)
+        except BaseException:  # the marker may be there: it stays
+            marks.settle(job.queue_id, False)
+            raise
+        marks.watch(job.queue_id, bounce_noted)
 
     async def _done_durably(self, job: Job) -> None:
         """The client is being told 5xx: the message must be gone first."""
